@@ -1,0 +1,427 @@
+"""Embedded synthetic VLM data: rendered shapes + questions about them.
+
+Every image is a mid-grey (128,128,128) canvas with 1..3 shapes, each a
+distinct type from {square, circle, triangle} and a distinct colour from a
+palette of six clearly separable colours.  Each sample carries one
+conversation:
+
+* colour question (~60%): ``what color is the <shape> ?``  → ``<colour>``
+* shape question  (~20%): ``what shape is <colour> ?``     → ``<shape>``
+* caption         (~20%): ``describe the image .``         → ``a red square and a blue circle``
+  (shapes listed left to right by centre)
+
+Everything is a pure function of ``(seed, split, index)``: sample ``i`` does not
+depend on ``num_samples``, and different splits (``train``/``eval``) use
+different random streams, so eval images are held out.
+
+No megatron import here; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from megavlm.data.batch import collate
+from megavlm.data.conversation import encode_conversation, encode_prompt
+
+BACKGROUND = (128, 128, 128)
+
+# name -> RGB.  Far from each other and from the grey background.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 220, 30),
+    "purple": (150, 40, 190),
+    "orange": (250, 140, 20),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+COLORS = COLOURS  # alias
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
+MAX_SHAPES = len(SHAPES)
+KINDS: tuple[str, ...] = ("color", "shape", "caption")
+KIND_PROBS: tuple[float, ...] = (0.6, 0.2, 0.2)
+
+# Placement: PLACEMENT_TRIES candidate positions per shape; the first one whose
+# bounding box overlaps every shape drawn before it by at most OVERLAP_FRAC of
+# the smaller bounding box is taken, else the candidate with the least overlap.
+PLACEMENT_TRIES = 64
+OVERLAP_FRAC = 0.1
+
+# Randomness: sample i of (seed, split) uses the U_WIDTH doubles
+# [i*U_WIDTH, (i+1)*U_WIDTH) of one PCG64 stream seeded with (seed, split), so
+# it does not depend on num_samples and can be generated on its own.
+_U_N, _U_KIND, _U_TARGET = 0, 1, 2
+_U_SHAPE = slice(3, 3 + len(SHAPES))
+_U_COLOUR = slice(6, 6 + len(COLOURS))
+_U_SIZE = slice(12, 12 + MAX_SHAPES)
+_U_POS = 15
+U_WIDTH = 512
+assert _U_POS + MAX_SHAPES * PLACEMENT_TRIES * 2 <= U_WIDTH
+
+_SPLIT_KEYS = {"train": 0, "eval": 1}
+
+
+def color_question(shape: str) -> str:
+    return f"what color is the {shape} ?"
+
+
+def shape_question(colour: str) -> str:
+    return f"what shape is {colour} ?"
+
+
+CAPTION_QUESTION = "describe the image ."
+
+
+def caption_text(objects_left_to_right: Sequence[tuple[str, str]]) -> str:
+    """``[(colour, shape), ...]`` → ``"a red square and a blue circle"``."""
+    return " and ".join(f"a {c} {s}" for c, s in objects_left_to_right)
+
+
+def vocabulary_texts() -> list[str]:
+    """Texts whose words make up the closed data vocabulary (fixed order)."""
+    return [
+        color_question(""),
+        shape_question(""),
+        CAPTION_QUESTION,
+        caption_text([("", "")] * 2),
+        *COLOURS,
+        *SHAPES,
+    ]
+
+
+def shape_sizes(image_size: int) -> tuple[int, int]:
+    """Inclusive range of shape sizes (px): 12..15 at 32², scaled proportionally."""
+    lo = max(3, int(round(12 * image_size / 32)))
+    hi = max(lo, min(image_size, int(round(15 * image_size / 32))))
+    return lo, hi
+
+
+@lru_cache(maxsize=None)
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """Boolean ``[size, size]`` mask of a shape filling its bounding box."""
+    c = np.arange(size, dtype=np.float64) + 0.5
+    ys, xs = c[:, None], c[None, :]
+    half = size / 2.0
+    if shape == "square":
+        m = np.ones((size, size), dtype=bool)
+    elif shape == "circle":
+        m = (xs - half) ** 2 + (ys - half) ** 2 <= half * half
+    elif shape == "triangle":  # apex up, base at the bottom row
+        m = np.abs(xs - half) <= (ys / size) * half + 0.25
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    m.setflags(write=False)
+    return m
+
+
+@lru_cache(maxsize=None)
+def shape_area(shape: str, size: int) -> int:
+    return int(shape_mask(shape, size).sum())
+
+
+def split_key(split: str) -> int:
+    return _SPLIT_KEYS.get(split, zlib.crc32(split.encode("utf-8")) + 2)
+
+
+def sample_uniforms(seed: int, split: str, start: int, count: int) -> np.ndarray:
+    """``float64 [count, U_WIDTH]`` uniforms of samples ``start .. start+count-1``."""
+    bitgen = np.random.PCG64(
+        np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, split_key(split)])
+    )
+    if start:
+        bitgen.advance(int(start) * U_WIDTH)
+    return np.random.Generator(bitgen).random((int(count), U_WIDTH))
+
+
+def _plan(u: np.ndarray, image_size: int, min_shapes: int, max_shapes: int) -> dict:
+    """Vectorised layout decisions for a block of samples (uniforms ``u``)."""
+    N = u.shape[0]
+    lo, hi = shape_sizes(image_size)
+    n = min_shapes + np.floor(u[:, _U_N] * (max_shapes - min_shapes + 1)).astype(np.int64)
+    n = np.minimum(n, max_shapes)
+    shape_ids = np.argsort(u[:, _U_SHAPE], axis=1, kind="stable")[:, :MAX_SHAPES]
+    colour_ids = np.argsort(u[:, _U_COLOUR], axis=1, kind="stable")[:, :MAX_SHAPES]
+    sizes = np.minimum(lo + np.floor(u[:, _U_SIZE] * (hi - lo + 1)).astype(np.int64), hi)
+
+    pos = u[:, _U_POS : _U_POS + MAX_SHAPES * PLACEMENT_TRIES * 2]
+    pos = pos.reshape(N, MAX_SHAPES, PLACEMENT_TRIES, 2)
+    room = (image_size - sizes + 1)[:, :, None]  # [N, 3, 1]
+    cy = np.minimum(np.floor(pos[..., 0] * room).astype(np.int64), room - 1)  # [N, 3, K]
+    cx = np.minimum(np.floor(pos[..., 1] * room).astype(np.int64), room - 1)
+
+    rows = np.arange(N)
+    y0 = np.zeros((N, MAX_SHAPES), dtype=np.int64)
+    x0 = np.zeros((N, MAX_SHAPES), dtype=np.int64)
+    y0[:, 0], x0[:, 0] = cy[:, 0, 0], cx[:, 0, 0]
+    for j in range(1, MAX_SHAPES):
+        sj = sizes[:, j, None]
+        score = np.zeros((N, PLACEMENT_TRIES))
+        for k in range(j):
+            sk, yk, xk = sizes[:, k, None], y0[:, k, None], x0[:, k, None]
+            ix = np.clip(np.minimum(cx[:, j] + sj, xk + sk) - np.maximum(cx[:, j], xk), 0, None)
+            iy = np.clip(np.minimum(cy[:, j] + sj, yk + sk) - np.maximum(cy[:, j], yk), 0, None)
+            score = np.maximum(score, ix * iy / np.minimum(sj, sk) ** 2)
+        ok = score <= OVERLAP_FRAC
+        choice = np.where(ok.any(axis=1), ok.argmax(axis=1), score.argmin(axis=1))
+        y0[:, j], x0[:, j] = cy[rows, j, choice], cx[rows, j, choice]
+
+    kind = np.searchsorted(np.cumsum(KIND_PROBS)[:-1], u[:, _U_KIND], side="right")
+    target = np.minimum(np.floor(u[:, _U_TARGET] * n).astype(np.int64), n - 1)
+    return dict(
+        n=n, shape_ids=shape_ids, colour_ids=colour_ids, sizes=sizes, y0=y0, x0=x0,
+        kind=kind, target=target,
+    )
+
+
+_PALETTE_RGB = np.asarray([PALETTE[c] for c in COLOURS], dtype=np.uint8)
+
+
+def _paint(images: np.ndarray, plan: dict) -> np.ndarray:
+    """Draw the planned shapes into ``images`` (background already set), in draw
+    order (later shapes on top).  Returns visible pixels per shape ``[N, 3]``."""
+    N, H, W, _ = images.shape
+    owner = np.full((N, H, W), -1, dtype=np.int8)
+    n, sizes = plan["n"], plan["sizes"]
+    for j in range(MAX_SHAPES):
+        drawn = n > j
+        for t, shape in enumerate(SHAPES):
+            for s in np.unique(sizes[drawn, j]):
+                sel = np.flatnonzero(drawn & (plan["shape_ids"][:, j] == t) & (sizes[:, j] == s))
+                if sel.size == 0:
+                    continue
+                dy, dx = np.nonzero(shape_mask(shape, int(s)))
+                yy = plan["y0"][sel, j, None] + dy  # [m, P]
+                xx = plan["x0"][sel, j, None] + dx
+                ii = sel[:, None]
+                images[ii, yy, xx] = _PALETTE_RGB[plan["colour_ids"][sel, j]][:, None, :]
+                owner[ii, yy, xx] = j
+    flat = owner.reshape(N, -1)
+    return np.stack([(flat == j).sum(axis=1) for j in range(MAX_SHAPES)], axis=1)
+
+
+def _conversation(objects: list[dict], kind: str, target: int) -> tuple[str, str]:
+    if kind == "color":
+        return color_question(objects[target]["shape"]), objects[target]["colour"]
+    if kind == "shape":
+        return shape_question(objects[target]["colour"]), objects[target]["shape"]
+    order = sorted(
+        range(len(objects)),
+        key=lambda k: (
+            objects[k]["x"] + objects[k]["size"] / 2,
+            objects[k]["y"] + objects[k]["size"] / 2,
+            k,
+        ),
+    )
+    return CAPTION_QUESTION, caption_text([(objects[k]["colour"], objects[k]["shape"]) for k in order])
+
+
+def generate_split(
+    num_samples: int,
+    image_size: int,
+    *,
+    min_shapes: int = 1,
+    max_shapes: int = MAX_SHAPES,
+    split: str = "train",
+    seed: int = 1234,
+    start: int = 0,
+    chunk: int = 2048,
+) -> tuple[np.ndarray, list[dict]]:
+    """Images ``uint8 [N, H, W, 3]`` and metadata of samples ``start .. start+N-1``."""
+    if not 1 <= min_shapes <= max_shapes <= MAX_SHAPES:
+        raise ValueError(
+            f"need 1 <= min_shapes <= max_shapes <= {MAX_SHAPES}, got {min_shapes}, {max_shapes}"
+        )
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    images = np.empty((num_samples, image_size, image_size, 3), dtype=np.uint8)
+    images[...] = np.asarray(BACKGROUND, dtype=np.uint8)
+    meta: list[dict] = []
+    for c0 in range(0, num_samples, chunk):
+        c1 = min(num_samples, c0 + chunk)
+        u = sample_uniforms(seed, split, start + c0, c1 - c0)
+        plan = _plan(u, image_size, min_shapes, max_shapes)
+        visible = _paint(images[c0:c1], plan)
+        cols = {k: v.tolist() for k, v in plan.items()}
+        vis = visible.tolist()
+        for r in range(c1 - c0):
+            objects = []
+            for j in range(cols["n"][r]):
+                shape = SHAPES[cols["shape_ids"][r][j]]
+                s = cols["sizes"][r][j]
+                objects.append(
+                    {
+                        "shape": shape,
+                        "colour": COLOURS[cols["colour_ids"][r][j]],
+                        "x": cols["x0"][r][j],
+                        "y": cols["y0"][r][j],
+                        "size": s,
+                        "area": shape_area(shape, s),
+                        "pixels": vis[r][j],
+                    }
+                )
+            kind = KINDS[cols["kind"][r]]
+            target = cols["target"][r]
+            question, answer = _conversation(objects, kind, target)
+            meta.append(
+                {
+                    "index": start + c0 + r,
+                    "kind": kind,
+                    "question": question,
+                    "answer": answer,
+                    "target": target if kind != "caption" else None,
+                    "colours_present": [o["colour"] for o in objects],
+                    "shapes_present": [o["shape"] for o in objects],
+                    "objects": objects,
+                }
+            )
+    return images, meta
+
+
+class SyntheticVLMDataset(Dataset):
+    """Deterministic rendered-shapes VQA/caption data set (see module docstring).
+
+    ``__getitem__(i)`` → ``input_ids`` LongTensor[max_seq_len], ``labels``
+    LongTensor[max_seq_len] (unshifted, -100 = ignored), ``images`` uint8
+    ``[1, H, W, 3]``.  Use :meth:`collate_fn` (or ``batch.collate`` with
+    ``image_mean``/``image_std``) to batch and normalize.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        num_samples: int,
+        image_size: int,
+        num_image_tokens: int,
+        max_seq_len: int,
+        min_shapes: int = 1,
+        max_shapes: int = 3,
+        split: str = "train",
+        seed: int = 1234,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        template: str = "vicuna",
+    ):
+        self.tokenizer = tokenizer
+        self.num_samples = int(num_samples)
+        self.image_size = int(image_size)
+        self.num_image_tokens = int(num_image_tokens)
+        self.max_seq_len = int(max_seq_len)
+        self.min_shapes, self.max_shapes = int(min_shapes), int(max_shapes)
+        self.split, self.seed = split, int(seed)
+        self.image_mean = tuple(float(v) for v in np.broadcast_to(image_mean, (3,)))
+        self.image_std = tuple(float(v) for v in np.broadcast_to(image_std, (3,)))
+        self.template = template
+        self.num_images_per_sample = 1
+
+        self.images, self._meta = generate_split(
+            self.num_samples,
+            self.image_size,
+            min_shapes=self.min_shapes,
+            max_shapes=self.max_shapes,
+            split=split,
+            seed=self.seed,
+        )
+        # Few distinct conversations: encode each once (also fails fast with
+        # SampleTooLong at construction rather than in a DataLoader worker).
+        self._encoded: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._prompts: dict[str, torch.Tensor] = {}
+        for m in self._meta:
+            key = (m["question"], m["answer"])
+            if key not in self._encoded:
+                self._encoded[key] = encode_conversation(
+                    tokenizer,
+                    [key],
+                    self.num_images_per_sample,
+                    self.num_image_tokens,
+                    self.max_seq_len,
+                    template=template,
+                )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        i = self._check_index(i)
+        m = self._meta[i]
+        enc = self._encoded[(m["question"], m["answer"])]
+        return {
+            "input_ids": enc["input_ids"].clone(),
+            "labels": enc["labels"].clone(),
+            "images": torch.from_numpy(self.images[i : i + 1].copy()),
+        }
+
+    def _check_index(self, i: int) -> int:
+        i = int(i)
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {i} out of range for {self.num_samples} samples")
+        return i
+
+    def question(self, i: int) -> dict:
+        """Metadata of sample ``i``: ``kind`` ('color'|'shape'|'caption'),
+        ``question``, ``answer``, ``colours_present``, ``shapes_present``,
+        ``objects`` (draw order: shape, colour, x, y, size, area, pixels
+        visible), ``target``, ``index``."""
+        m = self._meta[self._check_index(i)]
+        return {
+            **m,
+            "colours_present": list(m["colours_present"]),
+            "shapes_present": list(m["shapes_present"]),
+            "objects": [dict(o) for o in m["objects"]],
+        }
+
+    def prompt_ids(self, i: int) -> torch.Tensor:
+        """Unpadded prompt ids (through ``ASSISTANT:``) of sample ``i``."""
+        q = self._meta[self._check_index(i)]["question"]
+        if q not in self._prompts:
+            self._prompts[q] = encode_prompt(
+                self.tokenizer,
+                q,
+                self.num_images_per_sample,
+                self.num_image_tokens,
+                self.max_seq_len,
+                template=self.template,
+            )
+        return self._prompts[q].clone()
+
+    def eval_items(self, kind: str = "color") -> list[dict]:
+        """Greedy-eval items for the questions of ``kind`` in this split.
+
+        Each: ``prompt_ids`` LongTensor (unpadded), ``image`` uint8 [H, W, 3],
+        ``answer`` str, ``choices`` (the 6 colours for 'color', the 3 shapes for
+        'shape', None for 'caption'), ``question`` str, ``index`` int.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
+        choices = {"color": list(COLOURS), "shape": list(SHAPES), "caption": None}[kind]
+        items = []
+        for m in self._meta:
+            if m["kind"] != kind:
+                continue
+            i = m["index"]
+            items.append(
+                {
+                    "prompt_ids": self.prompt_ids(i),
+                    "image": torch.from_numpy(self.images[i].copy()),
+                    "answer": m["answer"],
+                    "choices": list(choices) if choices is not None else None,
+                    "question": m["question"],
+                    "index": i,
+                }
+            )
+        return items
+
+    def collate_fn(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """``batch.collate`` with this data set's image mean/std."""
+        return collate(samples, self.image_mean, self.image_std)

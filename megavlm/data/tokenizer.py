@@ -1,0 +1,151 @@
+"""Tokenizers for megavlm.
+
+The default tokenizer is a tiny word-level tokenizer over the closed
+vocabulary of the embedded synthetic data set (see ``synthetic.py``) plus the
+words of the registered conversation templates (see ``conversation.py``).  It
+is built in-process from HF ``tokenizers`` (nothing is downloaded) and wrapped
+as a ``transformers`` fast tokenizer so that the rest of the code base can
+treat it exactly like a real LLM tokenizer loaded with ``AutoTokenizer``.
+
+No megatron import here.
+"""
+
+from __future__ import annotations
+
+import os
+
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+UNK_TOKEN = "<unk>"
+IMAGE_TOKEN = "<image>"
+
+# Fixed order: <pad> must be id 0.
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN)
+
+
+def _split_words(text: str, specials: set[str]) -> list[str]:
+    """Pieces the Whitespace pre-tokenizer makes of ``text`` (special tokens removed)."""
+    from tokenizers import pre_tokenizers
+
+    for s in specials:
+        text = text.replace(s, " ")
+    return [piece for piece, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def synthetic_special_tokens() -> list[str]:
+    """Special tokens of the synthetic tokenizer: the fixed ones, then template ones."""
+    from megavlm.data import conversation
+
+    specials = list(SPECIAL_TOKENS)
+    for tmpl in conversation.TEMPLATES.values():
+        for t in tmpl.special_tokens:
+            if t not in specials:
+                specials.append(t)
+    return specials
+
+
+def synthetic_vocabulary() -> list[str]:
+    """The ordered vocabulary (special tokens first) of the synthetic tokenizer.
+
+    Order is deterministic: special tokens, then the data-set words, then the
+    template words in registration order of the templates; each word once.
+    Adding a template later only appends words, existing ids never move.
+    """
+    # Local imports: conversation.py imports this module at top level.
+    from megavlm.data import conversation, synthetic
+
+    specials = synthetic_special_tokens()
+    special_set = set(specials)
+
+    words: list[str] = list(specials)
+    seen = set(words)
+
+    def add(text: str) -> None:
+        for w in _split_words(text, special_set):
+            if w not in seen:
+                seen.add(w)
+                words.append(w)
+
+    for text in synthetic.vocabulary_texts():
+        add(text)
+    for tmpl in conversation.TEMPLATES.values():
+        for text in tmpl.texts():
+            add(text)
+    return words
+
+
+def build_synthetic_tokenizer(out_dir: str | None = None):
+    """Build the word-level tokenizer of the synthetic data.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` = 0,
+    ``<s>`` (bos), ``</s>`` (eos), ``<unk>`` and ``<image>`` as special tokens.
+    No post-processor: nothing is added implicitly; the conversation template
+    writes ``<s>``/``</s>`` explicitly.  If ``out_dir`` is given the tokenizer
+    is also ``save_pretrained`` there (loadable with :func:`load_tokenizer`).
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = synthetic_vocabulary()
+    vocab = {w: i for i, w in enumerate(words)}
+    assert vocab[PAD_TOKEN] == 0
+
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = synthetic_special_tokens()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False, single_word=False) for t in specials]
+    )
+
+    extra = [t for t in specials if t not in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        extra_special_tokens=extra,
+        padding_side="right",
+    )
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        tok.save_pretrained(out_dir)
+    return tok
+
+
+def load_tokenizer(path: str | None):
+    """``None`` → the synthetic tokenizer; else ``AutoTokenizer`` from a local dir.
+
+    Never touches the network (``local_files_only=True``).  A missing path gives
+    a ``ValueError`` naming the path.
+    """
+    if path is None:
+        return build_synthetic_tokenizer()
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"tokenizer path {path!r} does not exist or is not a directory "
+            "(expected a local directory written by save_pretrained; "
+            "use path=None for the built-in synthetic tokenizer)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # e.g. directory without tokenizer files
+        raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
+
+
+def image_token_id(tok) -> int:
+    """Id of the ``<image>`` token; ValueError if the tokenizer has none."""
+    ids = tok.convert_tokens_to_ids([IMAGE_TOKEN])
+    tid = ids[0] if ids else None
+    unk = getattr(tok, "unk_token_id", None)
+    if tid is None or (unk is not None and tid == unk):
+        raise ValueError(
+            f"tokenizer {type(tok).__name__} has no {IMAGE_TOKEN!r} token; add it as a "
+            f"special token (tok.add_special_tokens({{'additional_special_tokens': "
+            f"['{IMAGE_TOKEN}']}})) and resize the embedding, or use the synthetic tokenizer"
+        )
+    return int(tid)

@@ -1,0 +1,76 @@
+"""``megavlm eval``: greedy answers to the held-out colour questions from a checkpoint, loaded at TP=1/PP=1 in one
+process whatever layout it was saved at; accuracy printed next to chance level and written to
+``{run_dir}/eval.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .. import runtime
+from ..config import Config, checkpoint_dir, num_image_tokens
+from ..data.batch import normalize_images
+from ..data.synthetic import SyntheticVLMDataset
+from ..data.tokenizer import image_token_id, load_tokenizer
+from ..errors import UserError
+from ..training import checkpoint as ckpt
+from .generate import greedy_generate
+
+
+def load_for_inference(cfg: Config):
+    """Runtime (TP=1/PP=1), tokenizer, and the model with the checkpoint's weights; returns (rt, tok, model, path)."""
+    from ..models.vlm import build_model
+
+    rt = runtime.initialize(1, 1, cfg.train.seed)
+    run_tok = os.path.join(cfg.run_dir, "tokenizer")
+    tok = load_tokenizer(cfg.data.tokenizer or (run_tok if os.path.isdir(run_tok) else None))
+    load = cfg.checkpoint.load if cfg.checkpoint.load != "none" else "auto"
+    path = ckpt.resolve_load_path(load, checkpoint_dir(cfg))
+    if path is None:
+        raise UserError(f"no checkpoint under {checkpoint_dir(cfg)}; train first (megavlm train ...) or pass "
+                        "checkpoint.load=PATH")
+    saved = ckpt.load_common(path).get("config", {})
+    vocab = cfg.model.language.vocab_size or saved.get("model", {}).get("language", {}).get("vocab_size") or len(tok)
+    cfg.model.language.vocab_size = vocab
+    model = build_model(cfg, rt, vocab, image_token_id(tok))
+    ckpt.load(path, model, optimizer=None, same_layout=False)
+    model.eval()
+    return rt, tok, model, path
+
+
+def evaluate(cfg: Config, limit: int | None = None, show: int = 5, batch_size: int = 32) -> dict:
+    rt, tok, model, path = load_for_inference(cfg)
+    v = cfg.model.vision
+    ds = SyntheticVLMDataset(
+        tok, num_samples=cfg.data.eval_samples, image_size=v.image_size, num_image_tokens=num_image_tokens(v),
+        max_seq_len=cfg.data.max_seq_len, min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
+        split="eval", seed=cfg.train.seed, image_mean=v.image_mean, image_std=v.image_std)
+    items = ds.eval_items("color")[:limit]
+    if not items:
+        raise UserError("no colour questions among the eval samples; raise data.eval_samples")
+    correct, rows = 0, []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        images = normalize_images(torch.stack([it["image"] for it in chunk]), v.image_mean, v.image_std)
+        answers = greedy_generate(model, [it["prompt_ids"] for it in chunk], images.to(rt.device),
+                                  max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                  vocab_size=len(tok))
+        for it, ans in zip(chunk, answers):
+            text = tok.decode(ans, skip_special_tokens=True).strip()
+            ok = text == it["answer"]
+            correct += ok
+            rows.append({"question": it["question"], "answer": it["answer"], "predicted": text, "correct": ok})
+    n = len(rows)
+    chance = 1.0 / len(items[0]["choices"])
+    result = {"checkpoint": path, "questions": n, "accuracy": correct / n, "chance": chance}
+    print(f"[megavlm] eval of {path} on {n} held-out colour questions (greedy):")
+    for r in rows[:show]:
+        mark = "ok " if r["correct"] else "WRONG"
+        print(f"  {mark} {r['question']!r:40} -> {r['predicted']!r} (expected {r['answer']!r})")
+    print(f"accuracy {correct}/{n} = {correct / n:.1%}   (chance {chance:.1%})", flush=True)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
+        json.dump(dict(result, examples=rows[:50]), f, indent=1)
+    return result

@@ -1,0 +1,29 @@
+"""The LLaMA-family decoder (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings) as megatron-core's GPTModel."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Embedding rows padded to ``multiple``. Independent of TP so that a checkpoint reshards; config checks
+    require TP to divide the result."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, pre_process: bool,
+                         post_process: bool) -> GPTModel:
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(vocab_size, lcfg.vocab_pad_multiple),
+        max_sequence_length=max_seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(lcfg.rope_theta),
+        # The VLM merges image features into the full sequence first, then scatters for sequence parallelism.
+        scatter_embedding_sequence_parallel=False,
+    )

@@ -1,0 +1,236 @@
+"""Layer specs and TransformerConfigs for the three parts of the VLM.
+
+ModuleSpec picks the implementation (local / SDPA / Transformer Engine) so that no ``forward`` has a backend
+branch. Local layers keep Transformer Engine's checkpoint names (``sharded_state_dict_keys_map``) so a checkpoint
+moves between backends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.vision.vit_layer_specs import _get_mlp_module_spec
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's activation (HF ``quick_gelu``)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """SigLIP's activation (HF ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+class Norm:
+    """LayerNorm or RMSNorm (per ``config.normalization``) whose parameters carry ``sequence_parallel``.
+
+    megatron's ``WrappedTorchNorm`` refuses sequence parallelism; with SP the norm weights see only a slice of the
+    sequence, so their gradients must be all-reduced over TP, which ``finalize_model_grads`` does for parameters
+    marked ``sequence_parallel``.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+class SDPAttention(MegatronModule):
+    """Core attention through ``torch.nn.functional.scaled_dot_product_attention`` (flash/mem-efficient kernels on
+    GPU). Same interface as megatron's ``DotProductAttention``: query ``(sq, b, np, hn)``, key/value
+    ``(sk, b, ng, hn)``; returns ``(sq, b, np*hn)``."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, hn)
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        mask = None if attention_mask is None else ~attention_mask  # megatron masks True = drop
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
+        )
+        sq, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def resolve_backend(spec: str, on_gpu: bool) -> str:
+    """``auto`` → ``te`` when Transformer Engine imports on GPU, ``sdpa`` on GPU otherwise, ``local`` on CPU."""
+    if spec != "auto":
+        if spec in ("sdpa", "te") and not on_gpu:
+            return "local" if spec == "te" else spec
+        return spec
+    if not on_gpu:
+        return "local"
+    try:
+        import transformer_engine  # noqa: F401
+
+        return "te"
+    except Exception:
+        return "sdpa"
+
+
+def layer_spec(backend: str, causal: bool) -> ModuleSpec:
+    """A transformer layer spec: causal for the decoder, unmasked for the vision encoder."""
+    mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec.submodules.self_attention.params["attn_mask_type"] = mask
+        return spec
+    core = SDPAttention if backend == "sdpa" else DotProductAttention
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear, core_attention=core, linear_proj=RowParallelLinear
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=_get_mlp_module_spec(use_te=False),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def block_spec(config: TransformerConfig, backend: str, causal: bool):
+    """Layer specs for this pipeline stage's share of layers plus the block's final norm (ours, so that sequence
+    parallelism works without TE: megatron's default ``LNImpl`` is the torch wrapper that refuses SP)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = Norm
+    n = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(backend, causal)] * n, layer_norm=final_norm)
+
+
+def _common(cfg, rt, dtype: torch.dtype) -> dict:
+    p = cfg.parallel
+    return dict(
+        tensor_model_parallel_size=p.tp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not rt.on_gpu,
+        init_method_std=0.02,
+        calculate_per_token_loss=True,
+    )
+
+
+def language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
+    lm, p = cfg.model.language, cfg.parallel
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        num_attention_heads=lm.num_heads,
+        num_query_groups=lm.num_kv_heads,
+        kv_channels=lm.hidden_size // lm.num_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=getattr(lm, "qkv_bias", False),
+        pipeline_model_parallel_size=p.pp,
+        num_layers_in_first_pipeline_stage=p.first_stage_layers if p.pp > 1 else None,
+        sequence_parallel=p.sequence_parallel,
+        **_common(cfg, rt, dtype),
+    )
+
+
+def vision_num_layers(v) -> int:
+    """Layers actually built: the encoder stops at the hidden state LLaVA reads (HF ``hidden_states`` index)."""
+    return v.feature_layer if v.feature_layer > 0 else v.num_layers + 1 + v.feature_layer
+
+
+def vision_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
+    """The vision encoder lives whole on the first pipeline stage, unsplit by PP and without SP."""
+    v = cfg.model.vision
+    return TransformerConfig(
+        num_layers=vision_num_layers(v),
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_heads,
+        kv_channels=v.hidden_size // v.num_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layernorm_eps,
+        gated_linear_unit=False,
+        activation_func=quick_gelu if v.flavour == "clip" else gelu_tanh,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        **_common(cfg, rt, dtype),
+    )
+
+
+def projector_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
+    lm = cfg.model.language
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_heads,
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        **_common(cfg, rt, dtype),
+    )

@@ -1,0 +1,61 @@
+"""ViT vision encoder (CLIP or SigLIP flavour) on megatron-core's TransformerBlock.
+
+The patch embedding, class token and positions are replicated over TP (every TP rank sees the same images);
+the transformer layers are TP-split. Only the layers up to the configured feature layer are built, and no
+post-LayerNorm: LLaVA reads ``hidden_states[feature_layer]`` of the HF model, which precedes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class VisionEncoder(MegatronModule):
+    def __init__(self, config: TransformerConfig, vcfg, spec):
+        super().__init__(config=config)
+        self.flavour = vcfg.flavour
+        self.patch_size = vcfg.patch_size
+        self.select_strategy = vcfg.select_strategy
+        d, c, p = vcfg.hidden_size, vcfg.num_channels, vcfg.patch_size
+        num_patches = (vcfg.image_size // p) ** 2
+        self.has_class_token = self.flavour == "clip"
+        seq = num_patches + (1 if self.has_class_token else 0)
+        dt = config.params_dtype
+        # Conv weight in the (d, c, p, p) layout HF and megatron store.
+        self.patch_weight = torch.nn.Parameter(torch.empty(d, c, p, p, dtype=dt))
+        self.patch_bias = torch.nn.Parameter(torch.zeros(d, dtype=dt)) if self.flavour == "siglip" else None
+        self.class_embedding = torch.nn.Parameter(torch.empty(d, dtype=dt)) if self.has_class_token else None
+        self.position_embeddings = torch.nn.Parameter(torch.empty(seq, d, dtype=dt))
+        if config.perform_initialization:
+            with torch.no_grad():
+                torch.nn.init.normal_(self.patch_weight, std=config.init_method_std)
+                torch.nn.init.normal_(self.position_embeddings, std=config.init_method_std)
+                if self.class_embedding is not None:
+                    torch.nn.init.normal_(self.class_embedding, std=d ** -0.5)
+        self.ln_pre = torch.nn.LayerNorm(d, eps=vcfg.layernorm_eps) if self.has_class_token else None
+        self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=False)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (n, c, H, W) normalized float → patch tokens with class token and positions ``(n, t, d)``."""
+        x = F.conv2d(images.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias, stride=self.patch_size)
+        x = x.flatten(2).transpose(1, 2)  # (n, p, d)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embeddings
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (n, c, H, W) → features ``(n, t, d)`` (class token dropped unless select_strategy=full)."""
+        x = self.embed(images)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask=None).transpose(0, 1)
+        if self.has_class_token and self.select_strategy == "default":
+            x = x[:, 1:]
+        return x
+
+    def set_input_tensor(self, input_tensor):  # never pipelined: the encoder is whole on the first stage
+        pass

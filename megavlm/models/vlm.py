@@ -1,0 +1,105 @@
+"""The VLM: vision encoder → projector → image features placed at the ``<image>`` tokens → LLaMA decoder.
+
+Pipeline layout: the vision encoder, the projector and the token embedding live on the first stage, decoder layers
+are split over the stages (``parallel.first_stage_layers`` gives the first stage fewer), the output layer and loss
+on the last. The data layer has already expanded each ``<image>`` into as many image-token ids as the encoder gives
+features, so sequence lengths are fixed and the merge is a masked scatter (the HF LLaVA convention).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from . import specs
+from .language import build_language_model
+from .projector import build_projector
+from .vision import VisionEncoder
+
+#: Parameter-name prefixes trained in each stage (1: projector; 2: + LLM; 3: everything).
+TRAINABLE = {1: ("projector.",), 2: ("projector.", "language_model."), 3: ("",)}
+
+
+class VLM(MegatronModule):
+    """Inputs (first stage): ``input_ids`` (b, s), ``images`` (n, c, H, W). Last stage: ``labels`` (b, s) give the
+    per-token loss (b, s); without labels the output is logits (b, s, vocab/tp)."""
+
+    def __init__(self, cfg, rt, vocab_size: int, image_token_id: int, dtype: torch.dtype,
+                 pre_process: bool, post_process: bool):
+        lang_cfg = specs.language_config(cfg, rt, dtype)
+        super().__init__(config=lang_cfg)
+        backend = specs.resolve_backend(cfg.model.spec, rt.on_gpu)
+        self.backend = backend
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads with PP
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image_token_id = image_token_id
+        self.vocab_size = vocab_size
+        self.sequence_parallel = lang_cfg.sequence_parallel
+        if pre_process:
+            vcfg = specs.vision_config(cfg, rt, dtype)
+            self.vision_model = VisionEncoder(vcfg, cfg.model.vision, specs.block_spec(vcfg, backend, causal=False))
+            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), cfg.model.projector.type,
+                                             cfg.model.vision.hidden_size)
+        self.language_model = build_language_model(
+            lang_cfg, specs.block_spec(lang_cfg, backend, causal=True), cfg.model.language, vocab_size,
+            cfg.data.max_seq_len, pre_process, post_process)
+
+    def set_input_tensor(self, input_tensor):
+        self.language_model.set_input_tensor(input_tensor)
+
+    def freeze_for_stage(self, stage: int) -> None:
+        prefixes = TRAINABLE[stage]
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith(prefixes))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (n, c, H, W) → projected features ``(n, t, h)``."""
+        feats = self.vision_model(images)  # (n, t, d)
+        return self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features at the image tokens, ``(s, b, h)`` (or SP-scattered)."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # (s, b, h)
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        if images is not None and images.shape[0] > 0:
+            feats = self.image_features(images)
+            if feats.shape[0] * feats.shape[1] != n_slots:
+                raise ValueError(
+                    f"batch has {n_slots} image-token positions but {feats.shape[0]} images × {feats.shape[1]} "
+                    "features each; every <image> must be expanded to exactly that many image tokens")
+            emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), feats.to(emb.dtype)).transpose(0, 1)
+        elif n_slots:
+            raise ValueError(f"batch has {n_slots} image-token positions but no images")
+        emb = emb.contiguous()
+        if self.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    def forward(self, input_ids=None, images=None, labels=None, attention_mask=None, runtime_gather_output=None):
+        decoder_input = self.embed(input_ids, images) if self.pre_process else None
+        return self.language_model(
+            input_ids=None, position_ids=None, attention_mask=attention_mask, decoder_input=decoder_input,
+            labels=labels, runtime_gather_output=runtime_gather_output)
+
+
+def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
+    """The local model chunk of this pipeline stage, on the run's device and dtype, frozen for ``train.stage``."""
+    from megatron.core import parallel_state
+
+    dtype = model_dtype(cfg, rt)
+    model = VLM(cfg, rt, vocab_size, image_token_id, dtype,
+                pre_process=parallel_state.is_pipeline_first_stage(),
+                post_process=parallel_state.is_pipeline_last_stage())
+    model.to(rt.device)
+    model.freeze_for_stage(cfg.train.stage)
+    return model
+
+
+def model_dtype(cfg, rt) -> torch.dtype:
+    if cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and rt.on_gpu):
+        return torch.bfloat16
+    return torch.float32

@@ -1,0 +1,234 @@
+"""The training loop: megatron-core schedules, DDP, optimizer and dist checkpoints around the VLM."""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from .. import runtime
+from ..config import Config, checkpoint_dir, num_image_tokens, save_config, to_dict
+from ..data.synthetic import SyntheticVLMDataset
+from ..data.tokenizer import image_token_id, load_tokenizer
+from . import checkpoint as ckpt
+from .metrics import MetricsWriter
+from .schedule import build_scheduler
+
+IGNORE_INDEX = -100
+
+
+def shift_for_next_token(batch: dict) -> dict:
+    """The data layer's labels are aligned with ``input_ids``; megatron's loss at position i predicts token i+1.
+    Returns labels shifted left (ignored positions → 0) and the matching ``loss_mask``."""
+    labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+    labels[:, :-1] = batch["labels"][:, 1:]
+    mask = (labels != IGNORE_INDEX).to(torch.float32)
+    return dict(batch, labels=labels.clamp(min=0), loss_mask=mask)
+
+
+class TrainData:
+    """Deterministic micro-batches: sample order is a per-epoch permutation of the dataset; step k on DP rank r
+    takes positions ``k*GB + r*GB/dp + ...``, so resuming at step k continues at the exact sample. Every TP/PP rank
+    of a replica builds the same batches."""
+
+    def __init__(self, cfg: Config, tokenizer, rt: runtime.Runtime):
+        self.cfg, self.rt = cfg, rt
+        d, v = cfg.data, cfg.model.vision
+        self.dataset = SyntheticVLMDataset(
+            tokenizer, num_samples=d.num_samples, image_size=v.image_size, num_image_tokens=num_image_tokens(v),
+            max_seq_len=d.max_seq_len, min_shapes=d.min_shapes, max_shapes=d.max_shapes, split="train",
+            seed=cfg.train.seed, image_mean=v.image_mean, image_std=v.image_std)
+        self.per_dp = cfg.train.global_batch // rt.dp
+        self.num_microbatches = self.per_dp // cfg.train.micro_batch
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _index(self, position: int) -> int:
+        n = len(self.dataset)
+        epoch, offset = divmod(position, n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)}
+        return int(self._perms[epoch][offset])
+
+    def microbatches(self, step_index: int) -> list[dict]:
+        mb = self.cfg.train.micro_batch
+        base = step_index * self.cfg.train.global_batch + self.rt.dp_rank * self.per_dp
+        out = []
+        for j in range(self.num_microbatches):
+            samples = [self.dataset[self._index(base + j * mb + i)] for i in range(mb)]
+            batch = shift_for_next_token(self.dataset.collate_fn(samples))
+            out.append({k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()})
+        return out
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token loss summed over the micro-batch; megatron divides by the global token count
+    (``calculate_per_token_loss``), so DP and micro-batching give the same gradients as one big batch."""
+    loss_sum = (output_tensor.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    out = model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"])
+    return out, partial(_loss_func, batch["loss_mask"])
+
+
+def build_training_objects(cfg: Config, rt: runtime.Runtime, vocab_size: int, image_token: int):
+    """DDP-wrapped model chunk, megatron optimizer and LR scheduler."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from ..models.vlm import build_model, model_dtype
+
+    model = build_model(cfg, rt, vocab_size, image_token)
+    dtype = model_dtype(cfg, rt)
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer),
+        module=model,
+    )
+    t = cfg.train
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16,
+            params_dtype=dtype, use_distributed_optimizer=cfg.parallel.distributed_optimizer),
+        [ddp],
+        use_gloo_process_groups=False,
+    )
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    scheduler = build_scheduler(optimizer, t)
+    return ddp, optimizer, scheduler
+
+
+def _layout(cfg: Config, rt: runtime.Runtime) -> dict:
+    return {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp, "distributed_optimizer": cfg.parallel.distributed_optimizer,
+            "first_stage_layers": cfg.parallel.first_stage_layers}
+
+
+def model_flops_per_step(cfg: Config, n_tokens: int, n_images: int) -> float:
+    """Model FLOPs of one optimizer step (forward + backward, 6·N per token + attention), vision included."""
+    lm, v = cfg.model.language, cfg.model.vision
+    h, L, s = lm.hidden_size, lm.num_layers, cfg.data.max_seq_len
+    kv = h // lm.num_heads * lm.num_kv_heads
+    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 3 * 2 * h * lm.ffn_hidden_size
+    lm_flops = n_tokens * (3 * (L * per_layer + 2 * h * lm.vocab_size) + 3 * L * 4 * s * h / 2)
+    t = (v.image_size // v.patch_size) ** 2 + 1
+    vd = v.hidden_size
+    v_layer = 2 * 4 * vd * vd + 2 * 2 * vd * v.ffn_hidden_size + 4 * t * vd
+    vis_flops = n_images * t * 3 * v.num_layers * v_layer
+    return lm_flops + vis_flops
+
+
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GH200": 989e12}
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, val in _PEAK_BF16.items():
+        if key in name:
+            return val
+    return None
+
+
+def train(cfg: Config) -> dict:
+    """Run training as ``cfg`` says. Every rank calls this; rank 0 writes the run directory."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    rt = runtime.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    rank0 = rt.rank == 0
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    vocab_size = cfg.model.language.vocab_size or len(tokenizer)
+    cfg.model.language.vocab_size = vocab_size
+    if rank0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        tokenizer.save_pretrained(os.path.join(cfg.run_dir, "tokenizer"))
+    model, optimizer, scheduler = build_training_objects(cfg, rt, vocab_size, image_token_id(tokenizer))
+    data = TrainData(cfg, tokenizer, rt)
+    ck_dir = checkpoint_dir(cfg)
+
+    start_step = 0
+    load_path = ckpt.resolve_load_path(cfg.checkpoint.load, ck_dir)
+    if load_path is not None:
+        common = ckpt.load_common(load_path)
+        same = common.get("layout") == _layout(cfg, rt)
+        common = ckpt.load(load_path, model, optimizer if common.get("has_optimizer") else None, same_layout=same)
+        if "scheduler" in common:
+            scheduler.load_state_dict(common["scheduler"])
+        start_step = int(common.get("step", 0))
+        if rank0:
+            print(f"[megavlm] resumed from {load_path} at step {start_step}", flush=True)
+
+    writer = None
+    if rank0:
+        writer = MetricsWriter(cfg.run_dir, cfg.train.steps, cfg.logging.interval, cfg.logging.tensorboard,
+                               append=start_step > 0)
+        if start_step > 0:
+            writer.truncate_after(start_step)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[megavlm] world {rt.world_size} (tp {rt.tp} pp {rt.pp} dp {rt.dp}) on {rt.device} "
+              f"({'cpu-compat' if rt.cpu_compat else rt.backend}), backend {model.module.backend}, stage "
+              f"{cfg.train.stage}; rank-0 chunk {n_params:,} params ({n_train:,} trained); "
+              f"{data.num_microbatches} micro-batches/step", flush=True)
+
+    fwd_bwd = get_forward_backward_func()
+    seq, gb = cfg.data.max_seq_len, cfg.train.global_batch
+    peak = _peak_flops()
+    flops = model_flops_per_step(cfg, gb * seq, gb) if peak else None
+    losses = []
+
+    def save(step):
+        common = {"scheduler": scheduler.state_dict(), "consumed_samples": step * gb, "layout": _layout(cfg, rt),
+                  "config": to_dict(cfg)}
+        path = ckpt.save(ck_dir, step, model, optimizer, common, keep=cfg.checkpoint.keep)
+        if rank0:
+            print(f"[megavlm] saved checkpoint {path}", flush=True)
+
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        t0 = time.perf_counter()
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reduced = fwd_bwd(
+            forward_step_func=forward_step, data_iterator=iter(data.microbatches(step - 1)), model=[model],
+            num_microbatches=data.num_microbatches, seq_length=seq, micro_batch_size=cfg.train.micro_batch,
+            decoder_seq_length=seq, forward_only=False)
+        lr = optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        # Loss over the global batch: the last stage's TP-rank-0 of each replica contributes, everyone learns it.
+        tot = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        if rt.is_last_stage and rt.tp_rank == 0:
+            for r in reduced:
+                tot += r["lm loss"].to(torch.float64)
+        torch.distributed.all_reduce(tot)
+        if rt.on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        loss = (tot[0] / tot[1].clamp(min=1)).item()
+        losses.append(loss)
+        if rank0:
+            rec = {"step": step, "loss": loss, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                   "tokens_per_s": gb * seq / dt, "samples_per_s": gb / dt, "step_time_s": dt,
+                   "supervised_tokens": int(tot[1].item())}
+            if flops and peak:
+                rec["mfu"] = flops / dt / (peak * rt.world_size)
+            writer.log(rec)
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step != cfg.train.steps:
+            save(step)
+    if cfg.train.steps > start_step or load_path is None:
+        save(cfg.train.steps)
+    if writer:
+        writer.close()
+    return {"losses": losses, "start_step": start_step}
