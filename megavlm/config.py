@@ -227,6 +227,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     #: Global gradient-norm clipping threshold; 0 disables.
     clip_grad: float = 1.0
+    #: Save and exit once the step count reaches a multiple of this (0 = never), e.g. to fit a cluster time limit;
+    #: the next run with ``checkpoint.load=auto`` continues exactly where this one stopped.
+    exit_interval: int = 0
 
 
 @dataclass
@@ -261,6 +264,8 @@ class CheckpointConfig:
     load: str = "none"
     #: Keep the newest K checkpoints (0 = keep all).
     keep: int = 2
+    #: Load model weights only and start at step 0 with a fresh optimizer and LR schedule (stage 1 → stage 2).
+    finetune: bool = False
 
 
 @dataclass
@@ -730,6 +735,7 @@ def validate(cfg: Config, world_size: int) -> int:
     for key, value in (
         ("model.language.vocab_size", lang.vocab_size),
         ("train.warmup_steps", tr.warmup_steps),
+        ("train.exit_interval", tr.exit_interval),
         ("data.eval_samples", data.eval_samples),
         ("checkpoint.save_interval", ck.save_interval),
         ("checkpoint.keep", ck.keep),

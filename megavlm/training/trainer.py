@@ -161,13 +161,20 @@ def train(cfg: Config) -> dict:
     load_path = ckpt.resolve_load_path(cfg.checkpoint.load, ck_dir)
     if load_path is not None:
         common = ckpt.load_common(load_path)
-        same = common.get("layout") == _layout(cfg, rt)
-        common = ckpt.load(load_path, model, optimizer if common.get("has_optimizer") else None, same_layout=same)
-        if "scheduler" in common:
-            scheduler.load_state_dict(common["scheduler"])
-        start_step = int(common.get("step", 0))
+        layout = common.get("layout") or {}
+        same = layout == _layout(cfg, rt)
+        # The optimizer state reshards over TP/PP, but not between the plain and the distributed optimizer.
+        with_opt = (not cfg.checkpoint.finetune and common.get("has_optimizer")
+                    and layout.get("distributed_optimizer") == cfg.parallel.distributed_optimizer)
+        ckpt.load(load_path, model, optimizer if with_opt else None, same_layout=same)
+        if not cfg.checkpoint.finetune:
+            if "scheduler" in common:
+                scheduler.load_state_dict(common["scheduler"])
+            start_step = int(common.get("step", 0))
         if rank0:
-            print(f"[megavlm] resumed from {load_path} at step {start_step}", flush=True)
+            what = "weights (finetune: fresh optimizer, step 0)" if cfg.checkpoint.finetune else (
+                f"step {start_step}" + ("" if with_opt else ", without optimizer state"))
+            print(f"[megavlm] loaded {load_path}: {what}", flush=True)
 
     writer = None
     if rank0:
@@ -195,6 +202,7 @@ def train(cfg: Config) -> dict:
         if rank0:
             print(f"[megavlm] saved checkpoint {path}", flush=True)
 
+    last = start_step
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         model.zero_grad_buffer()
@@ -225,10 +233,18 @@ def train(cfg: Config) -> dict:
             if flops and peak:
                 rec["mfu"] = flops / dt / (peak * rt.world_size)
             writer.log(rec)
-        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step != cfg.train.steps:
+        last = step
+        if step == cfg.train.steps:
+            break
+        if cfg.train.exit_interval and step % cfg.train.exit_interval == 0:
+            if rank0:
+                print(f"[megavlm] train.exit_interval={cfg.train.exit_interval}: stopping at step {step}; "
+                      "continue with checkpoint.load=auto", flush=True)
+            break
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             save(step)
-    if cfg.train.steps > start_step or load_path is None:
-        save(cfg.train.steps)
+    if last > start_step or load_path is None:
+        save(last)
     if writer:
         writer.close()
     return {"losses": losses, "start_step": start_step}
