@@ -237,7 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default=None, help='CUDA archs, e.g. "80;90" (default $MEGAVLM_CUDA_ARCHS or 80;90)')
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--auto", action="store_true",
+                        help="what `make install` runs: build when nvcc is found (MEGAVLM_BUILD_KERNELS=0 skips, =1 "
+                             "makes a missing nvcc an error); without nvcc, say so and succeed")
     args = parser.parse_args(argv)
+    if args.auto:
+        force = os.environ.get("MEGAVLM_BUILD_KERNELS", "").strip()
+        if force == "0":
+            print("[megavlm._build] MEGAVLM_BUILD_KERNELS=0: not building megavlm._C (reference ops only)")
+            return 0
+        if find_nvcc() is None:
+            if force == "1":
+                print("error: MEGAVLM_BUILD_KERNELS=1 but nvcc was not found (set CUDA_HOME or PATH)", file=sys.stderr)
+                return 1
+            print("[megavlm._build] nvcc not found: megavlm._C not built; the reference ops will be used")
+            return 0
     try:
         path = build_extension(args.out_dir, archs=args.archs, verbose=not args.quiet, jobs=args.jobs)
     except (RuntimeError, ValueError) as exc:

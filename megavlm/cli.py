@@ -75,6 +75,13 @@ def main(argv=None) -> int:
             if runtime.env_world_size() != 1:
                 return _fail("megavlm eval runs in a single process; run it without torchrun")
         validate(cfg, runtime.env_world_size())
+        if cfg.model.kernels == "fused":  # needs CUDA and a built megavlm._C: say so before any work starts
+            from .ops import fused_unavailable_reason
+
+            reason = fused_unavailable_reason()
+            if reason:
+                raise ConfigError(f"model.kernels=fused cannot run here: {reason}; use model.kernels=auto "
+                                  "(fused when available) or reference")
     except ConfigError as e:  # every rank checks the same config; one message is enough
         return _fail(str(e)) if os.environ.get("RANK", "0") == "0" else 2
     except FileNotFoundError as e:

@@ -48,18 +48,20 @@ def normalize_images(
 
 def collate(
     samples: Sequence[dict],
-    image_mean: Stats,
-    image_std: Stats,
+    image_mean: Stats | None = None,
+    image_std: Stats | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stack samples of equal sequence length into a batch.
 
     Each sample: ``input_ids``/``labels`` ``LongTensor[S]``, ``images`` uint8
     ``[n_i, H, W, 3]`` (may have ``n_i == 0``; a missing key means no image).
     Returns ``input_ids`` [b,S] long, ``labels`` [b,S] long (-100 ignored),
-    ``loss_mask`` [b,S] float32 (1 where labels != -100), ``images`` float32
-    ``[sum n_i, 3, H, W]`` normalized, concatenated in sample order, and
-    ``num_images`` LongTensor[b].  (If no sample carries an ``images`` tensor
-    at all the images are ``[0, 3, 0, 0]``.)
+    ``loss_mask`` [b,S] float32 (1 where labels != -100), ``images``
+    concatenated in sample order, and ``num_images`` LongTensor[b].
+
+    Without ``image_mean``/``image_std`` the images stay uint8 ``[sum n_i, H, W, 3]``: what the model's patch
+    embedding takes (it normalizes inside, fused on GPU, so no float image tensor is materialized). With them,
+    float32 ``[sum n_i, 3, H, W]`` normalized (``[0, 3, 0, 0]`` if no sample carries images).
     """
     if len(samples) == 0:
         raise ValueError("collate needs at least one sample")
@@ -85,10 +87,13 @@ def collate(
         num_images = torch.tensor(
             [int(i.shape[0]) if i is not None else 0 for i in imgs], dtype=torch.long
         )
-        images = normalize_images(torch.cat(present, dim=0), image_mean, image_std)
+        images = torch.cat(present, dim=0)
+        if image_mean is not None:
+            images = normalize_images(images, image_mean, image_std)
     else:
         num_images = torch.zeros(len(samples), dtype=torch.long)
-        images = torch.zeros(0, 3, 0, 0, dtype=torch.float32)
+        images = (torch.zeros(0, 3, 0, 0, dtype=torch.float32) if image_mean is not None
+                  else torch.zeros(0, 0, 0, 3, dtype=torch.uint8))
     return {
         "input_ids": input_ids,
         "labels": labels,

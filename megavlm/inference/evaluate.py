@@ -11,7 +11,6 @@ import torch
 
 from .. import runtime
 from ..config import Config, checkpoint_dir, num_image_tokens
-from ..data.batch import normalize_images
 from ..data.synthetic import SyntheticVLMDataset
 from ..data.tokenizer import image_token_id, load_tokenizer
 from ..errors import UserError
@@ -53,7 +52,7 @@ def evaluate(cfg: Config, limit: int | None = None, show: int = 5, batch_size: i
     correct, rows = 0, []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        images = normalize_images(torch.stack([it["image"] for it in chunk]), v.image_mean, v.image_std)
+        images = torch.stack([it["image"] for it in chunk])  # uint8 (n, H, W, 3)
         answers = greedy_generate(model, [it["prompt_ids"] for it in chunk], images.to(rt.device),
                                   max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                   vocab_size=len(tok))

@@ -13,10 +13,14 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..ops import fused, reference
+
 
 class VisionEncoder(MegatronModule):
-    def __init__(self, config: TransformerConfig, vcfg, spec):
+    def __init__(self, config: TransformerConfig, vcfg, spec, kernels: str = "reference"):
         super().__init__(config=config)
+        self.kernels = kernels  # resolved: "fused" | "reference"
+        self.image_mean, self.image_std = tuple(vcfg.image_mean), tuple(vcfg.image_std)
         self.flavour = vcfg.flavour
         self.patch_size = vcfg.patch_size
         self.select_strategy = vcfg.select_strategy
@@ -40,7 +44,16 @@ class VisionEncoder(MegatronModule):
         self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=False)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (n, c, H, W) normalized float → patch tokens with class token and positions ``(n, t, d)``."""
+        """Patch tokens with class token and positions ``(n, t, d)``.
+
+        ``images`` is either uint8 pixels ``(n, H, W, c)`` (what the data pipeline hands over: normalization,
+        patchify and projection run in ``megavlm.ops.patch_embed``, fused on GPU) or already-normalized float
+        ``(n, c, H, W)`` (HF ``pixel_values``), which takes the conv2d path.
+        """
+        if images.dtype == torch.uint8:
+            impl = fused.patch_embed_fused if self.kernels == "fused" else reference.patch_embed_ref
+            return impl(images, self.patch_weight, self.patch_bias, self.position_embeddings, self.class_embedding,
+                        self.image_mean, self.image_std, out_dtype=self.patch_weight.dtype)
         x = F.conv2d(images.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias, stride=self.patch_size)
         x = x.flatten(2).transpose(1, 2)  # (n, p, d)
         if self.class_embedding is not None:
@@ -48,7 +61,8 @@ class VisionEncoder(MegatronModule):
         return x + self.position_embeddings
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (n, c, H, W) → features ``(n, t, d)`` (class token dropped unless select_strategy=full)."""
+        """``images`` uint8 (n, H, W, c) or float (n, c, H, W) → features ``(n, t, d)`` (class token dropped unless
+        select_strategy=full)."""
         x = self.embed(images)
         if self.ln_pre is not None:
             x = self.ln_pre(x)

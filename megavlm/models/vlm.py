@@ -13,6 +13,8 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from .. import ops
+from ..ops import fused
 from . import specs
 from .language import build_language_model
 from .projector import build_projector
@@ -32,6 +34,10 @@ class VLM(MegatronModule):
         super().__init__(config=lang_cfg)
         backend = specs.resolve_backend(cfg.model.spec, rt.on_gpu)
         self.backend = backend
+        self.kernels = ops.resolve_kernels(cfg.model.kernels)
+        # The fused projector runs the whole MLP on one rank; with TP the megatron layers split it instead.
+        self.fused_projector = (self.kernels == "fused" and cfg.parallel.tp == 1
+                                and cfg.model.projector.type == "mlp2x_gelu")
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads with PP
         self.pre_process, self.post_process = pre_process, post_process
@@ -40,7 +46,8 @@ class VLM(MegatronModule):
         self.sequence_parallel = lang_cfg.sequence_parallel
         if pre_process:
             vcfg = specs.vision_config(cfg, rt, dtype)
-            self.vision_model = VisionEncoder(vcfg, cfg.model.vision, specs.block_spec(vcfg, backend, causal=False))
+            self.vision_model = VisionEncoder(vcfg, cfg.model.vision, specs.block_spec(vcfg, backend, causal=False),
+                                              kernels=self.kernels)
             self.projector = build_projector(specs.projector_config(cfg, rt, dtype), cfg.model.projector.type,
                                              cfg.model.vision.hidden_size)
         self.language_model = build_language_model(
@@ -55,29 +62,42 @@ class VLM(MegatronModule):
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith(prefixes))
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (n, c, H, W) → projected features ``(n, t, h)``."""
-        feats = self.vision_model(images)  # (n, t, d)
-        return self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
-
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image features at the image tokens, ``(s, b, h)`` (or SP-scattered)."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # (s, b, h)
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
         if images is not None and images.shape[0] > 0:
-            feats = self.image_features(images)
+            feats = self.vision_model(images)  # (n, t, d)
             if feats.shape[0] * feats.shape[1] != n_slots:
                 raise ValueError(
                     f"batch has {n_slots} image-token positions but {feats.shape[0]} images × {feats.shape[1]} "
                     "features each; every <image> must be expanded to exactly that many image tokens")
-            emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), feats.to(emb.dtype)).transpose(0, 1)
+            if self.fused_projector:
+                emb = self._fused_project_into(emb, feats, is_image)
+            else:
+                proj = self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
+                emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
         elif n_slots:
             raise ValueError(f"batch has {n_slots} image-token positions but no images")
         emb = emb.contiguous()
         if self.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
+
+    def _fused_project_into(self, emb, feats, is_image):
+        """Linear → GELU → Linear with the bias+GELU fused, written straight into the embedding rows of the image
+        tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order)."""
+        s, b, h = emb.shape
+        bi, sj = is_image.nonzero(as_tuple=True)
+        fc1, fc2 = self.projector.encoder.linear_fc1, self.projector.encoder.linear_fc2
+        out = fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu")
+        return fused.scatter_rows_fused(emb.view(s * b, h), sj * b + bi, out.reshape(-1, h).to(emb.dtype)).view(s, b, h)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` → projected features ``(n, t, h)`` (the unfused path; for inspection and tests)."""
+        feats = self.vision_model(images)
+        return self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
 
     def forward(self, input_ids=None, images=None, labels=None, attention_mask=None, runtime_gather_output=None):
         decoder_input = self.embed(input_ids, images) if self.pre_process else None
@@ -94,7 +114,7 @@ def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
     model = VLM(cfg, rt, vocab_size, image_token_id, dtype,
                 pre_process=parallel_state.is_pipeline_first_stage(),
                 post_process=parallel_state.is_pipeline_last_stage())
-    model.to(rt.device)
+    model.to(device=rt.device, dtype=dtype)  # norms too (Megatron-LM does this with Float16Module)
     model.freeze_for_stage(cfg.train.stage)
     return model
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
+from .fused import patch_embed_fused, projector_fused, scatter_rows_fused  # registers torch.ops.megavlm.*
 from .reference import CLIP_MEAN, CLIP_STD, patch_embed_ref, projector_ref, scatter_rows_ref
 
 __all__ = ["fused_unavailable_reason", "patch_embed", "projector", "resolve_kernels", "scatter_rows"]
@@ -96,8 +97,6 @@ def patch_embed(
 ) -> Tensor:
     """uint8 pixels [B,H,W,C] -> patch tokens [B, (1+)P, D]; see reference.patch_embed_ref."""
     if _route(kernels, pixels, weight) == "fused":
-        from .fused import patch_embed_fused
-
         return patch_embed_fused(pixels, weight, bias, pos, class_emb, mean, std, out_dtype)
     return patch_embed_ref(pixels, weight, bias, pos, class_emb, mean, std, out_dtype)
 
@@ -125,8 +124,6 @@ def projector(
         raise ValueError("dst and index must be given together")
     impl = _route(kernels, x, w1)
     if impl == "fused":
-        from .fused import projector_fused, scatter_rows_fused
-
         out = projector_fused(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act, eps)
         if dst is None:
             return out
@@ -141,7 +138,5 @@ def scatter_rows(dst: Tensor, index: Tensor, src: Tensor, *, kernels: str | None
     """In place ``dst[index[k], :] = src[k, :]`` (unique indices in [0, M)); returns dst.
     The fused kernel skips out-of-range indices instead of raising."""
     if _route(kernels, dst, src) == "fused":
-        from .fused import scatter_rows_fused
-
         return scatter_rows_fused(dst, index, src)
     return scatter_rows_ref(dst, index, src)

@@ -11,6 +11,7 @@ import torch
 
 from .. import runtime
 from ..config import Config, checkpoint_dir, num_image_tokens, save_config, to_dict
+from ..data.batch import collate
 from ..data.synthetic import SyntheticVLMDataset
 from ..data.tokenizer import image_token_id, load_tokenizer
 from . import checkpoint as ckpt
@@ -58,7 +59,7 @@ class TrainData:
         out = []
         for j in range(self.num_microbatches):
             samples = [self.dataset[self._index(base + j * mb + i)] for i in range(mb)]
-            batch = shift_for_next_token(self.dataset.collate_fn(samples))
+            batch = shift_for_next_token(collate(samples))  # uint8 images: the model normalizes
             out.append({k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()})
         return out
 
@@ -114,17 +115,20 @@ def _layout(cfg: Config, rt: runtime.Runtime) -> dict:
 
 
 def model_flops_per_step(cfg: Config, n_tokens: int, n_images: int) -> float:
-    """Model FLOPs of one optimizer step (forward + backward, 6·N per token + attention), vision included."""
-    lm, v = cfg.model.language, cfg.model.vision
+    """Model FLOPs of one optimizer step: 2·N per token forward (+ attention scores), times 3 where weights train
+    (forward, data grad, weight grad), 2 for a frozen LLM that still back-propagates to the projector (stage 1),
+    1 for a frozen vision encoder (nothing flows back into it)."""
+    lm, v, stage = cfg.model.language, cfg.model.vision, cfg.train.stage
     h, L, s = lm.hidden_size, lm.num_layers, cfg.data.max_seq_len
     kv = h // lm.num_heads * lm.num_kv_heads
-    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 3 * 2 * h * lm.ffn_hidden_size
-    lm_flops = n_tokens * (3 * (L * per_layer + 2 * h * lm.vocab_size) + 3 * L * 4 * s * h / 2)
+    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 3 * 2 * h * lm.ffn_hidden_size + 2 * 2 * s * h
+    lm_fwd = n_tokens * (L * per_layer + 2 * h * lm.vocab_size)
     t = (v.image_size // v.patch_size) ** 2 + 1
     vd = v.hidden_size
-    v_layer = 2 * 4 * vd * vd + 2 * 2 * vd * v.ffn_hidden_size + 4 * t * vd
-    vis_flops = n_images * t * 3 * v.num_layers * v_layer
-    return lm_flops + vis_flops
+    v_layer = 2 * 4 * vd * vd + 2 * 2 * vd * v.ffn_hidden_size + 2 * 2 * t * vd
+    vis_fwd = n_images * t * (v.num_layers * v_layer + 2 * 3 * v.patch_size ** 2 * vd)
+    proj_fwd = n_images * (t - 1) * 2 * (vd * h + h * h)
+    return (3 if stage >= 2 else 2) * lm_fwd + (3 if stage == 3 else 1) * vis_fwd + 3 * proj_fwd
 
 
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GH200": 989e12}

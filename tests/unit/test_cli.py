@@ -17,6 +17,7 @@ BAD = [
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
     (["model.projector.type=mlp3x"], "model.projector.type"),
     (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load=/nonexistent/ckpt"),
+    (["model.kernels=fused"], "model.kernels=fused cannot run here"),
 ]
 
 

@@ -15,6 +15,7 @@ def compat():
     assert torch.cuda.current_stream is original
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is for machines without CUDA")
 def test_active_on_cpu_maps_cuda_to_cpu(compat):
     assert not torch.cuda.is_available()
     assert cpu.enable_if_needed() is True

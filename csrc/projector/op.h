@@ -1,0 +1,29 @@
+// Host entry points of the fused projector kernels (bound in bindings.cpp).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace megavlm {
+namespace projector {
+
+// x [batch, tokens, dim] -> y [batch * out_tokens, F]; see kernel.h.
+void merge_layernorm(int device, std::uintptr_t stream, std::uintptr_t x, std::uintptr_t y, long long batch,
+                     long long tokens, long long dim, bool merge, long long grid_w, std::uintptr_t gamma,
+                     std::uintptr_t beta, double eps, const std::string& dtype);
+
+// out [rows, cols] = gelu(z + bias)
+void bias_gelu(int device, std::uintptr_t stream, std::uintptr_t z, std::uintptr_t bias, std::uintptr_t out,
+               long long rows, long long cols, const std::string& dtype);
+
+// dz [rows, cols] = grad * gelu'(z + bias)
+void bias_gelu_backward(int device, std::uintptr_t stream, std::uintptr_t grad, std::uintptr_t z,
+                        std::uintptr_t bias, std::uintptr_t dz, long long rows, long long cols,
+                        const std::string& dtype);
+
+// dst [dst_rows, row_bytes] rows index[k] <- src [n_index, row_bytes] row k; index int64.
+void scatter_rows(int device, std::uintptr_t stream, std::uintptr_t dst, long long dst_rows, std::uintptr_t index,
+                  long long n_index, std::uintptr_t src, long long row_bytes);
+
+}  // namespace projector
+}  // namespace megavlm
