@@ -112,3 +112,14 @@ def test_stage_freezing(ref, tmp_path, stage, trained):
     for k in params:
         changed = not torch.equal(before[k], after[k])
         assert changed == k.startswith(trained), (stage, k, changed)
+
+
+def test_uneven_pipeline_split_equals_unsharded(tmp_path):
+    """parallel.first_stage_layers gives the first stage (which also holds the vision encoder) fewer layers."""
+    four = ["model.language.num_layers=4", "train.steps=2", "train.warmup_steps=0", "checkpoint.keep=0"]
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    train(ref, *four, "checkpoint.save_interval=1")
+    proc = train(split, *four, "parallel.pp=2", "parallel.first_stage_layers=1",
+                 f"checkpoint.load={ckpt(ref, 1)}", nproc=2)
+    assert "1 decoder layers" in proc.stdout  # rank 0 (first stage) holds 1 of the 4
+    assert abs(losses(split)[2] - losses(ref)[2]) <= 1e-5
