@@ -1,4 +1,4 @@
-"""``megavlm <command>``: train, eval. Each command documents itself with ``--help``.
+"""``megavlm <command>``: train, eval, convert. Each command documents itself with ``--help``.
 
 User mistakes (a bad config, a missing path) end with ``error: ...`` and exit status 2, never a traceback; the
 checks run before any process group exists.
@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   megavlm train configs/tiny_cpu.yaml train.steps=10 run_dir=/tmp/run
   torchrun --nproc-per-node 2 -m megavlm train configs/demo.yaml parallel.tp=2
   megavlm eval configs/demo.yaml                # greedy answers on held-out questions, single process
+  megavlm convert hf-to-mcore --hf llava-1.5-7b-hf --out /ckpt/llava   # HF LLaVA -> megatron dist checkpoint
+  megavlm convert mcore-to-hf --ckpt /tmp/run/checkpoints --out /tmp/llava-hf
 """
 
 
@@ -38,7 +40,56 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     e.add_argument("--limit", type=int, default=None, help="evaluate at most this many questions")
     e.add_argument("--show", type=int, default=5, help="print this many example answers")
+
+    c = sub.add_parser("convert", help="Hugging Face LLaVA <-> megatron checkpoint conversion (single process)",
+                       description="Convert between HF LlavaForConditionalGeneration (CLIP + LLaMA) folders and "
+                                   "megavlm dist checkpoints; see docs/convert.md.")
+    csub = c.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    h = csub.add_parser("hf-to-mcore", help="HF LLaVA folder (or CLIP + LLaMA folders) -> dist checkpoint",
+                        description="Writes OUT/checkpoints (step 0, weights only), OUT/tokenizer, OUT/config.yaml "
+                                    "and OUT/hf_extra.safetensors (HF tensors the encoder does not use).")
+    h.add_argument("--hf", help="LlavaForConditionalGeneration folder (safetensors)")
+    h.add_argument("--vision", help="CLIPVisionModel folder (with --language; the projector starts fresh)")
+    h.add_argument("--language", help="LlamaForCausalLM / MistralForCausalLM folder (with --vision)")
+    h.add_argument("--out", required=True, help="new output directory")
+    h.add_argument("--tp", type=int, default=1, help="tensor parallel size written into OUT/config.yaml")
+    h.add_argument("--pp", type=int, default=1, help="pipeline parallel size written into OUT/config.yaml")
+    h.add_argument("--feature-layer", type=int, default=-2, help="with --vision: HF hidden_states index (-2)")
+    h.add_argument("--select-strategy", default="default", help="with --vision: default (drop CLS) or full")
+    h.add_argument("--seed", type=int, default=1234, help="seed of a freshly initialised projector")
+    m = csub.add_parser("mcore-to-hf", help="dist checkpoint (any TP/PP) -> HF LlavaForConditionalGeneration",
+                        description="Loads the checkpoint at TP=1/PP=1 and writes safetensors, config.json, "
+                                    "tokenizer and preprocessor files.")
+    m.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir or hf-to-mcore output)")
+    m.add_argument("--out", required=True, help="new output directory")
+    m.add_argument("--tokenizer", help="tokenizer folder (default: data.tokenizer of the checkpoint's config, "
+                                       "else a tokenizer/ folder next to the checkpoint)")
+    m.add_argument("--hf-extra", help="hf_extra.safetensors written by hf-to-mcore (default: found next to the "
+                                      "checkpoint; without it the vision tower is cut at the feature layer)")
+    m.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: the original HF dtype)")
     return p
+
+
+def _convert(args) -> int:
+    from . import runtime
+    from .convert import llava
+
+    try:
+        if args.direction == "hf-to-mcore":
+            path = llava.hf_to_mcore(args.out, hf=args.hf, vision=args.vision, language=args.language, tp=args.tp,
+                                     pp=args.pp, feature_layer=args.feature_layer,
+                                     select_strategy=args.select_strategy, seed=args.seed)
+            print(f"[megavlm] wrote {path}; train from it with: megavlm train {os.path.join(args.out, 'config.yaml')}"
+                  " run_dir=...", flush=True)
+        else:
+            out = llava.mcore_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, hf_extra=args.hf_extra,
+                                    dtype=args.dtype)
+            print(f"[megavlm] wrote {out}", flush=True)
+    except UserError as e:
+        return _fail(str(e))
+    finally:
+        runtime.shutdown()
+    return 0
 
 
 def _fail(msg: str) -> int:
@@ -64,6 +115,8 @@ def _quiet_libraries() -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    if args.command == "convert":
+        return _convert(args)
     from . import runtime
 
     try:

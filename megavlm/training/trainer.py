@@ -189,7 +189,8 @@ def train(cfg: Config) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[megavlm] world {rt.world_size} (tp {rt.tp} pp {rt.pp} dp {rt.dp}) on {rt.device} "
-              f"({'cpu-compat' if rt.cpu_compat else rt.backend}), backend {model.module.backend}, stage "
+              f"({'cpu-compat' if rt.cpu_compat else rt.backend}), layers {model.module.backend}, kernels "
+              f"{model.module.kernels}, stage "
               f"{cfg.train.stage}; rank-0 chunk {n_params:,} params ({n_train:,} trained, "
               f"{len(model.module.language_model.decoder.layers)} decoder layers); "
               f"{data.num_microbatches} micro-batches/step", flush=True)
