@@ -1,4 +1,4 @@
-"""``megavlm <command>``: train, eval, convert. Each command documents itself with ``--help``.
+"""``megavlm <command>``: train, eval, convert, data. Each command documents itself with ``--help``.
 
 User mistakes (a bad config, a missing path) end with ``error: ...`` and exit status 2, never a traceback; the
 checks run before any process group exists.
@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   megavlm eval configs/demo.yaml                # greedy answers on held-out questions, single process
   megavlm convert hf-to-mcore --hf llava-1.5-7b-hf --out /ckpt/llava   # HF LLaVA -> megatron dist checkpoint
   megavlm convert mcore-to-hf --ckpt /tmp/run/checkpoints --out /tmp/llava-hf
+  megavlm data convert --format llava-pretrain --json blip_laion_cc_sbu_558k.json --images images --out shards
 """
 
 
@@ -67,6 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--hf-extra", help="hf_extra.safetensors written by hf-to-mcore (default: found next to the "
                                       "checkpoint; without it the vision tower is cut at the feature layer)")
     m.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: the original HF dtype)")
+
+    d = sub.add_parser("data", help="data preparation (LLaVA json/jsonl -> WebDataset shards)",
+                       description="Prepare training data; see docs/data.md.")
+    dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dc = dsub.add_parser("convert", help="LLaVA-Pretrain / LLaVA-Instruct json or jsonl -> WebDataset tar shards",
+                         description="Writes OUT/shard-NNNNNN.tar (KEY.json + KEY.N.jpg|png, image bytes unchanged), "
+                                     "a DALI index OUT/shard-NNNNNN.idx per shard and OUT/summary.json. Records "
+                                     "that fail a check are skipped and counted by reason; exit status 2 when "
+                                     "nothing was written.")
+    dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl"],
+                    help="input format")
+    dc.add_argument("--json", required=True, help="input .json (llava-*) or .jsonl file")
+    dc.add_argument("--images", required=True, help="directory the records' image paths are relative to")
+    dc.add_argument("--out", required=True, help="output directory (new or without shards)")
+    dc.add_argument("--shard-size", type=int, default=1000, help="input records per shard (1000)")
+    dc.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="parallel processes, one shard per task (default: all cores)")
     return p
 
 
@@ -89,6 +107,19 @@ def _convert(args) -> int:
         return _fail(str(e))
     finally:
         runtime.shutdown()
+    return 0
+
+
+def _data(args) -> int:
+    from .data import shards
+
+    try:
+        summary = shards.convert(args.format, args.json, args.images, args.out, shard_size=args.shard_size,
+                                 workers=args.workers)
+    except UserError as e:
+        return _fail(str(e))
+    print(f"[megavlm] {shards.format_summary(summary)}", flush=True)
+    print(f"[megavlm] summary: {os.path.join(args.out, 'summary.json')}", flush=True)
     return 0
 
 
@@ -117,6 +148,8 @@ def main(argv=None) -> int:
     _quiet_libraries()
     if args.command == "convert":
         return _convert(args)
+    if args.command == "data":
+        return _data(args)
     from . import runtime
 
     try:

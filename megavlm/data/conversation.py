@@ -23,9 +23,14 @@ answers and their end-of-answer text (``</s>`` for vicuna), ``-100``
 everywhere else (prompt, image tokens, padding).  The loss must predict
 ``labels[t+1]`` from position ``t`` (HF convention).
 
-To add a template (``plain``, ``llama_2``, ``chatml``, ...) add an entry to
+Built-in templates: ``vicuna`` (default, above), ``plain`` (LLaVA stage 1),
+``vicuna_v1``, ``llama_2`` and ``chatml`` (LLaVA / LLaVA-NeXT's chat formats;
+see docs/data.md for the exact text of each).  To add one, add an entry to
 :data:`TEMPLATES` (or call :func:`register_template`); the synthetic tokenizer
-picks up its words and special tokens automatically.
+picks up its words and special tokens automatically unless the template says
+``in_synthetic_vocab=False`` (the built-ins past ``vicuna`` do, so that the
+default synthetic vocabulary, and with it the model's vocab size, does not
+change; ``build_synthetic_tokenizer(templates=[...])`` adds them).
 
 No megatron import here.
 """
@@ -38,6 +43,7 @@ from typing import Sequence, Union
 import torch
 
 from megavlm.data.tokenizer import IMAGE_TOKEN, image_token_id
+from megavlm.errors import UserError
 
 IGNORE_INDEX = -100
 DEFAULT_TEMPLATE = "vicuna"
@@ -74,6 +80,12 @@ class ConversationTemplate:
     sep: str = " "  # joins the non-empty pieces
     include_question: bool = True  # False for caption-only ("plain") pretraining
     special_tokens: tuple[str, ...] = field(default_factory=tuple)  # never split
+    # Optional refinements (their defaults keep the behaviour above):
+    first_user_prefix: str | None = None  # user_prefix of the first turn (llama_2 puts the system prompt there)
+    answer_prefix: str = ""  # supervised text right before every answer (e.g. " " after "ASSISTANT:")
+    answer_sep: str | None = None  # joins answer and answer_suffix (None: sep)
+    image_join: str | None = None  # implicit images: "<image>"*k + image_join + question, one piece (None: pieces)
+    in_synthetic_vocab: bool = True  # words/special tokens go into the default synthetic tokenizer
 
     def texts(self) -> list[str]:
         """All literal text of the template (for building a closed vocabulary)."""
@@ -84,7 +96,16 @@ class ConversationTemplate:
             self.assistant_prefix,
             self.answer_suffix,
             self.turn_separator,
+            self.first_user_prefix or "",
+            self.answer_prefix,
         ]
+
+
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                  "that the user provides, and assist the user with a variety of tasks using natural language.")
+CHATML_SYSTEM = "You are a helpful assistant."
 
 
 TEMPLATES: dict[str, ConversationTemplate] = {
@@ -94,6 +115,57 @@ TEMPLATES: dict[str, ConversationTemplate] = {
         user_prefix="USER:",
         assistant_prefix="ASSISTANT:",
         answer_suffix="</s>",
+    ),
+    # LLaVA stage 1 (conv_llava_plain): "<s><image>caption</s>"; the question text is dropped, no roles.
+    "plain": ConversationTemplate(
+        name="plain",
+        prefix="<s>",
+        sep="",
+        answer_suffix="</s>",
+        include_question=False,
+        in_synthetic_vocab=False,
+    ),
+    # LLaVA conv_vicuna_v1: "<s>{sys} USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>"
+    "vicuna_v1": ConversationTemplate(
+        name="vicuna_v1",
+        prefix="<s>" + VICUNA_V1_SYSTEM,
+        user_prefix="USER:",
+        assistant_prefix="ASSISTANT:",
+        answer_prefix=" ",
+        answer_sep="",
+        answer_suffix="</s>",
+        image_join="\n",
+        in_synthetic_vocab=False,
+    ),
+    # LLaVA conv_llava_llama_2:
+    # "<s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q} [/INST] {a} </s>"
+    "llama_2": ConversationTemplate(
+        name="llama_2",
+        first_user_prefix=f"<s>[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n",
+        user_prefix="<s>[INST] ",
+        assistant_prefix=" [/INST]",
+        answer_prefix=" ",
+        answer_sep=" ",
+        answer_suffix="</s>",
+        sep="",
+        image_join="\n",
+        in_synthetic_vocab=False,
+    ),
+    # ChatML (LLaVA-NeXT / Qwen): "<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+    # "<|im_start|>assistant\n{a}<|im_end|>\n<|im_start|>user\n..."
+    "chatml": ConversationTemplate(
+        name="chatml",
+        prefix=f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        user_suffix="<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        answer_sep="",
+        answer_suffix="<|im_end|>",
+        turn_separator="\n",
+        sep="",
+        image_join="\n",
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+        in_synthetic_vocab=False,
     ),
 }
 
@@ -144,9 +216,17 @@ def _runs(
         last = i == len(turns) - 1
         if i > 0:
             prompt.append(tmpl.turn_separator)
-        prompt.append(tmpl.user_prefix)
+        first_prefix = tmpl.first_user_prefix if tmpl.first_user_prefix is not None else tmpl.user_prefix
+        prompt.append(first_prefix if i == 0 else tmpl.user_prefix)
         if i == 0 and not explicit and num_images > 0:
-            prompt.extend([IMAGE_TOKEN] * num_images)
+            if tmpl.image_join is None:
+                prompt.extend([IMAGE_TOKEN] * num_images)
+            else:
+                images = IMAGE_TOKEN * num_images
+                if not tmpl.include_question:
+                    prompt.append(images)
+                else:
+                    q = images + tmpl.image_join + q if q else images
         if tmpl.include_question:
             prompt.append(q)
         elif IMAGE_TOKEN in q:  # keep explicit image placeholders even without question text
@@ -158,7 +238,8 @@ def _runs(
         if a is None:
             raise ValueError(f"turn {i} has no answer")
         runs.append((tmpl.sep.join(p for p in prompt if p), False))
-        runs.append((tmpl.sep.join(p for p in (a, tmpl.answer_suffix) if p), True))
+        answer_sep = tmpl.sep if tmpl.answer_sep is None else tmpl.answer_sep
+        runs.append((tmpl.answer_prefix + answer_sep.join(p for p in (a, tmpl.answer_suffix) if p), True))
         prompt = []
     if prompt:
         runs.append((tmpl.sep.join(p for p in prompt if p), False))
@@ -260,3 +341,44 @@ def encode_prompt(
     if max_seq_len is not None and len(ids) > max_seq_len:
         raise SampleTooLong(len(ids), max_seq_len, what="prompt")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _describe_tokenizer(tok) -> str:
+    name = getattr(tok, "name_or_path", None)
+    return f"{type(tok).__name__}({name!r})" if name else type(tok).__name__
+
+
+def check_supervision(
+    samples_encoded,
+    max_unsupervised_share: float = 0.0,
+    *,
+    template: Union[str, ConversationTemplate, None] = None,
+    tokenizer=None,
+) -> dict:
+    """Fail early when too many samples carry no supervised token.
+
+    ``samples_encoded`` is an iterable of encoded samples (dicts with ``labels``, as
+    :func:`encode_conversation` returns).  A sample whose labels are all ``-100``
+    teaches nothing; many of them is LLaVA's classic "tokenization mismatch" failure
+    (a template that does not fit the tokenizer, answers cut or masked away).  Raises
+    :class:`~megavlm.errors.UserError` naming the template and the tokenizer when the share
+    of such samples exceeds ``max_unsupervised_share``; returns
+    ``{"samples", "unsupervised", "share"}`` otherwise.
+    """
+    n = bad = 0
+    for s in samples_encoded:
+        labels = torch.as_tensor(s["labels"])
+        n += 1
+        if not bool((labels != IGNORE_INDEX).any()):
+            bad += 1
+    share = bad / n if n else 0.0
+    if n and share > max_unsupervised_share:
+        tname = get_template(template).name if template is not None else "?"
+        tokname = _describe_tokenizer(tokenizer) if tokenizer is not None else "?"
+        raise UserError(
+            f"{bad} of {n} samples ({share:.1%}) have no supervised token (all labels are {IGNORE_INDEX}), more "
+            f"than the allowed {max_unsupervised_share:.1%}, with conversation template {tname!r} and tokenizer "
+            f"{tokname}: the template probably does not fit the tokenizer (its end/role tokens are not the "
+            f"tokenizer's, or answers are empty); pick the template made for this tokenizer"
+        )
+    return {"samples": n, "unsupervised": bad, "share": share}

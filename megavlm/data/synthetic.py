@@ -425,3 +425,50 @@ class SyntheticVLMDataset(Dataset):
     def collate_fn(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         """``batch.collate`` with this data set's image mean/std."""
         return collate(samples, self.image_mean, self.image_std)
+
+
+def write_synthetic_shards(
+    out_dir: str,
+    num_samples: int,
+    image_size: int = 32,
+    seed: int = 1234,
+    *,
+    split: str = "train",
+    min_shapes: int = 1,
+    max_shapes: int = MAX_SHAPES,
+    shard_size: int = 1000,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict:
+    """Render samples ``0 .. num_samples-1`` of ``(seed, split)`` to PNG and write them as shards.
+
+    Same writer (and layout) as ``megavlm data convert`` (:func:`megavlm.data.shards.write_shards`):
+    each sample is ``{"conversations": [human "<image>\\n{question}", gpt "{answer}"], "images": [...]}``
+    with its image as ``KEY.0.png``.  Returns the writer's summary.
+    """
+    import io
+
+    from PIL import Image
+
+    from megavlm.data.shards import write_shards
+
+    def records():
+        for c0 in range(0, num_samples, 2048):
+            n = min(2048, num_samples - c0)
+            images, meta = generate_split(n, image_size, min_shapes=min_shapes, max_shapes=max_shapes,
+                                          split=split, seed=seed, start=c0)
+            for img, m in zip(images, meta):
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="PNG")
+                yield {
+                    "id": f"synthetic-{split}-{m['index']}",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\n" + m["question"]},
+                        {"from": "gpt", "value": m["answer"]},
+                    ],
+                    "images": [buf.getvalue()],
+                }
+
+    return write_shards(records(), out_dir, shard_size, workers=workers, progress=progress, total=num_samples,
+                        extra_summary={"format": "synthetic", "split": split, "seed": seed,
+                                       "image_size": image_size})

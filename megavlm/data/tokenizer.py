@@ -33,32 +33,54 @@ def _split_words(text: str, specials: set[str]) -> list[str]:
     return [piece for piece, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
 
 
-def synthetic_special_tokens() -> list[str]:
-    """Special tokens of the synthetic tokenizer: the fixed ones, then template ones."""
+def _synthetic_templates(templates=None) -> tuple[list, list]:
+    """(default templates, extra templates): the default ones are the registered templates with
+    ``in_synthetic_vocab``; ``templates`` (names or objects) adds others after them."""
     from megavlm.data import conversation
 
+    default = [t for t in conversation.TEMPLATES.values() if t.in_synthetic_vocab]
+    names = {t.name for t in default}
+    extra = []
+    for t in templates or ():
+        t = conversation.get_template(t)
+        if t.name not in names:
+            names.add(t.name)
+            extra.append(t)
+    return default, extra
+
+
+def synthetic_special_tokens(templates=None) -> list[str]:
+    """Special tokens of the synthetic tokenizer: the fixed ones, then template ones
+    (those of ``templates`` last)."""
+    default, extra = _synthetic_templates(templates)
     specials = list(SPECIAL_TOKENS)
-    for tmpl in conversation.TEMPLATES.values():
+    for tmpl in default + extra:
         for t in tmpl.special_tokens:
             if t not in specials:
                 specials.append(t)
     return specials
 
 
-def synthetic_vocabulary() -> list[str]:
+def synthetic_vocabulary(templates=None) -> list[str]:
     """The ordered vocabulary (special tokens first) of the synthetic tokenizer.
 
     Order is deterministic: special tokens, then the data-set words, then the
     template words in registration order of the templates; each word once.
     Adding a template later only appends words, existing ids never move.
+    ``templates`` names templates that are not in the default vocabulary
+    (``in_synthetic_vocab=False``, e.g. ``chatml``): their special tokens and
+    words are appended after everything else, so the ids of the default
+    vocabulary stay the same.
     """
     # Local imports: conversation.py imports this module at top level.
-    from megavlm.data import conversation, synthetic
+    from megavlm.data import synthetic
 
-    specials = synthetic_special_tokens()
+    default, extra = _synthetic_templates(templates)
+    base_specials = synthetic_special_tokens()
+    specials = synthetic_special_tokens(templates)
     special_set = set(specials)
 
-    words: list[str] = list(specials)
+    words: list[str] = list(base_specials)
     seen = set(words)
 
     def add(text: str) -> None:
@@ -69,13 +91,20 @@ def synthetic_vocabulary() -> list[str]:
 
     for text in synthetic.vocabulary_texts():
         add(text)
-    for tmpl in conversation.TEMPLATES.values():
+    for tmpl in default:
+        for text in tmpl.texts():
+            add(text)
+    for t in specials:
+        if t not in seen:
+            seen.add(t)
+            words.append(t)
+    for tmpl in extra:
         for text in tmpl.texts():
             add(text)
     return words
 
 
-def build_synthetic_tokenizer(out_dir: str | None = None):
+def build_synthetic_tokenizer(out_dir: str | None = None, templates=None):
     """Build the word-level tokenizer of the synthetic data.
 
     Returns a ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` = 0,
@@ -83,17 +112,20 @@ def build_synthetic_tokenizer(out_dir: str | None = None):
     No post-processor: nothing is added implicitly; the conversation template
     writes ``<s>``/``</s>`` explicitly.  If ``out_dir`` is given the tokenizer
     is also ``save_pretrained`` there (loadable with :func:`load_tokenizer`).
+    ``templates``: extra conversation templates whose words and special tokens
+    are appended (see :func:`synthetic_vocabulary`); without it the vocabulary
+    is the default one.
     """
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = synthetic_vocabulary()
+    words = synthetic_vocabulary(templates)
     vocab = {w: i for i, w in enumerate(words)}
     assert vocab[PAD_TOKEN] == 0
 
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = synthetic_special_tokens()
+    specials = synthetic_special_tokens(templates)
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False, single_word=False) for t in specials]
     )

@@ -88,8 +88,9 @@ def _sharded_state(model, optimizer, include_optimizer: bool, include_rng: bool,
     return state
 
 
-def save(ckpt_dir: str, step: int, model, optimizer, common: dict, keep: int = 0) -> str:
-    """Collective: every rank calls it. ``common`` (scheduler state, counters, layout) is saved once."""
+def save(ckpt_dir: str, step: int, model, optimizer, common: dict, keep: int = 0, rng: bool = True) -> str:
+    """Collective: every rank calls it. ``common`` (scheduler state, counters, layout) is saved once. Without an
+    optimizer (and ``rng=False``) it writes a weights-only checkpoint, as ``megavlm convert`` does."""
     rank0 = torch.distributed.get_rank() == 0
     final = os.path.join(ckpt_dir, _iter_name(step))
     tmp = final + ".tmp"
@@ -98,8 +99,8 @@ def save(ckpt_dir: str, step: int, model, optimizer, common: dict, keep: int = 0
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    state = _sharded_state(model, optimizer, include_optimizer=True, include_rng=True, is_loading=False)
-    state.update(common=dict(common, format_version=FORMAT_VERSION, step=step, has_optimizer=True))
+    state = _sharded_state(model, optimizer, include_optimizer=True, include_rng=rng, is_loading=False)
+    state.update(common=dict(common, format_version=FORMAT_VERSION, step=step, has_optimizer=optimizer is not None))
     dist_checkpointing.save(state, tmp)
     torch.distributed.barrier()
     if rank0:

@@ -1,0 +1,427 @@
+"""WebDataset tar shards of VLM conversations, with DALI index files.
+
+Layout (see docs/data.md)::
+
+    OUT/shard-000000.tar   samples KEY.json (normalized record) + KEY.N.<jpg|png|...> (image bytes, unchanged)
+    OUT/shard-000000.idx   DALI wds2idx v1.2 index of that tar
+    OUT/summary.json       kept / skipped by reason
+
+One writer (:func:`write_shards`) serves both ``megavlm data convert`` (LLaVA json/jsonl,
+images on disk) and the synthetic data (:func:`megavlm.data.synthetic.write_synthetic_shards`,
+images as bytes).  :func:`iter_shards` reads the shards back with plain ``tarfile``.
+
+No megatron import here.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import time
+from typing import Iterable, Iterator
+
+from megavlm.data.tokenizer import IMAGE_TOKEN
+from megavlm.errors import UserError
+
+FORMATS = ("llava-pretrain", "llava-instruct", "jsonl")
+SKIP_REASONS = (
+    "missing_image",
+    "undecodable_image",
+    "malformed_record",
+    "image_count_mismatch",
+    "empty_conversation",
+)
+INDEX_VERSION = "v1.2"
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+_MAX_EXAMPLES = 5  # skip messages kept per reason in summary.json
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, message: str):
+        assert reason in SKIP_REASONS, reason
+        self.reason = reason
+        super().__init__(message)
+
+
+# ------------------------------------------------------------------ normalization
+
+
+def _content_text(content) -> str:
+    """OpenAI ``content``: a string, or a list of parts ({type: text, text} / {type: image...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise Skip("malformed_record", f"content part is {type(part).__name__}, not an object")
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"])
+            elif kind in ("image", "image_url"):
+                out.append(IMAGE_TOKEN + "\n")
+            else:
+                raise Skip("malformed_record", f"unknown content part type {kind!r}")
+        return "".join(out)
+    raise Skip("malformed_record", f"content is {type(content).__name__}, not a string or a list")
+
+
+def normalize_record(raw) -> tuple[dict, list]:
+    """A raw record (LLaVA ``conversations`` or OpenAI ``messages``) → ``(record, image_sources)``.
+
+    ``record`` is ``{"conversations": [{"from": "human"|"gpt", "value": str}, ...]}`` (plus ``id``
+    and ``system`` when the input has them); ``image_sources`` are the record's ``image`` /
+    ``images`` entries (paths or bytes) in order.  Raises :class:`Skip` with the reason.
+    """
+    if not isinstance(raw, dict):
+        raise Skip("malformed_record", f"record is {type(raw).__name__}, not an object")
+    if "__malformed__" in raw:
+        raise Skip("malformed_record", str(raw["__malformed__"]))
+    out: dict = {}
+    if "conversations" in raw:
+        conv = raw["conversations"]
+        if not isinstance(conv, list):
+            raise Skip("malformed_record", "'conversations' is not a list")
+        turns = []
+        for t in conv:
+            if not isinstance(t, dict) or not isinstance(t.get("value"), str) or t.get("from") not in _ROLES:
+                raise Skip("malformed_record", f"bad turn {str(t)[:80]!r} (needs from: human|gpt, value: str)")
+            turns.append((_ROLES[t["from"]], t["value"]))
+    elif "messages" in raw:
+        msgs = raw["messages"]
+        if not isinstance(msgs, list):
+            raise Skip("malformed_record", "'messages' is not a list")
+        turns = []
+        for m in msgs:
+            if not isinstance(m, dict) or "content" not in m:
+                raise Skip("malformed_record", f"bad message {str(m)[:80]!r} (needs role and content)")
+            role = m.get("role")
+            if role == "system":
+                out["system"] = _content_text(m["content"])
+                continue
+            if role not in _ROLES:
+                raise Skip("malformed_record", f"unknown role {role!r}")
+            turns.append((_ROLES[role], _content_text(m["content"])))
+    else:
+        raise Skip("malformed_record", "record has neither 'conversations' nor 'messages'")
+
+    if not turns or all(not v.strip() for _, v in turns):
+        raise Skip("empty_conversation", "conversation has no turns" if not turns else "all turns are empty")
+    for i, (role, value) in enumerate(turns):
+        want = "human" if i % 2 == 0 else "gpt"
+        if role != want:
+            raise Skip("malformed_record", f"turn {i} is from {role!r}, expected {want!r} (turns must alternate, "
+                                           "human first)")
+        if role == "gpt" and IMAGE_TOKEN in value:
+            raise Skip("malformed_record", f"{IMAGE_TOKEN!r} in an assistant turn")
+    if len(turns) % 2:
+        raise Skip("malformed_record", "the last turn is a question without an answer")
+
+    if "image" in raw and "images" in raw:
+        raise Skip("malformed_record", "record has both 'image' and 'images'")
+    images = raw.get("images", [raw["image"]] if "image" in raw else [])
+    if images is None:
+        images = []
+    if not isinstance(images, list) or not all(isinstance(x, (str, bytes)) and x for x in images):
+        raise Skip("malformed_record", "'image' must be a path, 'images' a list of paths")
+
+    n_tok = sum(v.count(IMAGE_TOKEN) for r, v in turns if r == "human")
+    if n_tok and n_tok != len(images):
+        raise Skip("image_count_mismatch", f"{n_tok} {IMAGE_TOKEN!r} placeholders but {len(images)} image(s)")
+
+    out["conversations"] = [{"from": r, "value": v} for r, v in turns]
+    if isinstance(raw.get("id"), (str, int)):
+        out["id"] = raw["id"]
+    return out, images
+
+
+def image_extension(data: bytes) -> str:
+    """Verify ``data`` decodes (PIL) and return its extension (``jpg``, ``png``, ...); :class:`Skip` if not."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:  # verify() misses truncated data: decode (JPEG at 1/8 scale)
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+        raise Skip("undecodable_image", f"cannot decode image: {type(e).__name__}: {e}") from None
+    return _EXT.get(fmt, (fmt or "img").lower())
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
+    """Append one member; return (data offset, size) in the tar."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    header = len(info.tobuf(tf.format, tf.encoding, tf.errors))
+    start = tf.offset
+    tf.addfile(info, io.BytesIO(data))
+    return start + header, len(data)
+
+
+def _write_shard(task) -> dict:
+    """Worker: validate the records of one shard and write ``.tar.tmp`` / ``.idx.tmp``; skips are counted."""
+    chunk_id, records, images_root, out_dir = task
+    tmp_tar = os.path.join(out_dir, f".chunk-{chunk_id:06d}.tar.tmp")
+    tmp_idx = os.path.join(out_dir, f".chunk-{chunk_id:06d}.idx.tmp")
+    skipped = {r: 0 for r in SKIP_REASONS}
+    examples: dict[str, list[str]] = {}
+    index_lines = []
+    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for pos, raw in records:
+            key = f"{pos:09d}"
+            try:
+                record, sources = normalize_record(raw)
+                blobs = []
+                for src in sources:
+                    if isinstance(src, bytes):
+                        data = src
+                    else:
+                        path = src if images_root is None else os.path.join(images_root, src)
+                        try:
+                            with open(path, "rb") as f:
+                                data = f.read()
+                        except OSError:
+                            raise Skip("missing_image", f"image not found: {path}") from None
+                    blobs.append(data)
+                exts = [image_extension(d) for d in blobs]
+            except Skip as s:
+                skipped[s.reason] += 1
+                ex = examples.setdefault(s.reason, [])
+                if len(ex) < _MAX_EXAMPLES:
+                    ex.append(f"record {pos}: {s}")
+                continue
+            names = [f"{key}.{i}.{e}" for i, e in enumerate(exts)]
+            record["images"] = names
+            comps = [("json", f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))]
+            comps += [(n.split(".", 1)[1], n, d) for n, d in zip(names, blobs)]
+            line = []
+            for ext, name, data in comps:
+                off, size = _add(tf, name, data)
+                line.append(f"{ext} {off} {size} {name}")
+            index_lines.append(" ".join(line))
+    kept = len(index_lines)
+    if kept:
+        with open(tmp_idx, "w") as f:
+            f.write(f"{INDEX_VERSION} {kept}\n")
+            f.write("\n".join(index_lines) + "\n")
+    else:
+        os.remove(tmp_tar)
+    return {"chunk": chunk_id, "kept": kept, "skipped": skipped, "examples": examples,
+            "tar": tmp_tar if kept else None, "idx": tmp_idx if kept else None, "records": len(records)}
+
+
+def _chunks(records_iter: Iterable, shard_size: int, images_root, out_dir) -> Iterator[tuple]:
+    buf, chunk_id = [], 0
+    for pos, raw in enumerate(records_iter):
+        buf.append((pos, raw))
+        if len(buf) == shard_size:
+            yield chunk_id, buf, images_root, out_dir
+            buf, chunk_id = [], chunk_id + 1
+    if buf:
+        yield chunk_id, buf, images_root, out_dir
+
+
+def write_shards(
+    records_iter: Iterable,
+    out_dir: str,
+    shard_size: int = 1000,
+    *,
+    images_root: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    total: int | None = None,
+    extra_summary: dict | None = None,
+) -> dict:
+    """Write records as WebDataset shards ``out_dir/shard-{k:06d}.tar`` + DALI ``.idx``; return the summary.
+
+    A record is a dict with ``conversations`` (``from``/``value``) or ``messages`` (``role``/``content``)
+    and optional ``image`` / ``images``: paths (relative to ``images_root``) or ``bytes``.  Sample keys
+    are the records' positions in ``records_iter`` (``%09d``).  Records that fail a check are skipped
+    and counted by reason (:data:`SKIP_REASONS`); skips never stop the run.  Every ``shard_size``
+    input records are one task (``workers`` processes); shards are written under a temporary name and
+    renamed, numbered contiguously in input order (chunks where everything was skipped give no shard).
+    Writes ``out_dir/summary.json``.  Raises :class:`UserError` if ``out_dir`` already holds shards.
+    """
+    if shard_size < 1:
+        raise UserError(f"shard size must be >= 1, got {shard_size}")
+    if workers < 1:
+        raise UserError(f"workers must be >= 1, got {workers}")
+    os.makedirs(out_dir, exist_ok=True)
+    if glob.glob(os.path.join(out_dir, "shard-*.tar")):
+        raise UserError(f"{out_dir} already contains shard-*.tar files; write into a new or empty directory")
+    t0 = time.time()
+    skipped = {r: 0 for r in SKIP_REASONS}
+    examples: dict[str, list[str]] = {}
+    shards: list[str] = []
+    kept = n_records = 0
+    n_chunks = None if total is None else -(-total // shard_size)
+    tasks = _chunks(records_iter, shard_size, images_root, out_dir)
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_write_shard, tasks) if pool is not None else map(_write_shard, tasks)
+        for done, res in enumerate(results, 1):  # in input order
+            n_records += res["records"]
+            kept += res["kept"]
+            for r, n in res["skipped"].items():
+                skipped[r] += n
+            for r, ex in res["examples"].items():
+                examples.setdefault(r, []).extend(ex[: _MAX_EXAMPLES - len(examples.get(r, []))])
+            if res["tar"]:
+                base = os.path.join(out_dir, f"shard-{len(shards):06d}")
+                os.replace(res["idx"], base + ".idx")
+                os.replace(res["tar"], base + ".tar")
+                shards.append(os.path.basename(base + ".tar"))
+            if progress:
+                of = f"/{n_chunks}" if n_chunks else ""
+                print(f"\r[megavlm] chunk {done}{of}  records {n_records}  kept {kept}  skipped "
+                      f"{sum(skipped.values())}  {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        for tmp in glob.glob(os.path.join(out_dir, ".chunk-*.tmp")):  # a failed run leaves no partial shard
+            os.remove(tmp)
+    if progress:
+        print(file=sys.stderr, flush=True)
+    summary = dict(extra_summary or {})
+    summary.update({
+        "out": os.path.abspath(out_dir),
+        "records": n_records,
+        "kept": kept,
+        "skipped": skipped,
+        "skipped_total": sum(skipped.values()),
+        "skip_examples": examples,
+        "shards": shards,
+        "shard_size": shard_size,
+        "seconds": round(time.time() - t0, 3),
+    })
+    tmp = os.path.join(out_dir, ".summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out_dir, "summary.json"))
+    return summary
+
+
+# ------------------------------------------------------------------ converting
+
+
+def read_records(fmt: str, json_path: str) -> list:
+    """Raw records of a ``llava-pretrain`` / ``llava-instruct`` JSON list or a ``jsonl`` file.
+
+    Unparseable jsonl lines become ``{"__malformed__": why}`` (counted as malformed, not fatal).
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if not os.path.isfile(json_path):
+        raise UserError(f"input file not found: {json_path}")
+    if fmt == "jsonl":
+        out = []
+        with open(json_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    out.append({"__malformed__": f"line {n}: invalid JSON ({e.msg})"})
+        return out
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{json_path} is not valid JSON ({e}); for one record per line use --format jsonl") from None
+    if not isinstance(data, list):
+        raise UserError(f"{json_path}: expected a JSON list of records (--format {fmt}), got {type(data).__name__}")
+    return data
+
+
+def convert(fmt: str, json_path: str, images_dir: str, out_dir: str, shard_size: int = 1000,
+            workers: int = 1, progress: bool = True) -> dict:
+    """``megavlm data convert``: LLaVA-Pretrain / LLaVA-Instruct json or jsonl → shards (see :func:`write_shards`).
+
+    Raises :class:`UserError` when nothing was written (the summary is still written)."""
+    if not os.path.isdir(images_dir):
+        raise UserError(f"image directory not found: {images_dir}")
+    records = read_records(fmt, json_path)
+    summary = write_shards(records, out_dir, shard_size, images_root=images_dir, workers=workers,
+                           progress=progress, total=len(records),
+                           extra_summary={"format": fmt, "input": os.path.abspath(json_path),
+                                          "images": os.path.abspath(images_dir)})
+    if summary["kept"] == 0:
+        reasons = ", ".join(f"{r}: {n}" for r, n in summary["skipped"].items() if n) or "the input is empty"
+        first = next((ex[0] for ex in summary["skip_examples"].values() if ex), None)
+        raise UserError(f"nothing was written: all {summary['records']} records of {json_path} were skipped "
+                        f"({reasons})" + (f"; e.g. {first}" if first else "") +
+                        f"; see {os.path.join(out_dir, 'summary.json')}")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"kept {summary['kept']} of {summary['records']} records in {len(summary['shards'])} shard(s) "
+             f"under {summary['out']} ({summary['seconds']:.1f}s)"]
+    for r, n in summary["skipped"].items():
+        if n:
+            ex = summary["skip_examples"].get(r) or []
+            lines.append(f"  skipped {n:>8} {r}" + (f"  (e.g. {ex[0]})" if ex else ""))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def shard_paths(shard_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(shard_dir, "shard-*.tar")))
+
+
+def iter_shards(shard_dir: str) -> Iterator[tuple[str, dict, dict[str, bytes]]]:
+    """Yield ``(key, record, {image name: bytes})`` for every sample of ``shard_dir``'s shards, in order."""
+    for path in shard_paths(shard_dir):
+        with tarfile.open(path, "r:") as tf:
+            key, record, files = None, None, {}
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k = m.name.split(".", 1)[0]
+                if k != key:
+                    if key is not None:
+                        yield key, record, files
+                    key, record, files = k, None, {}
+                data = tf.extractfile(m).read()
+                if m.name == f"{k}.json":
+                    record = json.loads(data.decode("utf-8"))
+                else:
+                    files[m.name] = data
+            if key is not None:
+                yield key, record, files
+
+
+def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:
+    """Parse a DALI v1.2 index: per sample a list of ``(ext, offset, size, name)``."""
+    with open(idx_path) as f:
+        head = f.readline().split()
+        if len(head) != 2 or head[0] != INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a {INDEX_VERSION} index (first line {' '.join(head)!r})")
+        out = []
+        for line in f:
+            p = line.split()
+            if len(p) % 4:
+                raise ValueError(f"{idx_path}: bad line {line!r}")
+            out.append([(p[i], int(p[i + 1]), int(p[i + 2]), p[i + 3]) for i in range(0, len(p), 4)])
+    if len(out) != int(head[1]):
+        raise ValueError(f"{idx_path}: header says {head[1]} samples, found {len(out)}")
+    return out

@@ -1,0 +1,230 @@
+"""`megavlm data convert` and the shard writer/reader (small fixtures built here; no network, no megatron)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megavlm.cli import main
+from megavlm.data.shards import SKIP_REASONS, convert, iter_shards, read_index, shard_paths, write_shards
+from megavlm.errors import UserError
+
+
+def _img(path, fmt, seed, size=(12, 10)):
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture()
+def images(tmp_path):
+    root = tmp_path / "images"
+    b = {
+        "a.jpg": _img(str(root / "00000" / "a.jpg"), "JPEG", 0),
+        "b.png": _img(str(root / "00000" / "b.png"), "PNG", 1),
+        "c.jpg": _img(str(root / "00001" / "c.jpg"), "JPEG", 2),
+        "coco/x.jpg": _img(str(root / "coco" / "x.jpg"), "JPEG", 3),
+        "gqa/y.png": _img(str(root / "gqa" / "y.png"), "PNG", 4),
+        "vg/z.jpg": _img(str(root / "vg" / "z.jpg"), "JPEG", 5),
+    }
+    good = b["c.jpg"]
+    (root / "00001" / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (root / "00001" / "junk.png").write_bytes(b"not an image at all")
+    return root, b
+
+
+def _conv(q, a):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def _pretrain(tmp_path):
+    recs = [
+        {"id": "p0", "image": "00000/a.jpg", "conversations": _conv("<image>\nRender a summary.", "a red cat")},
+        {"id": "p1", "image": "00000/b.png", "conversations": _conv("<image>\nDescribe.", "a blue dog")},
+        {"id": "p2", "image": "00001/missing.jpg", "conversations": _conv("<image>\nDescribe.", "gone")},
+        {"id": "p3", "image": "00001/corrupt.jpg", "conversations": _conv("<image>\nDescribe.", "broken")},
+        {"id": "p4", "image": "00001/c.jpg", "conversations": _conv("<image>\n<image>\nDescribe.", "two?")},
+        {"id": "p5", "image": "00001/c.jpg", "conversations": []},
+        {"id": "p6", "image": "00001/c.jpg", "conversations": [{"from": "human"}]},
+        {"id": "p7", "image": "00001/c.jpg", "conversations": _conv("Describe.\n<image>", "a green bird")},
+        {"id": "p8", "image": "00001/junk.png", "conversations": _conv("<image>\nDescribe.", "junk")},
+    ]
+    p = tmp_path / "blip_laion_cc_sbu_558k.json"
+    p.write_text(json.dumps(recs))
+    return p, recs
+
+
+def _check_roundtrip(out, expected, image_bytes):
+    """expected: list of (position, conversations, [image relpaths]) for the kept records, in order."""
+    got = list(iter_shards(str(out)))
+    assert [k for k, _, _ in got] == [f"{pos:09d}" for pos, _, _ in expected]
+    for (key, rec, files), (pos, conv, rels) in zip(got, expected):
+        assert rec["conversations"] == conv
+        assert len(rec["images"]) == len(rels) == len(files)
+        for name, rel in zip(rec["images"], rels):
+            assert name.startswith(f"{key}.")
+            assert name.endswith("." + ("png" if rel.endswith(".png") else "jpg"))
+            assert files[name] == image_bytes[rel]  # unchanged bytes
+    # index files: offsets/sizes point at exactly the member bytes
+    n = 0
+    for tar in shard_paths(str(out)):
+        idx = read_index(tar[:-4] + ".idx")
+        raw = open(tar, "rb").read()
+        with tarfile.open(tar) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf}
+        comps = [c for sample in idx for c in sample]
+        assert sorted(c[3] for c in comps) == sorted(members)
+        for sample in idx:
+            keys = {name.split(".", 1)[0] for _, _, _, name in sample}
+            assert len(keys) == 1 and sample[0][0] == "json"
+            for ext, off, size, name in sample:
+                assert name.split(".", 1)[1] == ext
+                assert off % 512 == 0
+                assert raw[off: off + size] == members[name]
+        first = open(tar[:-4] + ".idx").readline().split()
+        assert first == ["v1.2", str(len(idx))]
+        n += len(idx)
+    assert n == len(expected)
+    return got
+
+
+def test_convert_llava_pretrain(tmp_path, images):
+    root, b = images
+    js, recs = _pretrain(tmp_path)
+    out = tmp_path / "out"
+    s = convert("llava-pretrain", str(js), str(root), str(out), shard_size=4, workers=2, progress=False)
+    assert s["kept"] == 3 and s["records"] == 9
+    assert s["skipped"] == {"missing_image": 1, "undecodable_image": 2, "malformed_record": 1,
+                            "image_count_mismatch": 1, "empty_conversation": 1}
+    assert json.loads((out / "summary.json").read_text())["skipped"] == s["skipped"]
+    # chunks: [p0..p3] -> 2 kept, [p4..p7] -> p7 kept, [p8] -> nothing: 2 shards, contiguous names
+    assert s["shards"] == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(os.listdir(out)) == ["shard-000000.idx", "shard-000000.tar", "shard-000001.idx",
+                                       "shard-000001.tar", "summary.json"]
+    expected = [(0, recs[0]["conversations"], ["a.jpg"]), (1, recs[1]["conversations"], ["b.png"]),
+                (7, recs[7]["conversations"], ["c.jpg"])]
+    got = _check_roundtrip(out, expected, {**b, "a.jpg": b["a.jpg"]})
+    assert [r["id"] for _, r, _ in got] == ["p0", "p1", "p7"]
+    with pytest.raises(UserError, match="already contains"):
+        convert("llava-pretrain", str(js), str(root), str(out), progress=False)
+
+
+def test_convert_llava_instruct(tmp_path, images):
+    root, b = images
+    multi = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
+             {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Red."}]
+    recs = [
+        {"id": "i0", "image": "coco/x.jpg", "conversations": multi},
+        {"id": "i1", "conversations": _conv("Write a haiku.", "Autumn moonlight")},  # text-only
+        {"id": "i2", "image": "gqa/y.png", "conversations": _conv("<image>\nIs it blue?", "No.")},
+        {"id": "i3", "image": "textvqa/none.jpg", "conversations": _conv("<image>\nRead it.", "STOP")},
+        {"id": "i4", "image": "vg/z.jpg", "conversations": _conv("<image>\nWhere?", "<image>")},  # image in answer
+        {"id": "i5", "conversations": _conv("<image>\nNo image given.", "?")},
+        {"id": "i6", "image": "vg/z.jpg", "conversations": [{"from": "gpt", "value": "hi"},
+                                                             {"from": "human", "value": "<image>"}]},
+    ]
+    js = tmp_path / "llava_v1_5_mix665k.json"
+    js.write_text(json.dumps(recs))
+    out = tmp_path / "out"
+    s = convert("llava-instruct", str(js), str(root), str(out), shard_size=100, workers=1, progress=False)
+    assert s["kept"] == 3
+    assert s["skipped"] == {"missing_image": 1, "undecodable_image": 0, "malformed_record": 2,
+                            "image_count_mismatch": 1, "empty_conversation": 0}
+    got = _check_roundtrip(out, [(0, multi, ["coco/x.jpg"]), (1, recs[1]["conversations"], []),
+                                 (2, recs[2]["conversations"], ["gqa/y.png"])], b)
+    assert got[1][1]["images"] == [] and got[1][2] == {}
+
+
+def test_convert_jsonl(tmp_path, images):
+    root, b = images
+    lines = [
+        json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "<image>\n<image>\nCompare."},
+                                 {"role": "assistant", "content": "Same."}],
+                    "images": ["00000/a.jpg", "00000/b.png"]}),
+        json.dumps({"conversations": _conv("<image>\nWhat?", "A dog."), "image": "vg/z.jpg"}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
+                                 {"role": "assistant", "content": "Hello."}], "image": "coco/x.jpg"}),
+        json.dumps({"messages": []}),
+        json.dumps({"messages": [{"role": "user", "content": "<image> x"}, {"role": "assistant", "content": "y"}],
+                    "images": ["00000/a.jpg", "00000/b.png"]}),
+        json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]}),
+    ]
+    js = tmp_path / "data.jsonl"
+    js.write_text("\n".join(lines) + "\n\n")
+    out = tmp_path / "out"
+    s = convert("jsonl", str(js), str(root), str(out), shard_size=2, workers=2, progress=False)
+    assert s["kept"] == 3
+    assert s["skipped"] == {"missing_image": 0, "undecodable_image": 0, "malformed_record": 1,
+                            "image_count_mismatch": 1, "empty_conversation": 2}
+    conv0 = [{"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Same."}]
+    conv3 = [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "Hello."}]
+    got = _check_roundtrip(out, [(0, conv0, ["00000/a.jpg", "00000/b.png"]),
+                                 (1, _conv("<image>\nWhat?", "A dog."), ["vg/z.jpg"]),
+                                 (3, conv3, ["coco/x.jpg"])], {**b, "00000/a.jpg": b["a.jpg"],
+                                                               "00000/b.png": b["b.png"]})
+    assert got[0][1]["system"] == "Be brief."
+    assert got[0][1]["images"] == ["000000000.0.jpg", "000000000.1.png"]
+
+
+def test_write_shards_bytes_and_synthetic(tmp_path):
+    from megavlm.data.synthetic import generate_split, write_synthetic_shards
+
+    s = write_synthetic_shards(str(tmp_path / "syn"), 7, 32, seed=3, shard_size=3, progress=False)
+    assert s["kept"] == 7 and len(s["shards"]) == 3
+    imgs, meta = generate_split(7, 32, seed=3)
+    got = list(iter_shards(str(tmp_path / "syn")))
+    for (key, rec, files), img, m in zip(got, imgs, meta):
+        assert rec["conversations"][1]["value"] == m["answer"]
+        (data,) = files.values()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), img)  # PNG is lossless
+    # the generic writer takes bytes directly too
+    s2 = write_shards([{"conversations": _conv("<image>", "x"), "images": [b"garbage"]}],
+                      str(tmp_path / "w"), 10, progress=False)
+    assert s2["kept"] == 0 and s2["skipped"]["undecodable_image"] == 1 and s2["shards"] == []
+
+
+def test_cli_exit_codes(tmp_path, images, capsys):
+    root, _ = images
+    js, _ = _pretrain(tmp_path)
+    out = tmp_path / "out"
+    assert main(["data", "convert", "--format", "llava-pretrain", "--json", str(js), "--images", str(root),
+                 "--out", str(out), "--shard-size", "5", "--workers", "1"]) == 0
+    cap = capsys.readouterr()
+    assert "kept 3 of 9 records" in cap.out and "missing_image" in cap.out
+    # nothing kept -> 2 with a clear message (summary still written)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "nope.jpg", "conversations": _conv("<image>\nx", "y")}, {"x": 1}]))
+    out2 = tmp_path / "out2"
+    assert main(["data", "convert", "--format", "llava-instruct", "--json", str(bad), "--images", str(root),
+                 "--out", str(out2)]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: nothing was written" in err and "missing_image: 1" in err and "malformed_record: 1" in err
+    assert json.loads((out2 / "summary.json").read_text())["kept"] == 0
+    assert not shard_paths(str(out2))
+    # missing inputs, not a JSON list
+    assert main(["data", "convert", "--format", "jsonl", "--json", str(tmp_path / "no.jsonl"), "--images",
+                 str(root), "--out", str(tmp_path / "o3")]) == 2
+    assert "input file not found" in capsys.readouterr().err
+    assert main(["data", "convert", "--format", "llava-pretrain", "--json", str(js), "--images",
+                 str(tmp_path / "noimg"), "--out", str(tmp_path / "o4")]) == 2
+    assert "image directory not found" in capsys.readouterr().err
+    obj = tmp_path / "obj.json"
+    obj.write_text("{}")
+    assert main(["data", "convert", "--format", "llava-pretrain", "--json", str(obj), "--images", str(root),
+                 "--out", str(tmp_path / "o5")]) == 2
+    assert "expected a JSON list" in capsys.readouterr().err
+
+
+def test_skip_reasons_complete():
+    assert set(SKIP_REASONS) == {"missing_image", "undecodable_image", "malformed_record",
+                                 "image_count_mismatch", "empty_conversation"}
