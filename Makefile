@@ -10,6 +10,8 @@ VENV_FLAGS ?=
 MEGATRON_SPEC ?= megatron-core==0.19.2
 # megatron-core 0.19's package __init__ imports triton (moe/paged_stash.py); present on GPU images already.
 EXTRA_DEPS ?= triton
+# NVIDIA DALI decodes and augments images (on the GPU when there is one; full CPU pipelines otherwise).
+DALI_SPEC ?= nvidia-dali-cuda130==2.4.0
 
 .PHONY: install demo test kernels clean
 
@@ -21,6 +23,7 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install -q "$(TORCH_SPEC)"; fi
 	$(PIP) install -q --no-deps --ignore-requires-python "$(MEGATRON_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q $(EXTRA_DEPS)
+	$(PY) -c "import nvidia.dali" 2>/dev/null || $(PIP) install -q "$(DALI_SPEC)"
 	$(PIP) install -q -e ".[test]"
 	$(MAKE) --no-print-directory kernels
 	touch $@

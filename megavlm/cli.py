@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   megavlm convert hf-to-mcore --hf llava-1.5-7b-hf --out /ckpt/llava   # HF LLaVA -> megatron dist checkpoint
   megavlm convert mcore-to-hf --ckpt /tmp/run/checkpoints --out /tmp/llava-hf
   megavlm data convert --format llava-pretrain --json blip_laion_cc_sbu_558k.json --images images --out shards
+  megavlm data inspect shards --tokenizer llava-1.5-7b-hf --template vicuna_v1 -n 3
 """
 
 
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "checkpoint; without it the vision tower is cut at the feature layer)")
     m.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: the original HF dtype)")
 
-    d = sub.add_parser("data", help="data preparation (LLaVA json/jsonl -> WebDataset shards)",
+    d = sub.add_parser("data", help="data preparation (LLaVA json/jsonl -> WebDataset shards, inspect)",
                        description="Prepare training data; see docs/data.md.")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
     dc = dsub.add_parser("convert", help="LLaVA-Pretrain / LLaVA-Instruct json or jsonl -> WebDataset tar shards",
@@ -85,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--shard-size", type=int, default=1000, help="input records per shard (1000)")
     dc.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="parallel processes, one shard per task (default: all cores)")
+    di = dsub.add_parser("inspect", help="show samples as encoded (supervised spans marked) and shard statistics",
+                         description="Prints N samples (text, image sizes, supervised tokens marked: green on a "
+                                     "terminal, ⟦...⟧ otherwise), then samples, images, text-only samples, a "
+                                     "token-length histogram and the share of samples without supervised tokens.")
+    di.add_argument("shards", help="directory with shard-*.tar (from `megavlm data convert`)")
+    di.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the synthetic tokenizer)")
+    di.add_argument("--template", default="vicuna", help="conversation template (vicuna)")
+    di.add_argument("-n", type=int, default=5, help="samples to print (5)")
+    di.add_argument("--image-tokens", type=int, default=576, help="tokens per image (576, LLaVA-1.5 at 336²)")
+    di.add_argument("--max-seq-len", type=int, default=None, help="count samples longer than this")
     return p
 
 
@@ -113,6 +124,15 @@ def _convert(args) -> int:
 def _data(args) -> int:
     from .data import shards
 
+    if args.action == "inspect":
+        from .data.inspect import inspect
+
+        try:
+            inspect(args.shards, tokenizer=args.tokenizer, template=args.template, n=args.n,
+                    num_image_tokens=args.image_tokens, max_seq_len=args.max_seq_len)
+        except UserError as e:
+            return _fail(str(e))
+        return 0
     try:
         summary = shards.convert(args.format, args.json, args.images, args.out, shard_size=args.shard_size,
                                  workers=args.workers)
@@ -170,8 +190,6 @@ def main(argv=None) -> int:
                                   "(fused when available) or reference")
     except ConfigError as e:  # every rank checks the same config; one message is enough
         return _fail(str(e)) if os.environ.get("RANK", "0") == "0" else 2
-    except FileNotFoundError as e:
-        return _fail(f"config file not found: {e.filename or e}")
 
     try:
         if args.command == "train":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from ..errors import UserError
+
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -156,17 +158,17 @@ def load_tokenizer(path: str | None):
         return build_synthetic_tokenizer()
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(
+        raise UserError(
             f"tokenizer path {path!r} does not exist or is not a directory "
             "(expected a local directory written by save_pretrained; "
-            "use path=None for the built-in synthetic tokenizer)"
+            "leave data.tokenizer unset (null) for the built-in synthetic tokenizer)"
         )
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:  # e.g. directory without tokenizer files
-        raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
+        raise UserError(f"could not load a tokenizer from {path!r}: {e}") from e
 
 
 def image_token_id(tok) -> int:
@@ -175,7 +177,7 @@ def image_token_id(tok) -> int:
     tid = ids[0] if ids else None
     unk = getattr(tok, "unk_token_id", None)
     if tid is None or (unk is not None and tid == unk):
-        raise ValueError(
+        raise UserError(
             f"tokenizer {type(tok).__name__} has no {IMAGE_TOKEN!r} token; add it as a "
             f"special token (tok.add_special_tokens({{'additional_special_tokens': "
             f"['{IMAGE_TOKEN}']}})) and resize the embedding, or use the synthetic tokenizer"

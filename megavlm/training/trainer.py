@@ -14,6 +14,7 @@ from ..config import Config, checkpoint_dir, num_image_tokens, save_config, to_d
 from ..data.batch import collate
 from ..data.synthetic import SyntheticVLMDataset
 from ..data.tokenizer import image_token_id, load_tokenizer
+from ..errors import UserError
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter
 from .schedule import build_scheduler
@@ -144,6 +145,32 @@ def _peak_flops() -> float | None:
     return None
 
 
+#: Model settings that do not change the weights' shapes or meaning, so a checkpoint may differ in them.
+_FREE_MODEL_KEYS = {"spec", "dtype", "kernels"}
+
+
+def _check_same_model(saved: dict, current: dict, path: str) -> None:
+    """A checkpoint of another architecture would fail deep inside dist_checkpointing; name the keys instead."""
+    diffs = []
+
+    def walk(a, b, prefix):
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}.{k}"
+            if prefix == "model" and k in _FREE_MODEL_KEYS:
+                continue
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, key)
+            elif x != y:
+                diffs.append(f"{key}: checkpoint {x!r}, config {y!r}")
+
+    if saved:
+        walk(saved, current, "model")
+    if diffs:
+        raise UserError(f"checkpoint {path} holds another model than the config describes ({'; '.join(diffs[:4])}"
+                        f"{'; ...' if len(diffs) > 4 else ''}); load it with the config it was trained with")
+
+
 def train(cfg: Config) -> dict:
     """Run training as ``cfg`` says. Every rank calls this; rank 0 writes the run directory."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -165,6 +192,7 @@ def train(cfg: Config) -> dict:
     load_path = ckpt.resolve_load_path(cfg.checkpoint.load, ck_dir)
     if load_path is not None:
         common = ckpt.load_common(load_path)
+        _check_same_model(common.get("config", {}).get("model", {}), to_dict(cfg)["model"], load_path)
         layout = common.get("layout") or {}
         same = layout == _layout(cfg, rt)
         # The optimizer state reshards over TP/PP, but not between the plain and the distributed optimizer.

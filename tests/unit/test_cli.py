@@ -18,6 +18,7 @@ BAD = [
     (["model.projector.type=mlp3x"], "model.projector.type"),
     (["checkpoint.load=/nonexistent/ckpt"], "checkpoint.load=/nonexistent/ckpt"),
     (["model.kernels=fused"], "model.kernels=fused cannot run here"),
+    (["data.tokenizer=/nonexistent/tok"], "tokenizer path '/nonexistent/tok' does not exist"),
 ]
 
 
