@@ -76,6 +76,8 @@ class SDPAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if packed_seq_params is not None:  # thd: (t, heads, hn), samples delimited by cu_seqlens
+            return self._packed(query, key, value, packed_seq_params, mask_type == AttnMaskType.causal)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, hn)
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         mask = None if attention_mask is None else ~attention_mask  # megatron masks True = drop
@@ -85,6 +87,20 @@ class SDPAttention(MegatronModule):
         )
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _packed(self, query, key, value, params, causal: bool):
+        """Block-diagonal (causal) attention over a packed sequence: the mask Transformer Engine derives from
+        ``cu_seqlens``. Returns ``(t, heads*hn)``."""
+        t = query.shape[0]
+        pos = torch.arange(t, device=query.device)
+        seg = torch.bucketize(pos, params.cu_seqlens_q[1:].to(query.device), right=True)
+        mask = seg[:, None] == seg[None, :]
+        if causal:
+            mask &= pos[:, None] >= pos[None, :]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # (1, heads, t, hn)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                             scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return out.squeeze(0).permute(1, 0, 2).reshape(t, -1)
 
 
 def resolve_backend(spec: str, on_gpu: bool) -> str:

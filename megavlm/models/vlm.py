@@ -99,11 +99,14 @@ class VLM(MegatronModule):
         feats = self.vision_model(images)
         return self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
 
-    def forward(self, input_ids=None, images=None, labels=None, attention_mask=None, runtime_gather_output=None):
+    def forward(self, input_ids=None, images=None, labels=None, attention_mask=None, runtime_gather_output=None,
+                packed_seq_params=None):
+        """``packed_seq_params`` (megatron's ``thd`` layout, batch 1): several samples in one sequence, see
+        data/packing.py; needs the SDPA or TE attention spec."""
         decoder_input = self.embed(input_ids, images) if self.pre_process else None
         return self.language_model(
             input_ids=None, position_ids=None, attention_mask=attention_mask, decoder_input=decoder_input,
-            labels=labels, runtime_gather_output=runtime_gather_output)
+            labels=labels, runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)
 
 
 def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
