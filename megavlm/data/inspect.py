@@ -1,0 +1,156 @@
+"""``megavlm data inspect``: show samples of a shard directory as the model will see them, plus statistics.
+
+For the first ``n`` samples: key, id, image sizes, and the encoded text with the supervised spans marked (green on
+a terminal, ``⟦...⟧`` otherwise; ``<image>×K`` for the expanded image tokens).  Then over all samples: samples,
+images, text-only samples, a token-length histogram, samples longer than ``--max-seq-len``, samples that cannot be
+encoded, and the share of samples without any supervised token (``check_supervision``'s test).
+
+No megatron import here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from typing import TextIO
+
+from megavlm.data.conversation import IGNORE_INDEX, _runs, _tokenize_runs, check_supervision, get_template
+from megavlm.data.shards import iter_shards, shard_paths
+from megavlm.data.tokenizer import IMAGE_TOKEN, build_synthetic_tokenizer, image_token_id, load_tokenizer
+from megavlm.errors import UserError
+
+BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_GREEN, _RESET = "\033[32m", "\033[0m"
+
+
+def _turns(record: dict) -> list[tuple[str, str]]:
+    conv = record.get("conversations") or []
+    return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+
+
+def encode(tok, record: dict, num_image_tokens: int, template) -> tuple[list[int], list[int]]:
+    """Unpadded ``(ids, labels)`` of a shard record (ValueError if it cannot be encoded)."""
+    n_img = len(record.get("images") or [])
+    runs = _runs(get_template(template), _turns(record), n_img, with_last_answer=True)
+    return _tokenize_runs(tok, runs, n_img, num_image_tokens)
+
+
+def render(tok, ids: list[int], labels: list[int], color: bool) -> str:
+    """The ids as text, supervised spans marked, runs of image tokens collapsed to ``<image>×K``."""
+    try:
+        img_id = image_token_id(tok)
+    except ValueError:
+        img_id = None
+    out, i = [], 0
+    while i < len(ids):
+        sup = labels[i] != IGNORE_INDEX
+        if ids[i] == img_id:
+            j = i
+            while j < len(ids) and ids[j] == img_id:
+                j += 1
+            out.append(f"{IMAGE_TOKEN}×{j - i}")
+            i = j
+            continue
+        j = i
+        while j < len(ids) and ids[j] != img_id and (labels[j] != IGNORE_INDEX) == sup:
+            j += 1
+        text = tok.decode(ids[i:j], skip_special_tokens=False)
+        if sup:
+            text = f"{_GREEN}{text}{_RESET}" if color else f"⟦{text}⟧"
+        out.append(text)
+        i = j
+    return "".join(out)
+
+
+def _image_sizes(files: dict, names: list[str]) -> list[str]:
+    from PIL import Image
+
+    sizes = []
+    for n in names:
+        try:
+            with Image.open(io.BytesIO(files[n])) as im:
+                sizes.append(f"{im.width}x{im.height} {im.format}")
+        except Exception:  # noqa: BLE001
+            sizes.append("undecodable")
+    return sizes
+
+
+def _bucket(n: int) -> str:
+    for b in BUCKETS:
+        if n <= b:
+            return f"<= {b}"
+    return f"> {BUCKETS[-1]}"
+
+
+def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str = "vicuna", n: int = 5,
+            num_image_tokens: int = 576, max_seq_len: int | None = None, out: TextIO | None = None,
+            color: bool | None = None) -> dict:
+    """Print ``n`` samples and the statistics of ``shards_dir`` to ``out``; return the statistics."""
+    out = out or sys.stdout
+    color = out.isatty() if color is None else color
+    if not os.path.isdir(shards_dir) or not shard_paths(shards_dir):
+        raise UserError(f"no shard-*.tar files in {shards_dir}")
+    try:
+        get_template(template)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if num_image_tokens < 1:
+        raise UserError(f"--image-tokens must be >= 1, got {num_image_tokens}")
+    try:
+        tok = build_synthetic_tokenizer(templates=[template]) if tokenizer is None else load_tokenizer(tokenizer)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    stats = {"samples": 0, "images": 0, "text_only": 0, "unencodable": 0, "too_long": 0, "histogram": {},
+             "first_error": None}
+    encoded, lengths = [], []
+    for key, record, files in iter_shards(shards_dir):
+        names = record.get("images") or []
+        stats["samples"] += 1
+        stats["images"] += len(names)
+        stats["text_only"] += not names
+        try:
+            ids, labels = encode(tok, record, num_image_tokens, template)
+        except ValueError as e:
+            stats["unencodable"] += 1
+            stats["first_error"] = stats["first_error"] or f"{key}: {e}"
+            ids = labels = None
+        if ids is not None:
+            encoded.append({"labels": labels})
+            lengths.append(len(ids))
+            b = _bucket(len(ids))
+            stats["histogram"][b] = stats["histogram"].get(b, 0) + 1
+            if max_seq_len is not None and len(ids) > max_seq_len:
+                stats["too_long"] += 1
+        if stats["samples"] <= n:
+            head = f"--- {key}" + (f"  id={record['id']}" if "id" in record else "")
+            sizes = _image_sizes(files, names)
+            print(head + f"  images: {', '.join(sizes) if sizes else 'none (text-only)'}", file=out)
+            if ids is None:
+                print(f"    cannot encode: {stats['first_error'] if stats['unencodable'] == 1 else ''}", file=out)
+            else:
+                print(f"    tokens: {len(ids)}, supervised: {sum(lab != IGNORE_INDEX for lab in labels)}", file=out)
+                print("    " + render(tok, ids, labels, color).replace("\n", "\n    "), file=out)
+    sup = check_supervision(encoded, 1.0)
+    stats["unsupervised"], stats["unsupervised_share"] = sup["unsupervised"], sup["share"]
+    stats["mean_tokens"] = sum(lengths) / len(lengths) if lengths else 0.0
+    stats["max_tokens"] = max(lengths) if lengths else 0
+
+    print(f"\n=== {shards_dir}: template {template!r}, "
+          f"tokenizer {'synthetic' if tokenizer is None else tokenizer}, {num_image_tokens} tokens per image", file=out)
+    print(f"samples {stats['samples']}  images {stats['images']}  text-only samples {stats['text_only']}", file=out)
+    print(f"tokens per sample (image tokens included): mean {stats['mean_tokens']:.1f}, max {stats['max_tokens']}",
+          file=out)
+    total = max(1, len(lengths))
+    order = [f"<= {b}" for b in BUCKETS] + [f"> {BUCKETS[-1]}"]
+    for b in order:
+        c = stats["histogram"].get(b, 0)
+        if c:
+            print(f"  {b:>8} tokens  {c:>8}  {'#' * max(1, round(40 * c / total))}", file=out)
+    if max_seq_len is not None:
+        print(f"longer than --max-seq-len {max_seq_len}: {stats['too_long']}", file=out)
+    print(f"without supervised tokens: {stats['unsupervised']} ({stats['unsupervised_share']:.1%})", file=out)
+    if stats["unencodable"]:
+        print(f"cannot be encoded: {stats['unencodable']} (e.g. {stats['first_error']})", file=out)
+    return stats

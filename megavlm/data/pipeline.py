@@ -1,0 +1,393 @@
+"""DALI image-text loader over the WebDataset shards of :mod:`megavlm.data.shards`.
+
+One pipeline definition (:func:`build_pipeline`) serves both devices: the image decoder is ``mixed`` (nvJPEG /
+nvImageCodec on the GPU, every later op on the GPU) when a GPU is present and ``cpu`` otherwise.  It reads
+``KEY.json`` + ``KEY.0.*`` .. ``KEY.{max_images-1}.*`` with ``fn.readers.webdataset`` (the ``.idx`` files are the
+shard writer's), split over data-parallel ranks with ``shard_id=dp_rank, num_shards=dp_size`` (``stick_to_shard``:
+a rank always reads the same contiguous split, shuffled per epoch in training).  All TP/PP ranks of one replica pass
+the same ``dp_rank`` and therefore see the same samples.
+
+Image modes (``image_size`` = S):
+
+* ``resize``: squash to S×S (linear, antialiased).
+* ``pad``: LLaVA's ``expand2square`` — pad the shorter side centrally with ``int(mean*255)`` per channel, then
+  resize to S×S.
+* ``crop``: training: random resized crop (scale 0.08–1, ratio 3/4–4/3) to S×S + random horizontal flip;
+  eval: resize the shorter side to S + centre crop S×S.
+
+Output ``uint8`` gives HWC uint8 images (what the model's patch embedding takes; it normalizes itself); ``float``
+gives CHW float32 normalized with ``(x/255 - mean)/std``.
+
+Text-only samples (no image component) flow through the same stream: an empty component is replaced by a tiny
+placeholder image inside the graph (a DALI conditional) and a per-slot flag drops it again, so the sample comes out
+with zero images.
+
+Corrupt images: the converter already drops undecodable images, so a bad image only appears in a shard written by
+other means.  DALI fails the whole batch in which it sits (the pipeline itself goes on with the next batch).  The
+loader catches that error, reads the same batch again undecoded from a reader-only twin pipeline (same reader,
+same seed, kept in step lazily: it only runs when needed), decodes each sample with PIL and applies the same
+transform in numpy/PIL; samples whose image PIL cannot decode are skipped and counted in ``loader.skipped``
+(``{"undecodable_image": n}``).  In ``crop`` training mode the fallback draws its crop from its own RNG (seeded
+from ``seed`` and the key), not DALI's.
+
+No megatron import here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from megavlm.data.shards import read_index, shard_paths
+from megavlm.errors import UserError
+
+MODES = ("resize", "pad", "crop")
+OUTPUTS = ("uint8", "float")
+IMAGE_EXTS = ("jpg", "png", "jpeg")
+_CROP_SCALE = (0.08, 1.0)
+_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def _placeholder() -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="PNG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+
+
+def _fill(mean: Sequence[float]) -> list[float]:
+    return [float(int(m * 255)) for m in mean]  # LLaVA: tuple(int(x*255) for x in image_mean)
+
+
+def gpu_available() -> bool:
+    return bool(torch.cuda.is_available())
+
+
+def _files(shards_dir: str) -> tuple[list[str], list[str]]:
+    paths = shard_paths(shards_dir)
+    if not paths:
+        raise UserError(f"no shard-*.tar files in {shards_dir}")
+    idx = [p[: -len(".tar")] + ".idx" for p in paths]
+    for i in idx:
+        if not os.path.isfile(i):
+            raise UserError(f"index file missing: {i} (write shards with `megavlm data convert`)")
+    return paths, idx
+
+
+def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_size: int, mode: str = "resize",
+                   output: str = "uint8", mean: Sequence[float] = (0.0, 0.0, 0.0),
+                   std: Sequence[float] = (1.0, 1.0, 1.0), batch_size: int = 8, dp_rank: int = 0, dp_size: int = 1,
+                   train: bool = False, seed: int = 1234, max_images: int = 1, num_threads: int = 2,
+                   device: str = "cpu", decode: bool = True, initial_fill: int = 1024, checkpoint=None,
+                   prefetch_queue_depth: int = 2):
+    """The DALI pipeline (not built).  ``device``: ``cpu`` or ``mixed`` (constructible and ``serialize()``-able
+    without a GPU).  Outputs: ``json`` (uint8 bytes), ``source_info``, then per image slot ``image_k``, ``has_k``
+    (``decode=False``: the reader-only twin, outputs ``json``, ``source_info``, encoded ``image_k``)."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    if mode not in MODES:
+        raise UserError(f"unknown image mode {mode!r}; known: {', '.join(MODES)}")
+    if output not in OUTPUTS:
+        raise UserError(f"unknown output {output!r}; known: {', '.join(OUTPUTS)}")
+    if device not in ("cpu", "mixed"):
+        raise UserError(f"device must be 'cpu' or 'mixed', got {device!r}")
+    S = int(image_size)
+    ext = ["json"] + [";".join(f"{k}.{e}" for e in IMAGE_EXTS) for k in range(max_images)]
+    placeholder = _placeholder()
+    fill = _fill(mean)
+    on_gpu = device == "mixed"
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        outs = fn.readers.webdataset(
+            paths=list(paths), index_paths=list(index_paths), ext=ext, missing_component_behavior="empty",
+            shard_id=dp_rank, num_shards=dp_size, random_shuffle=train, initial_fill=initial_fill,
+            pad_last_batch=True, stick_to_shard=True, name="reader")
+        js, encoded = outs[0], outs[1:]
+        info = fn.get_property(js, key="source_info")
+        if not decode:
+            return (js, info, *encoded)
+        result = [js, info]
+        for enc in encoded:
+            has = enc.shape()[0] > 0
+            if has:
+                data = enc
+            else:
+                data = types.Constant(placeholder, device="cpu")
+            img = fn.decoders.image(data, device=device, output_type=types.RGB)
+            mirror = 0
+            if mode == "resize":
+                img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
+            elif mode == "pad":
+                sh = img.shape()
+                side = dmath.max(sh[0], sh[1])
+                img = fn.crop(img, crop_h=side, crop_w=side, crop_pos_x=0.5, crop_pos_y=0.5,
+                              out_of_bounds_policy="pad", fill_values=fill)
+                img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
+            elif train:
+                img = fn.random_resized_crop(img, size=[S, S], random_area=list(_CROP_SCALE),
+                                             random_aspect_ratio=list(_CROP_RATIO), interp_type=types.INTERP_LINEAR,
+                                             antialias=True)
+                mirror = fn.random.coin_flip(probability=0.5)
+            else:  # shorter side to S + centre crop S×S, as one resize of the centred square ROI (sub-pixel exact)
+                sh = fn.cast(img.shape(), dtype=types.FLOAT)
+                side = dmath.min(sh[0], sh[1])
+                start = fn.stack((1.0 - side / sh[0]) * 0.5, (1.0 - side / sh[1]) * 0.5)
+                img = fn.resize(img, resize_x=S, resize_y=S, roi_start=start, roi_end=1.0 - start, roi_relative=True,
+                                interp_type=types.INTERP_LINEAR, antialias=True)
+            if output == "float":
+                img = fn.crop_mirror_normalize(img, crop=[S, S], crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
+                                               dtype=types.FLOAT, output_layout="CHW",
+                                               mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std])
+            else:
+                img = fn.crop_mirror_normalize(img, crop=[S, S], crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
+                                               dtype=types.UINT8, output_layout="HWC")
+            result += [img, has]
+        return tuple(result)
+
+    # mixed without a GPU: device_id None still lets the graph be constructed and serialize()d (not built)
+    device_id = torch.cuda.current_device() if on_gpu and gpu_available() else None
+    return graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                 enable_checkpointing=True, checkpoint=checkpoint, prefetch_queue_depth=prefetch_queue_depth)
+
+
+def _shard_range(n: int, shard_id: int, num_shards: int) -> int:
+    """Samples of DALI's shard ``shard_id`` of ``n`` (its readers split ``[n*i//k, n*(i+1)//k)``)."""
+    return n * (shard_id + 1) // num_shards - n * shard_id // num_shards
+
+
+class ImageTextLoader:
+    """Batches ``[{"key", "record", "images"}, ...]`` of this DP rank's split, one epoch per ``iter()``.
+
+    ``images``: uint8 ``[n, S, S, 3]`` (``output="uint8"``) or float32 ``[n, 3, S, S]`` (``"float"``), ``n`` = the
+    sample's images (0 for text-only).  On the GPU (``device="mixed"``) images are CUDA tensors.  The last batch of
+    an epoch is smaller when the split does not divide by ``batch_size``; skipped samples make a batch smaller.
+    ``state_dict()`` / ``load_state_dict()`` give a bit-identical continuation.
+    """
+
+    def __init__(self, shards_dir: str, *, image_size: int, mode: str = "resize", output: str = "uint8",
+                 mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+                 std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711), batch_size: int = 8,
+                 dp_rank: int = 0, dp_size: int = 1, train: bool = False, seed: int = 1234, max_images: int = 1,
+                 num_threads: int = 2, device: str | None = None, initial_fill: int = 1024,
+                 prefetch_queue_depth: int = 2):
+        if not 0 <= dp_rank < dp_size:
+            raise UserError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+        if batch_size < 1 or max_images < 1 or image_size < 1:
+            raise UserError("batch_size, max_images and image_size must be >= 1")
+        self.paths, self.index_paths = _files(shards_dir)
+        self.total = sum(len(read_index(p)) for p in self.index_paths)
+        self.num_samples = _shard_range(self.total, dp_rank, dp_size)
+        if self.num_samples == 0:
+            raise UserError(f"DP rank {dp_rank} of {dp_size} gets no samples ({self.total} in {shards_dir})")
+        self.device = device or ("mixed" if gpu_available() else "cpu")
+        self.kw = dict(image_size=image_size, mode=mode, output=output, mean=tuple(mean), std=tuple(std),
+                       batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, train=train, seed=seed,
+                       max_images=max_images, num_threads=num_threads, initial_fill=initial_fill)
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self.batch_size, self.max_images, self.image_size = batch_size, max_images, image_size
+        self.mode, self.output, self.train, self.seed = mode, output, train, seed
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.skipped: dict[str, int] = {}
+        self._load(None)
+
+    # -------------------------------------------------------------- state
+    def _load(self, state: dict | None) -> None:
+        self._pipe = build_pipeline(self.paths, self.index_paths, device=self.device, decode=True,
+                                    checkpoint=None if state is None else state["pipeline"],
+                                    prefetch_queue_depth=self.prefetch_queue_depth, **self.kw)
+        self._pipe.build()
+        self._raw = None  # reader-only twin, built on demand from _raw_start
+        self._raw_start = None if state is None else state["raw"]
+        self._raw_pos = 0  # batches the twin has read since _raw_start
+        self._pos = 0  # batches the pipeline has produced since its start state
+        self._in_epoch = 0 if state is None else int(state["in_epoch"])  # samples of the current epoch consumed
+        if state is not None:
+            self.skipped = dict(state.get("skipped", {}))
+
+    def _raw_pipe(self):
+        if self._raw is None:
+            self._raw = build_pipeline(self.paths, self.index_paths, device="cpu", decode=False,
+                                       checkpoint=self._raw_start, prefetch_queue_depth=1, **self.kw)
+            self._raw.build()
+        while self._raw_pos < self._pos:  # catch up with the decoding pipeline
+            self._raw.run()
+            self._raw_pos += 1
+        return self._raw
+
+    def state_dict(self) -> dict:
+        """Reader + RNG state (DALI checkpoints of the pipeline and of its reader-only twin) and the position."""
+        raw = self._raw_pipe().checkpoint()
+        return {"pipeline": self._pipe.checkpoint(), "raw": raw, "in_epoch": self._in_epoch,
+                "skipped": dict(self.skipped), "config": {k: v for k, v in self.kw.items() if k != "num_threads"}}
+
+    def load_state_dict(self, state: dict) -> None:
+        cfg = {k: v for k, v in self.kw.items() if k != "num_threads"}
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state.get("config", cfg).items()}
+        if saved != cfg:
+            diff = sorted(k for k in cfg if saved.get(k) != cfg[k])
+            raise UserError(f"loader state was saved with different settings ({', '.join(diff)})")
+        self._load(state)
+
+    # -------------------------------------------------------------- iteration
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+    def next_batch(self) -> list[dict] | None:
+        """The next batch of the current epoch, or ``None`` at its end (the next call starts a new epoch)."""
+        if self._in_epoch >= self.num_samples:
+            self._in_epoch = 0
+            return None
+        valid = min(self.batch_size, self.num_samples - self._in_epoch)  # the reader pads the last batch
+        try:
+            outs = self._pipe.run()
+        except RuntimeError as e:
+            self._pos += 1
+            batch = self._fallback(valid, e)
+        else:
+            self._pos += 1
+            batch = self._convert(outs, valid)
+        self._in_epoch += valid
+        return batch
+
+    def _convert(self, outs, valid: int) -> list[dict]:
+        js, info = outs[0], outs[1]
+        slots = [(outs[2 + 2 * k], outs[3 + 2 * k]) for k in range(self.max_images)]
+        imgs = []
+        for img, has in slots:
+            if self.device == "mixed":
+                imgs.append((_to_torch_gpu(img), np.asarray(has.as_array()).reshape(-1)))
+            else:
+                imgs.append((torch.from_numpy(np.asarray(img.as_array())), np.asarray(has.as_array()).reshape(-1)))
+        batch = []
+        for i in range(valid):
+            chosen = [t[i] for t, h in imgs if h[i]]
+            batch.append(self._sample(js, info, i, chosen))
+        return batch
+
+    def _sample(self, js, info, i: int, images: list) -> dict:
+        record = json.loads(np.asarray(js[i]).tobytes().decode("utf-8"))
+        src = np.asarray(info[i]).tobytes().decode("utf-8")
+        key = src.rsplit(":", 1)[-1].split(".", 1)[0]
+        if images:
+            stacked = torch.stack(images)
+        else:
+            S = self.image_size
+            shape = (0, S, S, 3) if self.output == "uint8" else (0, 3, S, S)
+            stacked = torch.empty(shape, dtype=torch.uint8 if self.output == "uint8" else torch.float32,
+                                  device="cuda" if self.device == "mixed" else "cpu")
+        return {"key": key, "record": record, "images": stacked}
+
+    # -------------------------------------------------------------- corrupt-image fallback
+    def _fallback(self, valid: int, error: Exception) -> list[dict]:
+        self._pos -= 1
+        raw = self._raw_pipe()  # now at the failed batch
+        outs = raw.run()
+        self._raw_pos += 1
+        self._pos += 1
+        js, info, encoded = outs[0], outs[1], outs[2:]
+        batch = []
+        for i in range(valid):
+            images = []
+            try:
+                for enc in encoded:
+                    data = np.asarray(enc[i]).tobytes()
+                    if data:
+                        images.append(self._pil_transform(data, np.asarray(info[i]).tobytes().decode(), len(images)))
+            except _Undecodable:
+                self.skipped["undecodable_image"] = self.skipped.get("undecodable_image", 0) + 1
+                continue
+            if self.device == "mixed":
+                images = [t.cuda() for t in images]
+            batch.append(self._sample(js, info, i, images))
+        return batch
+
+    def _pil_transform(self, data: bytes, source: str, slot: int) -> torch.Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+            raise _Undecodable(str(e)) from None
+        rng = np.random.default_rng([self.seed, zlib.crc32(source.encode()), slot, self._pos])
+        arr = reference_transform(im, self.image_size, self.mode, self.train, self.mean, rng)
+        t = torch.from_numpy(arr)
+        if self.output == "float":
+            from megavlm.data.batch import normalize_images
+
+            t = normalize_images(t[None], self.mean, self.std)[0]
+        return t
+
+
+class _Undecodable(Exception):
+    pass
+
+
+def reference_transform(im, size: int, mode: str, train: bool = False, mean=(0.0, 0.0, 0.0), rng=None) -> np.ndarray:
+    """PIL version of the pipeline's image transform (the fallback path and the tests' reference): uint8 HWC."""
+    from PIL import Image
+
+    S = int(size)
+    if mode == "resize":
+        im = im.resize((S, S), Image.BILINEAR)
+    elif mode == "pad":
+        w, h = im.size
+        if w != h:
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+            canvas.paste(im, ((side - w) // 2, (side - h) // 2))
+            im = canvas
+        im = im.resize((S, S), Image.BILINEAR)
+    elif train:
+        rng = rng if rng is not None else np.random.default_rng()
+        w, h = im.size
+        for _ in range(10):
+            area = w * h * rng.uniform(*_CROP_SCALE)
+            ratio = np.exp(rng.uniform(np.log(_CROP_RATIO[0]), np.log(_CROP_RATIO[1])))
+            cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                break
+        else:
+            cw = ch = min(w, h)
+            x, y = (w - cw) // 2, (h - ch) // 2
+        im = im.resize((S, S), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+        w, h = im.size  # shorter side to S + centre crop S×S == the centred square of side min(w, h), resized
+        m = min(w, h)
+        x, y = (w - m) / 2, (h - m) / 2
+        im = im.resize((S, S), Image.BILINEAR, box=(x, y, x + m, y + m))
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _to_torch_gpu(tl) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    t = tl.as_tensor()
+    out = torch.empty(t.shape(), dtype=torch.uint8 if t.dtype == _dali_uint8() else torch.float32, device="cuda")
+    feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
+    return out
+
+
+def _dali_uint8():
+    from nvidia.dali import types
+
+    return types.DALIDataType.UINT8
