@@ -79,7 +79,10 @@ SELECT_STRATEGY_CHOICES = ("default", "full")
 PROJECTOR_CHOICES = ("linear", "mlp2x_gelu")
 LR_SCHEDULE_CHOICES = ("cosine", "linear", "constant")
 STAGE_CHOICES = (1, 2, 3)
-DATA_SOURCE_CHOICES = ("synthetic",)
+DATA_SOURCE_CHOICES = ("synthetic", "shards")
+IMAGE_MODE_CHOICES = ("resize", "pad", "crop")
+#: The names of data/conversation.py's TEMPLATES (kept here so config checks need no torch; a test keeps them equal).
+TEMPLATE_CHOICES = ("vicuna", "vicuna_v1", "plain", "llama_2", "chatml")
 #: data.max_seq_len must leave at least this many text positions after the image tokens.
 MIN_TEXT_TOKENS = 8
 #: the synthetic data generator knows this many shape kinds at most per image.
@@ -135,7 +138,7 @@ class ProjectorConfig:
 
 @dataclass
 class LanguageConfig:
-    """Decoder-only language model (Llama-style: RMSNorm, RoPE, SwiGLU, GQA)."""
+    """Decoder-only language model (Llama-style: RMSNorm, RoPE, SwiGLU, GQA; optional Qwen2-style q/k/v biases)."""
 
     #: Vocabulary size; 0 = take it from the tokenizer.
     vocab_size: int = 0
@@ -153,6 +156,8 @@ class LanguageConfig:
     rope_theta: float = 10000.0
     #: Epsilon of the decoder's RMSNorms.
     norm_eps: float = 1e-5
+    #: Biases on the q/k/v projections (Qwen2); every other linear layer stays bias-free.
+    qkv_bias: bool = False
     #: Embedding/output rows are padded to a multiple of this; independent of TP so
     #: checkpoints can be resharded (must itself be a multiple of ``parallel.tp``).
     vocab_pad_multiple: int = 128
@@ -236,8 +241,19 @@ class TrainConfig:
 class DataConfig:
     """Training/eval data."""
 
-    #: Data source; only ``synthetic`` for now.
+    #: ``synthetic`` (rendered shapes, in memory) or ``shards`` (WebDataset shards of ``megavlm data convert``, read
+    #: through the DALI pipeline).
     source: str = "synthetic"
+    #: Shard directory for ``source=shards``.
+    shards: Optional[str] = None
+    #: Conversation template for shard records: vicuna|vicuna_v1|plain|llama_2|chatml.
+    template: str = "vicuna"
+    #: How images are fitted to the encoder's square input: resize (squash) | pad (LLaVA's expand-to-square) | crop.
+    image_mode: str = "pad"
+    #: Most images in one sample.
+    max_images: int = 1
+    #: Stop when more than this share of the samples read were unusable (skipped and counted otherwise).
+    max_bad_share: float = 0.05
     #: Pre-generated training samples (cycled).
     num_samples: int = 4096
     #: Held-out evaluation samples (0 disables eval).
@@ -693,6 +709,17 @@ def validate(cfg: Config, world_size: int) -> int:
     _check_choice("train.lr_schedule", tr.lr_schedule, LR_SCHEDULE_CHOICES)
     _check_choice("train.stage", tr.stage, STAGE_CHOICES)
     _check_choice("data.source", data.source, DATA_SOURCE_CHOICES)
+    _check_choice("data.image_mode", data.image_mode, IMAGE_MODE_CHOICES)
+    if data.source == "shards":
+        if not data.shards:
+            raise ConfigError("data.source=shards needs data.shards=DIR (shards written by `megavlm data convert`)")
+        if not os.path.isdir(data.shards):
+            raise ConfigError(f"data.shards={data.shards} is not a directory")
+    _check_choice("data.template", data.template, TEMPLATE_CHOICES)
+    if data.max_images < 1:
+        raise ConfigError(f"data.max_images={data.max_images} must be >= 1")
+    if not 0.0 <= data.max_bad_share <= 1.0:
+        raise ConfigError(f"data.max_bad_share={data.max_bad_share} must be between 0 and 1")
     if not ck.load.strip():
         raise ConfigError("checkpoint.load='' is not valid; use 'none', 'auto' or a checkpoint path")
     if data.tokenizer is not None and not data.tokenizer.strip():

@@ -382,3 +382,10 @@ def check_supervision(
             f"tokenizer's, or answers are empty); pick the template made for this tokenizer"
         )
     return {"samples": n, "unsupervised": bad, "share": share}
+
+
+def record_turns(record: dict) -> list[tuple[str, str]]:
+    """A shard record's ``conversations`` (human/gpt alternating, as ``data convert`` writes them) as
+    ``(question, answer)`` pairs."""
+    conv = record.get("conversations") or []
+    return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]

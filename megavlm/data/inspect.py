@@ -15,7 +15,7 @@ import os
 import sys
 from typing import TextIO
 
-from megavlm.data.conversation import IGNORE_INDEX, _runs, _tokenize_runs, check_supervision, get_template
+from megavlm.data.conversation import IGNORE_INDEX, _runs, _tokenize_runs, check_supervision, get_template, record_turns
 from megavlm.data.shards import iter_shards, shard_paths
 from megavlm.data.tokenizer import IMAGE_TOKEN, build_synthetic_tokenizer, image_token_id, load_tokenizer
 from megavlm.errors import UserError
@@ -24,15 +24,10 @@ BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _GREEN, _RESET = "\033[32m", "\033[0m"
 
 
-def _turns(record: dict) -> list[tuple[str, str]]:
-    conv = record.get("conversations") or []
-    return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
-
-
 def encode(tok, record: dict, num_image_tokens: int, template) -> tuple[list[int], list[int]]:
     """Unpadded ``(ids, labels)`` of a shard record (ValueError if it cannot be encoded)."""
     n_img = len(record.get("images") or [])
-    runs = _runs(get_template(template), _turns(record), n_img, with_last_answer=True)
+    runs = _runs(get_template(template), record_turns(record), n_img, with_last_answer=True)
     return _tokenize_runs(tok, runs, n_img, num_image_tokens)
 
 

@@ -78,6 +78,15 @@ def _unwrap(model):
     return model
 
 
+def _data_state(obj) -> ShardedObject:
+    """The data loader's position, one per data-parallel rank (its TP/PP ranks hold copies: replicas)."""
+    tp, pp_rank = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_rank())
+    return ShardedObject("data_state", obj, (parallel_state.get_data_parallel_world_size(),),
+                         (parallel_state.get_data_parallel_rank(),),
+                         replica_id=parallel_state.get_tensor_model_parallel_rank() + tp * pp_rank)
+
+
 def _sharded_state(model, optimizer, include_optimizer: bool, include_rng: bool, is_loading: bool) -> dict:
     model_sd = _unwrap(model).sharded_state_dict()
     state = {"model": model_sd}
@@ -88,9 +97,11 @@ def _sharded_state(model, optimizer, include_optimizer: bool, include_rng: bool,
     return state
 
 
-def save(ckpt_dir: str, step: int, model, optimizer, common: dict, keep: int = 0, rng: bool = True) -> str:
+def save(ckpt_dir: str, step: int, model, optimizer, common: dict, keep: int = 0, rng: bool = True,
+         data_state=None) -> str:
     """Collective: every rank calls it. ``common`` (scheduler state, counters, layout) is saved once. Without an
-    optimizer (and ``rng=False``) it writes a weights-only checkpoint, as ``megavlm convert`` does."""
+    optimizer (and ``rng=False``) it writes a weights-only checkpoint, as ``megavlm convert`` does. ``data_state``:
+    the data loader's position on this rank (saved once per data-parallel rank)."""
     rank0 = torch.distributed.get_rank() == 0
     final = os.path.join(ckpt_dir, _iter_name(step))
     tmp = final + ".tmp"
@@ -100,7 +111,10 @@ def save(ckpt_dir: str, step: int, model, optimizer, common: dict, keep: int = 0
         os.makedirs(tmp)
     torch.distributed.barrier()
     state = _sharded_state(model, optimizer, include_optimizer=True, include_rng=rng, is_loading=False)
-    state.update(common=dict(common, format_version=FORMAT_VERSION, step=step, has_optimizer=optimizer is not None))
+    state.update(common=dict(common, format_version=FORMAT_VERSION, step=step, has_optimizer=optimizer is not None,
+                             has_data_state=data_state is not None))
+    if data_state is not None:
+        state["data_state"] = _data_state(data_state)
     dist_checkpointing.save(state, tmp)
     torch.distributed.barrier()
     if rank0:
@@ -126,12 +140,16 @@ def load_common(path: str) -> dict:
     return dist_checkpointing.load_common_state_dict(path).get("common", {})
 
 
-def load(path: str, model, optimizer=None, same_layout: bool = True) -> dict:
+def load(path: str, model, optimizer=None, same_layout: bool = True, data_state: bool = False) -> dict:
     """Load model (and optimizer when given and saved) from ``path`` into the live objects; restores RNG when
-    the layout matches the saved one. Returns the checkpoint's common dict."""
+    the layout matches the saved one. Returns the checkpoint's common dict, with ``data_state`` (this rank's data
+    loader position) added when asked for, saved, and the layout is the same."""
     common = load_common(path)
     with_opt = optimizer is not None and common.get("has_optimizer", False)
     state = _sharded_state(model, optimizer, include_optimizer=with_opt, include_rng=same_layout, is_loading=True)
+    with_data = data_state and same_layout and common.get("has_data_state", False)
+    if with_data:
+        state["data_state"] = _data_state(None)
     loaded = dist_checkpointing.load(state, path)
     _unwrap(model).load_state_dict(loaded["model"])
     if with_opt:
@@ -142,4 +160,6 @@ def load(path: str, model, optimizer=None, same_layout: bool = True) -> dict:
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+    if with_data:
+        common = dict(common, data_state=loaded["data_state"])
     return common

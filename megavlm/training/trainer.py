@@ -65,6 +65,101 @@ class TrainData:
         return out
 
 
+class ShardTrainData:
+    """Micro-batches from WebDataset shards (``data.source=shards``) through the DALI pipeline, split by DP rank.
+
+    Every TP/PP rank of a replica runs the same loader (same shard split and seed), so all see the same samples.
+    A sample that cannot be used — an undecodable image (counted by the loader), a record that is not a
+    conversation, a conversation too long for ``data.max_seq_len`` or with no supervised token — is skipped and
+    counted, and the next one takes its place; above ``data.max_bad_share`` of the samples read the run stops.
+    ``state_dict()`` (loader position + samples read ahead) goes into each checkpoint, so a resumed run continues
+    at the exact sample.
+    """
+
+    MIN_SAMPLES_FOR_BAD_SHARE = 32  # judge the share only once a few samples have been read
+
+    def __init__(self, cfg: Config, tokenizer, rt: runtime.Runtime):
+        from ..data.pipeline import ImageTextLoader
+
+        self.cfg, self.rt, self.tok = cfg, rt, tokenizer
+        d, v = cfg.data, cfg.model.vision
+        self.per_dp = cfg.train.global_batch // rt.dp
+        self.num_microbatches = self.per_dp // cfg.train.micro_batch
+        self.n_img_tokens = num_image_tokens(v)
+        self.loader = ImageTextLoader(
+            d.shards, image_size=v.image_size, mode=d.image_mode, output="uint8", mean=v.image_mean,
+            std=v.image_std, batch_size=self.per_dp, dp_rank=rt.dp_rank, dp_size=rt.dp, train=True,
+            seed=cfg.train.seed, max_images=d.max_images)
+        self.ready: list[dict] = []
+        self.read = 0
+        self.skipped: dict[str, int] = {}
+
+    def _encode(self, sample: dict) -> dict | None:
+        from ..data.conversation import IGNORE_INDEX, SampleTooLong, encode_conversation, record_turns
+
+        try:
+            turns = record_turns(sample["record"])
+            if not turns:
+                raise ValueError("no (question, answer) turn")
+            enc = encode_conversation(self.tok, turns, int(sample["images"].shape[0]), self.n_img_tokens,
+                                      self.cfg.data.max_seq_len, template=self.cfg.data.template)
+        except SampleTooLong:
+            return self._skip("too_long")
+        except (KeyError, TypeError, ValueError):
+            return self._skip("malformed_record")
+        if not bool((enc["labels"] != IGNORE_INDEX).any()):
+            return self._skip("no_supervised_tokens")
+        return {"input_ids": enc["input_ids"], "labels": enc["labels"], "images": sample["images"].cpu()}
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        return None
+
+    def bad_counts(self) -> dict[str, int]:
+        return {**self.loader.skipped, **self.skipped}
+
+    def _check_bad_share(self) -> None:
+        bad = sum(self.bad_counts().values())
+        seen = self.read + sum(self.loader.skipped.values())
+        if seen >= self.MIN_SAMPLES_FOR_BAD_SHARE and bad / seen > self.cfg.data.max_bad_share:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.bad_counts().items()))
+            raise UserError(
+                f"{bad} of {seen} samples from {self.cfg.data.shards} were unusable ({reasons}), more than "
+                f"data.max_bad_share={self.cfg.data.max_bad_share}; check the shards (megavlm data inspect) and that "
+                f"data.template={self.cfg.data.template} fits the tokenizer")
+
+    def microbatches(self, step_index: int) -> list[dict]:
+        while len(self.ready) < self.per_dp:
+            batch = self.loader.next_batch()
+            if batch is None:  # end of an epoch: the next call starts the next one
+                continue
+            for sample in batch:
+                self.read += 1
+                enc = self._encode(sample)
+                if enc is not None:
+                    self.ready.append(enc)
+            self._check_bad_share()
+        take, self.ready = self.ready[: self.per_dp], self.ready[self.per_dp:]
+        mb = self.cfg.train.micro_batch
+        out = []
+        for j in range(self.num_microbatches):
+            batch = shift_for_next_token(collate(take[j * mb:(j + 1) * mb]))
+            out.append({k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "ready": self.ready, "read": self.read,
+                "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.ready, self.read, self.skipped = list(state["ready"]), int(state["read"]), dict(state["skipped"])
+
+
+def build_train_data(cfg: Config, tokenizer, rt: runtime.Runtime):
+    return ShardTrainData(cfg, tokenizer, rt) if cfg.data.source == "shards" else TrainData(cfg, tokenizer, rt)
+
+
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Per-token loss summed over the micro-batch; megatron divides by the global token count
     (``calculate_per_token_loss``), so DP and micro-batching give the same gradients as one big batch."""
@@ -185,7 +280,7 @@ def train(cfg: Config) -> dict:
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         tokenizer.save_pretrained(os.path.join(cfg.run_dir, "tokenizer"))
     model, optimizer, scheduler = build_training_objects(cfg, rt, vocab_size, image_token_id(tokenizer))
-    data = TrainData(cfg, tokenizer, rt)
+    data = build_train_data(cfg, tokenizer, rt)
     ck_dir = checkpoint_dir(cfg)
 
     start_step = 0
@@ -198,11 +293,17 @@ def train(cfg: Config) -> dict:
         # The optimizer state reshards over TP/PP, but not between the plain and the distributed optimizer.
         with_opt = (not cfg.checkpoint.finetune and common.get("has_optimizer")
                     and layout.get("distributed_optimizer") == cfg.parallel.distributed_optimizer)
-        ckpt.load(load_path, model, optimizer if with_opt else None, same_layout=same)
+        loaded = ckpt.load(load_path, model, optimizer if with_opt else None, same_layout=same,
+                           data_state=hasattr(data, "load_state_dict") and not cfg.checkpoint.finetune)
         if not cfg.checkpoint.finetune:
             if "scheduler" in common:
                 scheduler.load_state_dict(common["scheduler"])
             start_step = int(common.get("step", 0))
+            if "data_state" in loaded:
+                data.load_state_dict(loaded["data_state"])
+            elif hasattr(data, "load_state_dict") and rank0 and start_step:
+                print(f"[megavlm] {load_path} has no data position for this layout: the shards are read from the "
+                      "start", flush=True)
         if rank0:
             what = "weights (finetune: fresh optimizer, step 0)" if cfg.checkpoint.finetune else (
                 f"step {start_step}" + ("" if with_opt else ", without optimizer state"))
@@ -232,7 +333,8 @@ def train(cfg: Config) -> dict:
     def save(step):
         common = {"scheduler": scheduler.state_dict(), "consumed_samples": step * gb, "layout": _layout(cfg, rt),
                   "config": to_dict(cfg)}
-        path = ckpt.save(ck_dir, step, model, optimizer, common, keep=cfg.checkpoint.keep)
+        path = ckpt.save(ck_dir, step, model, optimizer, common, keep=cfg.checkpoint.keep,
+                         data_state=data.state_dict() if hasattr(data, "state_dict") else None)
         if rank0:
             print(f"[megavlm] saved checkpoint {path}", flush=True)
 
@@ -264,6 +366,8 @@ def train(cfg: Config) -> dict:
                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                    "tokens_per_s": gb * seq / dt, "samples_per_s": gb / dt, "step_time_s": dt,
                    "supervised_tokens": int(tot[1].item())}
+            if hasattr(data, "bad_counts"):
+                rec["skipped_samples"] = sum(data.bad_counts().values())
             if flops and peak:
                 rec["mfu"] = flops / dt / (peak * rt.world_size)
             writer.log(rec)
@@ -281,4 +385,9 @@ def train(cfg: Config) -> dict:
         save(last)
     if writer:
         writer.close()
+        if hasattr(data, "bad_counts"):
+            bad = data.bad_counts()
+            print(f"[megavlm] data: {data.read} samples read on this data-parallel rank, "
+                  f"{sum(bad.values())} skipped" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(bad.items()))})"
+                                                    if bad else ""), flush=True)
     return {"losses": losses, "start_step": start_step}
