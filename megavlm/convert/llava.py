@@ -1,4 +1,5 @@
-"""``megavlm convert hf-to-mcore`` / ``mcore-to-hf``: HF LLaVA (CLIP + LLaMA/Mistral) ↔ megavlm dist checkpoints.
+"""``megavlm convert hf-to-mcore`` / ``mcore-to-hf``: HF LLaVA (CLIP/SigLIP + LLaMA/Mistral/Qwen2) ↔ megavlm dist
+checkpoints.
 
 Both directions build our VLM at TP=1/PP=1 in this one process and go through its ``state_dict`` with the explicit
 name map of :mod:`megavlm.convert.mapping`; dist_checkpointing reshards to any TP/PP on load. Outputs are written
@@ -11,7 +12,8 @@ Layout written by hf-to-mcore::
     OUT/tokenizer/                  HF tokenizer files
     OUT/config.yaml                 megavlm config of the model (checkpoint.load and data.tokenizer point here)
     OUT/hf_extra.safetensors        HF tensors our encoder does not use (vision layers past the feature layer,
-                                    post-LayerNorm), re-emitted by mcore-to-hf; absent when there are none
+                                    post-LayerNorm, SigLIP's pooling head), re-emitted by mcore-to-hf; absent when
+                                    there are none
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ EXTRA_FILE = "hf_extra.safetensors"
 OUTPUT = "language_model.output_layer.weight"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-_TEXT_TYPES = ("llama", "mistral")
+_TEXT_TYPES = ("llama", "mistral", "qwen2")
+_VISION_TYPES = {"clip_vision_model": ("clip", "quick_gelu", "CLIPVisionModel"),
+                 "siglip_vision_model": ("siglip", "gelu_pytorch_tanh", "SiglipVisionModel")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -121,31 +125,38 @@ def _rope_theta(tc) -> float:
 def _language_fields(tc, where: str) -> dict:
     mt = getattr(tc, "model_type", None)
     _check(mt in _TEXT_TYPES, f"{where}: model_type={mt!r} is not supported; supported language models: "
-                              f"{', '.join(_TEXT_TYPES)} (LlamaForCausalLM layout)")
+                              f"{', '.join(_TEXT_TYPES)} (LlamaForCausalLM layout, Qwen2 with q/k/v biases)")
     heads = tc.num_attention_heads
     kv = getattr(tc, "num_key_value_heads", None) or heads
     head_dim = getattr(tc, "head_dim", None)
     _check(head_dim in (None, tc.hidden_size // heads),
            f"{where}: head_dim={head_dim} != hidden_size/num_attention_heads={tc.hidden_size // heads} is not supported")
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias"):  # (Qwen2's q/k/v biases are built in, not a flag)
         _check(not getattr(tc, flag, False), f"{where}: {flag}=true is not supported (LLaMA has no linear biases)")
     _check(getattr(tc, "hidden_act", "silu") == "silu", f"{where}: hidden_act={tc.hidden_act!r} is not supported "
                                                         "(SwiGLU with silu only)")
     if mt == "mistral":
         _check(getattr(tc, "sliding_window", None) is None,
                f"{where}: sliding_window={tc.sliding_window} is not supported (full causal attention only)")
+    if mt == "qwen2":
+        sliding = getattr(tc, "use_sliding_window", False) or "sliding_attention" in (getattr(tc, "layer_types", None)
+                                                                                      or ())
+        _check(not sliding, f"{where}: use_sliding_window=true is not supported (full causal attention only)")
     return dict(hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_heads=heads, num_kv_heads=kv,
                 ffn_hidden_size=tc.intermediate_size, rope_theta=_rope_theta(tc), norm_eps=float(tc.rms_norm_eps),
-                vocab_size=tc.vocab_size)
+                vocab_size=tc.vocab_size, qkv_bias=mt == "qwen2")
 
 
 def _vision_fields(vc, where: str) -> dict:
     mt = getattr(vc, "model_type", None)
-    _check(mt == "clip_vision_model", f"{where}: vision model_type={mt!r} is not supported; supported: "
-                                      "clip_vision_model (CLIPVisionModel)")
-    _check(vc.hidden_act == "quick_gelu", f"{where}: vision hidden_act={vc.hidden_act!r} is not supported "
-                                          "(CLIP's quick_gelu only)")
-    return dict(flavour="clip", image_size=vc.image_size, patch_size=vc.patch_size, num_channels=vc.num_channels,
+    _check(mt in _VISION_TYPES, f"{where}: vision model_type={mt!r} is not supported; supported: " + ", ".join(
+        f"{k} ({cls})" for k, (_, _, cls) in _VISION_TYPES.items()))
+    flavour, act, _ = _VISION_TYPES[mt]
+    _check(vc.hidden_act == act, f"{where}: vision hidden_act={vc.hidden_act!r} is not supported ({flavour}: "
+                                 f"{act} only)")
+    for k in ("image_size", "patch_size"):
+        _check(isinstance(getattr(vc, k), int), f"{where}: vision {k}={getattr(vc, k)!r} must be one integer")
+    return dict(flavour=flavour, image_size=vc.image_size, patch_size=vc.patch_size, num_channels=vc.num_channels,
                 hidden_size=vc.hidden_size, num_layers=vc.num_hidden_layers, num_heads=vc.num_attention_heads,
                 ffn_hidden_size=vc.intermediate_size, layernorm_eps=float(vc.layer_norm_eps))
 
@@ -200,9 +211,9 @@ def _part_maps(cfg: Config) -> dict:
 
     v, lm = cfg.model.vision, cfg.model.language
     return {
-        "vision": ("vision_model.", M.vision_map(vision_num_layers(v)), (v.num_heads, v.num_heads)),
+        "vision": ("vision_model.", M.vision_map(vision_num_layers(v), v.flavour), (v.num_heads, v.num_heads)),
         "projector": ("projector.", M.projector_map(), None),
-        "language": ("language_model.", M.language_map(lm.num_layers), (lm.num_heads, lm.num_kv_heads)),
+        "language": ("language_model.", M.language_map(lm.num_layers, lm.qkv_bias), (lm.num_heads, lm.num_kv_heads)),
     }
 
 
@@ -231,7 +242,12 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
         _check(getattr(lc, "multimodal_projector_bias", True),
                f"--hf {hf}: multimodal_projector_bias=false is not supported")
         vf, lf = _vision_fields(lc.vision_config, f"--hf {hf}"), _language_fields(lc.text_config, f"--hf {hf}")
-        cfg = _build_cfg(vf, lf, fl, lc.vision_feature_select_strategy, _image_norm(hf),
+        strategy = lc.vision_feature_select_strategy
+        if vf["flavour"] == "siglip":  # no class token: HF must keep every position ('full'), which is our default
+            _check(strategy == "full", f"--hf {hf}: vision_feature_select_strategy={strategy!r} with a SigLIP tower "
+                                       "drops a patch token (SigLIP has no class token); only 'full' is supported")
+            strategy = "default"
+        cfg = _build_cfg(vf, lf, fl, strategy, _image_norm(hf),
                          getattr(lc.text_config, "max_position_embeddings", 2048), tp, pp, _dtype_name(lc))
         tok_dir, both = hf, HFTensors(hf, "llava")
         src = {"vision": both, "projector": both, "language": both}
@@ -245,7 +261,8 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
         cfg = _build_cfg(vf, lf, feature_layer, select_strategy, _image_norm(vision),
                          getattr(tcfg, "max_position_embeddings", 2048), tp, pp, _dtype_name(tcfg))
         tok_dir = language
-        src = {"vision": HFTensors(vision, "clip"), "projector": None, "language": HFTensors(language, "llama")}
+        src = {"vision": HFTensors(vision, vf["flavour"]), "projector": None,
+               "language": HFTensors(language, "qwen2" if lf["qkv_bias"] else "llama")}
         image_token = None
         hf_cfg_dict = None
         tied = bool(getattr(tcfg, "tie_word_embeddings", False))
@@ -316,7 +333,10 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
         v = cfg.model.vision
         from ..models.specs import vision_num_layers
 
-        for name in M.vision_extra_names(v.num_layers, vision_num_layers(v)):
+        names = M.vision_extra_names(v.num_layers, vision_num_layers(v))
+        if v.flavour == "siglip" and src["vision"].has("vision", M.SIGLIP_HEAD[0]):  # vision_use_head
+            names += list(M.SIGLIP_HEAD)
+        for name in names:
             extras[name] = src["vision"].get("vision", name)
     missing = [k for k in sd if not k.endswith("_extra_state") and k not in filled]
     if missing:
@@ -388,7 +408,7 @@ def _find_tokenizer(path: str, cfg: Config, given: str | None):
 
 def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra: str | None = None,
                 dtype: str = "auto", seed: int = 1234) -> str:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
 
     from ..models.specs import vision_num_layers
     from ..models.vlm import build_model
@@ -405,7 +425,6 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     v, lm = cfg.model.vision, cfg.model.language
     _check(cfg.model.projector.type == "mlp2x_gelu", f"{path}: model.projector.type={cfg.model.projector.type!r} "
            "has no LlavaForConditionalGeneration equivalent (mlp2x_gelu only)")
-    _check(v.flavour == "clip", f"{path}: model.vision.flavour={v.flavour!r} cannot be exported yet (clip only)")
     hf_info = common.get("hf") or {}
     stored = hf_info.get("config")
     if dtype == "auto":
@@ -445,9 +464,13 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     def expect(name: str) -> tuple[int, ...]:  # extra layers are shaped like layer 0; post-LN like ln_pre
         if name.startswith("post_layernorm."):
             return (v.hidden_size,)
+        if name.startswith("head."):
+            return M.siglip_head_shape(name, v.hidden_size, v.ffn_hidden_size)
         return tuple(tensors[M.hf_file_key("vision", re.sub(r"layers\.\d+\.", "layers.0.", name))].shape)
 
-    extra = _load_extras(path, hf_extra, hf_info.get("extra"), M.vision_extra_names(v.num_layers, built), expect)
+    extra = _load_extras(path, hf_extra, hf_info.get("extra"), M.vision_extra_names(v.num_layers, built), expect,
+                         optional=M.SIGLIP_HEAD if v.flavour == "siglip" else ())
+    use_head = extra is not None and M.SIGLIP_HEAD[0] in extra  # SigLIP's pooling head only comes from the file
     if extra is not None:
         n_layers, feature_layer = v.num_layers, v.feature_layer
         for name, t in extra.items():
@@ -457,20 +480,33 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
         tensors[M.hf_file_key("vision", "post_layernorm.weight")] = torch.ones(v.hidden_size, dtype=out_dtype)
         tensors[M.hf_file_key("vision", "post_layernorm.bias")] = torch.zeros(v.hidden_size, dtype=out_dtype)
 
+    vision_cls, act = (CLIPVisionConfig, "quick_gelu") if v.flavour == "clip" else (SiglipVisionConfig,
+                                                                                     "gelu_pytorch_tanh")
+    text_cls = Qwen2Config if lm.qkv_bias else LlamaConfig
+
     if stored:
         hcfg = LlavaConfig.from_dict(copy.deepcopy(stored))
+        for what, sub, cls in (("vision", hcfg.vision_config, vision_cls), ("text", hcfg.text_config, text_cls)):
+            ok = isinstance(sub, cls) or (cls is LlamaConfig and getattr(sub, "model_type", None) == "mistral")
+            _check(ok, f"{path}: the stored HF {what}_config ({getattr(sub, 'model_type', None)}) does not fit the "
+                       f"megavlm config (model.vision.flavour={v.flavour!r}, model.language.qkv_bias={lm.qkv_bias})")
     else:
-        hcfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_act="quick_gelu"), text_config=LlamaConfig())
+        hcfg = LlavaConfig(vision_config=vision_cls(hidden_act=act), text_config=text_cls())
     vc, tc = hcfg.vision_config, hcfg.text_config
     for k, val in dict(hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size, num_hidden_layers=n_layers,
                        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-                       num_channels=v.num_channels, layer_norm_eps=v.layernorm_eps, hidden_act="quick_gelu").items():
+                       num_channels=v.num_channels, layer_norm_eps=v.layernorm_eps, hidden_act=act).items():
         setattr(vc, k, val)
-    for k, val in dict(hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size,
-                       num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
-                       num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.norm_eps, vocab_size=vocab,
-                       head_dim=lm.hidden_size // lm.num_heads, hidden_act="silu", attention_bias=False,
-                       mlp_bias=False, tie_word_embeddings=False).items():
+    if v.flavour == "siglip":
+        vc.vision_use_head = use_head
+    text = dict(hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size, num_hidden_layers=lm.num_layers,
+                num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.norm_eps,
+                vocab_size=vocab, hidden_act="silu", tie_word_embeddings=False)
+    if lm.qkv_bias:  # Qwen2: q/k/v biases are built in; head_dim is derived (not a Qwen2Config field)
+        text.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] * lm.num_layers)
+    else:
+        text.update(head_dim=lm.hidden_size // lm.num_heads, attention_bias=False, mlp_bias=False)
+    for k, val in text.items():
         setattr(tc, k, val)
     rp = dict(getattr(tc, "rope_parameters", None) or {})
     rp.update(rope_type="default", rope_theta=float(lm.rope_theta))
@@ -479,7 +515,8 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
         tc.max_position_embeddings = cfg.data.max_seq_len
         tc.bos_token_id, tc.eos_token_id, tc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     hcfg.vision_feature_layer = feature_layer
-    hcfg.vision_feature_select_strategy = v.select_strategy
+    # SigLIP has no class token: HF's 'full' keeps every position, which is what our 'default' does
+    hcfg.vision_feature_select_strategy = "full" if v.flavour == "siglip" else v.select_strategy
     hcfg.image_token_index = tid
     hcfg.image_seq_length = num_image_tokens(v)
     hcfg.projector_hidden_act = "gelu"
@@ -492,13 +529,27 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
         save_safetensors(tensors, tmp)
         hcfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        CLIPImageProcessor(size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size,
-                           "width": v.image_size}, image_mean=v.image_mean, image_std=v.image_std).save_pretrained(tmp)
+        _image_processor(v).save_pretrained(tmp)
     return stage.out
 
 
-def _load_extras(path: str, given: str | None, name: str | None, wanted: list[str], expect) -> dict | None:
-    """The side file's tensors when there is one holding every ``wanted`` name with the shape ``expect(name)``."""
+def _image_processor(v):
+    """CLIP: resize the shortest edge + center crop; SigLIP: resize to a square (as their HF processors do)."""
+    if v.flavour == "siglip":
+        from transformers import SiglipImageProcessor
+
+        return SiglipImageProcessor(size={"height": v.image_size, "width": v.image_size}, image_mean=v.image_mean,
+                                    image_std=v.image_std)
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size,
+                              "width": v.image_size}, image_mean=v.image_mean, image_std=v.image_std)
+
+
+def _load_extras(path: str, given: str | None, name: str | None, wanted: list[str], expect,
+                 optional=()) -> dict | None:
+    """The side file's tensors when there is one holding every ``wanted`` name with the shape ``expect(name)``;
+    the ``optional`` names come along when the file holds all of them."""
     from safetensors import safe_open
 
     if given:
@@ -518,7 +569,7 @@ def _load_extras(path: str, given: str | None, name: str | None, wanted: list[st
                     raise UserError(f"--hf-extra {given}: tensor {missing!r} is missing (the file belongs to "
                                     "another model)")
                 continue
-            out = {k: f.get_tensor(k) for k in wanted}
+            out = {k: f.get_tensor(k) for k in [*wanted, *(optional if set(optional) <= keys else ())]}
         bad = [k for k, t in out.items() if tuple(t.shape) != expect(k)]
         if bad:
             if given:

@@ -1,10 +1,11 @@
-"""Tensor name maps and layout transforms between HF LLaVA (CLIP + LLaMA) and megavlm's megatron-core VLM.
+"""Tensor name maps and layout transforms between HF LLaVA (CLIP/SigLIP + LLaMA/Mistral/Qwen2) and megavlm's
+megatron-core VLM.
 
 Pure functions on tensors and dicts: no process group, no file I/O. See docs/convert.md for the table.
 
 HF names are handled in a *canonical* form per part (what the HF module's own ``state_dict`` uses below the part):
 
-* vision (CLIP):  ``embeddings.patch_embedding.weight``, ``encoder.layers.N.self_attn.q_proj.weight``, ...
+* vision (CLIP, SigLIP):  ``embeddings.patch_embedding.weight``, ``encoder.layers.N.self_attn.q_proj.weight``, ...
 * projector:      ``linear_1.weight``, ...
 * language:       ``embed_tokens.weight``, ``layers.N.self_attn.q_proj.weight``, ``norm.weight``, ``lm_head.weight``
 
@@ -41,8 +42,10 @@ _EXPORT_PREFIX = {"vision": "vision_tower.", "projector": "multi_modal_projector
 
 
 def split_hf_key(key: str, source: str) -> tuple[str, str]:
-    """``source``: ``llava`` | ``clip`` | ``llama``. Returns ``(part, canonical name)``; UserError if unknown."""
-    table = {"llava": _LLAVA_PREFIXES, "clip": _CLIP_PREFIXES, "llama": _LLAMA_PREFIXES}[source]
+    """``source``: ``llava`` | ``clip`` | ``siglip`` | ``llama`` | ``qwen2``. Returns ``(part, canonical name)``;
+    UserError if unknown."""
+    table = {"llava": _LLAVA_PREFIXES, "clip": _CLIP_PREFIXES, "siglip": _CLIP_PREFIXES, "llama": _LLAMA_PREFIXES,
+             "qwen2": _LLAMA_PREFIXES}[source]
     for prefix, part, canon in table:
         if key.startswith(prefix):
             return part, canon + key[len(prefix):]
@@ -91,14 +94,17 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch
 # --------------------------------------------------------------------------------------
 
 
-def vision_map(num_built_layers: int) -> dict[str, tuple[str, tuple[str, ...]]]:
+def vision_map(num_built_layers: int, flavour: str = "clip") -> dict[str, tuple[str, tuple[str, ...]]]:
     m = {
         "patch_weight": ("copy", ("embeddings.patch_embedding.weight",)),
-        "class_embedding": ("copy", ("embeddings.class_embedding",)),
         "position_embeddings": ("copy", ("embeddings.position_embedding.weight",)),
-        "ln_pre.weight": ("copy", ("pre_layrnorm.weight",)),
-        "ln_pre.bias": ("copy", ("pre_layrnorm.bias",)),
     }
+    if flavour == "clip":  # class token and pre-LayerNorm
+        m["class_embedding"] = ("copy", ("embeddings.class_embedding",))
+        m["ln_pre.weight"] = ("copy", ("pre_layrnorm.weight",))
+        m["ln_pre.bias"] = ("copy", ("pre_layrnorm.bias",))
+    else:  # siglip: the patch embedding has a bias, no class token, no pre-LayerNorm
+        m["patch_bias"] = ("copy", ("embeddings.patch_embedding.bias",))
     for i in range(num_built_layers):
         ours, hf = f"decoder.layers.{i}.", f"encoder.layers.{i}."
         for wb in ("weight", "bias"):
@@ -112,8 +118,24 @@ def vision_map(num_built_layers: int) -> dict[str, tuple[str, tuple[str, ...]]]:
     return m
 
 
+#: SigLIP's attention-pooling head (``vision_use_head``), which LLaVA never reads.
+SIGLIP_HEAD = ("head.probe", "head.attention.in_proj_weight", "head.attention.in_proj_bias",
+               "head.attention.out_proj.weight", "head.attention.out_proj.bias", "head.layernorm.weight",
+               "head.layernorm.bias", "head.mlp.fc1.weight", "head.mlp.fc1.bias", "head.mlp.fc2.weight",
+               "head.mlp.fc2.bias")
+
+
+def siglip_head_shape(name: str, hidden: int, ffn: int) -> tuple[int, ...]:
+    """Shape of a :data:`SIGLIP_HEAD` tensor for a tower of width ``hidden`` and MLP width ``ffn``."""
+    return {"head.probe": (1, 1, hidden), "head.attention.in_proj_weight": (3 * hidden, hidden),
+            "head.attention.in_proj_bias": (3 * hidden,), "head.mlp.fc1.weight": (ffn, hidden),
+            "head.mlp.fc1.bias": (ffn,), "head.mlp.fc2.weight": (hidden, ffn)}.get(
+        name, (hidden, hidden) if name == "head.attention.out_proj.weight" else (hidden,))
+
+
 def vision_extra_names(num_layers: int, num_built_layers: int) -> list[str]:
-    """HF CLIP tensors our encoder does not use: layers past the feature layer and the post-LayerNorm."""
+    """HF CLIP/SigLIP tensors our encoder does not use: layers past the feature layer and the post-LayerNorm
+    (SigLIP's pooling head, when there is one, comes on top: :data:`SIGLIP_HEAD`)."""
     names = []
     for i in range(num_built_layers, num_layers):
         hf = f"encoder.layers.{i}."
@@ -128,7 +150,7 @@ def projector_map() -> dict[str, tuple[str, tuple[str, ...]]]:
     return {f"encoder.linear_fc{i}.{wb}": ("copy", (f"linear_{i}.{wb}",)) for i in (1, 2) for wb in ("weight", "bias")}
 
 
-def language_map(num_layers: int) -> dict[str, tuple[str, tuple[str, ...]]]:
+def language_map(num_layers: int, qkv_bias: bool = False) -> dict[str, tuple[str, tuple[str, ...]]]:
     m = {
         "embedding.word_embeddings.weight": ("vocab", ("embed_tokens.weight",)),
         "decoder.final_layernorm.weight": ("copy", ("norm.weight",)),
@@ -138,6 +160,8 @@ def language_map(num_layers: int) -> dict[str, tuple[str, tuple[str, ...]]]:
         ours, hf = f"decoder.layers.{i}.", f"layers.{i}."
         m[ours + "input_layernorm.weight"] = ("copy", (hf + "input_layernorm.weight",))
         m[ours + "self_attention.linear_qkv.weight"] = ("qkv", tuple(hf + f"self_attn.{p}_proj.weight" for p in "qkv"))
+        if qkv_bias:  # Qwen2: same grouped GQA order as the weight rows
+            m[ours + "self_attention.linear_qkv.bias"] = ("qkv", tuple(hf + f"self_attn.{p}_proj.bias" for p in "qkv"))
         m[ours + "self_attention.linear_proj.weight"] = ("copy", (hf + "self_attn.o_proj.weight",))
         m[ours + "pre_mlp_layernorm.weight"] = ("copy", (hf + "post_attention_layernorm.weight",))
         m[ours + "mlp.linear_fc1.weight"] = ("glu", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"))

@@ -259,8 +259,12 @@ def _check_same_model(saved: dict, current: dict, path: str) -> None:
             elif x != y:
                 diffs.append(f"{key}: checkpoint {x!r}, config {y!r}")
 
+    def with_defaults(dflt, got):  # keys added since the checkpoint was written take their defaults
+        return {k: with_defaults(v, got.get(k, {})) if isinstance(v, dict) else got.get(k, v)
+                for k, v in dflt.items()} | {k: v for k, v in got.items() if k not in dflt}
+
     if saved:
-        walk(saved, current, "model")
+        walk(with_defaults(to_dict(Config())["model"], saved), current, "model")
     if diffs:
         raise UserError(f"checkpoint {path} holds another model than the config describes ({'; '.join(diffs[:4])}"
                         f"{'; ...' if len(diffs) > 4 else ''}); load it with the config it was trained with")

@@ -18,6 +18,23 @@ def vision_config():
                             image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=16, hidden_act="quick_gelu")
 
 
+def siglip_config():
+    from transformers import SiglipVisionConfig
+
+    # layer_norm_eps differs from our default (1e-5) and SigLIP's (1e-6) so that the mapping is exercised
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, layer_norm_eps=1e-3,
+                              hidden_act="gelu_pytorch_tanh")
+
+
+def qwen2_config(vocab_size: int, **kw):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6, **kw)
+
+
 def text_config(vocab_size: int, **kw):
     from transformers import LlamaConfig
 
@@ -45,17 +62,21 @@ def save_processor(folder: str) -> None:
                        image_mean=MEAN, image_std=STD).save_pretrained(folder)
 
 
-def make_llava(folder: str, extra_vocab: int = 3, seed: int = 0, **text_kw):
+def make_llava(folder: str, extra_vocab: int = 3, seed: int = 0, vision: str = "clip", text: str = "llama",
+               **text_kw):
     """A LlavaForConditionalGeneration with the synthetic tokenizer (``<image>`` = 4); the embeddings have
-    ``extra_vocab`` rows more than the tokenizer (like llava-hf's padding to 64)."""
+    ``extra_vocab`` rows more than the tokenizer (like llava-hf's padding to 64). ``vision``: clip | siglip
+    (select strategy 'full': SigLIP has no class token); ``text``: llama | qwen2."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from megavlm.data.tokenizer import build_synthetic_tokenizer, image_token_id
 
     tok = build_synthetic_tokenizer(folder)
-    cfg = LlavaConfig(vision_config=vision_config(), text_config=text_config(len(tok) + extra_vocab, **text_kw),
+    text_cfg = {"llama": text_config, "qwen2": qwen2_config}[text](len(tok) + extra_vocab, **text_kw)
+    cfg = LlavaConfig(vision_config=siglip_config() if vision == "siglip" else vision_config(), text_config=text_cfg,
                       image_token_index=image_token_id(tok), vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", image_seq_length=N_IMG)
+                      vision_feature_select_strategy="full" if vision == "siglip" else "default",
+                      image_seq_length=N_IMG)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     randomize(model, seed)
