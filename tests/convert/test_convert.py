@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from hf_models import IMAGE_SIZE, MEAN, N_IMG, STD, make_clip_llama, make_llava, sample_inputs
-from megavlm import runtime
 from megavlm.errors import UserError
-from megavlm.runtime import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,18 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _RUNTIME_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(scope="module")
-def rt():
-    saved = {k: os.environ.get(k) for k in _RUNTIME_ENV}
-    rt = runtime.initialize(1, 1, seed=1)
-    yield rt
-    runtime.shutdown()
-    cpu.disable()
-    for k, v in saved.items():  # a lone-process runtime sets these; later torchrun tests must not inherit them
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_models import N_IMG, make_llava, qwen2_config, randomize, sample_inputs, save_processor, siglip_config
-from test_convert import greedy, load_ours, rt  # noqa: F401  (rt: the module's TP=1/PP=1 runtime fixture)
+from test_convert import greedy, load_ours
 
 
 def _tensors(d):

@@ -4,17 +4,9 @@ features at the <image> tokens, and the vision encoder's feature layer."""
 import pytest
 import torch
 
-from megavlm import runtime
 from megavlm.config import load_config
-from megavlm.runtime import cpu
 
 
-@pytest.fixture(scope="module")
-def rt():
-    rt = runtime.initialize(1, 1, seed=1)
-    yield rt
-    runtime.shutdown()
-    cpu.disable()
 
 
 @pytest.fixture(scope="module")

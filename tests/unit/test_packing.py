@@ -4,22 +4,14 @@ boundaries, positions restarting per sample)."""
 import pytest
 import torch
 
-from megavlm import runtime
 from megavlm.config import load_config, num_image_tokens
 from megavlm.data.packing import pack, sample_length
 from megavlm.data.synthetic import SyntheticVLMDataset
 from megavlm.data.tokenizer import image_token_id, load_tokenizer
-from megavlm.runtime import cpu
 from megavlm.training.trainer import shift_for_next_token
 from megavlm.data.batch import collate
 
 
-@pytest.fixture(scope="module")
-def rt():
-    rt = runtime.initialize(1, 1, seed=3)
-    yield rt
-    runtime.shutdown()
-    cpu.disable()
 
 
 def test_pack_layout():
