@@ -32,7 +32,7 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 kernels:
 	@if [ -f megavlm/_build.py ]; then $(PY) -m megavlm._build --auto; fi
 
-# Trains the tiny demo VLM on 2 CPU ranks (tensor parallel), saves a checkpoint, then answers held-out questions.
+# Trains the tiny demo VLM on 2 CPU ranks (pipeline parallel), saves a checkpoint, then answers held-out questions.
 demo: install
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m megavlm train configs/demo.yaml
 	$(VENV)/bin/megavlm eval configs/demo.yaml

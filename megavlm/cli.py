@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("-n", type=int, default=5, help="samples to print (5)")
     di.add_argument("--image-tokens", type=int, default=576, help="tokens per image (576, LLaVA-1.5 at 336²)")
     di.add_argument("--max-seq-len", type=int, default=None, help="count samples longer than this")
+    ds = dsub.add_parser("synthetic", help="write the embedded synthetic data set as shards (data.shards of CONFIG)",
+                         description="Renders data.num_samples synthetic samples (image size, shapes and seed from "
+                                     "CONFIG) to PNG and writes them to data.shards with the same shard writer as "
+                                     "`data convert`; a directory that already holds a complete set is kept.")
+    ds.add_argument("config")
+    ds.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
 
 
@@ -124,6 +130,8 @@ def _convert(args) -> int:
 def _data(args) -> int:
     from .data import shards
 
+    if args.action == "synthetic":
+        return _data_synthetic(args)
     if args.action == "inspect":
         from .data.inspect import inspect
 
@@ -140,6 +148,31 @@ def _data(args) -> int:
         return _fail(str(e))
     print(f"[megavlm] {shards.format_summary(summary)}", flush=True)
     print(f"[megavlm] summary: {os.path.join(args.out, 'summary.json')}", flush=True)
+    return 0
+
+
+def _data_synthetic(args) -> int:
+    from .data.synthetic import write_synthetic_shards
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(str(e))
+    out = cfg.data.shards
+    if not out:
+        return _fail("data.shards is not set; give the directory to write, e.g. data.shards=runs/demo/shards")
+    if os.path.isfile(os.path.join(out, "summary.json")):
+        print(f"[megavlm] {out} already holds a complete shard set; kept", flush=True)
+        return 0
+    try:
+        summary = write_synthetic_shards(out, cfg.data.num_samples, cfg.model.vision.image_size, cfg.train.seed,
+                                         min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
+                                         workers=os.cpu_count() or 1, progress=True)
+    except UserError as e:
+        return _fail(str(e))
+    from .data import shards
+
+    print(f"[megavlm] {shards.format_summary(summary)}", flush=True)
     return 0
 
 
