@@ -10,7 +10,6 @@ markdown table; nothing here is a test.
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -29,7 +29,7 @@ import torch
 from .. import runtime
 from ..config import Config, ConfigError, MIN_TEXT_TOKENS, _apply_mapping, num_image_tokens, save_config, to_dict, \
     validate
-from ..data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from ..data.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer
 from ..errors import UserError
 from ..training import checkpoint as ckpt
 from . import mapping as M
@@ -281,9 +281,7 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
         if len(tok) > lm.vocab_size:  # grow the embeddings by the new token(s), initialised to the mean row
             new_rows = len(tok) - lm.vocab_size
             lm.vocab_size = len(tok)
-    tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if tid is None or tid == getattr(tok, "unk_token_id", None):
-        raise UserError(f"tokenizer in {tok_dir} has no {IMAGE_TOKEN!r} token")
+    tid = image_token_id(tok)  # UserError when the tokenizer has none
     if image_token is not None and tid != image_token:
         raise UserError(f"tokenizer in {tok_dir}: {IMAGE_TOKEN!r} has id {tid} but config.json says "
                         f"image_token_index={image_token}")
@@ -440,9 +438,7 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     if len(tok) > vocab:
         raise UserError(f"tokenizer {tok_src} has {len(tok)} tokens but the checkpoint's embeddings "
                         f"(language_model.embedding.word_embeddings.weight) have {vocab} rows")
-    tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if tid is None or tid == getattr(tok, "unk_token_id", None):
-        raise UserError(f"tokenizer {tok_src} has no {IMAGE_TOKEN!r} token")
+    tid = image_token_id(tok)
 
     bcfg = _single_layout(cfg)
     bcfg.model.dtype = "bf16" if out_dtype == torch.bfloat16 and cfg.model.dtype == "bf16" else "fp32"

@@ -76,7 +76,7 @@ class VLM(MegatronModule):
             if self.fused_projector:
                 emb = self._fused_project_into(emb, feats, is_image)
             else:
-                proj = self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
+                proj = self._project(feats)
                 emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
         elif n_slots:
             raise ValueError(f"batch has {n_slots} image-token positions but no images")
@@ -94,10 +94,13 @@ class VLM(MegatronModule):
         out = fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu")
         return fused.scatter_rows_fused(emb.view(s * b, h), sj * b + bi, out.reshape(-1, h).to(emb.dtype)).view(s, b, h)
 
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        """megatron's projector on ``(n, t, d)`` features → ``(n, t, h)`` (it works in ``(t, n, ·)``)."""
+        return self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` → projected features ``(n, t, h)`` (the unfused path; for inspection and tests)."""
-        feats = self.vision_model(images)
-        return self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
+        return self._project(self.vision_model(images))
 
     def forward(self, input_ids=None, images=None, labels=None, attention_mask=None, runtime_gather_output=None,
                 packed_seq_params=None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 from PIL import Image

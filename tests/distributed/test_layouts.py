@@ -1,7 +1,6 @@
 """Sharded runs (torchrun-spawned gloo ranks on CPU) against the TP=1/PP=1 run of the same weights and data."""
 
 import os
-import sys
 
 import pytest
 import torch
