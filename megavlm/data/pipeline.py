@@ -81,6 +81,46 @@ def _files(shards_dir: str) -> tuple[list[str], list[str]]:
     return paths, idx
 
 
+def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[list[str], list[list[int]]]:
+    """Index files that list only the samples lying wholly inside their tar, and per shard the positions of the
+    samples dropped.
+
+    A truncated tar (a copy cut short, a full disk) makes DALI's reader fail the whole pipeline for good ("offset is
+    outside of the archive file"). Each index is checked against its tar's size; where samples reach past the end,
+    a trimmed copy of the index goes to a temporary folder (named by the shard's path, size and mtime, so all ranks
+    on a node share it) and the reader gets that instead. The dropped samples are counted as ``truncated_tar``."""
+    import hashlib
+    import tempfile
+
+    from megavlm.data.shards import INDEX_VERSION
+
+    out, dropped = [], []
+    for tar, idx in zip(paths, index_paths):
+        size = os.path.getsize(tar)
+        try:
+            samples = read_index(idx)
+        except ValueError as e:
+            raise UserError(f"{e}; rewrite the shards with `megavlm data convert`") from None
+        keep = [s for s in samples if all(off + n <= size for _, off, n, _ in s)]
+        dropped.append([i for i, s in enumerate(samples) if not all(off + n <= size for _, off, n, _ in s)])
+        if len(keep) == len(samples):
+            out.append(idx)
+            continue
+        st = os.stat(tar)
+        tag = hashlib.sha1(f"{os.path.abspath(tar)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        trimmed = os.path.join(tempfile.gettempdir(), "megavlm-trimmed-idx", tag + ".idx")
+        if not os.path.isfile(trimmed):
+            os.makedirs(os.path.dirname(trimmed), exist_ok=True)
+            tmp = f"{trimmed}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{INDEX_VERSION} {len(keep)}\n")
+                for s in keep:
+                    f.write(" ".join(f"{e} {off} {n} {name}" for e, off, n, name in s) + "\n")
+            os.replace(tmp, trimmed)
+        out.append(trimmed)
+    return out, dropped
+
+
 def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_size: int, mode: str = "resize",
                    output: str = "uint8", mean: Sequence[float] = (0.0, 0.0, 0.0),
                    std: Sequence[float] = (1.0, 1.0, 1.0), batch_size: int = 8, dp_rank: int = 0, dp_size: int = 1,
@@ -183,9 +223,17 @@ class ImageTextLoader:
             raise UserError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
         if batch_size < 1 or max_images < 1 or image_size < 1:
             raise UserError("batch_size, max_images and image_size must be >= 1")
-        self.paths, self.index_paths = _files(shards_dir)
+        self.paths, index_paths = _files(shards_dir)
+        self.index_paths, dropped = complete_indices(self.paths, index_paths)
         self.total = sum(len(read_index(p)) for p in self.index_paths)
         self.num_samples = _shard_range(self.total, dp_rank, dp_size)
+        # Samples lost to truncated tars count against the DP rank whose split they would have been in.
+        lost, first = 0, 0
+        n_all = self.total + sum(len(d) for d in dropped)
+        lo, hi = n_all * dp_rank // dp_size, n_all * (dp_rank + 1) // dp_size
+        for tar, idx, gone in zip(self.paths, index_paths, dropped):
+            lost += sum(lo <= first + i < hi for i in gone)
+            first += len(read_index(idx))
         if self.num_samples == 0:
             raise UserError(f"DP rank {dp_rank} of {dp_size} gets no samples ({self.total} in {shards_dir})")
         self.device = device or ("mixed" if gpu_available() else "cpu")
@@ -196,7 +244,7 @@ class ImageTextLoader:
         self.batch_size, self.max_images, self.image_size = batch_size, max_images, image_size
         self.mode, self.output, self.train, self.seed = mode, output, train, seed
         self.mean, self.std = tuple(mean), tuple(std)
-        self.skipped: dict[str, int] = {}
+        self.skipped: dict[str, int] = {"truncated_tar": lost} if lost else {}
         self._load(None)
 
     # -------------------------------------------------------------- state
@@ -281,7 +329,10 @@ class ImageTextLoader:
         return batch
 
     def _sample(self, js, info, i: int, images: list) -> dict:
-        record = json.loads(np.asarray(js[i]).tobytes().decode("utf-8"))
+        try:
+            record = json.loads(np.asarray(js[i]).tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None  # not a record: the consumer skips and counts it (malformed_record)
         src = np.asarray(info[i]).tobytes().decode("utf-8")
         key = src.rsplit(":", 1)[-1].split(".", 1)[0]
         if images:

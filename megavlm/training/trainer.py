@@ -98,6 +98,8 @@ class ShardTrainData:
         from ..data.conversation import IGNORE_INDEX, SampleTooLong, encode_conversation, record_turns
 
         try:
+            if not isinstance(sample["record"], dict):
+                raise ValueError("not a JSON object")
             turns = record_turns(sample["record"])
             if not turns:
                 raise ValueError("no (question, answer) turn")

@@ -184,6 +184,42 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, train):
     assert loader.skipped == {"undecodable_image": 2}
 
 
+def test_truncated_tar_keeps_its_whole_samples_and_counts_the_rest(tmp_path):
+    """A tar cut short (a copy interrupted, a full disk): DALI's reader would fail the pipeline for good; the loader
+    reads the samples that lie wholly inside the file and counts the others as ``truncated_tar``."""
+    d = str(tmp_path / "cut")
+    write_shards(_records(10, "PNG"), d, 5, progress=False)
+    tar = shard_paths(d)[0]
+    entries = read_index(d + "/shard-000000.idx")
+    end_of_2 = max(off + n for _, off, n, _ in entries[2])
+    with open(tar, "r+b") as f:  # cut inside sample 3's files: samples 0-2 are whole, 3-4 are lost
+        f.truncate(end_of_2 + 700)
+    assert any(off + n > os.path.getsize(tar) for _, off, n, _ in entries[3])
+    for dp_size in (1, 2):
+        loaders = [ImageTextLoader(d, image_size=16, batch_size=3, device="cpu", dp_rank=r, dp_size=dp_size)
+                   for r in range(dp_size)]
+        keys = sorted(s["key"] for lo in loaders for s in _all(lo))
+        assert keys == [f"{i:09d}" for i in (0, 1, 2, 5, 6, 7, 8, 9)]
+        assert sum(lo.skipped.get("truncated_tar", 0) for lo in loaders) == 2
+    ref = _ref_images(d, "resize", 16)
+    for s in _all(ImageTextLoader(d, image_size=16, batch_size=4, device="cpu")):
+        assert np.abs(s["images"][0].numpy().astype(int) - ref[s["key"]][0].astype(int)).max() <= TOL
+
+
+def test_record_that_is_not_json_comes_out_as_none(tmp_path):
+    """A sample whose .json is garbage reaches the consumer as ``record=None`` (ShardTrainData counts it as a
+    malformed record), never a crash of the loader."""
+    d = str(tmp_path / "badjson")
+    write_shards(_records(4, "PNG"), d, 4, progress=False)
+    (_, off, n, _), = [c for c in read_index(d + "/shard-000000.idx")[1] if c[0] == "json"]
+    with open(shard_paths(d)[0], "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff{not json" + b" " * (n - 11))
+    got = {s["key"]: s["record"] for s in _all(ImageTextLoader(d, image_size=16, batch_size=2, device="cpu"))}
+    assert got["000000001"] is None
+    assert all(isinstance(got[k], dict) for k in got if k != "000000001") and len(got) == 4
+
+
 def _ref_images_skip(d):
     from megavlm.data.shards import iter_shards
 
