@@ -46,6 +46,7 @@ __all__ = [
     "dp_size",
     "num_image_tokens",
     "checkpoint_dir",
+    "shards_dir",
     "to_dict",
     "to_yaml",
     "save_config",
@@ -57,6 +58,7 @@ __all__ = [
     "PROJECTOR_CHOICES",
     "LR_SCHEDULE_CHOICES",
     "STAGE_CHOICES",
+    "RECOMPUTE_CHOICES",
     "DATA_SOURCE_CHOICES",
     "MIN_TEXT_TOKENS",
     "MAX_SHAPES_LIMIT",
@@ -79,7 +81,8 @@ SELECT_STRATEGY_CHOICES = ("default", "full")
 PROJECTOR_CHOICES = ("linear", "mlp2x_gelu")
 LR_SCHEDULE_CHOICES = ("cosine", "linear", "constant")
 STAGE_CHOICES = (1, 2, 3)
-DATA_SOURCE_CHOICES = ("synthetic", "shards")
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+DATA_SOURCE_CHOICES = ("synthetic", "synthetic_shards", "shards")
 IMAGE_MODE_CHOICES = ("resize", "pad", "crop")
 #: The names of data/conversation.py's TEMPLATES (kept here so config checks need no torch; a test keeps them equal).
 TEMPLATE_CHOICES = ("vicuna", "vicuna_v1", "plain", "llama_2", "chatml")
@@ -235,17 +238,28 @@ class TrainConfig:
     #: Save and exit once the step count reaches a multiple of this (0 = never), e.g. to fit a cluster time limit;
     #: the next run with ``checkpoint.load=auto`` continues exactly where this one stopped.
     exit_interval: int = 0
+    #: Activation recomputation (megatron's ``recompute_granularity``): ``none`` keeps every activation;
+    #: ``selective`` recomputes the core attention in the backward pass (drops the s² attention scores);
+    #: ``full`` keeps only each transformer layer's input and recomputes the layer (``recompute_method=uniform``,
+    #: one layer per unit). ``megavlm plan`` shows what each saves.
+    recompute: str = "none"
 
 
 @dataclass
 class DataConfig:
     """Training/eval data."""
 
-    #: ``synthetic`` (rendered shapes, in memory) or ``shards`` (WebDataset shards of ``megavlm data convert``, read
-    #: through the DALI pipeline).
+    #: ``synthetic_shards`` (the rendered-shapes set written as shards to ``data.shards`` on first use, then read like
+    #: any shards), ``shards`` (WebDataset shards of ``megavlm data convert``, read through the DALI pipeline) or
+    #: ``synthetic`` (the rendered-shapes set in memory, in a global order that does not depend on the DP size).
     source: str = "synthetic"
-    #: Shard directory for ``source=shards``.
+    #: Shard directory: read for ``source=shards``; written (if not already there) and read for
+    #: ``source=synthetic_shards``, where null means ``{run_dir}/shards``.
     shards: Optional[str] = None
+    #: Pack several samples into each sequence of ``max_seq_len`` tokens (no attention across samples, positions
+    #: restart per sample); sources with shards only, ``train.micro_batch`` 1 (a micro-batch is one packed
+    #: sequence), and an attention that takes packed sequences (``model.spec`` sdpa, te, or auto).
+    packing: bool = False
     #: Conversation template for shard records: vicuna|vicuna_v1|plain|llama_2|chatml.
     template: str = "vicuna"
     #: How images are fitted to the encoder's square input: resize (squash) | pad (LLaVA's expand-to-square) | crop.
@@ -620,6 +634,13 @@ def num_image_tokens(vision: VisionConfig) -> int:
     return n
 
 
+def shards_dir(cfg: "Config") -> Optional[str]:
+    """Where the training shards are: ``data.shards``, or ``{run_dir}/shards`` for ``source=synthetic_shards``."""
+    if cfg.data.shards:
+        return cfg.data.shards
+    return os.path.join(cfg.run_dir, "shards") if cfg.data.source == "synthetic_shards" else None
+
+
 def checkpoint_dir(cfg: Config) -> str:
     """``checkpoint.dir`` or, when it is None, ``{run_dir}/checkpoints``."""
     if cfg.checkpoint.dir is not None:
@@ -708,8 +729,18 @@ def validate(cfg: Config, world_size: int) -> int:
     _check_choice("model.projector.type", m.projector.type, PROJECTOR_CHOICES)
     _check_choice("train.lr_schedule", tr.lr_schedule, LR_SCHEDULE_CHOICES)
     _check_choice("train.stage", tr.stage, STAGE_CHOICES)
+    _check_choice("train.recompute", tr.recompute, RECOMPUTE_CHOICES)
     _check_choice("data.source", data.source, DATA_SOURCE_CHOICES)
     _check_choice("data.image_mode", data.image_mode, IMAGE_MODE_CHOICES)
+    if data.packing:
+        if data.source == "synthetic":
+            raise ConfigError("data.packing needs data.source=shards or synthetic_shards")
+        if tr.micro_batch != 1:
+            raise ConfigError(f"data.packing needs train.micro_batch=1 (a micro-batch is one packed sequence), got "
+                              f"{tr.micro_batch}; raise train.global_batch instead")
+        if m.spec == "local":
+            raise ConfigError("data.packing needs an attention that takes packed sequences: model.spec=auto, sdpa "
+                              "or te (not local)")
     if data.source == "shards":
         if not data.shards:
             raise ConfigError("data.source=shards needs data.shards=DIR (shards written by `megavlm data convert`)")

@@ -19,6 +19,7 @@ No megatron import here; nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 import zlib
 from functools import lru_cache
 from typing import Sequence
@@ -470,5 +471,48 @@ def write_synthetic_shards(
                 }
 
     return write_shards(records(), out_dir, shard_size, workers=workers, progress=progress, total=num_samples,
-                        extra_summary={"format": "synthetic", "split": split, "seed": seed,
-                                       "image_size": image_size})
+                        extra_summary=_fingerprint(num_samples, image_size, seed, split, min_shapes, max_shapes))
+
+
+def _fingerprint(num_samples, image_size, seed, split, min_shapes, max_shapes) -> dict:
+    return {"format": "synthetic", "split": split, "seed": int(seed), "image_size": int(image_size),
+            "num_samples": int(num_samples), "min_shapes": int(min_shapes), "max_shapes": int(max_shapes)}
+
+
+def ensure_synthetic_shards(out_dir: str, num_samples: int, image_size: int, seed: int, *, min_shapes: int = 1,
+                            max_shapes: int = MAX_SHAPES, workers: int = 1, progress: bool = False) -> dict | None:
+    """The training split of the synthetic set as shards in ``out_dir``, written unless a complete set with the same
+    parameters is already there (its ``summary.json`` says so). Returns the new summary, or None when kept.
+
+    A set written with other parameters is replaced (only one that ``summary.json`` marks as synthetic: anything
+    else in ``out_dir`` raises UserError and is left alone). Writing goes to ``out_dir.tmp-PID`` and is renamed into
+    place when complete, so an interrupted run leaves no set that looks complete."""
+    import json
+    import shutil
+
+    from megavlm.errors import UserError
+
+    want = _fingerprint(num_samples, image_size, seed, "train", min_shapes, max_shapes)
+    summary_path = os.path.join(out_dir, "summary.json")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        try:
+            with open(summary_path) as f:
+                have = json.load(f)
+        except (OSError, ValueError):
+            have = {}
+        if have.get("format") != "synthetic":
+            raise UserError(f"{out_dir} is not empty and holds no synthetic shard set; give data.shards a new "
+                            "directory for the synthetic data")
+        if all(have.get(k) == v for k, v in want.items()):
+            return None
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = write_synthetic_shards(tmp, num_samples, image_size, seed, min_shapes=min_shapes,
+                                         max_shapes=max_shapes, workers=workers, progress=progress)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary

@@ -103,14 +103,15 @@ class SDPAttention(MegatronModule):
         return out.squeeze(0).permute(1, 0, 2).reshape(t, -1)
 
 
-def resolve_backend(spec: str, on_gpu: bool) -> str:
-    """``auto`` → ``te`` when Transformer Engine imports on GPU, ``sdpa`` on GPU otherwise, ``local`` on CPU."""
+def resolve_backend(spec: str, on_gpu: bool, packed: bool = False) -> str:
+    """``auto`` → ``te`` when Transformer Engine imports on GPU, ``sdpa`` on GPU otherwise, ``local`` on CPU
+    (``sdpa`` there too for packed sequences, which megatron's local attention cannot mask)."""
     if spec != "auto":
         if spec in ("sdpa", "te") and not on_gpu:
-            return "local" if spec == "te" else spec
+            return "sdpa" if packed else ("local" if spec == "te" else spec)
         return spec
     if not on_gpu:
-        return "local"
+        return "sdpa" if packed else "local"
     try:
         import transformer_engine  # noqa: F401
 
@@ -185,7 +186,18 @@ def _common(cfg, rt, dtype: torch.dtype) -> dict:
         use_cpu_initialization=not rt.on_gpu,
         init_method_std=0.02,
         calculate_per_token_loss=True,
+        **_recompute(cfg.train.recompute),
     )
+
+
+def _recompute(mode: str) -> dict:
+    """``train.recompute`` as megatron's fields: ``selective`` recomputes the core attention (megatron's default
+    ``recompute_modules``); ``full`` recomputes every transformer layer from its input, one layer per unit."""
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
 
 
 def language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:

@@ -32,7 +32,7 @@ class VLM(MegatronModule):
                  pre_process: bool, post_process: bool):
         lang_cfg = specs.language_config(cfg, rt, dtype)
         super().__init__(config=lang_cfg)
-        backend = specs.resolve_backend(cfg.model.spec, rt.on_gpu)
+        backend = specs.resolve_backend(cfg.model.spec, rt.on_gpu, packed=cfg.data.packing)
         self.backend = backend
         self.kernels = ops.resolve_kernels(cfg.model.kernels)
         # The fused projector runs the whole MLP on one rank; with TP the megatron layers split it instead.

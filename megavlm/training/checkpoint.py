@@ -143,11 +143,12 @@ def load_common(path: str) -> dict:
 def load(path: str, model, optimizer=None, same_layout: bool = True, data_state: bool = False) -> dict:
     """Load model (and optimizer when given and saved) from ``path`` into the live objects; restores RNG when
     the layout matches the saved one. Returns the checkpoint's common dict, with ``data_state`` (this rank's data
-    loader position) added when asked for, saved, and the layout is the same."""
+    loader position) added when asked for and saved. The caller asks only when the data-parallel layout is the
+    saved one: TP/PP ranks hold copies of their DP rank's position, so TP and PP may change."""
     common = load_common(path)
     with_opt = optimizer is not None and common.get("has_optimizer", False)
     state = _sharded_state(model, optimizer, include_optimizer=with_opt, include_rng=same_layout, is_loading=True)
-    with_data = data_state and same_layout and common.get("has_data_state", False)
+    with_data = data_state and common.get("has_data_state", False)
     if with_data:
         state["data_state"] = _data_state(None)
     loaded = dist_checkpointing.load(state, path)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import runtime
-from ..config import Config, checkpoint_dir, num_image_tokens, save_config, to_dict
+from ..config import Config, checkpoint_dir, num_image_tokens, save_config, shards_dir, to_dict
 from ..data.batch import collate
 from ..data.synthetic import SyntheticVLMDataset
 from ..data.tokenizer import image_token_id, load_tokenizer
@@ -66,30 +66,37 @@ class TrainData:
 
 
 class ShardTrainData:
-    """Micro-batches from WebDataset shards (``data.source=shards``) through the DALI pipeline, split by DP rank.
+    """Micro-batches from WebDataset shards (``data.source=shards|synthetic_shards``) through the DALI pipeline, split
+    by DP rank.
 
-    Every TP/PP rank of a replica runs the same loader (same shard split and seed), so all see the same samples.
-    A sample that cannot be used — an undecodable image (counted by the loader), a record that is not a
+    Only the first pipeline stage needs images, so only its ranks run the loader (every TP rank of it, with the same
+    shard split and seed, so all see the same samples); it sends the text of each step (ids, labels, loss mask and,
+    packed, the sample boundaries) to the later stages of its pipeline. A sample that cannot be used — an
+    undecodable image or a sample cut off by a truncated tar (counted by the loader), a record that is not a
     conversation, a conversation too long for ``data.max_seq_len`` or with no supervised token — is skipped and
     counted, and the next one takes its place; above ``data.max_bad_share`` of the samples read the run stops.
+    With ``data.packing`` each micro-batch is one sequence of several samples (data/packing.py).
     ``state_dict()`` (loader position + samples read ahead) goes into each checkpoint, so a resumed run continues
     at the exact sample.
     """
 
     MIN_SAMPLES_FOR_BAD_SHARE = 32  # judge the share only once a few samples have been read
 
-    def __init__(self, cfg: Config, tokenizer, rt: runtime.Runtime):
-        from ..data.pipeline import ImageTextLoader
-
+    def __init__(self, cfg: Config, tokenizer, rt: runtime.Runtime, shards: str):
         self.cfg, self.rt, self.tok = cfg, rt, tokenizer
         d, v = cfg.data, cfg.model.vision
         self.per_dp = cfg.train.global_batch // rt.dp
         self.num_microbatches = self.per_dp // cfg.train.micro_batch
         self.n_img_tokens = num_image_tokens(v)
-        self.loader = ImageTextLoader(
-            d.shards, image_size=v.image_size, mode=d.image_mode, output="uint8", mean=v.image_mean,
-            std=v.image_std, batch_size=self.per_dp, dp_rank=rt.dp_rank, dp_size=rt.dp, train=True,
-            seed=cfg.train.seed, max_images=d.max_images)
+        self.loader = None
+        if rt.is_first_stage:
+            from ..data.pipeline import ImageTextLoader
+
+            self.loader = ImageTextLoader(
+                shards, image_size=v.image_size, mode=d.image_mode, output="uint8", mean=v.image_mean,
+                std=v.image_std, batch_size=self.per_dp, dp_rank=rt.dp_rank, dp_size=rt.dp, train=True,
+                seed=cfg.train.seed, max_images=d.max_images)
+        self.shards = shards
         self.ready: list[dict] = []
         self.read = 0
         self.skipped: dict[str, int] = {}
@@ -107,7 +114,7 @@ class ShardTrainData:
                                       self.cfg.data.max_seq_len, template=self.cfg.data.template)
         except SampleTooLong:
             return self._skip("too_long")
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return self._skip("malformed_record")
         if not bool((enc["labels"] != IGNORE_INDEX).any()):
             return self._skip("no_supervised_tokens")
@@ -118,7 +125,7 @@ class ShardTrainData:
         return None
 
     def bad_counts(self) -> dict[str, int]:
-        return {**self.loader.skipped, **self.skipped}
+        return {**(self.loader.skipped if self.loader else {}), **self.skipped}
 
     def _check_bad_share(self) -> None:
         bad = sum(self.bad_counts().values())
@@ -126,40 +133,127 @@ class ShardTrainData:
         if seen >= self.MIN_SAMPLES_FOR_BAD_SHARE and bad / seen > self.cfg.data.max_bad_share:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.bad_counts().items()))
             raise UserError(
-                f"{bad} of {seen} samples from {self.cfg.data.shards} were unusable ({reasons}), more than "
+                f"{bad} of {seen} samples from {self.shards} were unusable ({reasons}), more than "
                 f"data.max_bad_share={self.cfg.data.max_bad_share}; check the shards (megavlm data inspect) and that "
                 f"data.template={self.cfg.data.template} fits the tokenizer")
 
-    def microbatches(self, step_index: int) -> list[dict]:
-        while len(self.ready) < self.per_dp:
+    def _read_more(self) -> None:
+        batch = None
+        while batch is None:  # None: the end of an epoch, the next call starts the next one
             batch = self.loader.next_batch()
-            if batch is None:  # end of an epoch: the next call starts the next one
-                continue
-            for sample in batch:
-                self.read += 1
-                enc = self._encode(sample)
-                if enc is not None:
-                    self.ready.append(enc)
-            self._check_bad_share()
+        for sample in batch:
+            self.read += 1
+            enc = self._encode(sample)
+            if enc is not None:
+                self.ready.append(enc)
+        self._check_bad_share()
+
+    def _build(self) -> list[dict]:
+        """This step's micro-batches (on the first pipeline stage), on the host."""
+        n_mb = self.num_microbatches
+        if self.cfg.data.packing:
+            from ..data.packing import pack
+
+            while True:  # enough samples read that the first n_mb sequences are as full as they get
+                packed = pack(self.ready, self.cfg.data.max_seq_len, self.tok.pad_token_id) if self.ready else []
+                if len(packed) > n_mb:
+                    break
+                self._read_more()
+            take = packed[:n_mb]
+            self.ready = self.ready[sum(len(p.samples) for p in take):]
+            return [{"input_ids": p.input_ids, "labels": p.labels, "loss_mask": p.loss_mask, "images": p.images,
+                     "cu_seqlens": p.cu_seqlens} for p in take]
+        while len(self.ready) < self.per_dp:
+            self._read_more()
         take, self.ready = self.ready[: self.per_dp], self.ready[self.per_dp:]
         mb = self.cfg.train.micro_batch
-        out = []
-        for j in range(self.num_microbatches):
-            batch = shift_for_next_token(collate(take[j * mb:(j + 1) * mb]))
-            out.append({k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()})
-        return out
+        return [shift_for_next_token(collate(take[j * mb:(j + 1) * mb])) for j in range(n_mb)]
+
+    def microbatches(self, step_index: int) -> list[dict]:
+        if self.rt.pp == 1:
+            out = self._build()
+        elif self.rt.is_first_stage:
+            try:
+                out = self._build()
+            except UserError as e:
+                self._send(None, str(e))
+                raise
+            self._send(out, None)
+        else:
+            out = self._receive()
+        return [self._finish(b) for b in out]
+
+    def _finish(self, batch: dict) -> dict:
+        batch = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items() if v is not None}
+        cu = batch.pop("cu_seqlens", None)
+        if cu is not None:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            longest = int((cu[1:] - cu[:-1]).max())
+            batch["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                         max_seqlen_q=longest, max_seqlen_kv=longest)
+        batch.setdefault("images", None)
+        return batch
+
+    # The first stage sends each step's text to the later stages of its pipeline: a header (an error message, or
+    # the sample boundaries of packed sequences) as an object, then ids / labels / loss mask as one tensor.
+    def _group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_pipeline_model_parallel_first_rank()
+
+    def _send(self, out: list[dict] | None, error: str | None) -> None:
+        group, src = self._group()
+        header = [{"error": error, "cu_seqlens": None if out is None or "cu_seqlens" not in out[0]
+                   else [b["cu_seqlens"].tolist() for b in out]}]
+        torch.distributed.broadcast_object_list(header, src=src, group=group, device=self.rt.device)
+        if error is None:
+            text = torch.stack([torch.stack([b["input_ids"], b["labels"], b["loss_mask"].to(torch.long)])
+                                for b in out]).to(self.rt.device)
+            torch.distributed.broadcast(text, src=src, group=group)
+
+    def _receive(self) -> list[dict]:
+        group, src = self._group()
+        header = [None]
+        torch.distributed.broadcast_object_list(header, src=src, group=group, device=self.rt.device)
+        if header[0]["error"] is not None:
+            raise UserError(f"the data loader of the first pipeline stage stopped the run: {header[0]['error']}")
+        mb = self.cfg.train.micro_batch
+        text = torch.empty((self.num_microbatches, 3, mb, self.cfg.data.max_seq_len), dtype=torch.long,
+                           device=self.rt.device)
+        torch.distributed.broadcast(text, src=src, group=group)
+        cus = header[0]["cu_seqlens"]
+        return [{"input_ids": t[0], "labels": t[1], "loss_mask": t[2].to(torch.float32),
+                 "cu_seqlens": None if cus is None else torch.tensor(cus[j], dtype=torch.int32)}
+                for j, t in enumerate(text)]
 
     def state_dict(self) -> dict:
+        if self.loader is None:  # later pipeline stages read nothing; the first stage's copy is the one saved
+            return {}
         return {"loader": self.loader.state_dict(), "ready": self.ready, "read": self.read,
                 "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.loader is None:
+            return
         self.loader.load_state_dict(state["loader"])
         self.ready, self.read, self.skipped = list(state["ready"]), int(state["read"]), dict(state["skipped"])
 
 
 def build_train_data(cfg: Config, tokenizer, rt: runtime.Runtime):
-    return ShardTrainData(cfg, tokenizer, rt) if cfg.data.source == "shards" else TrainData(cfg, tokenizer, rt)
+    if cfg.data.source == "synthetic":
+        return TrainData(cfg, tokenizer, rt)
+    path = shards_dir(cfg)
+    if cfg.data.source == "synthetic_shards":
+        if rt.rank == 0:
+            from ..data.synthetic import ensure_synthetic_shards
+
+            d, v = cfg.data, cfg.model.vision
+            if ensure_synthetic_shards(path, d.num_samples, v.image_size, cfg.train.seed, min_shapes=d.min_shapes,
+                                       max_shapes=d.max_shapes, workers=min(4, os.cpu_count() or 1)) is not None:
+                print(f"[megavlm] wrote the synthetic training set ({d.num_samples} samples) to {path}", flush=True)
+        torch.distributed.barrier()  # the other ranks read what rank 0 wrote (a shared file system across nodes)
+    return ShardTrainData(cfg, tokenizer, rt, path)
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -172,7 +266,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
-    out = model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"])
+    out = model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
+                packed_seq_params=batch.get("packed_seq_params"))
     return out, partial(_loss_func, batch["loss_mask"])
 
 
@@ -299,8 +394,10 @@ def train(cfg: Config) -> dict:
         # The optimizer state reshards over TP/PP, but not between the plain and the distributed optimizer.
         with_opt = (not cfg.checkpoint.finetune and common.get("has_optimizer")
                     and layout.get("distributed_optimizer") == cfg.parallel.distributed_optimizer)
+        same_dp = (layout.get("dp"), common.get("config", {}).get("train", {}).get("global_batch")) == (
+            rt.dp, cfg.train.global_batch)
         loaded = ckpt.load(load_path, model, optimizer if with_opt else None, same_layout=same,
-                           data_state=hasattr(data, "load_state_dict") and not cfg.checkpoint.finetune)
+                           data_state=hasattr(data, "load_state_dict") and not cfg.checkpoint.finetune and same_dp)
         if not cfg.checkpoint.finetune:
             if "scheduler" in common:
                 scheduler.load_state_dict(common["scheduler"])
