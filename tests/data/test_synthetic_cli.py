@@ -21,5 +21,19 @@ def test_writes_then_keeps(tmp_path):
     key, record, files = got[7]
     assert record["conversations"][1]["value"] == meta[7]["answer"]
     second = run(args)
-    assert "already holds a complete shard set" in second.stdout
-    assert "data.shards is not set" in run(["data", "synthetic", "configs/tiny_cpu.yaml"], check=False).stderr
+    assert "already holds this synthetic set; kept" in second.stdout
+    third = run(args[:-1] + ["data.num_samples=24"])  # another set: replaced, not mixed in
+    assert "kept 24 of 24" in third.stdout and len(list(iter_shards(str(out)))) == 24
+    assert json.load(open(out / "summary.json"))["num_samples"] == 24
+
+
+def test_default_folder_and_foreign_content(tmp_path):
+    """data.shards=null writes to {run_dir}/shards; a folder holding something else is never overwritten."""
+    run(["data", "synthetic", "configs/tiny_cpu.yaml", f"run_dir={tmp_path}", "data.num_samples=8"])
+    assert json.load(open(tmp_path / "shards" / "summary.json"))["kept"] == 8
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    bad = run(["data", "synthetic", "configs/tiny_cpu.yaml", f"data.shards={mine}", "data.num_samples=8"], check=False)
+    assert bad.returncode == 2 and "holds no synthetic shard set" in bad.stderr and "Traceback" not in bad.stderr
+    assert (mine / "notes.txt").read_text() == "precious" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
