@@ -1,6 +1,6 @@
 """``megavlm eval``: greedy answers to the held-out colour questions from a checkpoint, loaded at TP=1/PP=1 in one
-process whatever layout it was saved at; accuracy printed next to chance level and written to
-``{run_dir}/eval.json``."""
+process whatever layout it was saved at (KV-cache decoding, :mod:`megavlm.inference.generate`); accuracy printed
+next to chance level and written to ``{run_dir}/eval.json``."""
 
 from __future__ import annotations
 
@@ -9,20 +9,18 @@ import os
 
 import torch
 
-from .. import runtime
 from ..config import Config, checkpoint_dir, num_image_tokens
 from ..data.synthetic import SyntheticVLMDataset
-from ..data.tokenizer import image_token_id, load_tokenizer
+from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..training import checkpoint as ckpt
-from .generate import greedy_generate
+from .generate import generate
+from .load import build_and_load, inference_layout, init_runtime
 
 
 def load_for_inference(cfg: Config):
     """Runtime (TP=1/PP=1), tokenizer, and the model with the checkpoint's weights; returns (rt, tok, model, path)."""
-    from ..models.vlm import build_model
-
-    rt = runtime.initialize(1, 1, cfg.train.seed)
+    rt = init_runtime(1, cfg.train.seed)
     run_tok = os.path.join(cfg.run_dir, "tokenizer")
     tok = load_tokenizer(cfg.data.tokenizer or (run_tok if os.path.isdir(run_tok) else None))
     load = cfg.checkpoint.load if cfg.checkpoint.load != "none" else "auto"
@@ -31,11 +29,9 @@ def load_for_inference(cfg: Config):
         raise UserError(f"no checkpoint under {checkpoint_dir(cfg)}; train first (megavlm train ...) or pass "
                         "checkpoint.load=PATH")
     saved = ckpt.load_common(path).get("config", {})
-    vocab = cfg.model.language.vocab_size or saved.get("model", {}).get("language", {}).get("vocab_size") or len(tok)
-    cfg.model.language.vocab_size = vocab
-    model = build_model(cfg, rt, vocab, image_token_id(tok))
-    ckpt.load(path, model, optimizer=None, same_layout=False)
-    model.eval()
+    cfg.model.language.vocab_size = (cfg.model.language.vocab_size
+                                     or saved.get("model", {}).get("language", {}).get("vocab_size") or len(tok))
+    model = build_and_load(inference_layout(cfg), path, tok, rt)
     return rt, tok, model, path
 
 
@@ -53,9 +49,8 @@ def evaluate(cfg: Config, limit: int | None = None, show: int = 5, batch_size: i
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         images = torch.stack([it["image"] for it in chunk])  # uint8 (n, H, W, 3)
-        answers = greedy_generate(model, [it["prompt_ids"] for it in chunk], images.to(rt.device),
-                                  max_new_tokens=8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                  vocab_size=len(tok))
+        answers = generate(model, [it["prompt_ids"] for it in chunk], images.to(rt.device), max_new_tokens=8,
+                           eos_id=tok.eos_token_id, vocab_size=len(tok), pad_id=tok.pad_token_id).tokens
         for it, ans in zip(chunk, answers):
             text = tok.decode(ans, skip_special_tokens=True).strip()
             ok = text == it["answer"]

@@ -1,0 +1,180 @@
+"""``megavlm generate``: decode from any megavlm checkpoint (see docs/generate.md).
+
+Every user mistake (no checkpoint, an unreadable image, an empty prompt, a bad sampling flag) is found before any
+process group starts and raised as :class:`~megavlm.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..config import num_image_tokens
+from ..errors import UserError
+from .generate import Sampling
+
+
+@dataclass
+class Request:
+    ckpt: str
+    image: str | None = None
+    prompt: str | None = None
+    input_ids: str | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    tokenizer: str | None = None
+    template: str | None = None
+    tp: int | None = None
+    output: str = "text"
+
+
+def parse_input_ids(text: str) -> list[int]:
+    """``"1, 5 9"`` → ``[1, 5, 9]`` (commas and/or spaces)."""
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise UserError("--input-ids is empty; give token ids separated by commas or spaces")
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--input-ids {text!r}: not a list of integers (e.g. --input-ids 1,5,9)") from None
+    if min(ids) < 0:
+        raise UserError(f"--input-ids: token ids must be >= 0, got {min(ids)}")
+    return ids
+
+
+def load_image(path: str, cfg) -> torch.Tensor:
+    """The image as training sees it: ``data.image_mode`` at ``model.vision.image_size`` (the PIL reference of the
+    data pipeline's eval transform), uint8 ``(1, S, S, 3)`` for the model's patch embedding."""
+    from PIL import Image
+
+    from ..data.pipeline import reference_transform
+
+    if not os.path.isfile(path):
+        raise UserError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+        raise UserError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+    v = cfg.model.vision
+    if v.num_channels != 3:
+        raise UserError(f"the model takes {v.num_channels}-channel images; --image gives RGB")
+    arr = reference_transform(im, v.image_size, cfg.data.image_mode, train=False, mean=v.image_mean)
+    return torch.from_numpy(arr).unsqueeze(0)
+
+
+def _prompt_ids(req: Request, cfg, tok, n_images: int) -> torch.Tensor:
+    from ..data.conversation import encode_prompt
+    from ..data.tokenizer import image_token_id
+
+    n_img = num_image_tokens(cfg.model.vision)
+    if req.input_ids is not None:
+        ids = parse_input_ids(req.input_ids)
+        vocab = cfg.model.language.vocab_size or len(tok)
+        if max(ids) >= vocab:
+            raise UserError(f"--input-ids: id {max(ids)} is past the vocabulary ({vocab} tokens)")
+        try:
+            tid = image_token_id(tok)
+        except UserError:
+            tid = None
+        count = ids.count(tid) if tid is not None else 0
+        if count and not n_images:
+            raise UserError(f"--input-ids holds {count} image-token ids ({tid}) but no --image was given")
+        if n_images and count == 1 and n_img > 1:  # one <image> id: expand it as the template encoder does
+            k = ids.index(tid)
+            ids = ids[:k] + [tid] * n_img + ids[k + 1:]
+        elif n_images and count != n_img:
+            raise UserError(f"--input-ids holds {count} image-token ids ({tid}); with --image give one (expanded "
+                            f"here) or exactly {n_img}, the tokens one image occupies")
+        return torch.tensor(ids, dtype=torch.long)
+    template = req.template or cfg.data.template
+    try:
+        return encode_prompt(tok, req.prompt, num_images=n_images, num_image_tokens=n_img, template=template)
+    except ValueError as e:
+        raise UserError(f"--prompt: {e}") from None
+
+
+def check(req: Request) -> Sampling:
+    if (req.prompt is None) == (req.input_ids is None):
+        raise UserError("give exactly one of --prompt TEXT and --input-ids IDS")
+    if req.prompt is not None and not req.prompt.strip():
+        raise UserError("--prompt is empty; give the question to answer")
+    if req.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {req.max_new_tokens}: must be >= 1")
+    if req.output not in ("text", "json"):
+        raise UserError(f"--output {req.output}: choose text or json")
+    sampling = Sampling(req.temperature, req.top_k, req.top_p, req.seed)
+    try:
+        sampling.check()
+    except ValueError as e:
+        raise UserError(e.args[0].replace("temperature", "--temperature").replace("top_k", "--top-k")
+                        .replace("top_p", "--top-p")) from None
+    if req.tp is not None and req.tp < 1:
+        raise UserError(f"--tp {req.tp}: must be >= 1")
+    return sampling
+
+
+def run(req: Request) -> dict:
+    """Load, decode, print (on rank 0); returns the result dict that ``--output json`` prints."""
+    from .. import runtime
+    from ..data.conversation import get_template
+    from .generate import generate
+    from .load import build_and_load, find_tokenizer, inference_layout, init_runtime, resolve_checkpoint, \
+        saved_config
+
+    sampling = check(req)
+    if not os.path.exists(req.ckpt):
+        raise UserError(f"--ckpt {req.ckpt}: no such file or directory")
+    path = resolve_checkpoint(req.ckpt)
+    cfg = saved_config(path)
+    if req.template is not None:
+        try:
+            get_template(req.template)
+        except ValueError as e:
+            raise UserError(f"--template: {e}") from None
+    world = runtime.env_world_size()
+    tp = req.tp or world
+    if tp != world:
+        raise UserError(f"--tp {tp} needs exactly {tp} processes (torchrun --nproc-per-node {tp}); this run has "
+                        f"{world}")
+    image = load_image(req.image, cfg) if req.image is not None else None
+    tok, _ = find_tokenizer(path, cfg, req.tokenizer)
+    prompt = _prompt_ids(req, cfg, tok, 1 if image is not None else 0)
+
+    cfg = inference_layout(cfg, tp)
+    rt = init_runtime(tp, cfg.train.seed)
+    model = build_and_load(cfg, path, tok, rt)
+    eos = None if req.ignore_eos else tok.eos_token_id
+    res = generate(model, [prompt], image, req.max_new_tokens, eos, sampling)
+    new = res.tokens[0]
+    total = res.prefill_s + res.decode_s
+    out = {
+        "checkpoint": path,
+        "prompt_ids": prompt.tolist(),
+        "generated_ids": new,
+        "text": tok.decode(new, skip_special_tokens=True),
+        "finish_reason": res.finish[0],
+        "prompt_tokens": int(prompt.numel()),
+        "new_tokens": len(new),
+        "prefill_s": round(res.prefill_s, 6),
+        "decode_s": round(res.decode_s, 6),
+        "tokens_per_s": round(len(new) / total, 3) if total > 0 else None,
+        "sampling": asdict(sampling),
+        "tp": tp,
+    }
+    if rt.rank == 0:
+        if req.output == "json":
+            print(json.dumps(out), flush=True)
+        else:
+            print(out["text"], flush=True)
+            print(f"[megavlm] {len(new)} new tokens ({out['finish_reason']}) after {out['prompt_tokens']} prompt "
+                  f"tokens in {total:.3f} s: {out['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+    return out

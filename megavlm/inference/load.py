@@ -1,0 +1,99 @@
+"""Loading a checkpoint for inference: the runtime (TP=N, PP=1), the tokenizer and the model with its weights.
+
+``megavlm eval`` (a config + run dir) and ``megavlm generate`` (a checkpoint path, resolved like
+``megavlm convert mcore-to-hf --ckpt``) share :func:`build_and_load`; dist_checkpointing reshards whatever layout
+the checkpoint was saved at.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import runtime
+from ..config import Config, ConfigError, _apply_mapping, validate
+from ..errors import UserError
+from ..training import checkpoint as ckpt
+
+
+def inference_layout(cfg: Config, tp: int = 1) -> Config:
+    """A copy of ``cfg`` at TP=``tp``, PP=1, no sequence parallelism (decoding feeds one token at a time)."""
+    c = copy.deepcopy(cfg)
+    c.parallel.tp, c.parallel.pp = tp, 1
+    c.parallel.first_stage_layers = None
+    c.parallel.sequence_parallel = False
+    c.parallel.distributed_optimizer = False
+    return c
+
+
+def init_runtime(tp: int, seed: int) -> runtime.Runtime:
+    """A TP=``tp``/PP=1 runtime (reusing one that is already up with that layout, as in tests)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() != tp
+                or parallel_state.get_pipeline_model_parallel_world_size() != 1):
+            raise UserError("a process group with another layout is already running")
+        from ..runtime import cpu
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        rt = runtime.Runtime(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                             local_rank=0, device=dev, backend=torch.distributed.get_backend(), tp=tp, pp=1,
+                             dp=parallel_state.get_data_parallel_world_size(),
+                             tp_rank=parallel_state.get_tensor_model_parallel_rank(), pp_rank=0,
+                             dp_rank=parallel_state.get_data_parallel_rank(), cpu_compat=cpu.is_enabled())
+        runtime.set_seed(seed, rt)
+        return rt
+    return runtime.initialize(tp, 1, seed)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """An iter_* dir, a checkpoints dir (its ``latest``), a run dir or a convert output → the checkpoint dir."""
+    from ..convert.llava import _resolve_ckpt
+
+    return _resolve_ckpt(path)
+
+
+def saved_config(path: str) -> Config:
+    """The megavlm config stored in the checkpoint's common state (written by train and convert)."""
+    saved = ckpt.load_common(path).get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: the checkpoint has no megavlm config in its common state")
+    cfg = Config()
+    try:
+        _apply_mapping(cfg, saved, "", f" (config saved in {path})")
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+    return cfg
+
+
+def find_tokenizer(path: str, cfg: Config, given: str | None = None):
+    """``given``, else the config's ``data.tokenizer``, else a ``tokenizer/`` folder next to the checkpoint, else
+    the synthetic tokenizer when the config uses it. Returns (tokenizer, where)."""
+    from ..convert.llava import _find_tokenizer
+
+    return _find_tokenizer(path, cfg, given)
+
+
+def build_and_load(cfg: Config, path: str, tok, rt: runtime.Runtime):
+    """The model of ``cfg`` (already at the inference layout) with ``path``'s weights, in eval mode. Sets
+    ``cfg.model.language.vocab_size`` (the embedding rows: the config's, else the tokenizer's length)."""
+    from ..data.tokenizer import image_token_id
+    from ..models.vlm import build_model
+
+    lm = cfg.model.language
+    lm.vocab_size = lm.vocab_size or len(tok)
+    if len(tok) > lm.vocab_size:
+        raise UserError(f"the tokenizer has {len(tok)} tokens but the checkpoint's embeddings have "
+                        f"{lm.vocab_size} rows; pass the tokenizer the model was trained with")
+    check = copy.deepcopy(cfg)
+    check.data.source, check.data.shards = "synthetic", None  # the model's checks only; the data may be elsewhere
+    try:
+        validate(check, rt.world_size)
+    except ConfigError as e:
+        raise UserError(f"cannot load {path} at TP={cfg.parallel.tp}: {e}") from e
+    model = build_model(cfg, rt, lm.vocab_size, image_token_id(tok))
+    ckpt.load(path, model, optimizer=None, same_layout=False)
+    model.eval()
+    return model
