@@ -21,6 +21,7 @@ Nothing here is imported for its side effects: call :func:`enable` once, after c
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -138,6 +139,20 @@ def enable() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker_class()()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
+    # Activation recompute (train.recompute): megatron's CheckpointFunction saves/restores the CUDA RNG state
+    # (tensor_parallel/random.py `_get_cuda_rng_state` / `_set_cuda_rng_state`), and the recomputed core attention
+    # builds its causal mask with device="cuda" (fused_softmax.py, `get_default_causal_mask` from
+    # transformer/utils.py) inside backward, where the TorchFunctionMode is not active. The CPU generator stands in.
+    from megatron.core.fusions import fused_softmax
+
+    saved["megatron_fns"] = [(mrandom, "_get_cuda_rng_state", mrandom._get_cuda_rng_state),
+                             (mrandom, "_set_cuda_rng_state", mrandom._set_cuda_rng_state),
+                             (fused_softmax, "get_default_causal_mask", fused_softmax.get_default_causal_mask)]
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    fused_softmax.get_default_causal_mask = functools.lru_cache(
+        lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool())
+
     mode = _CudaToCpuMode()
     mode.__enter__()
     _STATE.update(enabled=True, mode=mode)
@@ -152,6 +167,8 @@ def disable() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved.pop("rng_tracker")
+    for module, name, orig in saved.pop("megatron_fns"):
+        setattr(module, name, orig)
     for name, orig in saved.items():
         setattr(torch.cuda, name, orig)
     saved.clear()
