@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   megavlm train configs/tiny_cpu.yaml train.steps=10 run_dir=/tmp/run
   torchrun --nproc-per-node 2 -m megavlm train configs/demo.yaml parallel.tp=2
   megavlm eval configs/demo.yaml                # greedy answers on held-out questions, single process
+  megavlm generate --ckpt /tmp/run --image cat.png --prompt "What colour is the circle?"
   megavlm convert hf-to-mcore --hf llava-1.5-7b-hf --out /ckpt/llava   # HF LLaVA -> megatron dist checkpoint
   megavlm convert mcore-to-hf --ckpt /tmp/run/checkpoints --out /tmp/llava-hf
   megavlm data convert --format llava-pretrain --json blip_laion_cc_sbu_558k.json --images images --out shards
@@ -69,6 +70,50 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--hf-extra", help="hf_extra.safetensors written by hf-to-mcore (default: found next to the "
                                       "checkpoint; without it the vision tower is cut at the feature layer)")
     m.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: the original HF dtype)")
+    m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, whole layers per shard "
+                   "(5GB; e.g. 500MB, 2GiB); several shards get model.safetensors.index.json")
+
+    g = sub.add_parser("generate", help="decode from a checkpoint (KV cache; greedy or sampled)",
+                       description="Load a checkpoint (a run dir, checkpoints dir, iter_* dir or convert output; the "
+                                   "config stored in it) at TP=1/PP=1, or at TP=N under torchrun --nproc-per-node "
+                                   "N, and decode with megatron's KV cache. The image goes through the training "
+                                   "transform (data.image_mode at the model's image size); the prompt through "
+                                   "the config's template and tokenizer. See docs/generate.md.")
+    g.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir, run dir or hf-to-mcore "
+                                                 "output)")
+    g.add_argument("--image", help="image file (jpg/png/...); omit for text only")
+    g.add_argument("--prompt", help="the question; encoded with the template (<image> placed as in training)")
+    g.add_argument("--input-ids", help="exact prompt token ids instead of --prompt (comma/space separated; one "
+                                       "image-token id is expanded to the image's token count)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most new tokens (64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = all)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    g.add_argument("--tokenizer", help="tokenizer folder (default: as mcore-to-hf finds it)")
+    g.add_argument("--template", help="conversation template (default: the config's data.template)")
+    g.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the number of processes)")
+    g.add_argument("--output", choices=["text", "json"], default="text",
+                   help="text: the answer on stdout; json: one object with ids, text and timing")
+
+    pl = sub.add_parser("plan", help="parameters, memory per GPU and layouts that fit N GPUs (no GPU needed)",
+                        description="Count the config's parameters (vision / projector / language, total and trained "
+                                    "in train.stage) and estimate memory per GPU for its layout on --gpus GPUs: "
+                                    "weights, fp32 gradients, optimizer state with and without the distributed "
+                                    "optimizer, activations with and without recompute (Korthikanti et al.'s "
+                                    "counting, 1F1B in-flight micro-batches), and rank the TP/PP/DP/micro-batch "
+                                    "layouts that fit. See docs/plan.md.")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pl.add_argument("--gpus", type=int, default=1, help="number of GPUs (the world size; default 1)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    pl.add_argument("--reserve", type=float, default=None, help="GiB per GPU left for the CUDA context, allocator "
+                                                                "and NCCL (default 4)")
+    pl.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                    help="gpu: model.dtype=auto is bf16, attention SDPA/TE; cpu: fp32, megatron's local attention")
+    pl.add_argument("--top", type=int, default=5, help="layouts to list (5)")
+    pl.add_argument("--output", choices=["text", "json"], default="text")
 
     d = sub.add_parser("data", help="data preparation (LLaVA json/jsonl -> WebDataset shards, inspect)",
                        description="Prepare training data; see docs/data.md.")
@@ -98,8 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--max-seq-len", type=int, default=None, help="count samples longer than this")
     ds = dsub.add_parser("synthetic", help="write the embedded synthetic data set as shards (data.shards of CONFIG)",
                          description="Renders data.num_samples synthetic samples (image size, shapes and seed from "
-                                     "CONFIG) to PNG and writes them to data.shards with the same shard writer as "
-                                     "`data convert`; a directory that already holds a complete set is kept.")
+                                     "CONFIG) to PNG and writes them to data.shards ({run_dir}/shards when null) "
+                                     "with the same shard writer as `data convert`; a directory that already holds "
+                                     "the same set is kept. Training with data.source=synthetic_shards does this "
+                                     "by itself.")
     ds.add_argument("config")
     ds.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
@@ -118,10 +165,26 @@ def _convert(args) -> int:
                   " run_dir=...", flush=True)
         else:
             out = llava.mcore_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, hf_extra=args.hf_extra,
-                                    dtype=args.dtype)
+                                    dtype=args.dtype, max_shard_size=args.max_shard_size)
             print(f"[megavlm] wrote {out}", flush=True)
     except UserError as e:
         return _fail(str(e))
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+def _generate(args) -> int:
+    from . import runtime
+    from .inference.command import Request, run
+
+    try:
+        run(Request(ckpt=args.ckpt, image=args.image, prompt=args.prompt, input_ids=args.input_ids,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos, tokenizer=args.tokenizer,
+                    template=args.template, tp=args.tp, output=args.output))
+    except UserError as e:
+        return _fail(str(e)) if os.environ.get("RANK", "0") == "0" else 2
     finally:
         runtime.shutdown()
     return 0
@@ -152,27 +215,43 @@ def _data(args) -> int:
 
 
 def _data_synthetic(args) -> int:
-    from .data.synthetic import write_synthetic_shards
+    from .config import shards_dir
+    from .data.synthetic import ensure_synthetic_shards
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         return _fail(str(e))
-    out = cfg.data.shards
-    if not out:
-        return _fail("data.shards is not set; give the directory to write, e.g. data.shards=runs/demo/shards")
-    if os.path.isfile(os.path.join(out, "summary.json")):
-        print(f"[megavlm] {out} already holds a complete shard set; kept", flush=True)
-        return 0
+    out = shards_dir(cfg)
     try:
-        summary = write_synthetic_shards(out, cfg.data.num_samples, cfg.model.vision.image_size, cfg.train.seed,
-                                         min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
-                                         workers=os.cpu_count() or 1, progress=True)
+        summary = ensure_synthetic_shards(out, cfg.data.num_samples, cfg.model.vision.image_size, cfg.train.seed,
+                                          min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
+                                          workers=os.cpu_count() or 1, progress=True)
     except UserError as e:
         return _fail(str(e))
+    if summary is None:
+        print(f"[megavlm] {out} already holds this synthetic set; kept", flush=True)
+        return 0
     from .data import shards
 
-    print(f"[megavlm] {shards.format_summary(summary)}", flush=True)
+    print(f"[megavlm] {out}: {shards.format_summary(summary)}", flush=True)
+    return 0
+
+
+def _plan(args) -> int:
+    from . import plan
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.top < 1:
+            raise ConfigError(f"--top={args.top} must be >= 1")
+        # the default reserve shrinks for small cards; an explicit one is taken as given
+        reserve = min(plan.DEFAULT_RESERVE_GIB, args.gpu_memory / 2) if args.reserve is None else args.reserve
+        result = plan.make_plan(cfg, args.gpus, args.gpu_memory, device=args.device, reserve_gib=reserve,
+                                limit=args.top)
+    except (ConfigError, UserError) as e:
+        return _fail(str(e))
+    print(plan.to_json(result) if args.output == "json" else plan.format_plan(result))
     return 0
 
 
@@ -203,6 +282,10 @@ def main(argv=None) -> int:
         return _convert(args)
     if args.command == "data":
         return _data(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "plan":
+        return _plan(args)
     from . import runtime
 
     try:

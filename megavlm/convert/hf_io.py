@@ -1,9 +1,21 @@
-"""Reading HF model folders tensor by tensor (safetensors ``safe_open``) and writing them back."""
+"""Reading and writing HF safetensors folders one tensor at a time.
+
+The reader parses the safetensors header itself and reads each tensor with plain file reads into a fresh tensor (no
+memory map: pages of a mapped file count in the process's resident memory for as long as the map lives, so a
+converter that touched every tensor through ``safe_open`` would look, and on a tight machine behave, as if it held
+the whole checkpoint). The writer takes the list of names, shapes and dtypes first, writes the header, then the
+tensors' bytes as they are produced, so a file never has to exist in memory as a whole.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
+import re
+import struct
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -12,15 +24,73 @@ from .mapping import split_hf_key
 
 #: Tensors some HF versions persist that are buffers, not weights.
 _IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
-SHARD_BYTES = 5 * 2**30
+#: Default largest output shard (transformers' ``save_pretrained`` default, "5GB").
+SHARD_BYTES = 5 * 10**9
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB`` (10^9), ``500MiB`` (2^20), ``1000000`` (bytes) → bytes; UserError if unreadable or not positive."""
+    if isinstance(text, int):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise UserError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2GiB or a byte count")
+        base = 1024 if m.group(3) else 1000
+        n = int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+    if n <= 0:
+        raise UserError(f"--max-shard-size {text!r}: must be positive")
+    return n
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: header parsed on open, each tensor read on demand with ``pread``-style reads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._info = header
+
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._info[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self._info[key]["dtype"]]
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self._info[key]
+        begin, end = info["data_offsets"]
+        t = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if t.numel() * t.element_size() != end - begin:
+            raise UserError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {list(t.shape)}")
+        if end > begin:
+            # read straight into the tensor's memory (a numpy view would pin its storage: not resizable)
+            view = (ctypes.c_char * (end - begin)).from_address(t.data_ptr())
+            with open(self.path, "rb") as f:
+                f.seek(self._start + begin)
+                if f.readinto(view) != end - begin:
+                    raise UserError(f"{self.path}: tensor {key!r} is truncated")
+        return t
 
 
 class HFTensors:
     """Lazy view of the safetensors files of one HF folder, keyed by ``(part, canonical name)``."""
 
     def __init__(self, folder: str, source: str):
-        from safetensors import safe_open
-
         self.folder, self.source = folder, source
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
@@ -33,13 +103,13 @@ class HFTensors:
             bins = [n for n in os.listdir(folder) if n.endswith(".bin")]
             hint = f" (found {', '.join(sorted(bins))}: re-save it with safe_serialization=True)" if bins else ""
             raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self.keys: dict[tuple[str, str], tuple[str, str]] = {}
         for fname in files:
-            h = safe_open(os.path.join(folder, fname), framework="pt")
-            self._handles[fname] = h
-            for key in h.keys():
+            h = SafetensorsFile(os.path.join(folder, fname))
+            self._files[fname] = h
+            for key in h.names():
                 if key.endswith(_IGNORED_SUFFIXES):
                     continue
                 part, canon = split_hf_key(key, source)
@@ -54,12 +124,21 @@ class HFTensors:
 
     def shape(self, part: str, canon: str) -> tuple[int, ...]:
         fname, key = self._need(part, canon)
-        return tuple(self._handles[fname].get_slice(key).get_shape())
+        return self._files[fname].shape(key)
+
+    def dtype(self, part: str, canon: str) -> torch.dtype:
+        fname, key = self._need(part, canon)
+        return self._files[fname].dtype(key)
+
+    def claim(self, part: str, canon: str) -> None:
+        """Mark a tensor as placed in the model (read later, when its turn to be written comes)."""
+        self._need(part, canon)
+        self.used.add((part, canon))
 
     def get(self, part: str, canon: str) -> torch.Tensor:
         fname, key = self._need(part, canon)
         self.used.add((part, canon))
-        return self._handles[fname].get_tensor(key)
+        return self._files[fname].get(key)
 
     def _need(self, part: str, canon: str):
         if (part, canon) not in self.keys:
@@ -77,29 +156,74 @@ def read_json(path: str) -> dict | None:
         return json.load(f)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], folder: str) -> None:
-    """One ``model.safetensors``, or shards of at most SHARD_BYTES plus the index transformers reads."""
-    from safetensors.torch import save_file
+def nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+
+def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict | None = None) -> None:
+    """Write ``entries`` (name, shape, dtype: the file's contents, in order) to ``path``, taking the bytes from
+    ``tensors``, an iterable that yields ``(name, tensor)`` in the same order; only the tensor being written is
+    held. The file is what ``safetensors.torch.save_file`` writes, up to the order of the tensors in it."""
+    header, offset = {}, 0
+    for name, shape, dtype in entries:
+        size = nbytes(shape, dtype)
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned
+    it: Iterator = iter(tensors)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in entries:
+            got, t = next(it)
+            if got != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise AssertionError(f"{path}: expected {name} {list(shape)} {dtype}, got {got} "
+                                     f"{list(t.shape)} {t.dtype}")
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if next(it, None) is not None:
+            raise AssertionError(f"{path}: more tensors than entries")
+
+
+def write_sharded(folder: str, groups: list[tuple[list[tuple[str, tuple[int, ...], torch.dtype]], object]],
+                  max_shard_bytes: int = SHARD_BYTES, metadata: dict | None = None) -> int:
+    """Write an HF weights folder from ``groups``: ``(entries, load)`` pairs where ``load()`` returns a dict of
+    the group's tensors (one layer, say). Whole groups are packed into shards of at most ``max_shard_bytes`` (a
+    bigger group gets a shard of its own); one shard is ``model.safetensors``, more are
+    ``model-0000K-of-0000N.safetensors`` plus ``model.safetensors.index.json`` (transformers reads both). Only one
+    group's tensors are held at a time. Returns the number of shards."""
+    shards: list[list] = [[]]
     size = 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
+    for g in groups:
+        gsize = sum(nbytes(s, d) for _, s, d in g[0])
+        if shards[-1] and size + gsize > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][k] = t
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata=meta)
-        return
+        shards[-1].append(g)
+        size += gsize
+    meta = dict(metadata or {"format": "pt"})
+
+    def stream(shard):
+        for entries, load in shard:
+            tensors = load()
+            for name, _, _ in entries:
+                yield name, tensors.pop(name)
+            del tensors
+
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=meta)
-        for k, t in shard.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    for fname, shard in zip(names, shards):
+        entries = [e for g in shard for e in g[0]]
+        write_safetensors(os.path.join(folder, fname), entries, stream(shard), meta)
+        for name, shape, dtype in entries:
+            weight_map[name] = fname
+            total += nbytes(shape, dtype)
+    if len(shards) > 1:
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return len(shards)

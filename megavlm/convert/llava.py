@@ -1,8 +1,11 @@
 """``megavlm convert hf-to-mcore`` / ``mcore-to-hf``: HF LLaVA (CLIP/SigLIP + LLaMA/Mistral/Qwen2) ↔ megavlm dist
 checkpoints.
 
-Both directions build our VLM at TP=1/PP=1 in this one process and go through its ``state_dict`` with the explicit
-name map of :mod:`megavlm.convert.mapping`; dist_checkpointing reshards to any TP/PP on load. Outputs are written
+Both directions describe our VLM at TP=1/PP=1 in this one process, built on the meta device (names, shapes, dtypes,
+no storage), and go through its ``state_dict`` names with the explicit name map of :mod:`megavlm.convert.mapping`;
+dist_checkpointing reshards to any TP/PP on load. Tensors stream (:mod:`megavlm.convert.stream`): hf-to-mcore makes
+each parameter from the HF files when the checkpoint writer reaches it, mcore-to-hf reads one layer at a time and
+writes it straight into the safetensors file, so memory is about one layer's, not the model's. Outputs are written
 under ``{out}.tmp-*`` and renamed to ``out`` only when complete.
 
 Layout written by hf-to-mcore::
@@ -27,13 +30,22 @@ import tempfile
 import torch
 
 from .. import runtime
-from ..config import Config, ConfigError, MIN_TEXT_TOKENS, _apply_mapping, num_image_tokens, save_config, to_dict, \
-    validate
+from ..config import (
+    MIN_TEXT_TOKENS,
+    Config,
+    ConfigError,
+    _apply_mapping,
+    num_image_tokens,
+    save_config,
+    to_dict,
+    validate,
+)
 from ..data.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer
 from ..errors import UserError
 from ..training import checkpoint as ckpt
 from . import mapping as M
-from .hf_io import HFTensors, read_json, save_safetensors
+from . import stream
+from .hf_io import SHARD_BYTES, HFTensors, SafetensorsFile, parse_size, read_json, write_safetensors, write_sharded
 
 EXTRA_FILE = "hf_extra.safetensors"
 OUTPUT = "language_model.output_layer.weight"
@@ -290,53 +302,43 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
                         f"{lm.vocab_size} rows (text_config.vocab_size); token ids past the embeddings would be "
                         "out of range")
 
-    # ---- model and weights --------------------------------------------------------------
-    from ..models.vlm import build_model
-
+    # ---- the model's shapes and the recipe of each tensor -------------------------------
     bcfg = _single_layout(cfg)
     rt = _runtime(seed)
-    model = build_model(bcfg, rt, lm.vocab_size, tid)
-    sd = model.state_dict()
-    filled = set()
-    extras: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for part, (prefix, table, heads) in _part_maps(cfg).items():
-            s = src[part]
-            if s is None:  # fresh projector (megatron's init, seeded)
-                filled.update(prefix + k for k in table)
-                continue
-            for ours, (kind, hf_names) in table.items():
-                if prefix + ours == OUTPUT and tied and not s.has("language", "lm_head.weight"):
-                    continue  # tied embeddings: the output layer starts as a copy (below)
-                target = sd[prefix + ours]
-                expect = M.to_hf(kind, torch.empty(target.shape, dtype=target.dtype, device="meta"), heads,
-                                 lm.vocab_size - new_rows)
-                tensors = []
-                for name, e in zip(hf_names, expect):
-                    shape = s.shape(part, name)
-                    if tuple(shape) != tuple(e.shape):
-                        raise UserError(f"tensor {s.file_key(part, name)!r} has shape {list(shape)} but the "
-                                        f"config implies {list(e.shape)} (for {prefix + ours})")
-                    tensors.append(s.get(part, name))
-                value = M.to_ours(kind, tensors, target.shape, heads)
-                if kind == "vocab" and new_rows:
-                    old = lm.vocab_size - new_rows
-                    value[old:lm.vocab_size] = tensors[0].float().mean(0).to(value.dtype)
-                target.copy_(value)
-                filled.add(prefix + ours)
-        if tied and not src["language"].has("language", "lm_head.weight"):
-            sd[OUTPUT].copy_(sd["language_model.embedding.word_embeddings.weight"])
-            filled.add(OUTPUT)
-        # unused HF vision tensors: kept for mcore-to-hf
-        v = cfg.model.vision
-        from ..models.specs import vision_num_layers
+    model = stream.meta_model(bcfg, rt, lm.vocab_size, tid)
+    shapes = stream.param_shapes(model)
+    recipes: dict[str, object] = {}  # state_dict key → () -> tensor, read from the HF files when it is written
+    for part, (prefix, table, heads) in _part_maps(cfg).items():
+        s = src[part]
+        if s is None:  # fresh projector (megatron's init, seeded)
+            cache: dict = {}
+            recipes.update((prefix + k, _fresh_projector(bcfg, rt, seed, k, cache)) for k in table)
+            continue
+        for ours, (kind, hf_names) in table.items():
+            if prefix + ours == OUTPUT and tied and not s.has("language", "lm_head.weight"):
+                continue  # tied embeddings: the output layer starts as a copy (below)
+            shape, dtype = shapes[prefix + ours]
+            expect = M.to_hf(kind, torch.empty(shape, dtype=dtype, device="meta"), heads, lm.vocab_size - new_rows)
+            for name, e in zip(hf_names, expect):
+                got = s.shape(part, name)
+                if tuple(got) != tuple(e.shape):
+                    raise UserError(f"tensor {s.file_key(part, name)!r} has shape {list(got)} but the "
+                                    f"config implies {list(e.shape)} (for {prefix + ours})")
+                s.claim(part, name)
+            grow = (lm.vocab_size - new_rows, lm.vocab_size) if kind == "vocab" and new_rows else None
+            recipes[prefix + ours] = _hf_recipe(s, part, kind, hf_names, shape, heads, grow)
+    if tied and not src["language"].has("language", "lm_head.weight"):
+        recipes[OUTPUT] = recipes["language_model.embedding.word_embeddings.weight"]
+    # unused HF vision tensors: kept for mcore-to-hf
+    v = cfg.model.vision
+    from ..models.specs import vision_num_layers
 
-        names = M.vision_extra_names(v.num_layers, vision_num_layers(v))
-        if v.flavour == "siglip" and src["vision"].has("vision", M.SIGLIP_HEAD[0]):  # vision_use_head
-            names += list(M.SIGLIP_HEAD)
-        for name in names:
-            extras[name] = src["vision"].get("vision", name)
-    missing = [k for k in sd if not k.endswith("_extra_state") and k not in filled]
+    extras = M.vision_extra_names(v.num_layers, vision_num_layers(v))
+    if v.flavour == "siglip" and src["vision"].has("vision", M.SIGLIP_HEAD[0]):  # vision_use_head
+        extras += list(M.SIGLIP_HEAD)
+    for name in extras:
+        src["vision"].claim("vision", name)
+    missing = [k for k in shapes if not k.endswith("_extra_state") and k not in recipes]
     if missing:
         raise UserError(f"no HF tensor for {missing[0]} (and {len(missing) - 1} more)")
     for s in {id(x): x for x in src.values() if x is not None}.values():
@@ -345,6 +347,7 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
             raise UserError(f"{s.folder}: tensor {s.file_key(*left[0])!r} has no place in the model "
                             f"({len(left)} unused); the checkpoint does not match config.json")
 
+    # ---- write, one tensor at a time ----------------------------------------------------
     with stage as tmp:
         ck_dir = os.path.join(tmp, "checkpoints")
         final = os.path.join(stage.out, "checkpoints", "iter_0000000")
@@ -353,14 +356,50 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
         cfg.run_dir = os.path.join("runs", os.path.basename(stage.out))
         tok.save_pretrained(os.path.join(tmp, "tokenizer"))
         if extras:
-            from safetensors.torch import save_file
-
-            save_file({k: t.contiguous() for k, t in extras.items()}, os.path.join(tmp, EXTRA_FILE),
-                      metadata={"format": "pt"})
+            vs = src["vision"]
+            write_safetensors(os.path.join(tmp, EXTRA_FILE),
+                              [(n, vs.shape("vision", n), vs.dtype("vision", n)) for n in extras],
+                              ((n, vs.get("vision", n)) for n in extras), metadata={"format": "pt"})
         common = {"config": to_dict(cfg), "hf": {"config": hf_cfg_dict, "extra": EXTRA_FILE if extras else None}}
-        ckpt.save(ck_dir, 0, model, None, common, rng=False)  # weights only: loads at any TP/PP
+        # weights only (no optimizer, no RNG): loads at any TP/PP, like ckpt.save(ck_dir, 0, model, None, ...)
+        stream.save(ck_dir, model, common, lambda key: recipes[key]())
         save_config(cfg, os.path.join(tmp, "config.yaml"))
     return final
+
+
+def _hf_recipe(s: HFTensors, part: str, kind: str, hf_names, shape, heads, grow: tuple[int, int] | None):
+    """() → our tensor made from HF tensors ``hf_names``; ``grow=(a, b)``: rows a..b-1 (tokens added to the
+    tokenizer) start as the mean embedding row."""
+    def make():
+        tensors = [s.get(part, n) for n in hf_names]
+        value = M.to_ours(kind, tensors, shape, heads)
+        if grow is not None:
+            value[grow[0]:grow[1]] = tensors[0].float().mean(0).to(value.dtype)
+        return value
+    return make
+
+
+def _fresh_projector(bcfg: Config, rt, seed: int, key: str, cache: dict):
+    """() → one tensor of a freshly initialised (seeded, megatron's init) projector, built for real on its own
+    (it is small: two hidden × hidden matrices) the first time one of its tensors is asked for."""
+    def make():
+        import dataclasses
+
+        if "sd" in cache:  # a copy: the writer frees what it is given
+            return cache["sd"][key].clone()
+
+        from ..models import specs
+        from ..models.projector import build_projector
+        from ..models.vlm import model_dtype
+
+        host = dataclasses.replace(rt, device=torch.device("cpu"))
+        runtime.set_seed(seed, rt)
+        dtype = model_dtype(bcfg, host)
+        proj = build_projector(specs.projector_config(bcfg, host, dtype), bcfg.model.projector.type,
+                               bcfg.model.vision.hidden_size).to(dtype)
+        cache["sd"] = proj.state_dict()
+        return cache["sd"][key].clone()
+    return make
 
 
 # --------------------------------------------------------------------------------------
@@ -405,11 +444,14 @@ def _find_tokenizer(path: str, cfg: Config, given: str | None):
 
 
 def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra: str | None = None,
-                dtype: str = "auto", seed: int = 1234) -> str:
+                dtype: str = "auto", seed: int = 1234, max_shard_size: str | int = SHARD_BYTES) -> str:
+    """Export and return ``out``. Reads the checkpoint one layer at a time and writes the HF safetensors as it goes
+    (shards of at most ``max_shard_size``: ``5GB``, ``500MB``, ``2GiB`` or bytes)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
 
     from ..models.specs import vision_num_layers
-    from ..models.vlm import build_model
+
+    max_shard_bytes = parse_size(max_shard_size)
     path = _resolve_ckpt(ckpt_path)
     stage = _Staging(out)
     common = ckpt.load_common(path)
@@ -443,15 +485,38 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     bcfg = _single_layout(cfg)
     bcfg.model.dtype = "bf16" if out_dtype == torch.bfloat16 and cfg.model.dtype == "bf16" else "fp32"
     rt = _runtime(seed)
-    model = build_model(bcfg, rt, vocab, tid)
-    ckpt.load(path, model, None, same_layout=False)
-    sd = model.state_dict()
+    model = stream.meta_model(bcfg, rt, vocab, tid)
+    shapes = stream.param_shapes(model)
+    reader = stream.Reader(path, model)
 
-    tensors: dict[str, torch.Tensor] = {}
+    # What goes into the HF files, in groups that are read and written together: one layer of a part, or one
+    # tensor outside the layers. Shapes come from the meta model, so the shards are planned before any read.
+    groups: dict[tuple, list] = {}
     for part, (prefix, table, heads) in _part_maps(cfg).items():
         for ours, (kind, hf_names) in table.items():
-            for name, t in zip(hf_names, M.to_hf(kind, sd[prefix + ours].detach().cpu(), heads, vocab)):
-                tensors[M.hf_file_key(part, name)] = t.to(out_dtype).contiguous()
+            m = re.match(r"decoder\.layers\.(\d+)\.", ours)
+            groups.setdefault((part, int(m.group(1))) if m else (part, ours), []).append(
+                (prefix + ours, kind, hf_names, part, heads))
+    entries_of: dict[tuple, list] = {}
+    hf_shapes: dict[str, tuple[int, ...]] = {}
+    for g, items in groups.items():
+        entries_of[g] = []
+        for key, kind, hf_names, part, heads in items:
+            shape, dt = shapes[key]
+            for name, t in zip(hf_names, M.to_hf(kind, torch.empty(shape, dtype=dt, device="meta"), heads, vocab)):
+                entries_of[g].append((M.hf_file_key(part, name), tuple(t.shape), out_dtype))
+                hf_shapes[M.hf_file_key(part, name)] = tuple(t.shape)
+
+    def load_group(items):
+        loaded = reader.load([key for key, *_ in items])
+        out = {}
+        for key, kind, hf_names, part, heads in items:
+            t = loaded.pop(key)
+            for name, h in zip(hf_names, M.to_hf(kind, t.detach().cpu(), heads, vocab)):
+                out[M.hf_file_key(part, name)] = h.to(out_dtype).contiguous()
+        return out
+
+    files = [(entries_of[g], lambda items=items: load_group(items)) for g, items in groups.items()]
 
     # Vision layers past the feature layer: from the hf-to-mcore side file when there is one that fits, otherwise a
     # tower truncated at the feature layer (vision_feature_layer=-1) with an identity post-LayerNorm (which LLaVA
@@ -462,19 +527,28 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
             return (v.hidden_size,)
         if name.startswith("head."):
             return M.siglip_head_shape(name, v.hidden_size, v.ffn_hidden_size)
-        return tuple(tensors[M.hf_file_key("vision", re.sub(r"layers\.\d+\.", "layers.0.", name))].shape)
+        return hf_shapes[M.hf_file_key("vision", re.sub(r"layers\.\d+\.", "layers.0.", name))]
 
     extra = _load_extras(path, hf_extra, hf_info.get("extra"), M.vision_extra_names(v.num_layers, built), expect,
                          optional=M.SIGLIP_HEAD if v.flavour == "siglip" else ())
-    use_head = extra is not None and M.SIGLIP_HEAD[0] in extra  # SigLIP's pooling head only comes from the file
+    use_head = extra is not None and M.SIGLIP_HEAD[0] in extra[1]  # SigLIP's pooling head only comes from the file
     if extra is not None:
         n_layers, feature_layer = v.num_layers, v.feature_layer
-        for name, t in extra.items():
-            tensors[M.hf_file_key("vision", name)] = t.to(out_dtype).contiguous()
+        side, names = extra
+        by_layer: dict[str, list[str]] = {}
+        for name in names:
+            m = re.match(r"encoder\.layers\.\d+\.", name)
+            by_layer.setdefault(m.group(0) if m else "", []).append(name)
+        for names_ in by_layer.values():
+            files.append(([(M.hf_file_key("vision", n), side.shape(n), out_dtype) for n in names_],
+                          lambda names_=names_: {M.hf_file_key("vision", n): side.get(n).to(out_dtype).contiguous()
+                                                 for n in names_}))
     else:
         n_layers, feature_layer = built, -1
-        tensors[M.hf_file_key("vision", "post_layernorm.weight")] = torch.ones(v.hidden_size, dtype=out_dtype)
-        tensors[M.hf_file_key("vision", "post_layernorm.bias")] = torch.zeros(v.hidden_size, dtype=out_dtype)
+        ln = [M.hf_file_key("vision", "post_layernorm.weight"), M.hf_file_key("vision", "post_layernorm.bias")]
+        files.append(([(k, (v.hidden_size,), out_dtype) for k in ln],
+                      lambda: {ln[0]: torch.ones(v.hidden_size, dtype=out_dtype),
+                               ln[1]: torch.zeros(v.hidden_size, dtype=out_dtype)}))
 
     vision_cls, act = (CLIPVisionConfig, "quick_gelu") if v.flavour == "clip" else (SiglipVisionConfig,
                                                                                      "gelu_pytorch_tanh")
@@ -522,7 +596,7 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     hcfg.dtype = dtype
 
     with stage as tmp:
-        save_safetensors(tensors, tmp)
+        write_sharded(tmp, files, max_shard_bytes)
         hcfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _image_processor(v).save_pretrained(tmp)
@@ -543,11 +617,9 @@ def _image_processor(v):
 
 
 def _load_extras(path: str, given: str | None, name: str | None, wanted: list[str], expect,
-                 optional=()) -> dict | None:
-    """The side file's tensors when there is one holding every ``wanted`` name with the shape ``expect(name)``;
-    the ``optional`` names come along when the file holds all of them."""
-    from safetensors import safe_open
-
+                 optional=()) -> tuple[SafetensorsFile, list[str]] | None:
+    """The side file (and the names to take from it) when there is one holding every ``wanted`` name with the shape
+    ``expect(name)``; the ``optional`` names come along when the file holds all of them. Only headers are read."""
     if given:
         cands = [given]
         if not os.path.isfile(given):
@@ -557,20 +629,20 @@ def _load_extras(path: str, given: str | None, name: str | None, wanted: list[st
     for c in cands:
         if not os.path.isfile(c):
             continue
-        with safe_open(c, framework="pt") as f:
-            keys = set(f.keys())
-            if not set(wanted) <= keys:
-                if given:
-                    missing = sorted(set(wanted) - keys)[0]
-                    raise UserError(f"--hf-extra {given}: tensor {missing!r} is missing (the file belongs to "
-                                    "another model)")
-                continue
-            out = {k: f.get_tensor(k) for k in [*wanted, *(optional if set(optional) <= keys else ())]}
-        bad = [k for k, t in out.items() if tuple(t.shape) != expect(k)]
+        f = SafetensorsFile(c)
+        keys = set(f.names())
+        if not set(wanted) <= keys:
+            if given:
+                missing = sorted(set(wanted) - keys)[0]
+                raise UserError(f"--hf-extra {given}: tensor {missing!r} is missing (the file belongs to "
+                                "another model)")
+            continue
+        names = [*wanted, *(optional if set(optional) <= keys else ())]
+        bad = [k for k in names if f.shape(k) != tuple(expect(k))]
         if bad:
             if given:
-                raise UserError(f"--hf-extra {given}: tensor {bad[0]!r} has shape {list(out[bad[0]].shape)}, "
+                raise UserError(f"--hf-extra {given}: tensor {bad[0]!r} has shape {list(f.shape(bad[0]))}, "
                                 f"which does not fit the model ({list(expect(bad[0]))})")
             continue
-        return out
+        return f, names
     return None

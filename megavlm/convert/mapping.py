@@ -181,6 +181,8 @@ def to_ours(kind: str, tensors: list[torch.Tensor], target_shape, heads: tuple[i
         t = tensors[0]
         if t.shape[0] > target_shape[0]:
             raise UserError(f"vocabulary tensor has {t.shape[0]} rows but the model has {target_shape[0]}")
+        if tuple(t.shape) == tuple(target_shape):
+            return t  # no padding rows: no copy
         out = torch.zeros(target_shape, dtype=t.dtype)  # padding rows: zero (logit 0, never a real token)
         out[: t.shape[0]] = t
         return out
