@@ -194,9 +194,9 @@ def _recompute(mode: str) -> dict:
     """``train.recompute`` as megatron's fields: ``selective`` recomputes the core attention (megatron's default
     ``recompute_modules``); ``full`` recomputes every transformer layer from its input, one layer per unit."""
     if mode == "full":
-        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     if mode == "selective":
-        return dict(recompute_granularity="selective")
+        return {"recompute_granularity": "selective"}
     return {}
 
 
