@@ -276,7 +276,14 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow the options (`plan CONFIG --gpus 8 parallel.tp=2`): argparse stops
+    # collecting a positional list at the first option, so pick up the rest here.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     if args.command == "convert":
         return _convert(args)

@@ -192,7 +192,11 @@ def test_every_readme_command_is_covered():
 
 
 def _make_n(target: str) -> list[list[str]]:
-    proc = subprocess.run(["make", "-n", target], cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
+    # Under `make test` this runs inside make: drop the parent's MAKEFLAGS/MAKELEVEL (they add "make[1]: Entering
+    # directory" lines) and ask for no directory lines anyway.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, env=env, check=False,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = [words(line) for line in proc.stdout.splitlines() if line.strip()]
     # the `install` prerequisite's lines, printed when .venv/.installed is older than its inputs

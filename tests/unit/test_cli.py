@@ -53,3 +53,13 @@ def test_world_size_mismatch_is_caught_before_process_groups(tmp_path):
 def test_help_lists_commands():
     proc = run(["--help"])
     assert "train" in proc.stdout and "eval" in proc.stdout
+
+
+def test_overrides_may_follow_the_options():
+    """`megavlm plan CONFIG --gpus 2 parallel.tp=2` takes the trailing override; a stray option is still an error."""
+    import json
+
+    proc = run(["plan", "configs/tiny_cpu.yaml", "--gpus", "2", "--output", "json", "parallel.tp=2"])
+    assert json.loads(proc.stdout)["config_layout"]["layout"]["tp"] == 2
+    bad = run(["plan", "configs/tiny_cpu.yaml", "--gpus", "2", "--bogus"], check=False)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
