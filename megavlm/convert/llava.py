@@ -40,7 +40,7 @@ from ..config import (
     to_dict,
     validate,
 )
-from ..data.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer
+from ..data.tokenizer import IMAGE_TOKEN, find_tokenizer, image_token_id, load_tokenizer
 from ..errors import UserError
 from ..training import checkpoint as ckpt
 from . import mapping as M
@@ -407,42 +407,6 @@ def _fresh_projector(bcfg: Config, rt, seed: int, key: str, cache: dict):
 # --------------------------------------------------------------------------------------
 
 
-def _resolve_ckpt(path: str) -> str:
-    for cand in (path, os.path.join(path, "checkpoints")):
-        if ckpt.is_checkpoint(cand):
-            return cand
-        inner = ckpt.latest_checkpoint(cand) if os.path.isdir(cand) else None
-        if inner:
-            return inner
-    raise UserError(f"--ckpt {path}: no checkpoint there (expected a directory with metadata.json, a checkpoint "
-                    "directory with a 'latest' file, or a megavlm convert output)")
-
-
-def _parents(path: str, n: int = 3) -> list[str]:
-    out, p = [], os.path.abspath(path)
-    for _ in range(n + 1):
-        out.append(p)
-        p = os.path.dirname(p)
-    return out
-
-
-def _find_tokenizer(path: str, cfg: Config, given: str | None):
-    if given:
-        cands = [given]
-    else:
-        cands = ([cfg.data.tokenizer] if cfg.data.tokenizer else []) + [
-            os.path.join(p, "tokenizer") for p in _parents(path)[1:]]
-    for c in cands:
-        if c and os.path.isdir(c):
-            try:
-                return load_tokenizer(c), c
-            except ValueError as e:
-                raise UserError(str(e)) from e
-    if given or cfg.data.tokenizer:
-        raise UserError(f"tokenizer not found (looked in {', '.join(cands)}); pass --tokenizer DIR")
-    return load_tokenizer(None), "synthetic"
-
-
 def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra: str | None = None,
                 dtype: str = "auto", seed: int = 1234, max_shard_size: str | int = SHARD_BYTES) -> str:
     """Export and return ``out``. Reads the checkpoint one layer at a time and writes the HF safetensors as it goes
@@ -452,7 +416,7 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     from ..models.specs import vision_num_layers
 
     max_shard_bytes = parse_size(max_shard_size)
-    path = _resolve_ckpt(ckpt_path)
+    path = ckpt.find_checkpoint(ckpt_path)
     stage = _Staging(out)
     common = ckpt.load_common(path)
     saved = common.get("config")
@@ -474,7 +438,7 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     _check(dtype in _DTYPES, f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
     out_dtype = _DTYPES[dtype]
 
-    tok, tok_src = _find_tokenizer(path, cfg, tokenizer)
+    tok, tok_src = find_tokenizer(path, cfg.data.tokenizer, tokenizer)
     vocab = lm.vocab_size or len(tok)
     lm.vocab_size = vocab
     if len(tok) > vocab:
@@ -614,6 +578,14 @@ def _image_processor(v):
 
     return CLIPImageProcessor(size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size,
                               "width": v.image_size}, image_mean=v.image_mean, image_std=v.image_std)
+
+
+def _parents(path: str, n: int = 3) -> list[str]:
+    out, p = [], os.path.abspath(path)
+    for _ in range(n + 1):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out
 
 
 def _load_extras(path: str, given: str | None, name: str | None, wanted: list[str], expect,

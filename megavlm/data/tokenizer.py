@@ -171,6 +171,29 @@ def load_tokenizer(path: str | None):
         raise UserError(f"could not load a tokenizer from {path!r}: {e}") from e
 
 
+def find_tokenizer(ckpt_path: str, configured: str | None, given: str | None = None):
+    """The tokenizer of a checkpoint: ``given``, else the config's ``data.tokenizer`` (``configured``), else a
+    ``tokenizer/`` folder beside the checkpoint or up to three levels above it (a run dir, a convert output), else the
+    synthetic tokenizer when the config names none. Returns ``(tokenizer, where)``."""
+    if given:
+        cands = [given]
+    else:
+        up, parents = os.path.abspath(ckpt_path), []
+        for _ in range(3):
+            up = os.path.dirname(up)
+            parents.append(os.path.join(up, "tokenizer"))
+        cands = ([configured] if configured else []) + parents
+    for c in cands:
+        if c and os.path.isdir(c):
+            try:
+                return load_tokenizer(c), c
+            except ValueError as e:
+                raise UserError(str(e)) from e
+    if given or configured:
+        raise UserError(f"tokenizer not found (looked in {', '.join(cands)}); pass --tokenizer DIR")
+    return load_tokenizer(None), "synthetic"
+
+
 def image_token_id(tok) -> int:
     """Id of the ``<image>`` token; ValueError if the tokenizer has none."""
     ids = tok.convert_tokens_to_ids([IMAGE_TOKEN])

@@ -127,13 +127,14 @@ def run(req: Request) -> dict:
     from .. import runtime
     from ..data.conversation import get_template
     from .generate import generate
-    from .load import build_and_load, find_tokenizer, inference_layout, init_runtime, resolve_checkpoint, \
-        saved_config
+    from ..data.tokenizer import find_tokenizer
+    from ..training.checkpoint import find_checkpoint
+    from .load import build_and_load, inference_layout, init_runtime, saved_config
 
     sampling = check(req)
     if not os.path.exists(req.ckpt):
         raise UserError(f"--ckpt {req.ckpt}: no such file or directory")
-    path = resolve_checkpoint(req.ckpt)
+    path = find_checkpoint(req.ckpt)
     cfg = saved_config(path)
     if req.template is not None:
         try:
@@ -146,7 +147,7 @@ def run(req: Request) -> dict:
         raise UserError(f"--tp {tp} needs exactly {tp} processes (torchrun --nproc-per-node {tp}); this run has "
                         f"{world}")
     image = load_image(req.image, cfg) if req.image is not None else None
-    tok, _ = find_tokenizer(path, cfg, req.tokenizer)
+    tok, _ = find_tokenizer(path, cfg.data.tokenizer, req.tokenizer)
     prompt = _prompt_ids(req, cfg, tok, 1 if image is not None else 0)
 
     cfg = inference_layout(cfg, tp)

@@ -48,13 +48,6 @@ def init_runtime(tp: int, seed: int) -> runtime.Runtime:
     return runtime.initialize(tp, 1, seed)
 
 
-def resolve_checkpoint(path: str) -> str:
-    """An iter_* dir, a checkpoints dir (its ``latest``), a run dir or a convert output → the checkpoint dir."""
-    from ..convert.llava import _resolve_ckpt
-
-    return _resolve_ckpt(path)
-
-
 def saved_config(path: str) -> Config:
     """The megavlm config stored in the checkpoint's common state (written by train and convert)."""
     saved = ckpt.load_common(path).get("config")
@@ -66,14 +59,6 @@ def saved_config(path: str) -> Config:
     except ConfigError as e:
         raise UserError(str(e)) from e
     return cfg
-
-
-def find_tokenizer(path: str, cfg: Config, given: str | None = None):
-    """``given``, else the config's ``data.tokenizer``, else a ``tokenizer/`` folder next to the checkpoint, else
-    the synthetic tokenizer when the config uses it. Returns (tokenizer, where)."""
-    from ..convert.llava import _find_tokenizer
-
-    return _find_tokenizer(path, cfg, given)
 
 
 def build_and_load(cfg: Config, path: str, tok, rt: runtime.Runtime):

@@ -39,6 +39,19 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json")) and not path.rstrip("/").endswith(".tmp")
 
 
+def find_checkpoint(path: str, what: str = "--ckpt") -> str:
+    """An ``iter_*`` dir, a checkpoints dir (its ``latest``), a run dir or a ``megavlm convert`` output → the
+    checkpoint dir (what ``generate``, ``eval`` and ``convert mcore-to-hf`` accept)."""
+    for cand in (path, os.path.join(path, "checkpoints")):
+        if is_checkpoint(cand):
+            return cand
+        inner = latest_checkpoint(cand) if os.path.isdir(cand) else None
+        if inner:
+            return inner
+    raise UserError(f"{what} {path}: no checkpoint there (expected a directory with metadata.json, a checkpoint "
+                    "directory with a 'latest' file, a run directory or a megavlm convert output)")
+
+
 def resolve_load_path(load: str, ckpt_dir: str) -> str | None:
     """``none`` → None; ``auto`` → latest under ckpt_dir or None; a path → that checkpoint (or the latest inside a
     checkpoint directory). A path that holds no checkpoint raises UserError saying what was looked for."""

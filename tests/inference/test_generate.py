@@ -53,14 +53,15 @@ def test_greedy_equals_transformers(converted):
 
 @pytest.fixture(scope="module")
 def model(rt, converted):
-    from megavlm.inference.load import build_and_load, find_tokenizer, inference_layout, resolve_checkpoint, \
-        saved_config
+    from megavlm.data.tokenizer import find_tokenizer
+    from megavlm.inference.load import build_and_load, inference_layout, saved_config
+    from megavlm.training.checkpoint import find_checkpoint
     from megavlm.inference.command import load_image
 
     _, mv_dir, png = converted
-    path = resolve_checkpoint(mv_dir)
+    path = find_checkpoint(mv_dir)
     cfg = saved_config(path)
-    tok, _ = find_tokenizer(path, cfg)
+    tok, _ = find_tokenizer(path, cfg.data.tokenizer)
     m = build_and_load(inference_layout(cfg), path, tok, rt)
     return m, load_image(png, cfg)
 
