@@ -129,7 +129,7 @@ def run(req: Request) -> dict:
     from .generate import generate
     from ..data.tokenizer import find_tokenizer
     from ..training.checkpoint import find_checkpoint
-    from .load import build_and_load, inference_layout, init_runtime, saved_config
+    from .load import build_and_load, inference_layout, saved_config
 
     sampling = check(req)
     if not os.path.exists(req.ckpt):
@@ -151,7 +151,7 @@ def run(req: Request) -> dict:
     prompt = _prompt_ids(req, cfg, tok, 1 if image is not None else 0)
 
     cfg = inference_layout(cfg, tp)
-    rt = init_runtime(tp, cfg.train.seed)
+    rt = runtime.initialize(tp, 1, cfg.train.seed)
     model = build_and_load(cfg, path, tok, rt)
     eos = None if req.ignore_eos else tok.eos_token_id
     res = generate(model, [prompt], image, req.max_new_tokens, eos, sampling)

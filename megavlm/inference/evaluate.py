@@ -9,18 +9,19 @@ import os
 
 import torch
 
+from .. import runtime
 from ..config import Config, checkpoint_dir, num_image_tokens
 from ..data.synthetic import SyntheticVLMDataset
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..training import checkpoint as ckpt
 from .generate import generate
-from .load import build_and_load, inference_layout, init_runtime
+from .load import build_and_load, inference_layout
 
 
 def load_for_inference(cfg: Config):
     """Runtime (TP=1/PP=1), tokenizer, and the model with the checkpoint's weights; returns (rt, tok, model, path)."""
-    rt = init_runtime(1, cfg.train.seed)
+    rt = runtime.initialize(1, 1, cfg.train.seed)
     run_tok = os.path.join(cfg.run_dir, "tokenizer")
     tok = load_tokenizer(cfg.data.tokenizer or (run_tok if os.path.isdir(run_tok) else None))
     load = cfg.checkpoint.load if cfg.checkpoint.load != "none" else "auto"

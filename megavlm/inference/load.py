@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from .. import runtime
 from ..config import Config, ConfigError, _apply_mapping, validate
 from ..errors import UserError
@@ -25,27 +23,6 @@ def inference_layout(cfg: Config, tp: int = 1) -> Config:
     c.parallel.sequence_parallel = False
     c.parallel.distributed_optimizer = False
     return c
-
-
-def init_runtime(tp: int, seed: int) -> runtime.Runtime:
-    """A TP=``tp``/PP=1 runtime (reusing one that is already up with that layout, as in tests)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        if (parallel_state.get_tensor_model_parallel_world_size() != tp
-                or parallel_state.get_pipeline_model_parallel_world_size() != 1):
-            raise UserError("a process group with another layout is already running")
-        from ..runtime import cpu
-
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        rt = runtime.Runtime(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                             local_rank=0, device=dev, backend=torch.distributed.get_backend(), tp=tp, pp=1,
-                             dp=parallel_state.get_data_parallel_world_size(),
-                             tp_rank=parallel_state.get_tensor_model_parallel_rank(), pp_rank=0,
-                             dp_rank=parallel_state.get_data_parallel_rank(), cpu_compat=cpu.is_enabled())
-        runtime.set_seed(seed, rt)
-        return rt
-    return runtime.initialize(tp, 1, seed)
 
 
 def saved_config(path: str) -> Config:

@@ -52,7 +52,8 @@ def env_world_size() -> int:
 
 
 def initialize(tp: int, pp: int, seed: int, timeout_minutes: int = 10) -> Runtime:
-    """Start torch.distributed and megatron's parallel_state. Call once per process, after config checks."""
+    """Start torch.distributed and megatron's parallel_state (or reuse them when this process already runs the same
+    TP/PP), after config checks."""
     from datetime import timedelta
 
     from megatron.core import parallel_state
@@ -76,11 +77,19 @@ def initialize(tp: int, pp: int, seed: int, timeout_minutes: int = 10) -> Runtim
         torch.distributed.init_process_group(
             backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes)
         )
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        create_gloo_process_groups=not compat,
-    )
+    if parallel_state.model_parallel_is_initialized():  # already up in this process (tests, eval after train)
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+        if have != (tp, pp):
+            from ..errors import UserError
+
+            raise UserError(f"this process already runs TP={have[0]}/PP={have[1]}; it cannot switch to TP={tp}/PP={pp}")
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            create_gloo_process_groups=not compat,
+        )
     rt = Runtime(
         rank=rank,
         world_size=world,

@@ -59,3 +59,14 @@ def test_packing_settings_are_checked():
         with pytest.raises(ConfigError, match=msg):
             validate(load_config("configs/tiny_cpu.yaml", overrides), 1)
     validate(load_config("configs/tiny_cpu.yaml", ["data.packing=true", "train.micro_batch=1"]), 1)
+
+
+def test_a_running_runtime_is_reused_not_switched(rt):
+    """runtime.initialize in a process that already runs TP=1/PP=1 (eval or generate after a test's setup) reuses
+    it; asking for another layout is an error instead of a second set of process groups."""
+    from megavlm import runtime
+
+    again = runtime.initialize(1, 1, seed=1)
+    assert (again.tp, again.pp, again.dp, again.rank, again.device) == (rt.tp, rt.pp, rt.dp, rt.rank, rt.device)
+    with pytest.raises(UserError, match="cannot switch to TP=2/PP=1"):
+        runtime.initialize(2, 1, seed=1)
