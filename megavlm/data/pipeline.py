@@ -36,6 +36,7 @@ No megatron import here.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import zlib
@@ -81,9 +82,9 @@ def _files(shards_dir: str) -> tuple[list[str], list[str]]:
     return paths, idx
 
 
-def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[list[str], list[list[int]]]:
-    """Index files that list only the samples lying wholly inside their tar, and per shard the positions of the
-    samples dropped.
+def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[list[str], list[int], list[list[int]]]:
+    """Index files that list only the samples lying wholly inside their tar; per shard the number of samples its
+    original index lists and the positions of those dropped.
 
     A truncated tar (a copy cut short, a full disk) makes DALI's reader fail the whole pipeline for good ("offset is
     outside of the archive file"). Each index is checked against its tar's size; where samples reach past the end,
@@ -94,18 +95,20 @@ def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[
 
     from megavlm.data.shards import INDEX_VERSION
 
-    out, dropped = [], []
+    out, listed, dropped = [], [], []
     for tar, idx in zip(paths, index_paths):
         size = os.path.getsize(tar)
         try:
             samples = read_index(idx)
         except ValueError as e:
             raise UserError(f"{e}; rewrite the shards with `megavlm data convert`") from None
-        keep = [s for s in samples if all(off + n <= size for _, off, n, _ in s)]
-        dropped.append([i for i, s in enumerate(samples) if not all(off + n <= size for _, off, n, _ in s)])
-        if len(keep) == len(samples):
+        whole = [all(off + n <= size for _, off, n, _ in s) for s in samples]
+        listed.append(len(samples))
+        dropped.append([i for i, ok in enumerate(whole) if not ok])
+        if all(whole):
             out.append(idx)
             continue
+        keep = [s for s, ok in zip(samples, whole) if ok]
         st = os.stat(tar)
         tag = hashlib.sha1(f"{os.path.abspath(tar)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
         trimmed = os.path.join(tempfile.gettempdir(), "megavlm-trimmed-idx", tag + ".idx")
@@ -118,7 +121,7 @@ def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[
                     f.write(" ".join(f"{e} {off} {n} {name}" for e, off, n, name in s) + "\n")
             os.replace(tmp, trimmed)
         out.append(trimmed)
-    return out, dropped
+    return out, listed, dropped
 
 
 def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_size: int, mode: str = "resize",
@@ -224,16 +227,13 @@ class ImageTextLoader:
         if batch_size < 1 or max_images < 1 or image_size < 1:
             raise UserError("batch_size, max_images and image_size must be >= 1")
         self.paths, index_paths = _files(shards_dir)
-        self.index_paths, dropped = complete_indices(self.paths, index_paths)
-        self.total = sum(len(read_index(p)) for p in self.index_paths)
+        self.index_paths, listed, dropped = complete_indices(self.paths, index_paths)
+        self.total = sum(listed) - sum(len(d) for d in dropped)
         self.num_samples = _shard_range(self.total, dp_rank, dp_size)
         # Samples lost to truncated tars count against the DP rank whose split they would have been in.
-        lost, first = 0, 0
-        n_all = self.total + sum(len(d) for d in dropped)
-        lo, hi = n_all * dp_rank // dp_size, n_all * (dp_rank + 1) // dp_size
-        for tar, idx, gone in zip(self.paths, index_paths, dropped):
-            lost += sum(lo <= first + i < hi for i in gone)
-            first += len(read_index(idx))
+        lo, hi = sum(listed) * dp_rank // dp_size, sum(listed) * (dp_rank + 1) // dp_size
+        starts = itertools.accumulate([0] + listed[:-1])  # each shard's first sample in the original order
+        lost = sum(lo <= start + i < hi for start, gone in zip(starts, dropped) for i in gone)
         if self.num_samples == 0:
             raise UserError(f"DP rank {dp_rank} of {dp_size} gets no samples ({self.total} in {shards_dir})")
         self.device = device or ("mixed" if gpu_available() else "cpu")
