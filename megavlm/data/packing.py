@@ -26,6 +26,15 @@ def sample_length(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int) ->
     return int(idx[-1]) + 1 if len(idx) else 0
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    """megatron's ``PackedSeqParams`` (``thd``, self-attention) for int32 segment bounds ``cu_seqlens`` ``(k + 1,)``."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
 @dataclass
 class PackedSequence:
     """``input_ids``/``labels``/``loss_mask`` are ``(1, max_len)`` (labels already shifted, ignored → 0 with
@@ -40,12 +49,7 @@ class PackedSequence:
     samples: list[int]
 
     def packed_seq_params(self):
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-        longest = int(lengths.max())
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               max_seqlen_q=longest, max_seqlen_kv=longest)
+        return packed_seq_params(self.cu_seqlens)
 
     def to(self, device) -> "PackedSequence":
         return PackedSequence(*(t.to(device) for t in (self.input_ids, self.labels, self.loss_mask, self.images,

@@ -187,11 +187,9 @@ class ShardTrainData:
         batch = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items() if v is not None}
         cu = batch.pop("cu_seqlens", None)
         if cu is not None:
-            from megatron.core.packed_seq_params import PackedSeqParams
+            from ..data.packing import packed_seq_params
 
-            longest = int((cu[1:] - cu[:-1]).max())
-            batch["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                         max_seqlen_q=longest, max_seqlen_kv=longest)
+            batch["packed_seq_params"] = packed_seq_params(cu)
         batch.setdefault("images", None)
         return batch
 
