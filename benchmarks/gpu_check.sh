@@ -11,7 +11,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAVLM_CUDA_ARCHS=${MEGAVLM_CUDA_ARCH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 if [ -d .carry/wheels ]; then
-  python -m pip install -q --no-index --find-links .carry/wheels --no-deps megatron-core==0.19.2 2>&1 | tail -2
+  python -m pip install -q --no-index --find-links .carry/wheels --no-deps megatron-core==0.19.2 nvidia-cutlass==4.2.0.0 2>&1 | tail -2
   python -m pip install -q --no-index --find-links .carry/wheels transformers tokenizers safetensors pyyaml pybind11 psutil 'packaging>=24.2' 2>&1 | tail -2
 fi
 python -c "import triton" 2>/dev/null || echo "WARNING: triton missing (megatron-core 0.19 imports it)"

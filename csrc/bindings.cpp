@@ -50,4 +50,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("scatter_rows", &megavlm::projector::scatter_rows, guard(), py::arg("device"), py::arg("stream"),
         py::arg("dst"), py::arg("dst_rows"), py::arg("index"), py::arg("n_index"), py::arg("src"),
         py::arg("row_bytes"), "dst[index[k]] = src[k] row copy (int64 index; out-of-range rows are skipped).");
+  m.def("linear_sm90_compiled", &megavlm::projector::linear_sm90_compiled,
+        "True if this build has the Hopper (sm_90a, CUTLASS) projector GEMMs.");
+  m.def("linear_sm90_workspace", &megavlm::projector::linear_sm90_workspace, py::arg("batch"), py::arg("tokens"),
+        py::arg("k"), py::arg("n"), py::arg("out_token_stride"), py::arg("out_batch_stride"), py::arg("gelu"),
+        py::arg("aux"), "Workspace bytes linear_sm90 needs for this shape.");
+  m.def("linear_sm90", &megavlm::projector::linear_sm90, guard(), py::arg("device"), py::arg("stream"),
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("aux"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("batch"), py::arg("tokens"), py::arg("k"), py::arg("n"),
+        py::arg("out_token_stride"), py::arg("out_batch_stride"), py::arg("gelu"),
+        "bf16 out[b*out_batch_stride + t*out_token_stride + j] = act(x[b,t,:] . w[j,:] + bias[j]) (fp32 bias, "
+        "exact GELU), aux[b,t,j] = pre-activation; CUTLASS TMA/WGMMA kernels, sm_90 only.");
 }

@@ -15,6 +15,8 @@
 #                  >= 3.12 but its wheel runs on 3.11)
 #   EXTRA_DEPS     installed when `import triton` fails [triton]: megatron-core 0.19 imports it at package import
 #   DALI_SPEC      installed when `import nvidia.dali` fails [nvidia-dali-cuda130==2.4.0]; NGC images ship DALI
+#   CUTLASS_SPEC   [nvidia-cutlass==4.2.0.0], installed --no-deps: only its C++ headers are used, by the build of the
+#                  Hopper projector GEMMs (csrc/projector/gemm_sm90_*.cu); empty: build without them
 #   MEGAVLM_BUILD_KERNELS, MEGAVLM_CUDA_ARCHS   read by `python -m megavlm._build --auto`, the last step: it
 #                  builds megavlm._C from csrc/ when nvcc is found (=1: a missing nvcc is an error; =0: skip;
 #                  archs default to "80;90")
@@ -24,7 +26,7 @@ DRY_RUN=${MEGAVLM_DRY_RUN:-0}
 case "${1:-}" in
   --dry-run) DRY_RUN=1 ;;
   "") ;;
-  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
   *) echo "error: unknown argument '$1' (usage: scripts/install.sh [--dry-run])" >&2; exit 2 ;;
 esac
 
@@ -35,6 +37,7 @@ TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
 MEGATRON_SPEC=${MEGATRON_SPEC-megatron-core==0.19.2}
 EXTRA_DEPS=${EXTRA_DEPS-triton}
 DALI_SPEC=${DALI_SPEC-nvidia-dali-cuda130==2.4.0}
+CUTLASS_SPEC=${CUTLASS_SPEC-nvidia-cutlass==4.2.0.0}
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -75,6 +78,9 @@ if [ -n "$EXTRA_DEPS" ]; then
 fi
 if [ -n "$DALI_SPEC" ]; then
   step_unless nvidia.dali "$PY" -m pip install -q "$DALI_SPEC"
+fi
+if [ -n "$CUTLASS_SPEC" ]; then
+  step "$PY" -m pip install -q --no-deps "$CUTLASS_SPEC"
 fi
 step "$PY" -m pip install -q -e ".[test]"
 step "$PY" -m megavlm._build --auto

@@ -9,6 +9,8 @@
 
 #include "common/checks.h"
 #include "common/dtype.h"
+#include "megavlm_build_info.h"
+#include "projector/gemm_sm90.h"
 #include "projector/kernel.h"
 
 namespace megavlm {
@@ -186,6 +188,106 @@ void scatter_rows(int device, std::uintptr_t stream, std::uintptr_t dst, long lo
   }
   const unsigned int grid = grid_for(total, kThreads, device);
   launch_kernel(kernel, grid, kThreads, &prm, as_stream(stream), "scatter_rows");
+}
+
+bool linear_sm90_compiled() noexcept { return MEGAVLM_HAS_SM90_GEMM != 0; }
+
+namespace {
+LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
+                                    std::uintptr_t aux, long long batch, long long tokens, long long k_dim,
+                                    long long n, long long out_token_stride, long long out_batch_stride, bool gelu) {
+  MEGAVLM_CHECK_ARG(batch > 0 && tokens > 0 && k_dim > 0 && n > 0,
+                    "linear_sm90: sizes must be positive, got batch " << batch << ", tokens " << tokens << ", k "
+                                                                      << k_dim << ", n " << n);
+  check_int_range(batch, "batch");
+  check_int_range(tokens, "tokens");
+  check_int_range(k_dim, "k");
+  check_int_range(n, "n");
+  // TMA: every base address and leading dimension a multiple of 16 bytes (8 bf16).
+  MEGAVLM_CHECK_ARG(k_dim % 8 == 0 && n % 8 == 0 && out_token_stride % 8 == 0 && out_batch_stride % 8 == 0,
+                    "linear_sm90: k, n and the output strides must be multiples of 8 (got k " << k_dim << ", n " << n
+                    << ", strides " << out_token_stride << ", " << out_batch_stride << ")");
+  MEGAVLM_CHECK_ARG(out_token_stride >= n && (batch == 1 || out_batch_stride > 0),
+                    "linear_sm90: output strides would overlap rows (token stride " << out_token_stride
+                    << " < n " << n << ", or batch stride " << out_batch_stride << ")");
+  MEGAVLM_CHECK_ARG(gelu || aux == 0, "linear_sm90: aux (the pre-activation) is only written with gelu");
+  check_ptr(x, "x");
+  check_ptr(w, "w");
+  check_ptr(out, "out");
+  MEGAVLM_CHECK_ARG(is_aligned(x, 16) && is_aligned(w, 16) && is_aligned(out, 16) && is_aligned(aux, 16) &&
+                    is_aligned(bias, 16),
+                    "linear_sm90: x, w, out, aux and bias must be 16-byte aligned");
+  LinearSm90Params p{};
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const void*>(w);
+  p.bias = reinterpret_cast<const float*>(bias);
+  p.out = reinterpret_cast<void*>(out);
+  p.aux = reinterpret_cast<void*>(aux);
+  p.batch = static_cast<int>(batch);
+  p.tokens = static_cast<int>(tokens);
+  p.k_dim = static_cast<int>(k_dim);
+  p.n = static_cast<int>(n);
+  p.out_token_stride = out_token_stride;
+  p.out_batch_stride = out_batch_stride;
+  p.gelu = gelu ? 1 : 0;
+  return p;
+}
+
+void require_sm90(int device) {
+  MEGAVLM_CHECK_ARG(linear_sm90_compiled(),
+                    "linear_sm90: this megavlm._C was built without the Hopper GEMMs (no sm_90 arch or no CUTLASS; "
+                    "see megavlm/_build.py)");
+  DeviceGuard guard(device);
+  int major = 0, minor = 0;
+  MEGAVLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  MEGAVLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major != 9 || minor != 0) {
+    std::ostringstream msg;
+    msg << "megavlm._C: linear_sm90 runs on sm_90 GPUs (H100/H200) only; device " << device << " is sm_" << major
+        << minor;
+    throw std::runtime_error(msg.str());
+  }
+}
+}  // namespace
+
+long long linear_sm90_workspace(long long batch, long long tokens, long long k_dim, long long n,
+                                long long out_token_stride, long long out_batch_stride, bool gelu, bool aux) {
+  // Dummy aligned addresses: the size depends on the shape only.
+  const std::uintptr_t fake = 256;
+  const LinearSm90Params p = linear_sm90_params(fake, fake, 0, fake, aux ? fake : 0, batch, tokens, k_dim, n,
+                                                out_token_stride, out_batch_stride, gelu);
+#if MEGAVLM_HAS_SM90_GEMM
+  if (!gelu) return static_cast<long long>(linear_sm90_bias_workspace(p));
+  return static_cast<long long>(aux ? linear_sm90_gelu_aux_workspace(p) : linear_sm90_gelu_workspace(p));
+#else
+  (void)p;
+  return 0;
+#endif
+}
+
+void linear_sm90(int device, std::uintptr_t stream, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
+                 std::uintptr_t out, std::uintptr_t aux, std::uintptr_t workspace, long long workspace_bytes,
+                 long long batch, long long tokens, long long k_dim, long long n, long long out_token_stride,
+                 long long out_batch_stride, bool gelu) {
+  const LinearSm90Params p = linear_sm90_params(x, w, bias, out, aux, batch, tokens, k_dim, n, out_token_stride,
+                                                out_batch_stride, gelu);
+  const long long need = linear_sm90_workspace(batch, tokens, k_dim, n, out_token_stride, out_batch_stride, gelu,
+                                               aux != 0);
+  MEGAVLM_CHECK_ARG(workspace_bytes >= need && (need == 0 || workspace != 0),
+                    "linear_sm90: needs a workspace of " << need << " bytes, got " << workspace_bytes);
+  require_sm90(device);
+  DeviceGuard guard(device);
+#if MEGAVLM_HAS_SM90_GEMM
+  void* ws = reinterpret_cast<void*>(workspace);
+  const char* err = !gelu ? linear_sm90_bias_run(p, ws, as_stream(stream))
+                    : aux ? linear_sm90_gelu_aux_run(p, ws, as_stream(stream))
+                          : linear_sm90_gelu_run(p, ws, as_stream(stream));
+  if (err != nullptr) throw std::runtime_error(std::string("megavlm._C: linear_sm90: ") + err);
+  MEGAVLM_CUDA_CHECK(cudaGetLastError());
+  if (debug_sync()) MEGAVLM_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
+#else
+  (void)p;
+#endif
 }
 
 }  // namespace projector

@@ -87,12 +87,17 @@ class VLM(MegatronModule):
 
     def _fused_project_into(self, emb, feats, is_image):
         """Linear → GELU → Linear with the bias+GELU fused, written straight into the embedding rows of the image
-        tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order)."""
+        tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order). When every
+        image sits at the same offset of its own sample, the rows form an AffineRows layout and the Hopper GEMM path
+        (MEGAVLM_PROJECTOR_GEMM=cutlass) stores them from its epilogue; otherwise they are scattered."""
         s, b, h = emb.shape
         bi, sj = is_image.nonzero(as_tuple=True)
+        index = sj * b + bi
+        if fused.projector_gemm() == "cutlass":
+            index = fused.affine_rows(index, feats.shape[0], feats.shape[1]) or index
         fc1, fc2 = self.projector.encoder.linear_fc1, self.projector.encoder.linear_fc2
-        out = fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu")
-        return fused.scatter_rows_fused(emb.view(s * b, h), sj * b + bi, out.reshape(-1, h).to(emb.dtype)).view(s, b, h)
+        return fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",
+                                     dst=emb.view(s * b, h), index=index).view(s, b, h)
 
     def _project(self, feats: torch.Tensor) -> torch.Tensor:
         """megatron's projector on ``(n, t, d)`` features → ``(n, t, h)`` (it works in ``(t, n, ·)``)."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from .fused import patch_embed_fused, projector_fused, scatter_rows_fused  # registers torch.ops.megavlm.*
+from .fused import AffineRows, patch_embed_fused, projector_fused, scatter_rows_fused  # registers torch.ops.megavlm.*
 from .reference import CLIP_MEAN, CLIP_STD, patch_embed_ref, projector_ref, scatter_rows_ref
 
 __all__ = ["fused_unavailable_reason", "patch_embed", "projector", "resolve_kernels", "scatter_rows"]
@@ -114,23 +114,23 @@ def projector(
     eps: float = 1e-5,
     *,
     dst: Tensor | None = None,
-    index: Tensor | None = None,
+    index: Tensor | AffineRows | None = None,
     kernels: str | None = "auto",
 ) -> Tensor:
     """[N,T,Din] -> [N,T',Dout] (merge/LN optional). With ``dst``/``index`` the output rows are
-    also scattered in place into ``dst`` [M, Dout] (``dst[index[k]] = out.view(-1, Dout)[k]``)
-    and ``dst`` is returned."""
+    also written in place into ``dst`` [M, Dout] (``dst[index[k]] = out.view(-1, Dout)[k]``)
+    and ``dst`` is returned. ``index`` may be an ``AffineRows`` (image n's token t at row
+    base + n*image_stride + t*token_stride), which lets the Hopper GEMM write the rows itself."""
     if (dst is None) != (index is None):
         raise ValueError("dst and index must be given together")
     impl = _route(kernels, x, w1)
     if impl == "fused":
-        out = projector_fused(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act, eps)
-        if dst is None:
-            return out
-        return scatter_rows_fused(dst, index, out.reshape(-1, out.shape[-1]))
+        return projector_fused(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act, eps, dst=dst, index=index)
     out = projector_ref(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act, eps)
     if dst is None:
         return out
+    if isinstance(index, AffineRows):
+        index = index.index(out.shape[0], out.shape[1], dst.device)
     return scatter_rows_ref(dst, index, out.reshape(-1, out.shape[-1]))
 
 

@@ -34,12 +34,22 @@ Projector (fused path):
     a = bias_gelu(z, b1)              # bias + exact GELU epilogue (z is saved for backward)
     o = addmm(b2, a, W2^T)            # cuBLAS with its bias epilogue
     scatter_rows_(emb, index, o)      # rows written straight into the decoder input buffer
+
+Projector, Hopper GEMM path (``MEGAVLM_PROJECTOR_GEMM=cutlass``, bf16 on an sm_90 GPU, megavlm._C built with
+CUTLASS; see docs/kernels.md):
+    a, z = linear_gelu(y, W1, b1)     # one CUTLASS GEMM: bias + exact GELU in its epilogue; z (pre-activation)
+                                      #   is stored by the same epilogue only when a backward will need it
+    emb[rows] = linear_into_(a, W2, b2)  # one CUTLASS GEMM whose epilogue adds b2 and stores each image's rows
+                                      #   straight into the embedding buffer (rows base + n*sn + t*st: AffineRows)
+Other row layouts (images at different offsets) use addmm + scatter_rows_ as above.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +69,20 @@ from .reference import (
 )
 
 __all__ = [
+    "AffineRows",
     "BiasGeluFunction",
+    "LinearIntoFunction",
     "MergeLayerNormFunction",
     "PatchEmbedFunction",
     "ScatterRowsFunction",
     "patch_embed_fused",
     "projector_fused",
+    "affine_rows",
+    "projector_gemm",
     "scatter_rows_fused",
     "set_poison",
+    "set_projector_gemm",
+    "sm90_gemm_unavailable_reason",
 ]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -82,6 +98,94 @@ def set_poison(on: bool) -> None:
     """Testing hook: fill every buffer that a kernel is expected to fully write with NaN first."""
     global _POISON
     _POISON = bool(on)
+
+
+_GEMM_MODES = ("cublas", "cutlass")
+_PROJECTOR_GEMM: str | None = None  # None: $MEGAVLM_PROJECTOR_GEMM, default 'cublas'
+
+
+def set_projector_gemm(mode: str | None) -> None:
+    """Which GEMMs the fused projector uses: 'cublas' (torch.mm + the bias_gelu/scatter kernels), 'cutlass' (the
+    Hopper GEMMs with fused epilogues), or None to read $MEGAVLM_PROJECTOR_GEMM again (default 'cublas')."""
+    global _PROJECTOR_GEMM
+    if mode is not None and mode not in _GEMM_MODES:
+        raise ValueError(f"projector GEMM must be one of {_GEMM_MODES}, got {mode!r}")
+    _PROJECTOR_GEMM = mode
+
+
+def projector_gemm() -> str:
+    """The configured projector GEMM ('cublas' | 'cutlass'). 'cublas' stays the default until the CUTLASS path has
+    been checked and timed on a GPU (docs/kernels.md)."""
+    mode = _PROJECTOR_GEMM or os.environ.get("MEGAVLM_PROJECTOR_GEMM", "cublas").strip().lower() or "cublas"
+    if mode not in _GEMM_MODES:
+        raise ValueError(f"MEGAVLM_PROJECTOR_GEMM must be one of {_GEMM_MODES}, got {mode!r}")
+    return mode
+
+
+def sm90_gemm_unavailable_reason(t: Tensor) -> str | None:
+    """None when the Hopper GEMMs can serve a tensor like ``t`` (CUDA bf16 on sm_90, megavlm._C built with them);
+    CPU tensors are served by the torch emulation (tests); else the reason."""
+    if not t.is_cuda:
+        return None if t.dtype.is_floating_point else f"dtype {t.dtype}"
+    if t.dtype != torch.bfloat16:
+        return f"the Hopper GEMMs are bf16 only, got {t.dtype}"
+    ext = _ext.load()
+    if ext is None or not getattr(ext, "linear_sm90_compiled", lambda: False)():
+        return "megavlm._C was built without the Hopper GEMMs (no sm_90 arch or no CUTLASS headers)"
+    if torch.cuda.get_device_capability(t.device) != (9, 0):
+        return f"the Hopper GEMMs need an sm_90 GPU, this is {torch.cuda.get_device_name(t.device)}"
+    return None
+
+
+def _use_sm90(t: Tensor, *dims: int) -> bool:
+    """Whether the projector GEMMs over ``t`` with these feature sizes take the Hopper path."""
+    if projector_gemm() != "cutlass":
+        return False
+    # TMA: feature sizes multiples of 8 (16 bytes); the torch wrappers make every operand contiguous.
+    if any(d % 8 for d in dims):
+        return False
+    return sm90_gemm_unavailable_reason(t) is None
+
+
+class AffineRows(NamedTuple):
+    """Rows of the destination buffer that receive image ``n``'s token ``t``: ``base + n*image_stride +
+    t*token_stride`` (one image per sample at the same offset gives this layout in both (b, s) and (s, b) order)."""
+
+    base: int
+    image_stride: int
+    token_stride: int
+
+    def index(self, n_images: int, tokens: int, device=None) -> Tensor:
+        n = torch.arange(n_images, device=device).view(-1, 1)
+        t = torch.arange(tokens, device=device).view(1, -1)
+        return (self.base + n * self.image_stride + t * self.token_stride).reshape(-1)
+
+
+def affine_rows(index: Tensor, n_images: int, tokens: int) -> AffineRows | None:
+    """``index`` [n_images*tokens] (image-major) as an AffineRows when it is one, else None. One device sync."""
+    if index.numel() != n_images * tokens or index.numel() == 0:
+        return None
+    idx = index.reshape(n_images, tokens).to(torch.int64)
+    base = idx[0, 0]
+    sn = idx[1, 0] - base if n_images > 1 else torch.zeros_like(base)
+    st = idx[0, 1] - base if tokens > 1 else torch.zeros_like(base)
+    n = torch.arange(n_images, device=idx.device).view(-1, 1)
+    t = torch.arange(tokens, device=idx.device).view(1, -1)
+    ok = (idx == base + n * sn + t * st).all()
+    b, sn_, st_, ok_ = torch.stack([base, sn, st, ok.to(torch.int64)]).tolist()
+    if not ok_ or b < 0 or (n_images > 1 and sn_ == 0) or (tokens > 1 and st_ == 0):
+        return None
+    return AffineRows(int(b), int(sn_), int(st_))
+
+
+def _rows_view(dst: Tensor, rows: AffineRows, n_images: int, tokens: int) -> Tensor:
+    """The [n_images, tokens, D] strided view of ``dst`` [M, D] at ``rows`` (checked to lie inside dst)."""
+    D = dst.shape[1]
+    last = rows.base + (n_images - 1) * rows.image_stride + (tokens - 1) * rows.token_stride
+    if rows.base < 0 or rows.image_stride < 0 or rows.token_stride < 0 or last >= dst.shape[0]:
+        raise ValueError(f"rows {rows} for {n_images}x{tokens} tokens fall outside the {dst.shape[0]}-row buffer")
+    return dst.as_strided((n_images, tokens, D), (rows.image_stride * D, rows.token_stride * D, 1),
+                          dst.storage_offset() + rows.base * D)
 
 
 def _empty(shape, dtype: torch.dtype, device) -> Tensor:
@@ -269,6 +373,57 @@ def _scatter_rows_impl_(dst: Tensor, index: Tensor, src: Tensor) -> None:
         )
         return
     dst.index_copy_(0, index.to(torch.int64), src.to(dst.dtype))
+
+
+def _linear_sm90_launch(x: Tensor, w: Tensor, bias, out: Tensor, aux, batch: int, tokens: int,
+                        out_token_stride: int, out_batch_stride: int, gelu: bool) -> None:
+    ext, dev, stream = _launch_ctx(x)
+    K, n = x.shape[-1], w.shape[0]
+    b32 = _f32(bias)
+    ws_bytes = ext.linear_sm90_workspace(batch, tokens, K, n, out_token_stride, out_batch_stride, gelu, aux is not None)
+    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=x.device) if ws_bytes else None
+    ext.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), _ptr(b32), out.data_ptr(), _ptr(aux), _ptr(ws),
+                    ws_bytes, batch, tokens, K, n, out_token_stride, out_batch_stride, gelu)
+
+
+def _linear_gelu_impl(x: Tensor, w: Tensor, bias, save_preact: bool) -> tuple[Tensor, Tensor]:
+    """x [R, K] -> (gelu(x @ w^T + bias), the pre-activation or an empty tensor), one GEMM with the epilogue."""
+    R, K = x.shape
+    n = w.shape[0]
+    if x.is_cuda:
+        xc, wc = x.contiguous(), w.to(x.dtype).contiguous()
+        a = _empty((R, n), x.dtype, x.device)
+        z = _empty((R, n), x.dtype, x.device) if save_preact else x.new_empty(0)
+        if R:
+            _linear_sm90_launch(xc, wc, bias, a, z if save_preact else None, 1, R, n, R * n, True)
+        return a, z
+    acc = acc_dtype(x.dtype)  # emulation: fp32 accumulate + epilogue, one rounding each, as the kernel
+    u = x.to(acc) @ w.detach().to(acc).t()
+    if bias is not None:
+        u = u + bias.detach().to(acc)
+    return F.gelu(u).to(x.dtype), (u.to(x.dtype) if save_preact else x.new_empty(0))
+
+
+def _linear_into_impl_(dst: Tensor, a: Tensor, w: Tensor, bias, base: int, image_stride: int,
+                       token_stride: int) -> None:
+    """dst rows base + n*image_stride + t*token_stride = a[n, t] @ w^T + bias (one GEMM, in place)."""
+    N, T, K = a.shape
+    rows = AffineRows(base, image_stride, token_stride)
+    view = _rows_view(dst, rows, N, T)
+    if dst.is_cuda:
+        if not dst.is_contiguous():
+            raise ValueError("linear_into_: dst must be contiguous (it is written in place)")
+        D = dst.shape[1]
+        out = dst.view(-1)[rows.base * D:]  # base address of row `base`
+        ac, wc = a.contiguous(), w.to(a.dtype).contiguous()
+        if N * T:
+            _linear_sm90_launch(ac, wc, bias, out, None, N, T, token_stride * D, image_stride * D, False)
+        return
+    acc = acc_dtype(a.dtype)
+    o = a.to(acc) @ w.detach().to(acc).t()
+    if bias is not None:
+        o = o + bias.detach().to(acc)
+    view.copy_(o.to(dst.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -489,6 +644,51 @@ def _(dst, index, src):
     return None
 
 
+@torch.library.custom_op("megavlm::linear_gelu", mutates_args=())
+def linear_gelu_op(x: Tensor, w: Tensor, bias: Tensor | None, save_preact: bool) -> tuple[Tensor, Tensor]:
+    """x [R, K] -> (gelu(x @ w^T + bias) [R, n], pre-activation [R, n] or empty): the Hopper GEMM with epilogue."""
+    return _linear_gelu_impl(x, w, bias, save_preact)
+
+
+@linear_gelu_op.register_fake
+def _(x, w, bias, save_preact):
+    R, n = x.shape[0], w.shape[0]
+    return x.new_empty((R, n)), (x.new_empty((R, n)) if save_preact else x.new_empty(0))
+
+
+def _linear_gelu_setup_context(ctx, inputs, output) -> None:
+    x, w, bias, save_preact = inputs
+    ctx.save_for_backward(x, w, output[1])
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_gelu_backward(ctx, grad_a: Tensor, grad_z):
+    x, w, z = ctx.saved_tensors
+    if z.numel() == 0:
+        raise RuntimeError("linear_gelu: backward needs the pre-activation; call it with save_preact=True")
+    nig = ctx.needs_input_grad
+    dz = torch.ops.megavlm.bias_gelu_backward(grad_a, z, None)  # z already includes the bias
+    g_x = torch.mm(dz, w.to(dz.dtype)).to(x.dtype) if nig[0] else None
+    g_w = torch.mm(dz.t(), x.to(dz.dtype)).to(w.dtype) if nig[1] else None
+    g_b = dz.sum(0, dtype=acc_dtype(dz.dtype)).to(ctx.bias_dtype) if nig[2] and ctx.bias_dtype else None
+    return g_x, g_w, g_b, None
+
+
+linear_gelu_op.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup_context)
+
+
+@torch.library.custom_op("megavlm::linear_into_", mutates_args={"dst"})
+def linear_into_op(dst: Tensor, a: Tensor, w: Tensor, bias: Tensor | None, base: int, image_stride: int,
+                   token_stride: int) -> None:
+    """In place: dst rows ``base + n*image_stride + t*token_stride`` = a[n, t] @ w^T + bias (see LinearIntoFunction)."""
+    _linear_into_impl_(dst, a, w, bias, base, image_stride, token_stride)
+
+
+@linear_into_op.register_fake
+def _(dst, a, w, bias, base, image_stride, token_stride):
+    return None
+
+
 # ----------------------------------------------------------------------------
 # autograd.Function classes (eager), same forward/backward code as the custom ops
 # ----------------------------------------------------------------------------
@@ -551,6 +751,33 @@ class ScatterRowsFunction(torch.autograd.Function):
         return g_dst, None, g_src
 
 
+class LinearIntoFunction(torch.autograd.Function):
+    """``dst[rows(n, t)] = a[n, t] @ w^T + bias`` in place with autograd: grad_dst = grad with those rows zeroed;
+    the rows' grad flows to a, w and bias as through a Linear."""
+
+    @staticmethod
+    def forward(ctx, dst, a, w, bias, rows: AffineRows):
+        torch.ops.megavlm.linear_into_(dst, a, w, bias, *rows)
+        ctx.mark_dirty(dst)
+        ctx.save_for_backward(a, w)
+        ctx.rows = rows
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return dst
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        N, T, K = a.shape
+        nig = ctx.needs_input_grad
+        index = ctx.rows.index(N, T, grad.device)
+        g_rows = grad.index_select(0, index).to(a.dtype)
+        g_dst = grad.index_fill(0, index, 0) if nig[0] else None
+        g_a = torch.mm(g_rows, w.to(a.dtype)).view(N, T, K) if nig[1] else None
+        g_w = torch.mm(g_rows.t(), a.reshape(N * T, K)).to(w.dtype) if nig[2] else None
+        g_b = g_rows.sum(0, dtype=acc_dtype(a.dtype)).to(ctx.bias_dtype) if nig[3] and ctx.bias_dtype else None
+        return g_dst, g_a, g_w, g_b, None
+
+
 # ----------------------------------------------------------------------------
 # composite fused paths
 # ----------------------------------------------------------------------------
@@ -583,21 +810,42 @@ def projector_fused(
     b2: Tensor | None,
     act: str = "gelu",
     eps: float = 1e-5,
+    *,
+    dst: Tensor | None = None,
+    index: Tensor | AffineRows | None = None,
 ) -> Tensor:
+    """[N, T, Din] -> [N, T', Dout]; with ``dst`` [M, Dout] and ``index`` (a row index tensor or AffineRows) the rows
+    are written into ``dst`` in place and ``dst`` is returned."""
     check_projector_args(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act)
+    if (dst is None) != (index is None):
+        raise ValueError("dst and index must be given together")
     dt = x.dtype
     if merge or ln_weight is not None:
         y = torch.ops.megavlm.merge_layernorm(x, ln_weight, ln_bias, bool(merge), float(eps))
     else:
         y = x
     N, Tq, Fdim = y.shape
-    z = torch.mm(y.reshape(N * Tq, Fdim), w1.to(dt).t())
-    a = torch.ops.megavlm.bias_gelu(z, b1)
-    if b2 is not None:
-        o = torch.addmm(b2.to(dt), a, w2.to(dt).t())
+    y2 = y.reshape(N * Tq, Fdim)
+    sm90 = _use_sm90(y2, Fdim, w1.shape[0], w2.shape[0])
+    if sm90:
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y2, w1, b1))
+        a, _ = torch.ops.megavlm.linear_gelu(y2, w1.to(dt), b1, grads)
     else:
-        o = torch.mm(a, w2.to(dt).t())
-    return o.view(N, Tq, w2.shape[0])
+        a = torch.ops.megavlm.bias_gelu(torch.mm(y2, w1.to(dt).t()), b1)
+    Dout = w2.shape[0]
+    if dst is not None and isinstance(index, AffineRows) and sm90 and dst.dtype == dt:
+        a3 = a.view(N, Tq, -1)
+        if torch.is_grad_enabled() and (dst.requires_grad or a3.requires_grad or w2.requires_grad
+                                        or (b2 is not None and b2.requires_grad)):
+            return LinearIntoFunction.apply(dst, a3, w2.to(dt), b2, index)
+        torch.ops.megavlm.linear_into_(dst, a3, w2.to(dt), b2, *index)
+        return dst
+    o = torch.addmm(b2.to(dt), a, w2.to(dt).t()) if b2 is not None else torch.mm(a, w2.to(dt).t())
+    if dst is None:
+        return o.view(N, Tq, Dout)
+    if isinstance(index, AffineRows):
+        index = index.index(N, Tq, dst.device)
+    return scatter_rows_fused(dst, index, o)
 
 
 def scatter_rows_fused(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
 """megavlm._C builds with nvcc, imports without a GPU, exposes every op, and
 fails cleanly (RuntimeError / ValueError, never a crash) when no GPU is there.
 
-The build goes into a temporary folder (one arch, to keep it quick; set
-MEGAVLM_TEST_CUDA_ARCHS to change) and every import happens in a subprocess.
+The build goes into a temporary folder (one arch and no CUTLASS units, to keep it quick; set
+MEGAVLM_TEST_CUDA_ARCHS to change) and every import happens in a subprocess. The Hopper GEMMs
+(CUTLASS) are checked on the module `make install` built (test_installed_extension_has_the_hopper_gemms).
 """
 
 from __future__ import annotations
@@ -55,7 +56,15 @@ def built_extension(tmp_path_factory):
     pytest.importorskip("pybind11")
     out = tmp_path_factory.mktemp("megavlm_C")
     archs = os.environ.get("MEGAVLM_TEST_CUDA_ARCHS", "90")
-    path = _build.build_extension(out, archs=archs, verbose=False)
+    saved = os.environ.get("MEGAVLM_SM90_GEMM")
+    os.environ["MEGAVLM_SM90_GEMM"] = "0"  # the three CUTLASS units take minutes on 2 cores; make install builds them
+    try:
+        path = _build.build_extension(out, archs=archs, verbose=False)
+    finally:
+        if saved is None:
+            os.environ.pop("MEGAVLM_SM90_GEMM")
+        else:
+            os.environ["MEGAVLM_SM90_GEMM"] = saved
     assert Path(path).is_file() and Path(path).name == _build.extension_filename()
     return path
 
@@ -116,6 +125,43 @@ def test_extension_imports_and_fails_cleanly_without_gpu(built_extension):
                 else:
                     raise AssertionError(f"{{fn.__name__}} did not raise RuntimeError without a GPU")
             print("no-GPU status:", status)
+        print("OK")
+    """
+    res = _run_py(code)
+    assert res.returncode == 0, f"subprocess failed (rc={res.returncode}):\n{res.stdout}\n{res.stderr}"
+    assert "OK" in res.stdout
+
+
+def test_installed_extension_has_the_hopper_gemms():
+    """`make install` builds megavlm._C for 80;90 with CUTLASS's headers (scripts/install.sh installs the pip package
+    nvidia-cutlass), so the Hopper projector GEMMs are in it; without a GPU they fail cleanly."""
+    path = REPO / "megavlm" / _build.extension_filename()
+    if not path.is_file():
+        pytest.skip("megavlm._C was not built by make install here (no nvcc)")
+    code = f"""
+        import importlib.util
+        from megavlm import _build
+        spec = importlib.util.spec_from_file_location("megavlm._C", {str(path)!r})
+        C = importlib.util.module_from_spec(spec); spec.loader.exec_module(C)
+        archs = C.compiled_archs.split(";")
+        expected = any(a.startswith("90") for a in archs) and _build.find_cutlass_include() is not None
+        assert C.linear_sm90_compiled() == expected, (archs, _build.find_cutlass_include())
+        print("sm90 gemms", C.linear_sm90_compiled())
+        assert C.linear_sm90_workspace(4, 576, 4096, 4096, 4096, 2048 * 4096, False, False) >= 0
+        try:  # k = 12: not a multiple of 8 -> ValueError before any CUDA call
+            C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 1, 16, 12, 16, 16, 256, True)
+        except ValueError as e:
+            assert "multiples of 8" in str(e), str(e)
+        else:
+            raise AssertionError("linear_sm90 accepted k = 12")
+        if not C.cuda_available():
+            try:
+                C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 1, 16, 16, 16, 16, 256, True)
+            except (RuntimeError, ValueError) as e:
+                # RuntimeError (no device) when built with them; ValueError (not built) otherwise
+                assert ("CUDA" in str(e)) if expected else ("without the Hopper GEMMs" in str(e)), str(e)
+            else:
+                raise AssertionError("linear_sm90 ran without a GPU")
         print("OK")
     """
     res = _run_py(code)

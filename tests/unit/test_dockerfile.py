@@ -63,7 +63,8 @@ def _expand(value: str, variables: dict[str, str]) -> str:
 
 def _dry_run(env_overrides: dict[str, str]) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in (
-        "PYTHON", "VENV", "VENV_FLAGS", "TORCH_SPEC", "MEGATRON_SPEC", "EXTRA_DEPS", "DALI_SPEC", "MEGAVLM_DRY_RUN")}
+        "PYTHON", "VENV", "VENV_FLAGS", "TORCH_SPEC", "MEGATRON_SPEC", "EXTRA_DEPS", "DALI_SPEC", "CUTLASS_SPEC",
+        "MEGAVLM_DRY_RUN")}
     env.update(env_overrides)
     proc = subprocess.run(["bash", SCRIPT, "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -134,11 +135,13 @@ def test_script_steps_are_the_same_for_make_and_docker():
     assert make_steps[1] == "+ PY -m pip install -q --upgrade pip"
     assert make_steps[2] == "+ PY -m pip install -q torch==2.13.0", "CI installs the local CPU wheel torch==2.13.0"
     assert docker_steps == make_steps[3:], (docker_steps, make_steps)
-    # ... and the shared steps are the whole recipe: megatron-core, triton/DALI when missing, megavlm, kernels.
+    # ... and the shared steps are the whole recipe: megatron-core, triton/DALI when missing, CUTLASS's headers,
+    # megavlm, kernels.
     assert docker_steps == [
         "+ PY -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2",
         "+ [unless import triton] PY -m pip install -q triton",
         "+ [unless import nvidia.dali] PY -m pip install -q nvidia-dali-cuda130==2.4.0",
+        "+ PY -m pip install -q --no-deps nvidia-cutlass==4.2.0.0",
         "+ PY -m pip install -q -e .[test]",
         "+ PY -m megavlm._build --auto",
     ]

@@ -100,15 +100,27 @@ def test_uint8_patch_embedding_equals_conv2d_on_normalized_images(rt, cfg):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_model_path_equals_reference(rt, cfg):
+@pytest.mark.parametrize("gemm,layout", [("cublas", "ragged"), ("cutlass", "ragged"), ("cutlass", "aligned")])
+def test_fused_model_path_equals_reference(rt, cfg, gemm, layout, monkeypatch):
     """The model's fused wiring (patch embedding, projector with fused bias+GELU, scatter into the embedding
     buffer) against the reference/megatron path, forward and backward. On CPU the fused ops run their torch
-    emulation of the kernels, so this checks the wiring; tests/gpu checks the kernels themselves."""
+    emulation of the kernels, so this checks the wiring; tests/gpu checks the kernels themselves.
+    gemm=cutlass: the Hopper GEMM path; with one image per sample at one offset ("aligned") its second GEMM writes
+    the embedding rows itself (AffineRows), with images at different offsets ("ragged") the rows are scattered."""
     from megavlm.models.vlm import VLM
+    from megavlm.ops import fused
 
+    monkeypatch.setenv("MEGAVLM_PROJECTOR_GEMM", gemm)
+    into_calls = []
+    inner = fused._linear_into_impl_
+    monkeypatch.setattr(fused, "_linear_into_impl_", lambda *a: (into_calls.append(a[4:]), inner(*a))[1])
     torch.manual_seed(0)
     model = VLM(cfg, rt, 40, 5, torch.float32, pre_process=True, post_process=True)
     ids, pixels = _image_batch(16, 5)
+    if layout == "aligned":
+        ids = torch.randint(6, 40, (2, 48))
+        ids[:, 4:20] = 5
+        pixels = pixels[:2]
     labels = torch.randint(0, 40, ids.shape)
 
     def run(fused_on):
@@ -125,6 +137,8 @@ def test_fused_model_path_equals_reference(rt, cfg):
     assert set(g_fused) == set(g_ref) and any(k.startswith("projector.") for k in g_ref)
     for k in g_ref:
         torch.testing.assert_close(g_fused[k], g_ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    # (s, b) rows of token t of sample n: (4 + t)*2 + n
+    assert into_calls == ([(8, 1, 2)] if (gemm, layout) == ("cutlass", "aligned") else [])
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

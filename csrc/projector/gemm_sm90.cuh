@@ -1,0 +1,103 @@
+// CUTLASS 3 kernel definitions behind gemm_sm90.h; each gemm_sm90_*.cu instantiates one epilogue (kept apart so the
+// three heavy instantiations compile in parallel). Kernels only: the checks live in op.cpp.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/bfloat16.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/operations.hpp>
+#include <cutlass/epilogue/thread/activation.h>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include "projector/gemm_sm90.h"
+
+namespace megavlm {
+namespace projector {
+namespace sm90 {
+
+using BF16 = cutlass::bfloat16_t;
+// The weight [n, k] is the A operand of every batch: K contiguous, batch stride a compile-time 0 (so TMA sees no
+// batch mode at all rather than a runtime stride of 0).
+using StrideW = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;
+constexpr int kAlign = 8;  // 16 bytes of bf16: TMA's alignment for every base address and leading dimension
+
+// Per-row (= per out feature) fp32 bias, optionally followed by the exact GELU and an aux store of the
+// pre-activation (what the backward needs).
+using FusionBias = cutlass::epilogue::fusion::LinCombPerRowBias<BF16, float, float>;
+using FusionGelu = cutlass::epilogue::fusion::LinCombPerRowBiasEltAct<cutlass::epilogue::thread::GELU, BF16, float, float>;
+using FusionGeluAux = cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<
+    cutlass::layout::ColumnMajor, cutlass::epilogue::thread::GELU, BF16, float, BF16, float>;
+
+template <class FusionOp, class TileShape, class ClusterShape>
+struct Gemm {
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, cutlass::layout::ColumnMajor, kAlign,  // no C operand (beta = 0)
+      BF16, cutlass::layout::ColumnMajor, kAlign,  // D: out features contiguous, tokens at a runtime stride
+      cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, BF16, StrideW, kAlign, BF16, cutlass::layout::ColumnMajor,
+      kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Device::Arguments arguments(const LinearSm90Params& p) {
+    typename Device::Arguments args{};
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = {p.n, p.tokens, p.k_dim, p.batch};
+    args.mainloop.ptr_A = static_cast<const BF16*>(p.w);
+    args.mainloop.dA = StrideW{static_cast<int64_t>(p.k_dim), cute::Int<1>{}, cute::Int<0>{}};
+    args.mainloop.ptr_B = static_cast<const BF16*>(p.x);
+    args.mainloop.dB = cute::make_stride(static_cast<int64_t>(p.k_dim), cute::Int<1>{},
+                                         static_cast<int64_t>(p.tokens) * p.k_dim);
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = cute::make_stride(cute::Int<1>{}, static_cast<int64_t>(p.n), int64_t{0});
+    args.epilogue.ptr_D = static_cast<BF16*>(p.out);
+    args.epilogue.dD = cute::make_stride(cute::Int<1>{}, static_cast<int64_t>(p.out_token_stride),
+                                         static_cast<int64_t>(p.out_batch_stride));
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = 1.0f;
+    fusion.beta = 0.0f;
+    fusion.bias_ptr = p.bias;
+    if constexpr (FusionOp::IsAuxOutSupported) {
+      fusion.aux_ptr = static_cast<BF16*>(p.aux);
+      fusion.dAux = cute::make_stride(cute::Int<1>{}, static_cast<int64_t>(p.n),
+                                      static_cast<int64_t>(p.tokens) * p.n);
+    }
+    return args;
+  }
+
+  static std::size_t workspace(const LinearSm90Params& p) { return Device::get_workspace_size(arguments(p)); }
+
+  static const char* run(const LinearSm90Params& p, void* workspace, cudaStream_t stream) {
+    Device gemm;
+    auto args = arguments(p);
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+      return "CUTLASS cannot run this shape/alignment (can_implement failed)";
+    }
+    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
+      return "CUTLASS GEMM initialization failed";
+    }
+    if (gemm.run(stream) != cutlass::Status::kSuccess) return "CUTLASS GEMM launch failed";
+    return nullptr;
+  }
+};
+
+// Tiles: 128 out features x 256 tokens for the first projector GEMM (one batch of N*T tokens), 128 x 192 for the
+// second (T = 576 tokens per image = 3 x 192, so no ragged tile per image). Clusters of 2 along the out features
+// share each token tile through TMA multicast.
+using GemmBias = Gemm<FusionBias, cute::Shape<cute::_128, cute::_192, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
+using GemmGelu = Gemm<FusionGelu, cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
+using GemmGeluAux = Gemm<FusionGeluAux, cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
+
+}  // namespace sm90
+}  // namespace projector
+}  // namespace megavlm

@@ -1,0 +1,138 @@
+"""The Hopper GEMM path of the fused projector (MEGAVLM_PROJECTOR_GEMM=cutlass) on CPU: the custom ops
+``linear_gelu`` / ``linear_into_`` run their torch emulation here, so these tests check the row layouts, the
+autograd formulas and the custom-op registrations against the reference; tests/gpu checks the CUTLASS kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megavlm.ops import fused
+from megavlm.ops.reference import projector_ref, scatter_rows_ref
+from ops_testutils import make_projector_inputs
+
+
+@pytest.fixture
+def cutlass_mode():
+    fused.set_projector_gemm("cutlass")
+    yield
+    fused.set_projector_gemm(None)
+
+
+@pytest.fixture
+def count_linear_into(monkeypatch):
+    calls = []
+    inner = fused._linear_into_impl_
+
+    def spy(*args):
+        calls.append(args[4:])
+        return inner(*args)
+
+    monkeypatch.setattr(fused, "_linear_into_impl_", spy)
+    return calls
+
+
+def test_projector_gemm_setting(monkeypatch):
+    monkeypatch.delenv("MEGAVLM_PROJECTOR_GEMM", raising=False)
+    fused.set_projector_gemm(None)
+    assert fused.projector_gemm() == "cublas"  # the measured path stays the default
+    monkeypatch.setenv("MEGAVLM_PROJECTOR_GEMM", "cutlass")
+    assert fused.projector_gemm() == "cutlass"
+    monkeypatch.setenv("MEGAVLM_PROJECTOR_GEMM", "cutlas")
+    with pytest.raises(ValueError, match="MEGAVLM_PROJECTOR_GEMM"):
+        fused.projector_gemm()
+    with pytest.raises(ValueError, match="projector GEMM"):
+        fused.set_projector_gemm("cuda")
+
+
+@pytest.mark.parametrize("n,t,layout", [(3, 5, "sample_major"), (3, 5, "seq_major"), (1, 4, "sample_major"),
+                                        (4, 1, "seq_major")])
+def test_affine_rows_finds_both_layouts(n, t, layout):
+    seq, off = 11, 2
+    nn, tt = torch.meshgrid(torch.arange(n), torch.arange(t), indexing="ij")
+    # (b, s) buffer: row n*seq + off + t; megatron's (s, b) buffer with b = n samples: row (off + t)*n + n_idx
+    index = (nn * seq + off + tt) if layout == "sample_major" else ((off + tt) * n + nn)
+    rows = fused.affine_rows(index.reshape(-1), n, t)
+    assert rows is not None
+    torch.testing.assert_close(rows.index(n, t), index.reshape(-1))
+
+
+def test_affine_rows_rejects_other_layouts():
+    # two images in one sample at different offsets, one in the other (what tests/unit's model batch has)
+    index = torch.tensor([3, 4, 5, 1 + 48, 2 + 48, 3 + 48, 30 + 48, 31 + 48, 32 + 48])
+    assert fused.affine_rows(index, 3, 3) is None
+    assert fused.affine_rows(torch.tensor([5, 5, 5, 5]), 2, 2) is None  # repeated rows are not a layout
+    assert fused.affine_rows(torch.tensor([0, 1, 2]), 2, 2) is None  # wrong count
+
+
+@pytest.mark.parametrize("with_dst", [False, True])
+def test_projector_cutlass_path_matches_reference(cutlass_mode, count_linear_into, with_dst):
+    x, lw, lb, w1, b1, w2, b2 = make_projector_inputs(N=3, T=16, Din=8, Dh=24, Dout=16)
+    params = (x, w1, b1, w2, b2)
+    ref = projector_ref(x, None, None, False, w1, b1, w2, b2)
+    if not with_dst:
+        out = fused.projector_fused(x, None, None, False, w1, b1, w2, b2)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        assert not count_linear_into
+        return
+    base = torch.randn(3 * 40, 16, dtype=torch.float64, requires_grad=True)
+    rows = fused.AffineRows(5, 40, 2)  # images 40 rows apart, every other row
+    dst = base * 1.0
+    got = fused.projector_fused(x, None, None, False, w1, b1, w2, b2, dst=dst, index=rows)
+    assert got is dst and count_linear_into == [(5, 40, 2)]
+    expect = scatter_rows_ref(base.detach() * 1.0, rows.index(3, 16), ref.detach().reshape(-1, 16))
+    torch.testing.assert_close(got.detach(), expect, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(expect)
+    g_got = torch.autograd.grad(got, (base, *params), go)
+    expect_t = scatter_rows_ref(base * 1.0, rows.index(3, 16), ref.reshape(-1, 16))
+    g_ref = torch.autograd.grad(expect_t, (base, *params), go)
+    for a, r in zip(g_got, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+def test_projector_cutlass_path_gradcheck(cutlass_mode):
+    x, _, _, w1, b1, w2, b2 = make_projector_inputs(N=2, T=4, Din=8, Dh=8, Dout=8)
+    base = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    rows = fused.AffineRows(1, 1, 2)  # (s, b) order with b = 2 samples, image at offset 0
+    f = lambda e, *a: fused.projector_fused(a[0], None, None, False, *a[1:], dst=e * 1.0, index=rows)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (base, x, w1, b1, w2, b2))
+    g = lambda *a: torch.ops.megavlm.linear_gelu(a[0], a[1], a[2], True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(g, (x.reshape(-1, 8), w1, b1))
+
+
+def test_linear_gelu_without_preact_has_no_backward(cutlass_mode):
+    x, _, _, w1, b1, _, _ = make_projector_inputs(N=1, T=4, Din=8, Dh=8, Dout=8)
+    a, z = torch.ops.megavlm.linear_gelu(x.reshape(-1, 8), w1, b1, False)
+    assert z.numel() == 0
+    with pytest.raises(RuntimeError, match="pre-activation"):
+        a.sum().backward()
+
+
+def test_projector_rows_outside_buffer_is_an_error(cutlass_mode):
+    x, _, _, w1, b1, w2, b2 = make_projector_inputs(N=2, T=4, Din=8, Dh=8, Dout=8, requires_grad=False)
+    dst = torch.zeros(10, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="outside"):
+        fused.projector_fused(x, None, None, False, w1, b1, w2, b2, dst=dst, index=fused.AffineRows(3, 5, 1))
+
+
+def test_opcheck_sm90_ops():
+    from torch.library import opcheck
+
+    x, _, _, w1, b1, w2, b2 = make_projector_inputs(N=2, T=4, Din=8, Dh=8, Dout=8, dtype=torch.float32)
+    opcheck(torch.ops.megavlm.linear_gelu.default, (x.reshape(-1, 8), w1, b1, True))
+    opcheck(torch.ops.megavlm.linear_gelu.default, (x.reshape(-1, 8).detach(), w1.detach(), None, False))
+    a = torch.randn(2, 4, 8)
+    opcheck(torch.ops.megavlm.linear_into_.default, (torch.zeros(12, 8), a, w2.detach(), b2.detach(), 1, 6, 1))
+
+
+def test_torch_compile_sees_sm90_ops(cutlass_mode):
+    x, _, _, w1, b1, w2, b2 = make_projector_inputs(N=2, T=4, Din=8, Dh=8, Dout=8, dtype=torch.float32)
+    rows = fused.AffineRows(0, 6, 1)
+
+    def f(x, w1, b1, w2, b2):
+        dst = torch.zeros(12, 8)
+        return fused.projector_fused(x, None, None, False, w1, b1, w2, b2, dst=dst, index=rows)
+
+    eager = f(x, w1, b1, w2, b2)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w1, b1, w2, b2)
+    torch.testing.assert_close(compiled, eager)
