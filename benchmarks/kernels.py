@@ -212,6 +212,24 @@ def bench_patch_embed(cfg, iters, rows, checks):
     rows.append(dict(op=f"patch_embed fwd (B={B}, {S}², p={p}, D={D}, cls)", unfused_ms=t_u[0], fused_ms=t_f[0],
                      unfused_host_ms=t_u[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
 
+    # the Hopper GEMM (MEGAVLM_FUSED_GEMM=cutlass): bias + position table in the GEMM's epilogue
+    sm90_reason = fused.sm90_gemm_unavailable_reason(w)
+    if sm90_reason is None:
+        fused.set_fused_gemm("cutlass")
+        try:
+            ref = patch_embed_ref(pixels, w32, b32, pos32, ce32, out_dtype=torch.float32)
+            ok, ef, et = acc_check(fused_fn(), unfused(), ref)
+            checks.append(dict(op="patch_embed fwd, cutlass GEMM (table in the epilogue)", ok=ok, err_fused=ef,
+                               err_torch=et))
+            del ref
+            t_u, t_c = bench_pair(unfused, fused_fn, iters)
+            rows.append(dict(op="patch_embed fwd, cutlass GEMM", unfused_ms=t_u[0], fused_ms=t_c[0],
+                             unfused_host_ms=t_u[1], fused_host_ms=t_c[1], bytes=bytes_min, flops=flops))
+        finally:
+            fused.set_fused_gemm(None)
+    else:
+        print(f"cutlass patch-embedding GEMM not timed: {sm90_reason}")
+
     # forward + backward (grads for weight, bias, class, positions)
     params = [t.clone().requires_grad_(True) for t in (w, b, ce, pos)]
     go = torch.randn(B, T, D, device="cuda", generator=g).to(BF16)
@@ -299,12 +317,12 @@ def bench_projector(cfg, iters, rows, checks):
     rows.append(dict(op="projector+scatter fwd vs HF masked_scatter", unfused_ms=t_m[0], fused_ms=t_f[0],
                      unfused_host_ms=t_m[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
 
-    # the Hopper GEMM path (MEGAVLM_PROJECTOR_GEMM=cutlass): GELU in the first GEMM's epilogue, the second GEMM's
+    # the Hopper GEMM path (MEGAVLM_FUSED_GEMM=cutlass): GELU in the first GEMM's epilogue, the second GEMM's
     # epilogue stores the rows into the buffer itself (the benchmark's rows n*seq + off + t are an AffineRows)
     rows_affine = fused.AffineRows(off, seq, 1)
     sm90_reason = fused.sm90_gemm_unavailable_reason(x)
     if sm90_reason is None:
-        fused.set_projector_gemm("cutlass")
+        fused.set_fused_gemm("cutlass")
         try:
             def cutlass_fn():
                 return projector(x, None, None, False, w1, b1, w2, b2, dst=emb, index=rows_affine, kernels="fused")
@@ -336,7 +354,7 @@ def bench_projector(cfg, iters, rows, checks):
                              flops=2 * R * Dh * Dout))
             del a3
         finally:
-            fused.set_projector_gemm(None)
+            fused.set_fused_gemm(None)
     else:
         print(f"cutlass projector GEMMs not timed: {sm90_reason}")
 
@@ -353,11 +371,11 @@ def bench_projector(cfg, iters, rows, checks):
         return torch.autograd.grad(out, [xs, *ps], go)
 
     def cutlass_fb():
-        fused.set_projector_gemm("cutlass")
+        fused.set_fused_gemm("cutlass")
         try:
             return fused_fb()
         finally:
-            fused.set_projector_gemm(None)
+            fused.set_fused_gemm(None)
 
     xr = x.float().requires_grad_(True)
     pr = [t.clone().requires_grad_(True) for t in (w1_32, b1_32, w2_32, b2_32)]

@@ -70,6 +70,7 @@ SM90_SOURCES = (
     "projector/gemm_sm90_bias.cu",
     "projector/gemm_sm90_gelu.cu",
     "projector/gemm_sm90_gelu_aux.cu",
+    "projector/gemm_sm90_table.cu",
 )
 
 _PKG_DIR = Path(__file__).resolve().parent

@@ -30,13 +30,19 @@ using FusionBias = cutlass::epilogue::fusion::LinCombPerRowBias<BF16, float, flo
 using FusionGelu = cutlass::epilogue::fusion::LinCombPerRowBiasEltAct<cutlass::epilogue::thread::GELU, BF16, float, float>;
 using FusionGeluAux = cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<
     cutlass::layout::ColumnMajor, cutlass::epilogue::thread::GELU, BF16, float, BF16, float>;
+// D = acc + bias + C with an fp32 C shared by every batch (the patch embedding's position table).
+using FusionBiasTable = cutlass::epilogue::fusion::LinCombPerRowBias<BF16, float, float, float>;
+using StrideTable = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;  // [n, tokens], features contiguous
 
-template <class FusionOp, class TileShape, class ClusterShape>
+// ElementC void: no C operand (beta = 0).
+template <class FusionOp, class TileShape, class ClusterShape, class ElementC = void,
+          class StrideC = cutlass::layout::ColumnMajor>
 struct Gemm {
+  static constexpr bool kHasC = !cute::is_void_v<ElementC>;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, cutlass::layout::ColumnMajor, kAlign,  // no C operand (beta = 0)
+      ElementC, StrideC, kHasC ? 128 / cute::sizeof_bits_v<ElementC> : kAlign,
       BF16, cutlass::layout::ColumnMajor, kAlign,  // D: out features contiguous, tokens at a runtime stride
       cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -58,14 +64,19 @@ struct Gemm {
     args.mainloop.ptr_B = static_cast<const BF16*>(p.x);
     args.mainloop.dB = cute::make_stride(static_cast<int64_t>(p.k_dim), cute::Int<1>{},
                                          static_cast<int64_t>(p.tokens) * p.k_dim);
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = cute::make_stride(cute::Int<1>{}, static_cast<int64_t>(p.n), int64_t{0});
+    if constexpr (kHasC) {
+      args.epilogue.ptr_C = static_cast<const ElementC*>(p.table);
+      args.epilogue.dC = StrideTable{cute::Int<1>{}, static_cast<int64_t>(p.n), cute::Int<0>{}};
+    } else {
+      args.epilogue.ptr_C = nullptr;
+      args.epilogue.dC = cute::make_stride(cute::Int<1>{}, static_cast<int64_t>(p.n), int64_t{0});
+    }
     args.epilogue.ptr_D = static_cast<BF16*>(p.out);
     args.epilogue.dD = cute::make_stride(cute::Int<1>{}, static_cast<int64_t>(p.out_token_stride),
                                          static_cast<int64_t>(p.out_batch_stride));
     auto& fusion = args.epilogue.thread;
     fusion.alpha = 1.0f;
-    fusion.beta = 0.0f;
+    fusion.beta = kHasC ? 1.0f : 0.0f;
     fusion.bias_ptr = p.bias;
     if constexpr (FusionOp::IsAuxOutSupported) {
       fusion.aux_ptr = static_cast<BF16*>(p.aux);
@@ -97,6 +108,9 @@ struct Gemm {
 using GemmBias = Gemm<FusionBias, cute::Shape<cute::_128, cute::_192, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
 using GemmGelu = Gemm<FusionGelu, cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
 using GemmGeluAux = Gemm<FusionGeluAux, cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
+// Patch embedding (ViT-L/14-336: 577 tokens per image, K = 592): 128 x 128 tiles, the table added from C.
+using GemmBiasTable = Gemm<FusionBiasTable, cute::Shape<cute::_128, cute::_128, cute::_64>,
+                           cute::Shape<cute::_2, cute::_1, cute::_1>, float, StrideTable>;
 
 }  // namespace sm90
 }  // namespace projector

@@ -23,6 +23,7 @@ struct LinearSm90Params {
   const float* bias;
   void* out;
   void* aux;
+  const float* table;  // optional fp32 [tokens, n] added to every batch (linear_sm90_table_* only)
   int batch, tokens, k_dim, n;
   long long out_token_stride, out_batch_stride;
   int gelu;  // 0: identity, 1: exact (erf) GELU
@@ -35,6 +36,9 @@ std::size_t linear_sm90_gelu_workspace(const LinearSm90Params& p);
 const char* linear_sm90_gelu_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
 std::size_t linear_sm90_gelu_aux_workspace(const LinearSm90Params& p);
 const char* linear_sm90_gelu_aux_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
+// + table[t, j] in the epilogue (no activation): the patch embedding's GEMM with its bias and position table.
+std::size_t linear_sm90_table_workspace(const LinearSm90Params& p);
+const char* linear_sm90_table_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
 
 }  // namespace projector
 }  // namespace megavlm

@@ -194,8 +194,9 @@ bool linear_sm90_compiled() noexcept { return MEGAVLM_HAS_SM90_GEMM != 0; }
 
 namespace {
 LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
-                                    std::uintptr_t aux, long long batch, long long tokens, long long k_dim,
-                                    long long n, long long out_token_stride, long long out_batch_stride, bool gelu) {
+                                    std::uintptr_t aux, std::uintptr_t table, long long batch, long long tokens,
+                                    long long k_dim, long long n, long long out_token_stride,
+                                    long long out_batch_stride, bool gelu) {
   MEGAVLM_CHECK_ARG(batch > 0 && tokens > 0 && k_dim > 0 && n > 0,
                     "linear_sm90: sizes must be positive, got batch " << batch << ", tokens " << tokens << ", k "
                                                                       << k_dim << ", n " << n);
@@ -211,18 +212,20 @@ LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uin
                     "linear_sm90: output strides would overlap rows (token stride " << out_token_stride
                     << " < n " << n << ", or batch stride " << out_batch_stride << ")");
   MEGAVLM_CHECK_ARG(gelu || aux == 0, "linear_sm90: aux (the pre-activation) is only written with gelu");
+  MEGAVLM_CHECK_ARG(!gelu || table == 0, "linear_sm90: a table is only added without gelu");
   check_ptr(x, "x");
   check_ptr(w, "w");
   check_ptr(out, "out");
   MEGAVLM_CHECK_ARG(is_aligned(x, 16) && is_aligned(w, 16) && is_aligned(out, 16) && is_aligned(aux, 16) &&
-                    is_aligned(bias, 16),
-                    "linear_sm90: x, w, out, aux and bias must be 16-byte aligned");
+                    is_aligned(bias, 16) && is_aligned(table, 16),
+                    "linear_sm90: x, w, out, aux, bias and table must be 16-byte aligned");
   LinearSm90Params p{};
   p.x = reinterpret_cast<const void*>(x);
   p.w = reinterpret_cast<const void*>(w);
   p.bias = reinterpret_cast<const float*>(bias);
   p.out = reinterpret_cast<void*>(out);
   p.aux = reinterpret_cast<void*>(aux);
+  p.table = reinterpret_cast<const float*>(table);
   p.batch = static_cast<int>(batch);
   p.tokens = static_cast<int>(tokens);
   p.k_dim = static_cast<int>(k_dim);
@@ -251,12 +254,14 @@ void require_sm90(int device) {
 }  // namespace
 
 long long linear_sm90_workspace(long long batch, long long tokens, long long k_dim, long long n,
-                                long long out_token_stride, long long out_batch_stride, bool gelu, bool aux) {
+                                long long out_token_stride, long long out_batch_stride, bool gelu, bool aux,
+                                bool table) {
   // Dummy aligned addresses: the size depends on the shape only.
   const std::uintptr_t fake = 256;
-  const LinearSm90Params p = linear_sm90_params(fake, fake, 0, fake, aux ? fake : 0, batch, tokens, k_dim, n,
-                                                out_token_stride, out_batch_stride, gelu);
+  const LinearSm90Params p = linear_sm90_params(fake, fake, 0, fake, aux ? fake : 0, table ? fake : 0, batch, tokens,
+                                                k_dim, n, out_token_stride, out_batch_stride, gelu);
 #if MEGAVLM_HAS_SM90_GEMM
+  if (table) return static_cast<long long>(linear_sm90_table_workspace(p));
   if (!gelu) return static_cast<long long>(linear_sm90_bias_workspace(p));
   return static_cast<long long>(aux ? linear_sm90_gelu_aux_workspace(p) : linear_sm90_gelu_workspace(p));
 #else
@@ -266,20 +271,21 @@ long long linear_sm90_workspace(long long batch, long long tokens, long long k_d
 }
 
 void linear_sm90(int device, std::uintptr_t stream, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
-                 std::uintptr_t out, std::uintptr_t aux, std::uintptr_t workspace, long long workspace_bytes,
-                 long long batch, long long tokens, long long k_dim, long long n, long long out_token_stride,
-                 long long out_batch_stride, bool gelu) {
-  const LinearSm90Params p = linear_sm90_params(x, w, bias, out, aux, batch, tokens, k_dim, n, out_token_stride,
-                                                out_batch_stride, gelu);
+                 std::uintptr_t out, std::uintptr_t aux, std::uintptr_t table, std::uintptr_t workspace,
+                 long long workspace_bytes, long long batch, long long tokens, long long k_dim, long long n,
+                 long long out_token_stride, long long out_batch_stride, bool gelu) {
+  const LinearSm90Params p = linear_sm90_params(x, w, bias, out, aux, table, batch, tokens, k_dim, n,
+                                                out_token_stride, out_batch_stride, gelu);
   const long long need = linear_sm90_workspace(batch, tokens, k_dim, n, out_token_stride, out_batch_stride, gelu,
-                                               aux != 0);
+                                               aux != 0, table != 0);
   MEGAVLM_CHECK_ARG(workspace_bytes >= need && (need == 0 || workspace != 0),
                     "linear_sm90: needs a workspace of " << need << " bytes, got " << workspace_bytes);
   require_sm90(device);
   DeviceGuard guard(device);
 #if MEGAVLM_HAS_SM90_GEMM
   void* ws = reinterpret_cast<void*>(workspace);
-  const char* err = !gelu ? linear_sm90_bias_run(p, ws, as_stream(stream))
+  const char* err = table ? linear_sm90_table_run(p, ws, as_stream(stream))
+                    : !gelu ? linear_sm90_bias_run(p, ws, as_stream(stream))
                     : aux ? linear_sm90_gelu_aux_run(p, ws, as_stream(stream))
                           : linear_sm90_gelu_run(p, ws, as_stream(stream));
   if (err != nullptr) throw std::runtime_error(std::string("megavlm._C: linear_sm90: ") + err);

@@ -25,15 +25,17 @@ void bias_gelu_backward(int device, std::uintptr_t stream, std::uintptr_t grad, 
 void scatter_rows(int device, std::uintptr_t stream, std::uintptr_t dst, long long dst_rows, std::uintptr_t index,
                   long long n_index, std::uintptr_t src, long long row_bytes);
 
-// The Hopper GEMMs (gemm_sm90.h): out rows at (batch, token) strides = act(x @ w^T + bias), optional aux
-// (pre-activation). bf16 only; raises ValueError on bad arguments and RuntimeError off sm_90 or when not built.
+// The Hopper GEMMs (gemm_sm90.h): out rows at (batch, token) strides = act(x @ w^T + bias [+ table[token]]),
+// optional aux (pre-activation, gelu only) or fp32 table (no gelu). bf16 only; raises ValueError on bad arguments
+// (or a build without them) and RuntimeError off sm_90.
 bool linear_sm90_compiled() noexcept;
 long long linear_sm90_workspace(long long batch, long long tokens, long long k_dim, long long n,
-                                long long out_token_stride, long long out_batch_stride, bool gelu, bool aux);
+                                long long out_token_stride, long long out_batch_stride, bool gelu, bool aux,
+                                bool table);
 void linear_sm90(int device, std::uintptr_t stream, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
-                 std::uintptr_t out, std::uintptr_t aux, std::uintptr_t workspace, long long workspace_bytes,
-                 long long batch, long long tokens, long long k_dim, long long n, long long out_token_stride,
-                 long long out_batch_stride, bool gelu);
+                 std::uintptr_t out, std::uintptr_t aux, std::uintptr_t table, std::uintptr_t workspace,
+                 long long workspace_bytes, long long batch, long long tokens, long long k_dim, long long n,
+                 long long out_token_stride, long long out_batch_stride, bool gelu);
 
 }  // namespace projector
 }  // namespace megavlm

@@ -89,11 +89,11 @@ class VLM(MegatronModule):
         """Linear → GELU → Linear with the bias+GELU fused, written straight into the embedding rows of the image
         tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order). When every
         image sits at the same offset of its own sample, the rows form an AffineRows layout and the Hopper GEMM path
-        (MEGAVLM_PROJECTOR_GEMM=cutlass) stores them from its epilogue; otherwise they are scattered."""
+        (MEGAVLM_FUSED_GEMM=cutlass) stores them from its epilogue; otherwise they are scattered."""
         s, b, h = emb.shape
         bi, sj = is_image.nonzero(as_tuple=True)
         index = sj * b + bi
-        if fused.projector_gemm() == "cutlass":
+        if fused.fused_gemm() == "cutlass":
             index = fused.affine_rows(index, feats.shape[0], feats.shape[1]) or index
         fc1, fc2 = self.projector.encoder.linear_fc1, self.projector.encoder.linear_fc2
         return fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",

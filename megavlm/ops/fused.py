@@ -35,8 +35,11 @@ Projector (fused path):
     o = addmm(b2, a, W2^T)            # cuBLAS with its bias epilogue
     scatter_rows_(emb, index, o)      # rows written straight into the decoder input buffer
 
-Projector, Hopper GEMM path (``MEGAVLM_PROJECTOR_GEMM=cutlass``, bf16 on an sm_90 GPU, megavlm._C built with
-CUTLASS; see docs/kernels.md):
+Hopper GEMM path (``MEGAVLM_FUSED_GEMM=cutlass``, bf16 on an sm_90 GPU, megavlm._C built with CUTLASS; see
+docs/kernels.md). Patch embedding:
+    out = X @ W^T + bias + table[t]   # one CUTLASS GEMM; bias and the position table (class row: class_emb +
+                                      #   pos[0] - bias) added in its epilogue: no pass over the output
+Projector:
     a, z = linear_gelu(y, W1, b1)     # one CUTLASS GEMM: bias + exact GELU in its epilogue; z (pre-activation)
                                       #   is stored by the same epilogue only when a backward will need it
     emb[rows] = linear_into_(a, W2, b2)  # one CUTLASS GEMM whose epilogue adds b2 and stores each image's rows
@@ -78,10 +81,10 @@ __all__ = [
     "patch_embed_fused",
     "projector_fused",
     "affine_rows",
-    "projector_gemm",
+    "fused_gemm",
     "scatter_rows_fused",
     "set_poison",
-    "set_projector_gemm",
+    "set_fused_gemm",
     "sm90_gemm_unavailable_reason",
 ]
 
@@ -101,24 +104,25 @@ def set_poison(on: bool) -> None:
 
 
 _GEMM_MODES = ("cublas", "cutlass")
-_PROJECTOR_GEMM: str | None = None  # None: $MEGAVLM_PROJECTOR_GEMM, default 'cublas'
+_FUSED_GEMM: str | None = None  # None: $MEGAVLM_FUSED_GEMM, default 'cublas'
 
 
-def set_projector_gemm(mode: str | None) -> None:
-    """Which GEMMs the fused projector uses: 'cublas' (torch.mm + the bias_gelu/scatter kernels), 'cutlass' (the
-    Hopper GEMMs with fused epilogues), or None to read $MEGAVLM_PROJECTOR_GEMM again (default 'cublas')."""
-    global _PROJECTOR_GEMM
+def set_fused_gemm(mode: str | None) -> None:
+    """Which GEMMs the fused patch embedding and projector use: 'cublas' (torch.mm + the epilogue kernels: add_pos_bias,
+    bias_gelu, scatter_rows), 'cutlass' (the Hopper GEMMs with those epilogues inside), or None to read
+    $MEGAVLM_FUSED_GEMM again (default 'cublas')."""
+    global _FUSED_GEMM
     if mode is not None and mode not in _GEMM_MODES:
         raise ValueError(f"projector GEMM must be one of {_GEMM_MODES}, got {mode!r}")
-    _PROJECTOR_GEMM = mode
+    _FUSED_GEMM = mode
 
 
-def projector_gemm() -> str:
-    """The configured projector GEMM ('cublas' | 'cutlass'). 'cublas' stays the default until the CUTLASS path has
-    been checked and timed on a GPU (docs/kernels.md)."""
-    mode = _PROJECTOR_GEMM or os.environ.get("MEGAVLM_PROJECTOR_GEMM", "cublas").strip().lower() or "cublas"
+def fused_gemm() -> str:
+    """The configured GEMMs of the fused ops ('cublas' | 'cutlass'). 'cublas' stays the default until the CUTLASS
+    path has been checked and timed on a GPU (docs/kernels.md)."""
+    mode = _FUSED_GEMM or os.environ.get("MEGAVLM_FUSED_GEMM", "cublas").strip().lower() or "cublas"
     if mode not in _GEMM_MODES:
-        raise ValueError(f"MEGAVLM_PROJECTOR_GEMM must be one of {_GEMM_MODES}, got {mode!r}")
+        raise ValueError(f"MEGAVLM_FUSED_GEMM must be one of {_GEMM_MODES}, got {mode!r}")
     return mode
 
 
@@ -138,8 +142,8 @@ def sm90_gemm_unavailable_reason(t: Tensor) -> str | None:
 
 
 def _use_sm90(t: Tensor, *dims: int) -> bool:
-    """Whether the projector GEMMs over ``t`` with these feature sizes take the Hopper path."""
-    if projector_gemm() != "cutlass":
+    """Whether a GEMM over ``t`` with these feature sizes takes the Hopper path."""
+    if fused_gemm() != "cutlass":
         return False
     # TMA: feature sizes multiples of 8 (16 bytes); the torch wrappers make every operand contiguous.
     if any(d % 8 for d in dims):
@@ -376,14 +380,34 @@ def _scatter_rows_impl_(dst: Tensor, index: Tensor, src: Tensor) -> None:
 
 
 def _linear_sm90_launch(x: Tensor, w: Tensor, bias, out: Tensor, aux, batch: int, tokens: int,
-                        out_token_stride: int, out_batch_stride: int, gelu: bool) -> None:
+                        out_token_stride: int, out_batch_stride: int, gelu: bool, table: Tensor | None = None) -> None:
     ext, dev, stream = _launch_ctx(x)
     K, n = x.shape[-1], w.shape[0]
     b32 = _f32(bias)
-    ws_bytes = ext.linear_sm90_workspace(batch, tokens, K, n, out_token_stride, out_batch_stride, gelu, aux is not None)
-    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=x.device) if ws_bytes else None
-    ext.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), _ptr(b32), out.data_ptr(), _ptr(aux), _ptr(ws),
-                    ws_bytes, batch, tokens, K, n, out_token_stride, out_batch_stride, gelu)
+    t32 = _f32(table)
+    ws_bytes = ext.linear_sm90_workspace(batch, tokens, K, n, out_token_stride, out_batch_stride, gelu,
+                                         aux is not None, t32 is not None)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
+    ext.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), _ptr(b32), out.data_ptr(), _ptr(aux), _ptr(t32),
+                    _ptr(ws), ws_bytes, batch, tokens, K, n, out_token_stride, out_batch_stride, gelu)
+
+
+def _linear_table_impl(x: Tensor, w: Tensor, bias, table: Tensor) -> Tensor:
+    """x [B, T, K] -> x @ w^T + bias + table[t] [B, T, n] in x's dtype: one GEMM, bias and table in its epilogue
+    (fp32, one rounding)."""
+    B, T, K = x.shape
+    n = w.shape[0]
+    if x.is_cuda:
+        out = _empty((B, T, n), x.dtype, x.device)
+        if B * T:
+            _linear_sm90_launch(x.contiguous(), w.to(x.dtype).contiguous(), bias, out, None, B, T, n, T * n, False,
+                                table)
+        return out
+    acc = acc_dtype(x.dtype)
+    u = x.to(acc) @ w.detach().to(acc).t() + table.to(acc)
+    if bias is not None:
+        u = u + bias.detach().to(acc)
+    return u.to(x.dtype)
 
 
 def _linear_gelu_impl(x: Tensor, w: Tensor, bias, save_preact: bool) -> tuple[Tensor, Tensor]:
@@ -441,6 +465,17 @@ def _patch_embed_forward(pixels, weight, bias, pos, class_emb, mean, std, out_dt
     Wm = weight.detach().reshape(g.D, g.K).to(out_dtype)
     if Kp != g.K:
         Wm = F.pad(Wm, (0, Kp - g.K))
+    if _use_sm90(X, Kp, g.D):
+        # Hopper: bias and position table added in the GEMM's epilogue. The class row of X is zero, so its table
+        # row carries class_emb + pos[0] - bias (CLIP adds no conv bias to the class token).
+        table = torch.zeros((g.T, g.D), dtype=acc_dtype(out_dtype), device=X.device)
+        if pos is not None:
+            table[g.T - g.pos_rows:] += pos.detach().reshape(-1, g.D).to(table.dtype)
+        if g.cls_rows:
+            table[0] += class_emb.detach().reshape(g.D).to(table.dtype)
+            if bias is not None:
+                table[0] -= bias.detach().to(table.dtype)
+        return _linear_table_impl(X, Wm, bias, table)
     out = torch.mm(X.view(g.B * g.T, Kp), Wm.t())  # [B*T, D], written once by cuBLAS
     _add_pos_bias_impl_(out, g.T, pos, bias, class_emb, g.cls_rows)
     return out.view(g.B, g.T, g.D)

@@ -370,9 +370,20 @@ def sm90(extension):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"the Hopper GEMMs need an sm_90 GPU: {reason}")
     assert reason is None, reason  # on an H100/H200 a build without them is a failure, not a skip
-    fused.set_projector_gemm("cutlass")
+    fused.set_fused_gemm("cutlass")
     yield extension
-    fused.set_projector_gemm(None)
+    fused.set_fused_gemm(None)
+
+
+@pytest.mark.parametrize("case", [c for c in PATCH_CASES if c[5] % 8 == 0])
+def test_sm90_patch_embed_forward_backward(sm90, case, monkeypatch):
+    """The patch embedding with bias and positions in the GEMM's epilogue (no pass over the output): the same
+    checks as the cuBLAS path, with the cutlass GEMM taken."""
+    calls = []
+    inner = fused._linear_table_impl
+    monkeypatch.setattr(fused, "_linear_table_impl", lambda *a: (calls.append(1), inner(*a))[1])
+    test_patch_embed_fused_forward_backward(case, torch.bfloat16)
+    assert calls, "the cutlass GEMM was not used"
 
 
 @pytest.mark.parametrize("R,K,n", [(18432 // 8, 1024, 4096 // 4), (300, 256, 392), (64, 8, 8)])
@@ -454,7 +465,7 @@ def test_sm90_bad_arguments_raise(sm90):
     out = torch.zeros(16, 16, device=DEV, dtype=bf)
     _, dev, stream = fused._launch_ctx(x)
     with pytest.raises(ValueError, match="multiples of 8"):
-        sm90.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), 0, out.data_ptr(), 0, 0, 0, 1, 16, 12, 16, 16, 256,
-                         True)
+        sm90.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), 0, out.data_ptr(), 0, 0, 0, 0, 1, 16, 12, 16, 16,
+                         256, True)
     # fp16 or widths not a multiple of 8 take the cuBLAS path instead
     assert not fused._use_sm90(x.half(), 16, 16, 16) and not fused._use_sm90(x, 12, 16, 16)

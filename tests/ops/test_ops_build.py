@@ -147,16 +147,16 @@ def test_installed_extension_has_the_hopper_gemms():
         expected = any(a.startswith("90") for a in archs) and _build.find_cutlass_include() is not None
         assert C.linear_sm90_compiled() == expected, (archs, _build.find_cutlass_include())
         print("sm90 gemms", C.linear_sm90_compiled())
-        assert C.linear_sm90_workspace(4, 576, 4096, 4096, 4096, 2048 * 4096, False, False) >= 0
+        assert C.linear_sm90_workspace(4, 576, 4096, 4096, 4096, 2048 * 4096, False, False, False) >= 0
         try:  # k = 12: not a multiple of 8 -> ValueError before any CUDA call
-            C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 1, 16, 12, 16, 16, 256, True)
+            C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 12, 16, 16, 256, True)
         except ValueError as e:
             assert "multiples of 8" in str(e), str(e)
         else:
             raise AssertionError("linear_sm90 accepted k = 12")
         if not C.cuda_available():
             try:
-                C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 1, 16, 16, 16, 16, 256, True)
+                C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 16, 16, 16, 256, True)
             except (RuntimeError, ValueError) as e:
                 # RuntimeError (no device) when built with them; ValueError (not built) otherwise
                 assert ("CUDA" in str(e)) if expected else ("without the Hopper GEMMs" in str(e)), str(e)

@@ -1,6 +1,7 @@
-"""The Hopper GEMM path of the fused projector (MEGAVLM_PROJECTOR_GEMM=cutlass) on CPU: the custom ops
-``linear_gelu`` / ``linear_into_`` run their torch emulation here, so these tests check the row layouts, the
-autograd formulas and the custom-op registrations against the reference; tests/gpu checks the CUTLASS kernels."""
+"""The Hopper GEMM path of the fused ops (MEGAVLM_FUSED_GEMM=cutlass) on CPU: the GEMMs with their epilogues
+(patch embedding with bias + position table, ``linear_gelu``, ``linear_into_``) run their torch emulation here, so
+these tests check the row layouts, the position table, the autograd formulas and the custom-op registrations
+against the reference; tests/gpu checks the CUTLASS kernels."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import pytest
 import torch
 
 from megavlm.ops import fused
-from megavlm.ops.reference import projector_ref, scatter_rows_ref
-from ops_testutils import make_projector_inputs
+from megavlm.ops.reference import CLIP_MEAN, CLIP_STD, patch_embed_ref, projector_ref, scatter_rows_ref
+from ops_testutils import make_patch_inputs, make_projector_inputs
 
 
 @pytest.fixture
 def cutlass_mode():
-    fused.set_projector_gemm("cutlass")
+    fused.set_fused_gemm("cutlass")
     yield
-    fused.set_projector_gemm(None)
+    fused.set_fused_gemm(None)
 
 
 @pytest.fixture
@@ -32,17 +33,17 @@ def count_linear_into(monkeypatch):
     return calls
 
 
-def test_projector_gemm_setting(monkeypatch):
-    monkeypatch.delenv("MEGAVLM_PROJECTOR_GEMM", raising=False)
-    fused.set_projector_gemm(None)
-    assert fused.projector_gemm() == "cublas"  # the measured path stays the default
-    monkeypatch.setenv("MEGAVLM_PROJECTOR_GEMM", "cutlass")
-    assert fused.projector_gemm() == "cutlass"
-    monkeypatch.setenv("MEGAVLM_PROJECTOR_GEMM", "cutlas")
-    with pytest.raises(ValueError, match="MEGAVLM_PROJECTOR_GEMM"):
-        fused.projector_gemm()
+def test_fused_gemm_setting(monkeypatch):
+    monkeypatch.delenv("MEGAVLM_FUSED_GEMM", raising=False)
+    fused.set_fused_gemm(None)
+    assert fused.fused_gemm() == "cublas"  # the measured path stays the default
+    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cutlass")
+    assert fused.fused_gemm() == "cutlass"
+    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cutlas")
+    with pytest.raises(ValueError, match="MEGAVLM_FUSED_GEMM"):
+        fused.fused_gemm()
     with pytest.raises(ValueError, match="projector GEMM"):
-        fused.set_projector_gemm("cuda")
+        fused.set_fused_gemm("cuda")
 
 
 @pytest.mark.parametrize("n,t,layout", [(3, 5, "sample_major"), (3, 5, "seq_major"), (1, 4, "sample_major"),
@@ -136,3 +137,21 @@ def test_torch_compile_sees_sm90_ops(cutlass_mode):
     eager = f(x, w1, b1, w2, b2)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w1, b1, w2, b2)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("cls,pos_rows,bias", [(True, "T", True), (True, "P", True), (False, "P", False),
+                                               (True, None, False)])
+def test_patch_embed_cutlass_path_matches_reference(cutlass_mode, monkeypatch, cls, pos_rows, bias):
+    calls = []
+    inner = fused._linear_table_impl
+    monkeypatch.setattr(fused, "_linear_table_impl", lambda *a: (calls.append(1), inner(*a))[1])
+    pixels, w, b, pos, ce = make_patch_inputs(B=2, H=8, W=12, C=3, p=4, D=8, cls=cls, pos_rows=pos_rows, bias=bias)
+    args = (pixels, w, b, pos, ce, list(CLIP_MEAN), list(CLIP_STD), torch.float64)
+    out = fused.patch_embed_fused(*args[:5], out_dtype=torch.float64)
+    ref = patch_embed_ref(*args[:5], out_dtype=torch.float64)
+    assert calls, "the cutlass path was not taken"
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    params = [t for t in (w, b, pos, ce) if t is not None]
+    go = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(ref, params, go)):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)

@@ -110,7 +110,7 @@ def test_fused_model_path_equals_reference(rt, cfg, gemm, layout, monkeypatch):
     from megavlm.models.vlm import VLM
     from megavlm.ops import fused
 
-    monkeypatch.setenv("MEGAVLM_PROJECTOR_GEMM", gemm)
+    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", gemm)
     into_calls = []
     inner = fused._linear_into_impl_
     monkeypatch.setattr(fused, "_linear_into_impl_", lambda *a: (into_calls.append(a[4:]), inner(*a))[1])
