@@ -1,14 +1,4 @@
 // One instantiation of gemm_sm90.cuh (GemmGeluAux); see gemm_sm90.h.
 #include "projector/gemm_sm90.cuh"
 
-namespace megavlm {
-namespace projector {
-
-std::size_t linear_sm90_gelu_aux_workspace(const LinearSm90Params& p) { return sm90::GemmGeluAux::workspace(p); }
-
-const char* linear_sm90_gelu_aux_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream) {
-  return sm90::GemmGeluAux::run(p, workspace, stream);
-}
-
-}  // namespace projector
-}  // namespace megavlm
+MEGAVLM_SM90_GEMM_ENTRY(gelu_aux, GemmGeluAux)
