@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError, load_config, validate
+from .config import LLAVA15_VISION, ConfigError, load_config, num_image_tokens, validate
 from .errors import UserError
 
 EXAMPLES = """examples:
@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   megavlm convert mcore-to-hf --ckpt /tmp/run/checkpoints --out /tmp/llava-hf
   megavlm data convert --format llava-pretrain --json blip_laion_cc_sbu_558k.json --images images --out shards
   megavlm data inspect shards --tokenizer llava-1.5-7b-hf --template vicuna_v1 -n 3
+  megavlm data inspect shards --config configs/llava15_7b_stage2.yaml   # image tokens, tokenizer, template of the recipe
 """
 
 
@@ -134,13 +135,28 @@ def _parser() -> argparse.ArgumentParser:
     di = dsub.add_parser("inspect", help="show samples as encoded (supervised spans marked) and shard statistics",
                          description="Prints N samples (text, image sizes, supervised tokens marked: green on a "
                                      "terminal, ⟦...⟧ otherwise), then samples, images, text-only samples, a "
-                                     "token-length histogram and the share of samples without supervised tokens.")
+                                     "token-length histogram, the share of samples without supervised tokens and "
+                                     "the samples lost to a truncated tar. With --config CONFIG [KEY=VALUE ...] "
+                                     "each <image> takes as many tokens as training gives it for CONFIG's model "
+                                     "(model.vision: (image_size/patch_size)², + 1 with select_strategy=full), and "
+                                     "data.tokenizer, data.template and data.max_seq_len come from CONFIG unless "
+                                     f"given; without a config an image takes {num_image_tokens(LLAVA15_VISION)} "
+                                     "tokens (LLaVA-1.5's CLIP ViT-L/14 at 336²). The output says which number "
+                                     "was used and why.")
     di.add_argument("shards", help="directory with shard-*.tar (from `megavlm data convert`)")
-    di.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the synthetic tokenizer)")
-    di.add_argument("--template", default="vicuna", help="conversation template (vicuna)")
+    di.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of --config CONFIG")
+    di.add_argument("--config", default=None, metavar="CONFIG",
+                    help="training config whose model (tokens per image) and data settings to use")
+    di.add_argument("--tokenizer", default=None,
+                    help="tokenizer folder (default: CONFIG's data.tokenizer, else the synthetic tokenizer)")
+    di.add_argument("--template", default=None,
+                    help="conversation template (default: CONFIG's data.template, else vicuna)")
     di.add_argument("-n", type=int, default=5, help="samples to print (5)")
-    di.add_argument("--image-tokens", type=int, default=576, help="tokens per image (576, LLaVA-1.5 at 336²)")
-    di.add_argument("--max-seq-len", type=int, default=None, help="count samples longer than this")
+    di.add_argument("--image-tokens", type=int, default=None,
+                    help="tokens per image, overriding CONFIG's model (default: from CONFIG's model.vision; without "
+                         f"a config {num_image_tokens(LLAVA15_VISION)}, LLaVA-1.5's CLIP ViT-L/14 at 336²)")
+    di.add_argument("--max-seq-len", type=int, default=None,
+                    help="count samples longer than this (default: CONFIG's data.max_seq_len, else no limit)")
     ds = dsub.add_parser("synthetic", help="write the embedded synthetic data set as shards (data.shards of CONFIG)",
                          description="Renders data.num_samples synthetic samples (image size, shapes and seed from "
                                      "CONFIG) to PNG and writes them to data.shards ({run_dir}/shards when null) "
@@ -199,9 +215,14 @@ def _data(args) -> int:
         from .data.inspect import inspect
 
         try:
+            if args.overrides and args.config is None:
+                raise UserError(f"KEY=VALUE overrides ({' '.join(args.overrides)}) apply to a config: give "
+                                "--config CONFIG (e.g. --config configs/tiny_cpu.yaml)")
+            cfg = None if args.config is None else load_config(args.config, args.overrides)
             inspect(args.shards, tokenizer=args.tokenizer, template=args.template, n=args.n,
-                    num_image_tokens=args.image_tokens, max_seq_len=args.max_seq_len)
-        except UserError as e:
+                    num_image_tokens=args.image_tokens, max_seq_len=args.max_seq_len, config=cfg,
+                    config_name=args.config or "the config")
+        except (ConfigError, UserError) as e:
             return _fail(str(e))
         return 0
     try:

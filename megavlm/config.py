@@ -45,6 +45,7 @@ __all__ = [
     "validate",
     "dp_size",
     "num_image_tokens",
+    "LLAVA15_VISION",
     "checkpoint_dir",
     "shards_dir",
     "to_dict",
@@ -632,6 +633,11 @@ def num_image_tokens(vision: VisionConfig) -> int:
     if vision.select_strategy == "full":
         n += 1
     return n
+
+
+#: LLaVA-1.5's vision tower as far as image tokens go (CLIP ViT-L/14 at 336², class token dropped): what
+#: ``megavlm data inspect`` assumes without a config.
+LLAVA15_VISION = VisionConfig(image_size=336, patch_size=14)
 
 
 def shards_dir(cfg: "Config") -> Optional[str]:

@@ -3,23 +3,34 @@
 For the first ``n`` samples: key, id, image sizes, and the encoded text with the supervised spans marked (green on
 a terminal, ``⟦...⟧`` otherwise; ``<image>×K`` for the expanded image tokens).  Then over all samples: samples,
 images, text-only samples, a token-length histogram, samples longer than ``--max-seq-len``, samples that cannot be
-encoded, and the share of samples without any supervised token (``check_supervision``'s test).
+encoded, the share of samples without any supervised token (``check_supervision``'s test), and the samples lost
+to a truncated tar (left out as the training loader leaves them out: :func:`megavlm.data.shards.whole_samples`).
+
+Tokens per image are what training uses (:func:`megavlm.config.num_image_tokens` of the config's
+``model.vision``) when a config is given, ``num_image_tokens`` when that is given, and otherwise
+:data:`DEFAULT_IMAGE_TOKENS` (LLaVA-1.5's CLIP ViT-L/14 at 336²); the output says which and why.
 
 No megatron import here.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import sys
 from typing import TextIO
 
+from megavlm.config import LLAVA15_VISION, Config, ConfigError, VisionConfig, validate
+from megavlm.config import num_image_tokens as image_tokens_of
 from megavlm.data.conversation import IGNORE_INDEX, _runs, _tokenize_runs, check_supervision, get_template, record_turns
 from megavlm.data.shards import iter_shards, shard_paths
 from megavlm.data.tokenizer import IMAGE_TOKEN, build_synthetic_tokenizer, image_token_id, load_tokenizer
 from megavlm.errors import UserError
 
+#: Without a config: LLaVA-1.5's vision tower, CLIP ViT-L/14 at 336² (24×24 patches, class token dropped).
+DEFAULT_VISION = LLAVA15_VISION
+DEFAULT_IMAGE_TOKENS = image_tokens_of(DEFAULT_VISION)
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _GREEN, _RESET = "\033[32m", "\033[0m"
 
@@ -78,14 +89,59 @@ def _bucket(n: int) -> str:
     return f"> {BUCKETS[-1]}"
 
 
-def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str = "vicuna", n: int = 5,
-            num_image_tokens: int = 576, max_seq_len: int | None = None, out: TextIO | None = None,
-            color: bool | None = None) -> dict:
-    """Print ``n`` samples and the statistics of ``shards_dir`` to ``out``; return the statistics."""
+def _how_many(v: VisionConfig) -> str:
+    return f"({v.image_size}/{v.patch_size})²" + (" + 1 class token" if v.select_strategy == "full" else "")
+
+
+def image_tokens(config: Config | None = None, override: int | None = None,
+                 config_name: str = "the config") -> tuple[int, str]:
+    """Tokens per image and why: ``override`` (``--image-tokens``), else what training expands ``<image>`` to for
+    ``config``'s model (:func:`megavlm.config.num_image_tokens`), else :data:`DEFAULT_IMAGE_TOKENS`."""
+    if override is not None:
+        why = "--image-tokens"
+        if config is not None and image_tokens_of(config.model.vision) != override:
+            why += f"; model.vision of {config_name} gives {image_tokens_of(config.model.vision)}"
+        return override, why
+    if config is not None:
+        v = config.model.vision
+        return image_tokens_of(v), f"model.vision of {config_name}: {_how_many(v)}"
+    return DEFAULT_IMAGE_TOKENS, (f"default without a config: LLaVA-1.5's CLIP ViT-L/14 at 336², "
+                                  f"{_how_many(DEFAULT_VISION)}; --config CONFIG takes your model's, "
+                                  f"--image-tokens N sets it")
+
+
+def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | None = None, n: int = 5,
+            num_image_tokens: int | None = None, max_seq_len: int | None = None, out: TextIO | None = None,
+            color: bool | None = None, config: Config | None = None, config_name: str = "the config") -> dict:
+    """Print ``n`` samples and the statistics of ``shards_dir`` to ``out``; return the statistics.
+
+    ``config`` (a :class:`megavlm.config.Config`, named ``config_name`` in the output) supplies what is not given:
+    tokens per image from ``model.vision`` (as training computes them), ``data.tokenizer``, ``data.template`` and
+    ``data.max_seq_len``. Without it: :data:`DEFAULT_IMAGE_TOKENS`, the synthetic tokenizer, ``vicuna``, no length
+    limit."""
     out = out or sys.stdout
     color = out.isatty() if color is None else color
     if not os.path.isdir(shards_dir) or not shard_paths(shards_dir):
         raise UserError(f"no shard-*.tar files in {shards_dir}")
+    if config is not None:
+        checked = copy.deepcopy(config)  # the config's own checks; its data.shards is the directory inspected here
+        if checked.data.source == "shards":
+            checked.data.shards = shards_dir
+        try:
+            validate(checked, checked.parallel.tp * checked.parallel.pp)
+        except ConfigError as e:
+            raise UserError(f"{config_name}: {e}") from None
+    from_cfg = f"data.%s of {config_name}"
+    tok_why = "--tokenizer" if tokenizer is not None else (from_cfg % "tokenizer" if config is not None else "default")
+    tpl_why = "--template" if template is not None else (from_cfg % "template" if config is not None else "default")
+    len_why = "--max-seq-len" if max_seq_len is not None else (f"data.max_seq_len of {config_name}"
+                                                               if config is not None else None)
+    if config is not None:
+        tokenizer = tokenizer if tokenizer is not None else config.data.tokenizer
+        template = template if template is not None else config.data.template
+        max_seq_len = max_seq_len if max_seq_len is not None else config.data.max_seq_len
+    template = template if template is not None else "vicuna"
+    num_image_tokens, img_why = image_tokens(config, num_image_tokens, config_name)
     try:
         get_template(template)
     except ValueError as e:
@@ -98,9 +154,9 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str = "v
         raise UserError(str(e)) from None
 
     stats = {"samples": 0, "images": 0, "text_only": 0, "unencodable": 0, "too_long": 0, "histogram": {},
-             "first_error": None}
+             "first_error": None, "image_tokens": num_image_tokens, "truncated_tar": 0, "truncated_files": {}}
     encoded, lengths = [], []
-    for key, record, files in iter_shards(shards_dir):
+    for key, record, files in iter_shards(shards_dir, truncated=stats["truncated_files"]):
         names = record.get("images") or []
         stats["samples"] += 1
         stats["images"] += len(names)
@@ -132,8 +188,11 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str = "v
     stats["mean_tokens"] = sum(lengths) / len(lengths) if lengths else 0.0
     stats["max_tokens"] = max(lengths) if lengths else 0
 
-    print(f"\n=== {shards_dir}: template {template!r}, "
-          f"tokenizer {'synthetic' if tokenizer is None else tokenizer}, {num_image_tokens} tokens per image", file=out)
+    stats["truncated_tar"] = sum(lost for lost, _ in stats["truncated_files"].values())
+
+    print(f"\n=== {shards_dir}: template {template!r} ({tpl_why}), "
+          f"tokenizer {'synthetic' if tokenizer is None else tokenizer} ({tok_why})", file=out)
+    print(f"tokens per image: {num_image_tokens} ({img_why})", file=out)
     print(f"samples {stats['samples']}  images {stats['images']}  text-only samples {stats['text_only']}", file=out)
     print(f"tokens per sample (image tokens included): mean {stats['mean_tokens']:.1f}, max {stats['max_tokens']}",
           file=out)
@@ -144,8 +203,13 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str = "v
         if c:
             print(f"  {b:>8} tokens  {c:>8}  {'#' * max(1, round(40 * c / total))}", file=out)
     if max_seq_len is not None:
-        print(f"longer than --max-seq-len {max_seq_len}: {stats['too_long']}", file=out)
+        print(f"longer than {len_why} {max_seq_len}: {stats['too_long']}", file=out)
     print(f"without supervised tokens: {stats['unsupervised']} ({stats['unsupervised_share']:.1%})", file=out)
     if stats["unencodable"]:
         print(f"cannot be encoded: {stats['unencodable']} (e.g. {stats['first_error']})", file=out)
+    for path, (lost, listed) in stats["truncated_files"].items():
+        print(f"lost to a truncated tar: {lost} of the {listed} samples of {path} (its index lists them past the "
+              f"end of the file; not in the counts above; training leaves them out too, as truncated_tar)", file=out)
+    if len(stats["truncated_files"]) > 1:
+        print(f"lost to truncated tars in all: {stats['truncated_tar']} samples", file=out)
     return stats

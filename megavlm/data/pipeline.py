@@ -45,7 +45,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from megavlm.data.shards import read_index, shard_paths
+from megavlm.data.shards import shard_paths, whole_samples
 from megavlm.errors import UserError
 
 MODES = ("resize", "pad", "crop")
@@ -87,9 +87,10 @@ def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[
     original index lists and the positions of those dropped.
 
     A truncated tar (a copy cut short, a full disk) makes DALI's reader fail the whole pipeline for good ("offset is
-    outside of the archive file"). Each index is checked against its tar's size; where samples reach past the end,
-    a trimmed copy of the index goes to a temporary folder (named by the shard's path, size and mtime, so all ranks
-    on a node share it) and the reader gets that instead. The dropped samples are counted as ``truncated_tar``."""
+    outside of the archive file"). Each index is checked against its tar's size (:func:`whole_samples`, which
+    ``megavlm data inspect`` uses too); where samples reach past the end, a trimmed copy of the index goes to a
+    temporary folder (named by the shard's path, size and mtime, so all ranks on a node share it) and the reader gets
+    that instead. The dropped samples are counted as ``truncated_tar``."""
     import hashlib
     import tempfile
 
@@ -97,12 +98,7 @@ def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[
 
     out, listed, dropped = [], [], []
     for tar, idx in zip(paths, index_paths):
-        size = os.path.getsize(tar)
-        try:
-            samples = read_index(idx)
-        except ValueError as e:
-            raise UserError(f"{e}; rewrite the shards with `megavlm data convert`") from None
-        whole = [all(off + n <= size for _, off, n, _ in s) for s in samples]
+        samples, whole = whole_samples(tar, idx)
         listed.append(len(samples))
         dropped.append([i for i, ok in enumerate(whole) if not ok])
         if all(whole):

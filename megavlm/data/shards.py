@@ -388,24 +388,60 @@ def shard_paths(shard_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(shard_dir, "shard-*.tar")))
 
 
-def iter_shards(shard_dir: str) -> Iterator[tuple[str, dict, dict[str, bytes]]]:
-    """Yield ``(key, record, {image name: bytes})`` for every sample of ``shard_dir``'s shards, in order."""
+def whole_samples(tar_path: str, idx_path: str) -> tuple[list[list[tuple[str, int, int, str]]], list[bool]]:
+    """The samples ``idx_path`` lists for ``tar_path`` (:func:`read_index`) and, per sample, whether all its files lie
+    inside the tar.
+
+    A truncated tar (a copy cut short, a full disk) ends inside some sample: that sample and every later one are not
+    whole. The training loader (:func:`megavlm.data.pipeline.complete_indices`) and :func:`iter_shards` (so
+    ``megavlm data inspect``) both tell truncated tars with this; a bad index is a :class:`UserError`."""
+    size = os.path.getsize(tar_path)
+    try:
+        samples = read_index(idx_path)
+    except ValueError as e:
+        raise UserError(f"{e}; rewrite the shards with `megavlm data convert`") from None
+    return samples, [all(off + n <= size for _, off, n, _ in s) for s in samples]
+
+
+def iter_shards(shard_dir: str, truncated: dict | None = None) -> Iterator[tuple[str, dict, dict[str, bytes]]]:
+    """Yield ``(key, record, {image name: bytes})`` for every sample of ``shard_dir``'s shards, in order.
+
+    Where a shard's index (``shard-N.idx``) lists samples that reach past the end of its tar (:func:`whole_samples`),
+    those samples are left out, as the training loader leaves them out; ``truncated``, when given, gets
+    ``{tar path: (samples lost, samples listed)}`` for each such tar (filled as the tars are read). A tar that cannot
+    be read and has no index to tell its whole samples is a :class:`UserError`."""
     for path in shard_paths(shard_dir):
+        idx = path[: -len(".tar")] + ".idx"
+        lost: set[str] = set()
+        if os.path.isfile(idx):
+            samples, whole = whole_samples(path, idx)
+            lost = {s[0][3].split(".", 1)[0] for s, ok in zip(samples, whole) if not ok and s}
+            if lost and truncated is not None:
+                truncated[path] = (sum(not ok for ok in whole), len(samples))
         with tarfile.open(path, "r:") as tf:
             key, record, files = None, None, {}
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k = m.name.split(".", 1)[0]
-                if k != key:
-                    if key is not None:
-                        yield key, record, files
-                    key, record, files = k, None, {}
-                data = tf.extractfile(m).read()
-                if m.name == f"{k}.json":
-                    record = json.loads(data.decode("utf-8"))
-                else:
-                    files[m.name] = data
+            try:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    k = m.name.split(".", 1)[0]
+                    if k in lost:  # cut off by the truncation: its bytes are not all there
+                        continue
+                    if k != key:
+                        if key is not None:
+                            yield key, record, files
+                        key, record, files = k, None, {}
+                    data = tf.extractfile(m).read()
+                    if m.name == f"{k}.json":
+                        record = json.loads(data.decode("utf-8"))
+                    else:
+                        files[m.name] = data
+            except tarfile.TarError as e:
+                if not lost:
+                    raise UserError(f"{path}: cannot read the tar ({e}): it is truncated or corrupt"
+                                    + ("" if os.path.isfile(idx) else f", and without its index {idx} the whole "
+                                       "samples cannot be told from the cut one")) from None
+                # else: the cut the index told of, where tarfile stops; every whole sample has been read
             if key is not None:
                 yield key, record, files
 

@@ -113,8 +113,7 @@ def measure_training(cfg, steps: int = 3) -> dict:
         peaks, act_peaks = [], []
         for step in range(1, steps + 1):
             batches = data.microbatches(step - 1)
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
+            trainer.zero_grad(model, optimizer)
             before = mem.reset_peak()
             end_of_forward.clear()
             fwd_bwd(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from functools import partial
 
 import numpy as np
@@ -269,6 +270,28 @@ def forward_step(data_iterator, model):
     return out, partial(_loss_func, batch["loss_mask"])
 
 
+# torch's warning when Python reads ``.grad`` of a tensor that is not a leaf (python_variable.cpp).
+_NON_LEAF_GRAD = r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+
+
+def zero_grad(model, optimizer) -> None:
+    """Zero the DDP gradient buffer and the optimizer's gradients before a step.
+
+    With the distributed optimizer and fp32 weights (every CPU run), megatron-core 0.19.2's
+    ``DistributedOptimizer.zero_grad`` (megatron/core/optimizer/distrib_optimizer.py:2580, upstream's own comment:
+    ``self.shard_fp32_groups,  # throws grad-access warning``) hands its fp32 shard views
+    (``model_param.view(-1)[start:end]``, distrib_optimizer.py:467: not leaf tensors) to ``_zero_grad_group_helper``
+    (megatron/core/optimizer/optimizer.py:68), which reads their ``.grad`` -- always None, nothing is lost -- and torch
+    warns once per process. That exact warning is ignored around this one call; it is attributed to megatron's
+    optimizer.py, or on CPU to our ``TorchFunctionMode`` (megavlm/runtime/cpu.py), through which the read passes.
+    """
+    model.zero_grad_buffer()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning,
+                                module=r"(megatron\.core\.optimizer\.optimizer|megavlm\.runtime\.cpu)$")
+        optimizer.zero_grad()
+
+
 def build_training_objects(cfg: Config, rt: runtime.Runtime, vocab_size: int, image_token: int):
     """DDP-wrapped model chunk, megatron optimizer and LR scheduler."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -442,8 +465,7 @@ def train(cfg: Config) -> dict:
     last = start_step
     for step in range(start_step + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
+        zero_grad(model, optimizer)
         reduced = fwd_bwd(
             forward_step_func=forward_step, data_iterator=iter(data.microbatches(step - 1)), model=[model],
             num_microbatches=data.num_microbatches, seq_length=seq, micro_batch_size=cfg.train.micro_batch,
