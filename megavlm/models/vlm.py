@@ -9,7 +9,7 @@ features, so sequence lengths are fixed and the merge is a masked scatter (the H
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
@@ -35,9 +35,8 @@ class VLM(MegatronModule):
         backend = specs.resolve_backend(cfg.model.spec, rt.on_gpu, packed=cfg.data.packing)
         self.backend = backend
         self.kernels = ops.resolve_kernels(cfg.model.kernels)
-        # The fused projector runs the whole MLP on one rank; with TP the megatron layers split it instead.
-        self.fused_projector = (self.kernels == "fused" and cfg.parallel.tp == 1
-                                and cfg.model.projector.type == "mlp2x_gelu")
+        # The fused projector runs on megatron's own (TP-sharded) fc1/fc2 weights, at any TP.
+        self.fused_projector = self.kernels == "fused" and cfg.model.projector.type == "mlp2x_gelu"
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads with PP
         self.pre_process, self.post_process = pre_process, post_process
@@ -89,15 +88,22 @@ class VLM(MegatronModule):
         """Linear → GELU → Linear with the bias+GELU fused, written straight into the embedding rows of the image
         tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order). When every
         image sits at the same offset of its own sample, the rows form an AffineRows layout and the Hopper GEMM path
-        (MEGAVLM_FUSED_GEMM=cutlass) stores them from its epilogue; otherwise they are scattered."""
+        (MEGAVLM_FUSED_GEMM=cutlass) stores them from its epilogue; otherwise (and with TP > 1, where the partial
+        rows are summed over the group first) they are scattered."""
         s, b, h = emb.shape
         bi, sj = is_image.nonzero(as_tuple=True)
         index = sj * b + bi
-        if fused.fused_gemm() == "cutlass":
-            index = fused.affine_rows(index, feats.shape[0], feats.shape[1]) or index
         fc1, fc2 = self.projector.encoder.linear_fc1, self.projector.encoder.linear_fc2
+        reduce = None
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            # fc1 is column-split and fc2 row-split over TP, as in megatron's MLP: the input's gradient is summed
+            # over the group (copy_to_...), the second GEMM's partial output too (reduce_from_...), then + b2.
+            feats = tensor_parallel.copy_to_tensor_model_parallel_region(feats)
+            reduce = tensor_parallel.reduce_from_tensor_model_parallel_region
+        elif fused.fused_gemm() == "cutlass":
+            index = fused.affine_rows(index, feats.shape[0], feats.shape[1]) or index
         return fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",
-                                     dst=emb.view(s * b, h), index=index).view(s, b, h)
+                                     dst=emb.view(s * b, h), index=index, reduce=reduce).view(s, b, h)
 
     def _project(self, feats: torch.Tensor) -> torch.Tensor:
         """megatron's projector on ``(n, t, d)`` features → ``(n, t, h)`` (it works in ``(t, n, ·)``)."""
@@ -119,8 +125,6 @@ class VLM(MegatronModule):
 
 def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
     """The local model chunk of this pipeline stage, on the run's device and dtype, frozen for ``train.stage``."""
-    from megatron.core import parallel_state
-
     dtype = model_dtype(cfg, rt)
     model = VLM(cfg, rt, vocab_size, image_token_id, dtype,
                 pre_process=parallel_state.is_pipeline_first_stage(),

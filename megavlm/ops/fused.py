@@ -848,9 +848,14 @@ def projector_fused(
     *,
     dst: Tensor | None = None,
     index: Tensor | AffineRows | None = None,
+    reduce=None,
 ) -> Tensor:
     """[N, T, Din] -> [N, T', Dout]; with ``dst`` [M, Dout] and ``index`` (a row index tensor or AffineRows) the rows
-    are written into ``dst`` in place and ``dst`` is returned."""
+    are written into ``dst`` in place and ``dst`` is returned.
+
+    Tensor parallelism: with ``w1``/``b1`` this rank's column shard and ``w2`` its row shard (megatron's
+    ColumnParallelLinear / RowParallelLinear), ``reduce`` (megatron's ``reduce_from_tensor_model_parallel_region``)
+    sums the second GEMM's partial output over the TP group before ``b2`` is added, as RowParallelLinear does."""
     check_projector_args(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act)
     if (dst is None) != (index is None):
         raise ValueError("dst and index must be given together")
@@ -868,14 +873,18 @@ def projector_fused(
     else:
         a = torch.ops.megavlm.bias_gelu(torch.mm(y2, w1.to(dt).t()), b1)
     Dout = w2.shape[0]
-    if dst is not None and isinstance(index, AffineRows) and sm90 and dst.dtype == dt:
+    if dst is not None and isinstance(index, AffineRows) and sm90 and dst.dtype == dt and reduce is None:
         a3 = a.view(N, Tq, -1)
         if torch.is_grad_enabled() and (dst.requires_grad or a3.requires_grad or w2.requires_grad
                                         or (b2 is not None and b2.requires_grad)):
             return LinearIntoFunction.apply(dst, a3, w2.to(dt), b2, index)
         torch.ops.megavlm.linear_into_(dst, a3, w2.to(dt), b2, *index)
         return dst
-    o = torch.addmm(b2.to(dt), a, w2.to(dt).t()) if b2 is not None else torch.mm(a, w2.to(dt).t())
+    if reduce is not None:
+        o = reduce(torch.mm(a, w2.to(dt).t()))
+        o = o + b2.to(dt) if b2 is not None else o
+    else:
+        o = torch.addmm(b2.to(dt), a, w2.to(dt).t()) if b2 is not None else torch.mm(a, w2.to(dt).t())
     if dst is None:
         return o.view(N, Tq, Dout)
     if isinstance(index, AffineRows):
