@@ -292,6 +292,15 @@ def zero_grad(model, optimizer) -> None:
         optimizer.zero_grad()
 
 
+def _kernels_label(kernels: str) -> str:
+    """'reference', or 'fused (cublas GEMMs)' / 'fused (cutlass GEMMs)' (MEGAVLM_FUSED_GEMM) for the start-up line."""
+    if kernels != "fused":
+        return kernels
+    from ..ops import fused
+
+    return f"fused ({fused.fused_gemm()} GEMMs)"
+
+
 def build_training_objects(cfg: Config, rt: runtime.Runtime, vocab_size: int, image_token: int):
     """DDP-wrapped model chunk, megatron optimizer and LR scheduler."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -443,7 +452,7 @@ def train(cfg: Config) -> dict:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[megavlm] world {rt.world_size} (tp {rt.tp} pp {rt.pp} dp {rt.dp}) on {rt.device} "
               f"({'cpu-compat' if rt.cpu_compat else rt.backend}), layers {model.module.backend}, kernels "
-              f"{model.module.kernels}, stage "
+              f"{_kernels_label(model.module.kernels)}, stage "
               f"{cfg.train.stage}; rank-0 chunk {n_params:,} params ({n_train:,} trained, "
               f"{len(model.module.language_model.decoder.layers)} decoder layers); "
               f"{data.num_microbatches} micro-batches/step", flush=True)

@@ -155,3 +155,13 @@ def test_patch_embed_cutlass_path_matches_reference(cutlass_mode, monkeypatch, c
     go = torch.randn_like(ref)
     for a, r in zip(torch.autograd.grad(out, params, go), torch.autograd.grad(ref, params, go)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+def test_startup_line_names_the_gemm_path(monkeypatch):
+    from megavlm.training.trainer import _kernels_label
+
+    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cutlass")
+    assert _kernels_label("fused") == "fused (cutlass GEMMs)"
+    monkeypatch.delenv("MEGAVLM_FUSED_GEMM")
+    assert _kernels_label("fused") == "fused (cublas GEMMs)"
+    assert _kernels_label("reference") == "reference"
