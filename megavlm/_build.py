@@ -70,6 +70,8 @@ SM90_SOURCES = (
     "projector/gemm_sm90_bias.cu",
     "projector/gemm_sm90_gelu.cu",
     "projector/gemm_sm90_gelu_aux.cu",
+    "projector/gemm_sm90_gelu_pingpong.cu",
+    "projector/gemm_sm90_gelu_aux_pingpong.cu",
     "projector/gemm_sm90_table.cu",
 )
 

@@ -27,15 +27,27 @@ constexpr int kAlign = 8;  // 16 bytes of bf16: TMA's alignment for every base a
 // Per-row (= per out feature) fp32 bias, optionally followed by the exact GELU and an aux store of the
 // pre-activation (what the backward needs).
 using FusionBias = cutlass::epilogue::fusion::LinCombPerRowBias<BF16, float, float>;
-using FusionGelu = cutlass::epilogue::fusion::LinCombPerRowBiasEltAct<cutlass::epilogue::thread::GELU, BF16, float, float>;
+using FusionGelu =
+    cutlass::epilogue::fusion::LinCombPerRowBiasEltAct<cutlass::epilogue::thread::GELU, BF16, float, float>;
 using FusionGeluAux = cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<
     cutlass::layout::ColumnMajor, cutlass::epilogue::thread::GELU, BF16, float, BF16, float>;
 // D = acc + bias + C with an fp32 C shared by every batch (the patch embedding's position table).
 using FusionBiasTable = cutlass::epilogue::fusion::LinCombPerRowBias<BF16, float, float, float>;
 using StrideTable = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;  // [n, tokens], features contiguous
 
+// Kernel schedules: cooperative (both consumer warpgroups on one tile) or ping-pong (each warpgroup on its own
+// tile, one's epilogue overlapping the other's MMAs: meant for short K and heavy epilogues such as the GELU GEMM).
+struct Cooperative {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+struct Pingpong {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+};
+
 // ElementC void: no C operand (beta = 0).
-template <class FusionOp, class TileShape, class ClusterShape, class ElementC = void,
+template <class FusionOp, class TileShape, class ClusterShape, class Schedule = Cooperative, class ElementC = void,
           class StrideC = cutlass::layout::ColumnMajor>
 struct Gemm {
   static constexpr bool kHasC = !cute::is_void_v<ElementC>;
@@ -44,13 +56,13 @@ struct Gemm {
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       ElementC, StrideC, kHasC ? 128 / cute::sizeof_bits_v<ElementC> : kAlign,
       BF16, cutlass::layout::ColumnMajor, kAlign,  // D: out features contiguous, tokens at a runtime stride
-      cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
+      typename Schedule::Epilogue, FusionOp>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, BF16, StrideW, kAlign, BF16, cutlass::layout::ColumnMajor,
       kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Schedule::Kernel>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -105,12 +117,17 @@ struct Gemm {
 // Tiles: 128 out features x 256 tokens for the first projector GEMM (one batch of N*T tokens), 128 x 192 for the
 // second (T = 576 tokens per image = 3 x 192, so no ragged tile per image). Clusters of 2 along the out features
 // share each token tile through TMA multicast.
-using GemmBias = Gemm<FusionBias, cute::Shape<cute::_128, cute::_192, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
-using GemmGelu = Gemm<FusionGelu, cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
-using GemmGeluAux = Gemm<FusionGeluAux, cute::Shape<cute::_128, cute::_256, cute::_64>, cute::Shape<cute::_2, cute::_1, cute::_1>>;
+using Cluster2x1 = cute::Shape<cute::_2, cute::_1, cute::_1>;
+using GemmBias = Gemm<FusionBias, cute::Shape<cute::_128, cute::_192, cute::_64>, Cluster2x1>;
+using GemmGelu = Gemm<FusionGelu, cute::Shape<cute::_128, cute::_256, cute::_64>, Cluster2x1>;
+using GemmGeluAux = Gemm<FusionGeluAux, cute::Shape<cute::_128, cute::_256, cute::_64>, Cluster2x1>;
+// The GELU GEMM (K = 1024 for LLaVA-1.5) ping-pong with 128 x 128 tiles, to be timed against the cooperative one
+// (benchmarks/kernels.py; MEGAVLM_SM90_GELU_SCHEDULE); the slower one goes once a GPU run has measured both.
+using GemmGeluPingpong = Gemm<FusionGelu, cute::Shape<cute::_128, cute::_128, cute::_64>, Cluster2x1, Pingpong>;
+using GemmGeluAuxPingpong = Gemm<FusionGeluAux, cute::Shape<cute::_128, cute::_128, cute::_64>, Cluster2x1, Pingpong>;
 // Patch embedding (ViT-L/14-336: 577 tokens per image, K = 592): 128 x 128 tiles, the table added from C.
-using GemmBiasTable = Gemm<FusionBiasTable, cute::Shape<cute::_128, cute::_128, cute::_64>,
-                           cute::Shape<cute::_2, cute::_1, cute::_1>, float, StrideTable>;
+using GemmBiasTable =
+    Gemm<FusionBiasTable, cute::Shape<cute::_128, cute::_128, cute::_64>, Cluster2x1, Cooperative, float, StrideTable>;
 
 }  // namespace sm90
 }  // namespace projector

@@ -11,7 +11,8 @@ namespace megavlm {
 namespace projector {
 
 // For every batch b < batch and token t < tokens:
-//   out[b*out_batch_stride + t*out_token_stride + j] = act(sum_k x[(b*tokens + t)*k_dim + k] * w[j*k_dim + k] + bias[j])
+//   out[b*out_batch_stride + t*out_token_stride + j] =
+//       act(sum_k x[(b*tokens + t)*k_dim + k] * w[j*k_dim + k] + bias[j])
 //   aux[(b*tokens + t)*n + j]                        = the same value before the activation (when aux != null)
 // for j < n. x, w, out, aux are bf16; bias is fp32 (may be null). The output rows may sit anywhere in a larger
 // buffer (strides in elements), which is how the projector writes straight into the decoder's input embeddings.
@@ -26,7 +27,8 @@ struct LinearSm90Params {
   const float* table;  // optional fp32 [tokens, n] added to every batch (linear_sm90_table_* only)
   int batch, tokens, k_dim, n;
   long long out_token_stride, out_batch_stride;
-  int gelu;  // 0: identity, 1: exact (erf) GELU
+  int gelu;      // 0: identity, 1: exact (erf) GELU
+  int pingpong;  // gelu only: 1 = the ping-pong kernels, 0 = cooperative
 };
 
 // Each returns nullptr on success, else a static error text; workspace may be null when the size is 0.
@@ -36,6 +38,11 @@ std::size_t linear_sm90_gelu_workspace(const LinearSm90Params& p);
 const char* linear_sm90_gelu_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
 std::size_t linear_sm90_gelu_aux_workspace(const LinearSm90Params& p);
 const char* linear_sm90_gelu_aux_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
+// The same two GELU GEMMs with the ping-pong schedule.
+std::size_t linear_sm90_gelu_pingpong_workspace(const LinearSm90Params& p);
+const char* linear_sm90_gelu_pingpong_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
+std::size_t linear_sm90_gelu_aux_pingpong_workspace(const LinearSm90Params& p);
+const char* linear_sm90_gelu_aux_pingpong_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
 // + table[t, j] in the epilogue (no activation): the patch embedding's GEMM with its bias and position table.
 std::size_t linear_sm90_table_workspace(const LinearSm90Params& p);
 const char* linear_sm90_table_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);

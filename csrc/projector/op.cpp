@@ -196,7 +196,7 @@ namespace {
 LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
                                     std::uintptr_t aux, std::uintptr_t table, long long batch, long long tokens,
                                     long long k_dim, long long n, long long out_token_stride,
-                                    long long out_batch_stride, bool gelu) {
+                                    long long out_batch_stride, bool gelu, bool pingpong) {
   MEGAVLM_CHECK_ARG(batch > 0 && tokens > 0 && k_dim > 0 && n > 0,
                     "linear_sm90: sizes must be positive, got batch " << batch << ", tokens " << tokens << ", k "
                                                                       << k_dim << ", n " << n);
@@ -213,6 +213,7 @@ LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uin
                     << " < n " << n << ", or batch stride " << out_batch_stride << ")");
   MEGAVLM_CHECK_ARG(gelu || aux == 0, "linear_sm90: aux (the pre-activation) is only written with gelu");
   MEGAVLM_CHECK_ARG(!gelu || table == 0, "linear_sm90: a table is only added without gelu");
+  MEGAVLM_CHECK_ARG(gelu || !pingpong, "linear_sm90: the ping-pong kernels are the gelu ones");
   check_ptr(x, "x");
   check_ptr(w, "w");
   check_ptr(out, "out");
@@ -233,6 +234,7 @@ LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uin
   p.out_token_stride = out_token_stride;
   p.out_batch_stride = out_batch_stride;
   p.gelu = gelu ? 1 : 0;
+  p.pingpong = pingpong ? 1 : 0;
   return p;
 }
 
@@ -255,15 +257,23 @@ void require_sm90(int device) {
 
 long long linear_sm90_workspace(long long batch, long long tokens, long long k_dim, long long n,
                                 long long out_token_stride, long long out_batch_stride, bool gelu, bool aux,
-                                bool table) {
+                                bool table, bool pingpong) {
   // Dummy aligned addresses: the size depends on the shape only.
   const std::uintptr_t fake = 256;
   const LinearSm90Params p = linear_sm90_params(fake, fake, 0, fake, aux ? fake : 0, table ? fake : 0, batch, tokens,
-                                                k_dim, n, out_token_stride, out_batch_stride, gelu);
+                                                k_dim, n, out_token_stride, out_batch_stride, gelu, pingpong);
 #if MEGAVLM_HAS_SM90_GEMM
-  if (table) return static_cast<long long>(linear_sm90_table_workspace(p));
-  if (!gelu) return static_cast<long long>(linear_sm90_bias_workspace(p));
-  return static_cast<long long>(aux ? linear_sm90_gelu_aux_workspace(p) : linear_sm90_gelu_workspace(p));
+  std::size_t bytes = 0;
+  if (table) {
+    bytes = linear_sm90_table_workspace(p);
+  } else if (!gelu) {
+    bytes = linear_sm90_bias_workspace(p);
+  } else if (pingpong) {
+    bytes = aux ? linear_sm90_gelu_aux_pingpong_workspace(p) : linear_sm90_gelu_pingpong_workspace(p);
+  } else {
+    bytes = aux ? linear_sm90_gelu_aux_workspace(p) : linear_sm90_gelu_workspace(p);
+  }
+  return static_cast<long long>(bytes);
 #else
   (void)p;
   return 0;
@@ -273,21 +283,28 @@ long long linear_sm90_workspace(long long batch, long long tokens, long long k_d
 void linear_sm90(int device, std::uintptr_t stream, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
                  std::uintptr_t out, std::uintptr_t aux, std::uintptr_t table, std::uintptr_t workspace,
                  long long workspace_bytes, long long batch, long long tokens, long long k_dim, long long n,
-                 long long out_token_stride, long long out_batch_stride, bool gelu) {
+                 long long out_token_stride, long long out_batch_stride, bool gelu, bool pingpong) {
   const LinearSm90Params p = linear_sm90_params(x, w, bias, out, aux, table, batch, tokens, k_dim, n,
-                                                out_token_stride, out_batch_stride, gelu);
+                                                out_token_stride, out_batch_stride, gelu, pingpong);
   const long long need = linear_sm90_workspace(batch, tokens, k_dim, n, out_token_stride, out_batch_stride, gelu,
-                                               aux != 0, table != 0);
+                                               aux != 0, table != 0, pingpong);
   MEGAVLM_CHECK_ARG(workspace_bytes >= need && (need == 0 || workspace != 0),
                     "linear_sm90: needs a workspace of " << need << " bytes, got " << workspace_bytes);
   require_sm90(device);
   DeviceGuard guard(device);
 #if MEGAVLM_HAS_SM90_GEMM
   void* ws = reinterpret_cast<void*>(workspace);
-  const char* err = table ? linear_sm90_table_run(p, ws, as_stream(stream))
-                    : !gelu ? linear_sm90_bias_run(p, ws, as_stream(stream))
-                    : aux ? linear_sm90_gelu_aux_run(p, ws, as_stream(stream))
-                          : linear_sm90_gelu_run(p, ws, as_stream(stream));
+  cudaStream_t st = as_stream(stream);
+  const char* err = nullptr;
+  if (table) {
+    err = linear_sm90_table_run(p, ws, st);
+  } else if (!gelu) {
+    err = linear_sm90_bias_run(p, ws, st);
+  } else if (pingpong) {
+    err = aux ? linear_sm90_gelu_aux_pingpong_run(p, ws, st) : linear_sm90_gelu_pingpong_run(p, ws, st);
+  } else {
+    err = aux ? linear_sm90_gelu_aux_run(p, ws, st) : linear_sm90_gelu_run(p, ws, st);
+  }
   if (err != nullptr) throw std::runtime_error(std::string("megavlm._C: linear_sm90: ") + err);
   MEGAVLM_CUDA_CHECK(cudaGetLastError());
   if (debug_sync()) MEGAVLM_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));

@@ -85,6 +85,7 @@ __all__ = [
     "scatter_rows_fused",
     "set_poison",
     "set_fused_gemm",
+    "sm90_gelu_schedule",
     "sm90_gemm_unavailable_reason",
 ]
 
@@ -123,6 +124,18 @@ def fused_gemm() -> str:
     mode = _FUSED_GEMM or os.environ.get("MEGAVLM_FUSED_GEMM", "cublas").strip().lower() or "cublas"
     if mode not in _GEMM_MODES:
         raise ValueError(f"MEGAVLM_FUSED_GEMM must be one of {_GEMM_MODES}, got {mode!r}")
+    return mode
+
+
+_GELU_SCHEDULES = ("cooperative", "pingpong")
+
+
+def sm90_gelu_schedule() -> str:
+    """The Hopper GELU GEMM's kernel schedule, $MEGAVLM_SM90_GELU_SCHEDULE: 'cooperative' (default) or 'pingpong'.
+    Both are built so that one GPU run can time them (benchmarks/kernels.py); the slower one goes after that."""
+    mode = os.environ.get("MEGAVLM_SM90_GELU_SCHEDULE", "cooperative").strip().lower() or "cooperative"
+    if mode not in _GELU_SCHEDULES:
+        raise ValueError(f"MEGAVLM_SM90_GELU_SCHEDULE must be one of {_GELU_SCHEDULES}, got {mode!r}")
     return mode
 
 
@@ -385,11 +398,12 @@ def _linear_sm90_launch(x: Tensor, w: Tensor, bias, out: Tensor, aux, batch: int
     K, n = x.shape[-1], w.shape[0]
     b32 = _f32(bias)
     t32 = _f32(table)
+    pingpong = gelu and sm90_gelu_schedule() == "pingpong"
     ws_bytes = ext.linear_sm90_workspace(batch, tokens, K, n, out_token_stride, out_batch_stride, gelu,
-                                         aux is not None, t32 is not None)
+                                         aux is not None, t32 is not None, pingpong)
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
     ext.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), _ptr(b32), out.data_ptr(), _ptr(aux), _ptr(t32),
-                    _ptr(ws), ws_bytes, batch, tokens, K, n, out_token_stride, out_batch_stride, gelu)
+                    _ptr(ws), ws_bytes, batch, tokens, K, n, out_token_stride, out_batch_stride, gelu, pingpong)
 
 
 def _linear_table_impl(x: Tensor, w: Tensor, bias, table: Tensor) -> Tensor:

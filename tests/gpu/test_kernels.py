@@ -388,8 +388,10 @@ def test_sm90_patch_embed_forward_backward(sm90, case, monkeypatch):
 
 @pytest.mark.parametrize("R,K,n", [(18432 // 8, 1024, 4096 // 4), (300, 256, 392), (64, 8, 8)])
 @pytest.mark.parametrize("save_preact", [True, False])
-def test_sm90_linear_gelu(sm90, R, K, n, save_preact):
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
+def test_sm90_linear_gelu(sm90, R, K, n, save_preact, schedule, monkeypatch):
     """One GEMM with bias + exact GELU (+ the pre-activation) in its epilogue, vs fp32 and torch bf16."""
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_SCHEDULE", schedule)
     g = _gen(20)
     x32 = torch.randn(R, K, device=DEV, generator=g)
     w32 = torch.randn(n, K, device=DEV, generator=g) * K ** -0.5

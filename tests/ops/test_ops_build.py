@@ -154,6 +154,12 @@ def test_installed_extension_has_the_hopper_gemms():
             assert "multiples of 8" in str(e), str(e)
         else:
             raise AssertionError("linear_sm90 accepted k = 12")
+        try:  # the ping-pong kernels are the GELU ones
+            C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 16, 16, 16, 256, False, True)
+        except ValueError as e:
+            assert "ping-pong" in str(e), str(e)
+        else:
+            raise AssertionError("linear_sm90 accepted pingpong without gelu")
         if not C.cuda_available():
             try:
                 C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 16, 16, 16, 256, True)

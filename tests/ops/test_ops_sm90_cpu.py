@@ -165,3 +165,13 @@ def test_startup_line_names_the_gemm_path(monkeypatch):
     monkeypatch.delenv("MEGAVLM_FUSED_GEMM")
     assert _kernels_label("fused") == "fused (cublas GEMMs)"
     assert _kernels_label("reference") == "reference"
+
+
+def test_gelu_schedule_setting(monkeypatch):
+    monkeypatch.delenv("MEGAVLM_SM90_GELU_SCHEDULE", raising=False)
+    assert fused.sm90_gelu_schedule() == "cooperative"
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_SCHEDULE", "pingpong")
+    assert fused.sm90_gelu_schedule() == "pingpong"
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_SCHEDULE", "ping-pong")
+    with pytest.raises(ValueError, match="MEGAVLM_SM90_GELU_SCHEDULE"):
+        fused.sm90_gelu_schedule()
