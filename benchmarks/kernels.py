@@ -24,6 +24,7 @@ large device-to-device copy) and bf16 matmul rate (large square matmul).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -42,6 +43,20 @@ BF16 = torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Set an environment variable for the duration of a block (the kernel wrappers read it per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def ensure_extension(verbose: bool = True):
@@ -298,71 +313,47 @@ def bench_projector(cfg, iters, rows, checks):
     def fused_fn():
         return projector(x, None, None, False, w1, b1, w2, b2, dst=emb, index=index, kernels="fused")
 
-    # correctness at the benchmark shape (rows of the buffer at the image positions; others untouched)
-    ref = projector_ref(x.float(), None, None, False, w1_32, b1_32, w2_32, b2_32).reshape(R, Dout)
-    low = mlp_unfused().reshape(R, Dout)
-    emb.fill_(3.0)
-    fused_fn()
-    ok, ef, et = acc_check(emb[index], low, ref)
-    untouched = bool((emb[~mask] == 3.0).all())
-    checks.append(dict(op="projector fwd (+scatter)", ok=ok and untouched, err_fused=ef, err_torch=et))
-    del ref, low
-
     flops = 2 * R * (Din * Dh + Dh * Dout)
     bytes_min = R * Din * 2 + (Din * Dh + Dh * Dout) * 2 + R * Dout * 2 + R * 8
     shape = f"{N}x{T} tok, {Din}->{Dh}->{Dout}, into [{bsz}x{seq}, {Dout}]"
-    t_u, t_f = bench_pair(unfused_index_copy, fused_fn, iters)
-    rows.append(dict(op=f"projector+scatter fwd ({shape}) vs index_copy_", unfused_ms=t_u[0], fused_ms=t_f[0],
-                     unfused_host_ms=t_u[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
+    ref = projector_ref(x.float(), None, None, False, w1_32, b1_32, w2_32, b2_32).reshape(R, Dout)
+    low = mlp_unfused().reshape(R, Dout)
+
+    def check_and_time(label, fn):
+        """Correctness at the benchmark shape (the rows of the buffer at the image positions; the others untouched),
+        then the timing against Linear -> GELU -> Linear -> index_copy_."""
+        emb.fill_(3.0)
+        fn()
+        ok, ef, et = acc_check(emb[index], low, ref)
+        untouched = bool((emb[~mask] == 3.0).all())
+        checks.append(dict(op=f"projector fwd{label} (+rows)", ok=ok and untouched, err_fused=ef, err_torch=et))
+        t_u, t_f = bench_pair(unfused_index_copy, fn, iters)
+        rows.append(dict(op=f"projector+scatter fwd{label} ({shape}) vs index_copy_", unfused_ms=t_u[0],
+                         fused_ms=t_f[0], unfused_host_ms=t_u[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
+        return t_f
+
+    t_f = check_and_time("", fused_fn)
     t_m = bench(unfused_masked_scatter, max(5, iters // 2))
     rows.append(dict(op="projector+scatter fwd vs HF masked_scatter", unfused_ms=t_m[0], fused_ms=t_f[0],
                      unfused_host_ms=t_m[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
 
     # the Hopper GEMM path (MEGAVLM_FUSED_GEMM=cutlass): GELU in the first GEMM's epilogue, the second GEMM's
-    # epilogue stores the rows into the buffer itself (the benchmark's rows n*seq + off + t are an AffineRows)
+    # epilogue stores the rows into the buffer itself (the benchmark's rows n*seq + off + t are an AffineRows);
+    # the GELU GEMM with both of its schedules
     rows_affine = fused.AffineRows(off, seq, 1)
     sm90_reason = fused.sm90_gemm_unavailable_reason(x)
     if sm90_reason is None:
+        def cutlass_fn():
+            return projector(x, None, None, False, w1, b1, w2, b2, dst=emb, index=rows_affine, kernels="fused")
+
+        y2 = x.view(R, Din)
         fused.set_fused_gemm("cutlass")
         try:
-            def cutlass_fn():
-                return projector(x, None, None, False, w1, b1, w2, b2, dst=emb, index=rows_affine, kernels="fused")
-
-            ref = projector_ref(x.float(), None, None, False, w1_32, b1_32, w2_32, b2_32).reshape(R, Dout)
-            low = mlp_unfused().reshape(R, Dout)
-            emb.fill_(3.0)
-            cutlass_fn()
-            ok, ef, et = acc_check(emb[index], low, ref)
-            untouched = bool((emb[~mask] == 3.0).all())
-            checks.append(dict(op="projector fwd, cutlass GEMMs (rows from the epilogue)", ok=ok and untouched,
-                               err_fused=ef, err_torch=et))
-            del ref, low
-            t_u, t_c = bench_pair(unfused_index_copy, cutlass_fn, iters)
-            rows.append(dict(op=f"projector+scatter fwd, cutlass GEMMs ({shape}) vs index_copy_", unfused_ms=t_u[0],
-                             fused_ms=t_c[0], unfused_host_ms=t_u[1], fused_host_ms=t_c[1], bytes=bytes_min,
-                             flops=flops))
-            os.environ["MEGAVLM_SM90_GELU_SCHEDULE"] = "pingpong"
-            try:
-                emb.fill_(3.0)
-                cutlass_fn()
-                ok, ef, et = acc_check(emb[index], mlp_unfused().reshape(R, Dout), projector_ref(
-                    x.float(), None, None, False, w1_32, b1_32, w2_32, b2_32).reshape(R, Dout))
-                checks.append(dict(op="projector fwd, cutlass GEMMs, ping-pong GELU GEMM", ok=ok, err_fused=ef,
-                                   err_torch=et))
-                t_u, t_c = bench_pair(unfused_index_copy, cutlass_fn, iters)
-                rows.append(dict(op="projector+scatter fwd, cutlass GEMMs (ping-pong GELU GEMM) vs index_copy_",
-                                 unfused_ms=t_u[0], fused_ms=t_c[0], unfused_host_ms=t_u[1], fused_host_ms=t_c[1],
-                                 bytes=bytes_min, flops=flops))
-            finally:
-                os.environ.pop("MEGAVLM_SM90_GELU_SCHEDULE")
-            y2 = x.view(R, Din)
             for schedule in ("cooperative", "pingpong"):
-                os.environ["MEGAVLM_SM90_GELU_SCHEDULE"] = schedule
-                try:
+                with _env("MEGAVLM_SM90_GELU_SCHEDULE", schedule):
+                    check_and_time(f", cutlass GEMMs ({schedule} GELU GEMM)", cutlass_fn)
                     t_ref, t = bench_pair(lambda: torch.mm(y2, w1.t()),
                                           lambda: torch.ops.megavlm.linear_gelu(y2, w1, b1, False), iters)
-                finally:
-                    os.environ.pop("MEGAVLM_SM90_GELU_SCHEDULE")
                 rows.append(dict(op=f"  cutlass GEMM1 + bias + GELU ({schedule}) [{R}x{Din}]x[{Din}x{Dh}] vs torch.mm",
                                  unfused_ms=t_ref[0], fused_ms=t[0], unfused_host_ms=t_ref[1], fused_host_ms=t[1],
                                  bytes=None, flops=2 * R * Din * Dh))
@@ -377,6 +368,7 @@ def bench_projector(cfg, iters, rows, checks):
             fused.set_fused_gemm(None)
     else:
         print(f"cutlass projector GEMMs not timed: {sm90_reason}")
+    del ref, low
 
     # forward + backward of the MLP (grads for x and all weights)
     xs = x.clone().requires_grad_(True)
