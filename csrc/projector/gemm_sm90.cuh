@@ -133,13 +133,10 @@ using GemmBiasTable =
 }  // namespace projector
 }  // namespace megavlm
 
-// The two entry points of gemm_sm90.h for one instantiation (each gemm_sm90_*.cu holds exactly one).
-#define MEGAVLM_SM90_GEMM_ENTRY(NAME, GEMM)                                                              \
-  namespace megavlm {                                                                                    \
-  namespace projector {                                                                                  \
-  std::size_t linear_sm90_##NAME##_workspace(const LinearSm90Params& p) { return sm90::GEMM::workspace(p); } \
-  const char* linear_sm90_##NAME##_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream) { \
-    return sm90::GEMM::run(p, workspace, stream);                                                        \
-  }                                                                                                      \
-  }                                                                                                      \
+// The LinearSm90Gemm of gemm_sm90.h for one instantiation (each gemm_sm90_*.cu holds exactly one).
+#define MEGAVLM_SM90_GEMM_ENTRY(NAME, GEMM)                                                                    \
+  namespace megavlm {                                                                                          \
+  namespace projector {                                                                                        \
+  const LinearSm90Gemm linear_sm90_##NAME{&sm90::GEMM::workspace, &sm90::GEMM::run};                         \
+  }                                                                                                            \
   }

@@ -31,21 +31,18 @@ struct LinearSm90Params {
   int pingpong;  // gelu only: 1 = the ping-pong kernels, 0 = cooperative
 };
 
-// Each returns nullptr on success, else a static error text; workspace may be null when the size is 0.
-std::size_t linear_sm90_bias_workspace(const LinearSm90Params& p);
-const char* linear_sm90_bias_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
-std::size_t linear_sm90_gelu_workspace(const LinearSm90Params& p);
-const char* linear_sm90_gelu_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
-std::size_t linear_sm90_gelu_aux_workspace(const LinearSm90Params& p);
-const char* linear_sm90_gelu_aux_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
-// The same two GELU GEMMs with the ping-pong schedule.
-std::size_t linear_sm90_gelu_pingpong_workspace(const LinearSm90Params& p);
-const char* linear_sm90_gelu_pingpong_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
-std::size_t linear_sm90_gelu_aux_pingpong_workspace(const LinearSm90Params& p);
-const char* linear_sm90_gelu_aux_pingpong_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
-// + table[t, j] in the epilogue (no activation): the patch embedding's GEMM with its bias and position table.
-std::size_t linear_sm90_table_workspace(const LinearSm90Params& p);
-const char* linear_sm90_table_run(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
+// One CUTLASS instantiation: the workspace it needs, and its launch (nullptr on success, else a static error
+// text; workspace may be null when the size is 0). gemm_sm90_<NAME>.cu defines linear_sm90_<NAME>.
+struct LinearSm90Gemm {
+  std::size_t (*workspace)(const LinearSm90Params& p);
+  const char* (*run)(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
+};
+extern const LinearSm90Gemm linear_sm90_bias;      // + bias (the projector's second GEMM)
+extern const LinearSm90Gemm linear_sm90_gelu;      // + bias, exact GELU
+extern const LinearSm90Gemm linear_sm90_gelu_aux;  // + bias, exact GELU, pre-activation stored as aux
+extern const LinearSm90Gemm linear_sm90_gelu_pingpong;      // the same two GELU GEMMs with the ping-pong schedule
+extern const LinearSm90Gemm linear_sm90_gelu_aux_pingpong;
+extern const LinearSm90Gemm linear_sm90_table;  // + bias + table[t, j] (the patch embedding's positions)
 
 }  // namespace projector
 }  // namespace megavlm

@@ -238,6 +238,16 @@ LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uin
   return p;
 }
 
+#if MEGAVLM_HAS_SM90_GEMM
+// The instantiation for these parameters (see gemm_sm90.h).
+const LinearSm90Gemm& pick_sm90_gemm(const LinearSm90Params& p) {
+  if (p.table != nullptr) return linear_sm90_table;
+  if (!p.gelu) return linear_sm90_bias;
+  if (p.pingpong) return p.aux != nullptr ? linear_sm90_gelu_aux_pingpong : linear_sm90_gelu_pingpong;
+  return p.aux != nullptr ? linear_sm90_gelu_aux : linear_sm90_gelu;
+}
+#endif
+
 void require_sm90(int device) {
   MEGAVLM_CHECK_ARG(linear_sm90_compiled(),
                     "linear_sm90: this megavlm._C was built without the Hopper GEMMs (no sm_90 arch or no CUTLASS; "
@@ -263,17 +273,7 @@ long long linear_sm90_workspace(long long batch, long long tokens, long long k_d
   const LinearSm90Params p = linear_sm90_params(fake, fake, 0, fake, aux ? fake : 0, table ? fake : 0, batch, tokens,
                                                 k_dim, n, out_token_stride, out_batch_stride, gelu, pingpong);
 #if MEGAVLM_HAS_SM90_GEMM
-  std::size_t bytes = 0;
-  if (table) {
-    bytes = linear_sm90_table_workspace(p);
-  } else if (!gelu) {
-    bytes = linear_sm90_bias_workspace(p);
-  } else if (pingpong) {
-    bytes = aux ? linear_sm90_gelu_aux_pingpong_workspace(p) : linear_sm90_gelu_pingpong_workspace(p);
-  } else {
-    bytes = aux ? linear_sm90_gelu_aux_workspace(p) : linear_sm90_gelu_workspace(p);
-  }
-  return static_cast<long long>(bytes);
+  return static_cast<long long>(pick_sm90_gemm(p).workspace(p));
 #else
   (void)p;
   return 0;
@@ -294,17 +294,7 @@ void linear_sm90(int device, std::uintptr_t stream, std::uintptr_t x, std::uintp
   DeviceGuard guard(device);
 #if MEGAVLM_HAS_SM90_GEMM
   void* ws = reinterpret_cast<void*>(workspace);
-  cudaStream_t st = as_stream(stream);
-  const char* err = nullptr;
-  if (table) {
-    err = linear_sm90_table_run(p, ws, st);
-  } else if (!gelu) {
-    err = linear_sm90_bias_run(p, ws, st);
-  } else if (pingpong) {
-    err = aux ? linear_sm90_gelu_aux_pingpong_run(p, ws, st) : linear_sm90_gelu_pingpong_run(p, ws, st);
-  } else {
-    err = aux ? linear_sm90_gelu_aux_run(p, ws, st) : linear_sm90_gelu_run(p, ws, st);
-  }
+  const char* err = pick_sm90_gemm(p).run(p, ws, as_stream(stream));
   if (err != nullptr) throw std::runtime_error(std::string("megavlm._C: linear_sm90: ") + err);
   MEGAVLM_CUDA_CHECK(cudaGetLastError());
   if (debug_sync()) MEGAVLM_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));

@@ -86,10 +86,10 @@ class VLM(MegatronModule):
 
     def _fused_project_into(self, emb, feats, is_image):
         """Linear → GELU → Linear with the bias+GELU fused, written straight into the embedding rows of the image
-        tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order). When every
-        image sits at the same offset of its own sample, the rows form an AffineRows layout and the Hopper GEMM path
-        (MEGAVLM_FUSED_GEMM=cutlass) stores them from its epilogue; otherwise (and with TP > 1, where the partial
-        rows are summed over the group first) they are scattered."""
+        tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order). On the Hopper
+        GEMM path (MEGAVLM_FUSED_GEMM=cutlass) projector_fused stores them from the GEMM's epilogue when every image
+        sits at the same offset of its own sample (an AffineRows layout); otherwise, and with TP > 1 (where the
+        partial rows are summed over the group first), they are scattered."""
         s, b, h = emb.shape
         bi, sj = is_image.nonzero(as_tuple=True)
         index = sj * b + bi
@@ -100,8 +100,6 @@ class VLM(MegatronModule):
             # over the group (copy_to_...), the second GEMM's partial output too (reduce_from_...), then + b2.
             feats = tensor_parallel.copy_to_tensor_model_parallel_region(feats)
             reduce = tensor_parallel.reduce_from_tensor_model_parallel_region
-        elif fused.fused_gemm() == "cutlass":
-            index = fused.affine_rows(index, feats.shape[0], feats.shape[1]) or index
         return fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",
                                      dst=emb.view(s * b, h), index=index, reduce=reduce).view(s, b, h)
 

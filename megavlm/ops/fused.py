@@ -865,7 +865,8 @@ def projector_fused(
     reduce=None,
 ) -> Tensor:
     """[N, T, Din] -> [N, T', Dout]; with ``dst`` [M, Dout] and ``index`` (a row index tensor or AffineRows) the rows
-    are written into ``dst`` in place and ``dst`` is returned.
+    are written into ``dst`` in place and ``dst`` is returned. On the Hopper GEMM path an index that forms an
+    AffineRows layout is stored by the second GEMM itself; passing the AffineRows saves the sync that tells it.
 
     Tensor parallelism: with ``w1``/``b1`` this rank's column shard and ``w2`` its row shard (megatron's
     ColumnParallelLinear / RowParallelLinear), ``reduce`` (megatron's ``reduce_from_tensor_model_parallel_region``)
@@ -887,12 +888,16 @@ def projector_fused(
     else:
         a = torch.ops.megavlm.bias_gelu(torch.mm(y2, w1.to(dt).t()), b1)
     Dout = w2.shape[0]
-    if dst is not None and isinstance(index, AffineRows) and sm90 and dst.dtype == dt and reduce is None:
+    rows = None
+    if dst is not None and sm90 and dst.dtype == dt and reduce is None:
+        # the second GEMM stores the rows itself when they form an AffineRows layout (one device sync to tell)
+        rows = index if isinstance(index, AffineRows) else affine_rows(index, N, Tq)
+    if rows is not None:
         a3 = a.view(N, Tq, -1)
         if torch.is_grad_enabled() and (dst.requires_grad or a3.requires_grad or w2.requires_grad
                                         or (b2 is not None and b2.requires_grad)):
-            return LinearIntoFunction.apply(dst, a3, w2.to(dt), b2, index)
-        torch.ops.megavlm.linear_into_(dst, a3, w2.to(dt), b2, *index)
+            return LinearIntoFunction.apply(dst, a3, w2.to(dt), b2, rows)
+        torch.ops.megavlm.linear_into_(dst, a3, w2.to(dt), b2, *rows)
         return dst
     if reduce is not None:
         o = reduce(torch.mm(a, w2.to(dt).t()))
