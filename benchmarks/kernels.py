@@ -242,7 +242,7 @@ def bench_patch_embed(cfg, iters, rows, checks):
             rows.append(dict(op="patch_embed fwd, cutlass GEMM", unfused_ms=t_u[0], fused_ms=t_c[0],
                              unfused_host_ms=t_u[1], fused_host_ms=t_c[1], bytes=bytes_min, flops=flops))
         finally:
-            fused.set_fused_gemm(None)
+            fused.set_fused_gemm("cublas")
     else:
         print(f"cutlass patch-embedding GEMM not timed: {sm90_reason}")
 
@@ -332,14 +332,14 @@ def bench_projector(cfg, iters, rows, checks):
                          fused_ms=t_f[0], unfused_host_ms=t_u[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
         return t_f
 
-    t_f = check_and_time("", fused_fn)
+    t_f = check_and_time(", cuBLAS GEMMs", fused_fn)
     t_m = bench(unfused_masked_scatter, max(5, iters // 2))
-    rows.append(dict(op="projector+scatter fwd vs HF masked_scatter", unfused_ms=t_m[0], fused_ms=t_f[0],
+    rows.append(dict(op="projector+scatter fwd, cuBLAS GEMMs vs HF masked_scatter", unfused_ms=t_m[0], fused_ms=t_f[0],
                      unfused_host_ms=t_m[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
 
     # the Hopper GEMM path (MEGAVLM_FUSED_GEMM=cutlass): GELU in the first GEMM's epilogue, the second GEMM's
     # epilogue stores the rows into the buffer itself (the benchmark's rows n*seq + off + t are an AffineRows);
-    # the GELU GEMM with both of its schedules
+    # the build's default tiles ($MEGAVLM_SM90_{GELU,BIAS}_TILES pick others; benchmarks/sm90_tiles.py compares them)
     rows_affine = fused.AffineRows(off, seq, 1)
     sm90_reason = fused.sm90_gemm_unavailable_reason(x)
     if sm90_reason is None:
@@ -349,14 +349,12 @@ def bench_projector(cfg, iters, rows, checks):
         y2 = x.view(R, Din)
         fused.set_fused_gemm("cutlass")
         try:
-            for schedule in ("cooperative", "pingpong"):
-                with _env("MEGAVLM_SM90_GELU_SCHEDULE", schedule):
-                    check_and_time(f", cutlass GEMMs ({schedule} GELU GEMM)", cutlass_fn)
-                    t_ref, t = bench_pair(lambda: torch.mm(y2, w1.t()),
-                                          lambda: torch.ops.megavlm.linear_gelu(y2, w1, b1, False), iters)
-                rows.append(dict(op=f"  cutlass GEMM1 + bias + GELU ({schedule}) [{R}x{Din}]x[{Din}x{Dh}] vs torch.mm",
-                                 unfused_ms=t_ref[0], fused_ms=t[0], unfused_host_ms=t_ref[1], fused_host_ms=t[1],
-                                 bytes=None, flops=2 * R * Din * Dh))
+            check_and_time(", cutlass GEMMs", cutlass_fn)
+            t_ref, t = bench_pair(lambda: torch.mm(y2, w1.t()),
+                                  lambda: torch.ops.megavlm.linear_gelu(y2, w1, b1, False), iters)
+            rows.append(dict(op=f"  cutlass GEMM1 + bias + GELU [{R}x{Din}]x[{Din}x{Dh}] vs torch.mm",
+                             unfused_ms=t_ref[0], fused_ms=t[0], unfused_host_ms=t_ref[1], fused_host_ms=t[1],
+                             bytes=None, flops=2 * R * Din * Dh))
             a3 = torch.randn(N, T, Dh, device="cuda", generator=g).to(BF16)
             t_ref, t = bench_pair(lambda: torch.addmm(b2, a3.view(R, Dh), w2.t()),
                                   lambda: torch.ops.megavlm.linear_into_(emb, a3, w2, b2, *rows_affine), iters)
@@ -365,7 +363,7 @@ def bench_projector(cfg, iters, rows, checks):
                              flops=2 * R * Dh * Dout))
             del a3
         finally:
-            fused.set_fused_gemm(None)
+            fused.set_fused_gemm("cublas")
     else:
         print(f"cutlass projector GEMMs not timed: {sm90_reason}")
     del ref, low
@@ -387,12 +385,12 @@ def bench_projector(cfg, iters, rows, checks):
         try:
             return fused_fb()
         finally:
-            fused.set_fused_gemm(None)
+            fused.set_fused_gemm("cublas")
 
     xr = x.float().requires_grad_(True)
     pr = [t.clone().requires_grad_(True) for t in (w1_32, b1_32, w2_32, b2_32)]
     gr = torch.autograd.grad(projector_ref(xr, None, None, False, *pr), [xr, *pr], go.float())
-    variants = [("", fused_fb)] + ([(", cutlass GEMM1", cutlass_fb)] if sm90_reason is None else [])
+    variants = [(", cuBLAS GEMMs", fused_fb)] + ([(", cutlass GEMM1", cutlass_fb)] if sm90_reason is None else [])
     for label, fn in variants:
         for name, a, u, r in zip(["x", "w1", "b1", "w2", "b2"], fn(), unfused_fb(), gr):
             ok, ef, et = acc_check(a, u, r)
@@ -489,6 +487,9 @@ def main(argv=None):
                 ext_archs=C.compiled_archs, copy_gbs=copy_gbs, matmul_tflops=mm_tflops, quick=args.quick,
                 iters=iters, patch_embed_cfg=pe, projector_cfg=pj)
     rows, checks = [], []
+    from megavlm.ops import fused
+
+    fused.set_fused_gemm("cublas")  # the rows name their GEMMs: cuBLAS unless they say cutlass
     bench_patch_embed(pe, iters, rows, checks)
     torch.cuda.empty_cache()
     bench_projector(pj, iters, rows, checks)

@@ -54,14 +54,16 @@ PYBIND11_MODULE(_C, m) {
         "True if this build has the Hopper (sm_90a, CUTLASS) projector GEMMs.");
   m.def("linear_sm90_workspace", &megavlm::projector::linear_sm90_workspace, py::arg("batch"), py::arg("tokens"),
         py::arg("k"), py::arg("n"), py::arg("out_token_stride"), py::arg("out_batch_stride"), py::arg("gelu"),
-        py::arg("aux"), py::arg("table"), py::arg("pingpong") = false,
+        py::arg("aux"), py::arg("table"), py::arg("tiles") = "",
         "Workspace bytes linear_sm90 needs for this shape.");
   m.def("linear_sm90", &megavlm::projector::linear_sm90, guard(), py::arg("device"), py::arg("stream"),
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("aux"), py::arg("table"),
         py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("batch"), py::arg("tokens"), py::arg("k"), py::arg("n"),
-        py::arg("out_token_stride"), py::arg("out_batch_stride"), py::arg("gelu"), py::arg("pingpong") = false,
+        py::arg("out_token_stride"), py::arg("out_batch_stride"), py::arg("gelu"), py::arg("tiles") = "",
         "bf16 out[b*out_batch_stride + t*out_token_stride + j] = act(x[b,t,:] . w[j,:] + bias[j] (+ table[t,j])) "
         "(fp32 bias/table, exact GELU), aux[b,t,j] = pre-activation; CUTLASS TMA/WGMMA kernels, sm_90 only; "
-        "pingpong: the GELU GEMM's ping-pong schedule instead of the cooperative one.");
+        "tiles: which compiled instantiation of the epilogue ('' = its default; see linear_sm90_gemms).");
+  m.def("linear_sm90_gemms", &megavlm::projector::linear_sm90_gemms,
+        "Every compiled Hopper GEMM as '<epilogue>/<tiles>' (epilogue bias, gelu, gelu_aux or table).");
 }

@@ -2,9 +2,12 @@
 // three heavy instantiations compile in parallel). Kernels only: the checks live in op.cpp.
 #pragma once
 
+#include <algorithm>
+
 #include <cute/tensor.hpp>
 #include <cutlass/bfloat16.h>
 #include <cutlass/cutlass.h>
+#include <cutlass/kernel_hardware_info.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/epilogue/fusion/operations.hpp>
 #include <cutlass/epilogue/thread/activation.h>
@@ -46,6 +49,25 @@ struct Pingpong {
   using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
 };
 
+// Cooperative with the stream-K tile scheduler (splits the last wave's K across idle SMs).
+struct StreamK : Cooperative {
+  using Scheduler = cutlass::gemm::StreamKScheduler;
+};
+
+template <class Schedule, class = void>
+struct SchedulerOf {
+  using type = void;  // CUTLASS's default persistent scheduler
+};
+template <class Schedule>
+struct SchedulerOf<Schedule, std::void_t<typename Schedule::Scheduler>> {
+  using type = typename Schedule::Scheduler;
+};
+
+template <int M, int N, int K>
+using Tile = cute::Shape<cute::Int<M>, cute::Int<N>, cute::Int<K>>;
+template <int M, int N>
+using Cluster = cute::Shape<cute::Int<M>, cute::Int<N>, cute::_1>;
+
 // ElementC void: no C operand (beta = 0).
 template <class FusionOp, class TileShape, class ClusterShape, class Schedule = Cooperative, class ElementC = void,
           class StrideC = cutlass::layout::ColumnMajor>
@@ -64,13 +86,18 @@ struct Gemm {
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       typename Schedule::Kernel>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
+                                                      CollectiveEpilogue, typename SchedulerOf<Schedule>::type>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Device::Arguments arguments(const LinearSm90Params& p) {
     typename Device::Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = {p.n, p.tokens, p.k_dim, p.batch};
+    // The SM count the persistent and stream-K tile schedulers divide by (CUTLASS queries it when left 0): at least
+    // 1, so that sizing a workspace on a machine without a GPU raises the op's error instead of dividing by zero.
+    if (cudaGetDevice(&args.hw_info.device_id) != cudaSuccess) args.hw_info.device_id = 0;
+    args.hw_info.sm_count =
+        std::max(1, cutlass::KernelHardwareInfo::query_device_multiprocessor_count(args.hw_info.device_id));
     args.mainloop.ptr_A = static_cast<const BF16*>(p.w);
     args.mainloop.dA = StrideW{static_cast<int64_t>(p.k_dim), cute::Int<1>{}, cute::Int<0>{}};
     args.mainloop.ptr_B = static_cast<const BF16*>(p.x);
@@ -114,29 +141,14 @@ struct Gemm {
   }
 };
 
-// Tiles: 128 out features x 256 tokens for the first projector GEMM (one batch of N*T tokens), 128 x 192 for the
-// second (T = 576 tokens per image = 3 x 192, so no ragged tile per image). Clusters of 2 along the out features
-// share each token tile through TMA multicast.
-using Cluster2x1 = cute::Shape<cute::_2, cute::_1, cute::_1>;
-using GemmBias = Gemm<FusionBias, cute::Shape<cute::_128, cute::_192, cute::_64>, Cluster2x1>;
-using GemmGelu = Gemm<FusionGelu, cute::Shape<cute::_128, cute::_256, cute::_64>, Cluster2x1>;
-using GemmGeluAux = Gemm<FusionGeluAux, cute::Shape<cute::_128, cute::_256, cute::_64>, Cluster2x1>;
-// The GELU GEMM (K = 1024 for LLaVA-1.5) ping-pong with 128 x 128 tiles, to be timed against the cooperative one
-// (benchmarks/kernels.py; MEGAVLM_SM90_GELU_SCHEDULE); the slower one goes once a GPU run has measured both.
-using GemmGeluPingpong = Gemm<FusionGelu, cute::Shape<cute::_128, cute::_128, cute::_64>, Cluster2x1, Pingpong>;
-using GemmGeluAuxPingpong = Gemm<FusionGeluAux, cute::Shape<cute::_128, cute::_128, cute::_64>, Cluster2x1, Pingpong>;
-// Patch embedding (ViT-L/14-336: 577 tokens per image, K = 592): 128 x 128 tiles, the table added from C.
-using GemmBiasTable =
-    Gemm<FusionBiasTable, cute::Shape<cute::_128, cute::_128, cute::_64>, Cluster2x1, Cooperative, float, StrideTable>;
-
 }  // namespace sm90
 }  // namespace projector
 }  // namespace megavlm
 
-// The LinearSm90Gemm of gemm_sm90.h for one instantiation (each gemm_sm90_*.cu holds exactly one).
-#define MEGAVLM_SM90_GEMM_ENTRY(NAME, GEMM)                                                                    \
-  namespace megavlm {                                                                                          \
-  namespace projector {                                                                                        \
-  const LinearSm90Gemm linear_sm90_##NAME{&sm90::GEMM::workspace, &sm90::GEMM::run};                         \
-  }                                                                                                            \
+// Registers one instantiation as "EPILOGUE/TILES" (gemm_sm90.h); each .cu unit holds one, so that the heavy
+// instantiations compile in parallel. GEMM is a type alias (sm90::Gemm<...>) declared before the macro.
+#define MEGAVLM_SM90_GEMM_ENTRY(EPILOGUE, TILES, GEMM)                                                          \
+  namespace {                                                                                                  \
+  const bool megavlm_sm90_registered_##EPILOGUE##_##TILES = megavlm::projector::register_sm90_gemm(            \
+      #EPILOGUE "/" #TILES, megavlm::projector::LinearSm90Gemm{&GEMM::workspace, &GEMM::run});                 \
   }

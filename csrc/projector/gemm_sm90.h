@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <string>
+#include <vector>
 
 namespace megavlm {
 namespace projector {
@@ -27,22 +29,24 @@ struct LinearSm90Params {
   const float* table;  // optional fp32 [tokens, n] added to every batch (linear_sm90_table_* only)
   int batch, tokens, k_dim, n;
   long long out_token_stride, out_batch_stride;
-  int gelu;      // 0: identity, 1: exact (erf) GELU
-  int pingpong;  // gelu only: 1 = the ping-pong kernels, 0 = cooperative
+  int gelu;  // 0: identity, 1: exact (erf) GELU
 };
 
 // One CUTLASS instantiation: the workspace it needs, and its launch (nullptr on success, else a static error
-// text; workspace may be null when the size is 0). gemm_sm90_<NAME>.cu defines linear_sm90_<NAME>.
+// text; workspace may be null when the size is 0).
 struct LinearSm90Gemm {
   std::size_t (*workspace)(const LinearSm90Params& p);
   const char* (*run)(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
 };
-extern const LinearSm90Gemm linear_sm90_bias;      // + bias (the projector's second GEMM)
-extern const LinearSm90Gemm linear_sm90_gelu;      // + bias, exact GELU
-extern const LinearSm90Gemm linear_sm90_gelu_aux;  // + bias, exact GELU, pre-activation stored as aux
-extern const LinearSm90Gemm linear_sm90_gelu_pingpong;      // the same two GELU GEMMs with the ping-pong schedule
-extern const LinearSm90Gemm linear_sm90_gelu_aux_pingpong;
-extern const LinearSm90Gemm linear_sm90_table;  // + bias + table[t, j] (the patch embedding's positions)
+
+// Every compiled instantiation registers itself (MEGAVLM_SM90_GEMM_ENTRY in gemm_sm90.cuh) under
+// "<epilogue>/<tiles>": epilogue bias (the projector's second GEMM), gelu, gelu_aux (pre-activation stored too) or
+// table (the patch embedding's positions); tiles names the schedule, tile and cluster, e.g. pp128x128x64_c2x1
+// (pp ping-pong, co cooperative, sk cooperative stream-K). The default tiles of each epilogue are kDefaultTiles.
+bool register_sm90_gemm(const char* name, LinearSm90Gemm gemm);
+const LinearSm90Gemm* find_sm90_gemm(const std::string& name);
+std::vector<std::string> sm90_gemm_names();
+std::string default_sm90_tiles(const std::string& epilogue);
 
 }  // namespace projector
 }  // namespace megavlm

@@ -6,6 +6,11 @@
 
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/dtype.h"
@@ -192,11 +197,44 @@ void scatter_rows(int device, std::uintptr_t stream, std::uintptr_t dst, long lo
 
 bool linear_sm90_compiled() noexcept { return MEGAVLM_HAS_SM90_GEMM != 0; }
 
+// The registry of gemm_sm90.h: filled by the static initializers of the gemm_sm90*.cu units.
+namespace {
+std::map<std::string, LinearSm90Gemm>& sm90_registry() {
+  static std::map<std::string, LinearSm90Gemm> registry;
+  return registry;
+}
+}  // namespace
+
+bool register_sm90_gemm(const char* name, LinearSm90Gemm gemm) {
+  sm90_registry()[name] = gemm;
+  return true;
+}
+
+const LinearSm90Gemm* find_sm90_gemm(const std::string& name) {
+  const auto it = sm90_registry().find(name);
+  return it == sm90_registry().end() ? nullptr : &it->second;
+}
+
+std::vector<std::string> sm90_gemm_names() {
+  std::vector<std::string> names;
+  for (const auto& item : sm90_registry()) names.push_back(item.first);
+  return names;
+}
+
+std::string default_sm90_tiles(const std::string& epilogue) {
+  // Chosen with benchmarks/sm90_tiles.py on an H200 (docs/kernels.md); gemm_sm90_<epilogue>.cu builds these.
+  if (epilogue == "bias") return "co256x192x64_c1x1";
+  if (epilogue == "table") return "co128x128x64_c2x1";
+  return "pp128x128x64_c2x1";  // gelu, gelu_aux
+}
+
+std::vector<std::string> linear_sm90_gemms() { return sm90_gemm_names(); }
+
 namespace {
 LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
                                     std::uintptr_t aux, std::uintptr_t table, long long batch, long long tokens,
                                     long long k_dim, long long n, long long out_token_stride,
-                                    long long out_batch_stride, bool gelu, bool pingpong) {
+                                    long long out_batch_stride, bool gelu) {
   MEGAVLM_CHECK_ARG(batch > 0 && tokens > 0 && k_dim > 0 && n > 0,
                     "linear_sm90: sizes must be positive, got batch " << batch << ", tokens " << tokens << ", k "
                                                                       << k_dim << ", n " << n);
@@ -213,7 +251,6 @@ LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uin
                     << " < n " << n << ", or batch stride " << out_batch_stride << ")");
   MEGAVLM_CHECK_ARG(gelu || aux == 0, "linear_sm90: aux (the pre-activation) is only written with gelu");
   MEGAVLM_CHECK_ARG(!gelu || table == 0, "linear_sm90: a table is only added without gelu");
-  MEGAVLM_CHECK_ARG(gelu || !pingpong, "linear_sm90: the ping-pong kernels are the gelu ones");
   check_ptr(x, "x");
   check_ptr(w, "w");
   check_ptr(out, "out");
@@ -234,19 +271,22 @@ LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uin
   p.out_token_stride = out_token_stride;
   p.out_batch_stride = out_batch_stride;
   p.gelu = gelu ? 1 : 0;
-  p.pingpong = pingpong ? 1 : 0;
   return p;
 }
 
-#if MEGAVLM_HAS_SM90_GEMM
-// The instantiation for these parameters (see gemm_sm90.h).
-const LinearSm90Gemm& pick_sm90_gemm(const LinearSm90Params& p) {
-  if (p.table != nullptr) return linear_sm90_table;
-  if (!p.gelu) return linear_sm90_bias;
-  if (p.pingpong) return p.aux != nullptr ? linear_sm90_gelu_aux_pingpong : linear_sm90_gelu_pingpong;
-  return p.aux != nullptr ? linear_sm90_gelu_aux : linear_sm90_gelu;
+// The instantiation for these parameters and tiles ("" = the epilogue's default), see gemm_sm90.h.
+const LinearSm90Gemm& pick_sm90_gemm(const LinearSm90Params& p, const std::string& tiles) {
+  const std::string epilogue = p.table != nullptr ? "table" : !p.gelu ? "bias" : p.aux != nullptr ? "gelu_aux" : "gelu";
+  const std::string name = epilogue + "/" + (tiles.empty() ? default_sm90_tiles(epilogue) : tiles);
+  const LinearSm90Gemm* gemm = find_sm90_gemm(name);
+  if (gemm == nullptr) {
+    std::ostringstream msg;
+    msg << "linear_sm90: this megavlm._C has no " << name << " GEMM; it has:";
+    for (const auto& known : sm90_gemm_names()) msg << " " << known;
+    throw std::invalid_argument(msg.str());
+  }
+  return *gemm;
 }
-#endif
 
 void require_sm90(int device) {
   MEGAVLM_CHECK_ARG(linear_sm90_compiled(),
@@ -267,40 +307,32 @@ void require_sm90(int device) {
 
 long long linear_sm90_workspace(long long batch, long long tokens, long long k_dim, long long n,
                                 long long out_token_stride, long long out_batch_stride, bool gelu, bool aux,
-                                bool table, bool pingpong) {
+                                bool table, const std::string& tiles) {
   // Dummy aligned addresses: the size depends on the shape only.
   const std::uintptr_t fake = 256;
   const LinearSm90Params p = linear_sm90_params(fake, fake, 0, fake, aux ? fake : 0, table ? fake : 0, batch, tokens,
-                                                k_dim, n, out_token_stride, out_batch_stride, gelu, pingpong);
-#if MEGAVLM_HAS_SM90_GEMM
-  return static_cast<long long>(pick_sm90_gemm(p).workspace(p));
-#else
-  (void)p;
-  return 0;
-#endif
+                                                k_dim, n, out_token_stride, out_batch_stride, gelu);
+  if (!linear_sm90_compiled()) return 0;
+  return static_cast<long long>(pick_sm90_gemm(p, tiles).workspace(p));
 }
 
 void linear_sm90(int device, std::uintptr_t stream, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
                  std::uintptr_t out, std::uintptr_t aux, std::uintptr_t table, std::uintptr_t workspace,
                  long long workspace_bytes, long long batch, long long tokens, long long k_dim, long long n,
-                 long long out_token_stride, long long out_batch_stride, bool gelu, bool pingpong) {
+                 long long out_token_stride, long long out_batch_stride, bool gelu, const std::string& tiles) {
   const LinearSm90Params p = linear_sm90_params(x, w, bias, out, aux, table, batch, tokens, k_dim, n,
-                                                out_token_stride, out_batch_stride, gelu, pingpong);
+                                                out_token_stride, out_batch_stride, gelu);
   const long long need = linear_sm90_workspace(batch, tokens, k_dim, n, out_token_stride, out_batch_stride, gelu,
-                                               aux != 0, table != 0, pingpong);
+                                               aux != 0, table != 0, tiles);
   MEGAVLM_CHECK_ARG(workspace_bytes >= need && (need == 0 || workspace != 0),
                     "linear_sm90: needs a workspace of " << need << " bytes, got " << workspace_bytes);
   require_sm90(device);
   DeviceGuard guard(device);
-#if MEGAVLM_HAS_SM90_GEMM
   void* ws = reinterpret_cast<void*>(workspace);
-  const char* err = pick_sm90_gemm(p).run(p, ws, as_stream(stream));
+  const char* err = pick_sm90_gemm(p, tiles).run(p, ws, as_stream(stream));
   if (err != nullptr) throw std::runtime_error(std::string("megavlm._C: linear_sm90: ") + err);
   MEGAVLM_CUDA_CHECK(cudaGetLastError());
   if (debug_sync()) MEGAVLM_CUDA_CHECK(cudaStreamSynchronize(as_stream(stream)));
-#else
-  (void)p;
-#endif
 }
 
 }  // namespace projector

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace megavlm {
 namespace projector {
@@ -26,17 +27,19 @@ void scatter_rows(int device, std::uintptr_t stream, std::uintptr_t dst, long lo
                   long long n_index, std::uintptr_t src, long long row_bytes);
 
 // The Hopper GEMMs (gemm_sm90.h): out rows at (batch, token) strides = act(x @ w^T + bias [+ table[token]]),
-// optional aux (pre-activation, gelu only) or fp32 table (no gelu); pingpong picks the GELU GEMM's schedule.
+// optional aux (pre-activation, gelu only) or fp32 table (no gelu); tiles names the instantiation of that epilogue
+// ("" = its default; linear_sm90_gemms lists "<epilogue>/<tiles>" of every one compiled).
 // bf16 only; raises ValueError on bad arguments
 // (or a build without them) and RuntimeError off sm_90.
 bool linear_sm90_compiled() noexcept;
 long long linear_sm90_workspace(long long batch, long long tokens, long long k_dim, long long n,
                                 long long out_token_stride, long long out_batch_stride, bool gelu, bool aux,
-                                bool table, bool pingpong);
+                                bool table, const std::string& tiles);
 void linear_sm90(int device, std::uintptr_t stream, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
                  std::uintptr_t out, std::uintptr_t aux, std::uintptr_t table, std::uintptr_t workspace,
                  long long workspace_bytes, long long batch, long long tokens, long long k_dim, long long n,
-                 long long out_token_stride, long long out_batch_stride, bool gelu, bool pingpong);
+                 long long out_token_stride, long long out_batch_stride, bool gelu, const std::string& tiles);
+std::vector<std::string> linear_sm90_gemms();
 
 }  // namespace projector
 }  // namespace megavlm

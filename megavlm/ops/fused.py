@@ -35,8 +35,8 @@ Projector (fused path):
     o = addmm(b2, a, W2^T)            # cuBLAS with its bias epilogue
     scatter_rows_(emb, index, o)      # rows written straight into the decoder input buffer
 
-Hopper GEMM path (``MEGAVLM_FUSED_GEMM=cutlass``, bf16 on an sm_90 GPU, megavlm._C built with CUTLASS; see
-docs/kernels.md). Patch embedding:
+Hopper GEMM path (bf16 on an sm_90 GPU, megavlm._C built with CUTLASS; see docs/kernels.md): the projector's by
+default (``MEGAVLM_FUSED_GEMM=auto``), both ops' with ``cutlass``, neither with ``cublas``. Patch embedding:
     out = X @ W^T + bias + table[t]   # one CUTLASS GEMM; bias and the position table (class row: class_emb +
                                       #   pos[0] - bias) added in its epilogue: no pass over the output
 Projector:
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -85,7 +86,7 @@ __all__ = [
     "scatter_rows_fused",
     "set_poison",
     "set_fused_gemm",
-    "sm90_gelu_schedule",
+    "sm90_tiles",
     "sm90_gemm_unavailable_reason",
 ]
 
@@ -104,39 +105,57 @@ def set_poison(on: bool) -> None:
     _POISON = bool(on)
 
 
-_GEMM_MODES = ("cublas", "cutlass")
-_FUSED_GEMM: str | None = None  # None: $MEGAVLM_FUSED_GEMM, default 'cublas'
+_GEMM_MODES = ("auto", "cublas", "cutlass")
+_FUSED_GEMM: str | None = None  # None: $MEGAVLM_FUSED_GEMM, default 'auto'
+# What 'auto' gives the Hopper GEMMs where they can run (measured on an H100, docs/kernels.md): the projector, whose
+# GELU and row store they absorb; not the patch embedding, whose 577-token images leave ragged tiles that make the
+# CUTLASS GEMM slower than cuBLAS + the add_pos_bias pass.
+_AUTO_SM90_OPS = ("projector",)
 
 
 def set_fused_gemm(mode: str | None) -> None:
     """Which GEMMs the fused patch embedding and projector use: 'cublas' (torch.mm + the epilogue kernels: add_pos_bias,
-    bias_gelu, scatter_rows), 'cutlass' (the Hopper GEMMs with those epilogues inside), or None to read
-    $MEGAVLM_FUSED_GEMM again (default 'cublas')."""
+    bias_gelu, scatter_rows), 'cutlass' (the Hopper GEMMs with those epilogues inside, for both ops), 'auto' (the
+    Hopper GEMMs for the ops where they are faster, on CUDA tensors), or None to read $MEGAVLM_FUSED_GEMM again
+    (default 'auto')."""
     global _FUSED_GEMM
     if mode is not None and mode not in _GEMM_MODES:
-        raise ValueError(f"projector GEMM must be one of {_GEMM_MODES}, got {mode!r}")
+        raise ValueError(f"fused GEMMs must be one of {_GEMM_MODES}, got {mode!r}")
     _FUSED_GEMM = mode
 
 
 def fused_gemm() -> str:
-    """The configured GEMMs of the fused ops ('cublas' | 'cutlass'). 'cublas' stays the default until the CUTLASS
-    path has been checked and timed on a GPU (docs/kernels.md)."""
-    mode = _FUSED_GEMM or os.environ.get("MEGAVLM_FUSED_GEMM", "cublas").strip().lower() or "cublas"
+    """The configured GEMMs of the fused ops: 'auto' (default) | 'cublas' | 'cutlass'."""
+    mode = _FUSED_GEMM or os.environ.get("MEGAVLM_FUSED_GEMM", "auto").strip().lower() or "auto"
     if mode not in _GEMM_MODES:
         raise ValueError(f"MEGAVLM_FUSED_GEMM must be one of {_GEMM_MODES}, got {mode!r}")
     return mode
 
 
-_GELU_SCHEDULES = ("cooperative", "pingpong")
+def gemms_label(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Which GEMMs the fused ops take for tensors like these, for the start-up line: 'cuBLAS GEMMs', 'CUTLASS
+    GEMMs' or 'CUTLASS GEMMs for the projector, cuBLAS for the patch embedding'."""
+    t = torch.empty(0, device=device, dtype=dtype)
+    ops = [op for op in ("projector", "patch_embed") if _use_sm90(t, op)]
+    if not ops:
+        return "cuBLAS GEMMs"
+    if len(ops) == 2:
+        return "CUTLASS GEMMs"
+    return f"CUTLASS GEMMs for the {ops[0].replace('_', ' ')}, cuBLAS for the others"
 
 
-def sm90_gelu_schedule() -> str:
-    """The Hopper GELU GEMM's kernel schedule, $MEGAVLM_SM90_GELU_SCHEDULE: 'cooperative' (default) or 'pingpong'.
-    Both are built so that one GPU run can time them (benchmarks/kernels.py); the slower one goes after that."""
-    mode = os.environ.get("MEGAVLM_SM90_GELU_SCHEDULE", "cooperative").strip().lower() or "cooperative"
-    if mode not in _GELU_SCHEDULES:
-        raise ValueError(f"MEGAVLM_SM90_GELU_SCHEDULE must be one of {_GELU_SCHEDULES}, got {mode!r}")
-    return mode
+def sm90_tiles(epilogue: str) -> str:
+    """Which compiled Hopper GEMM serves an epilogue ('gelu' (gelu_aux too) or 'bias'): $MEGAVLM_SM90_GELU_TILES /
+    $MEGAVLM_SM90_BIAS_TILES, e.g. 'pp128x128x64_c2x1'; '' (unset) means the build's default, chosen by
+    benchmarks/sm90_tiles.py. `megavlm._C.linear_sm90_gemms()` lists what a build has."""
+    if epilogue not in ("gelu", "bias"):
+        raise ValueError(f"sm90_tiles: epilogue must be 'gelu' or 'bias', got {epilogue!r}")
+    var = f"MEGAVLM_SM90_{epilogue.upper()}_TILES"
+    tiles = os.environ.get(var, "").strip()
+    if tiles and not re.fullmatch(r"(pp|co|sk)\d+x\d+x\d+_c\dx\d", tiles):
+        raise ValueError(f"{var} must name tiles like 'pp128x128x64_c2x1' (schedule pp|co|sk, tile MxNxK, cluster), "
+                         f"got {tiles!r}")
+    return tiles
 
 
 def sm90_gemm_unavailable_reason(t: Tensor) -> str | None:
@@ -154,9 +173,10 @@ def sm90_gemm_unavailable_reason(t: Tensor) -> str | None:
     return None
 
 
-def _use_sm90(t: Tensor, *dims: int) -> bool:
-    """Whether a GEMM over ``t`` with these feature sizes takes the Hopper path."""
-    if fused_gemm() != "cutlass":
+def _use_sm90(t: Tensor, op: str, *dims: int) -> bool:
+    """Whether op's ('projector' | 'patch_embed') GEMMs over ``t`` with these feature sizes take the Hopper path."""
+    mode = fused_gemm()
+    if mode == "cublas" or (mode == "auto" and (op not in _AUTO_SM90_OPS or not t.is_cuda)):
         return False
     # TMA: feature sizes multiples of 8 (16 bytes); the torch wrappers make every operand contiguous.
     if any(d % 8 for d in dims):
@@ -398,12 +418,12 @@ def _linear_sm90_launch(x: Tensor, w: Tensor, bias, out: Tensor, aux, batch: int
     K, n = x.shape[-1], w.shape[0]
     b32 = _f32(bias)
     t32 = _f32(table)
-    pingpong = gelu and sm90_gelu_schedule() == "pingpong"
+    tiles = "" if t32 is not None else sm90_tiles("gelu" if gelu else "bias")
     ws_bytes = ext.linear_sm90_workspace(batch, tokens, K, n, out_token_stride, out_batch_stride, gelu,
-                                         aux is not None, t32 is not None, pingpong)
+                                         aux is not None, t32 is not None, tiles)
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
     ext.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), _ptr(b32), out.data_ptr(), _ptr(aux), _ptr(t32),
-                    _ptr(ws), ws_bytes, batch, tokens, K, n, out_token_stride, out_batch_stride, gelu, pingpong)
+                    _ptr(ws), ws_bytes, batch, tokens, K, n, out_token_stride, out_batch_stride, gelu, tiles)
 
 
 def _linear_table_impl(x: Tensor, w: Tensor, bias, table: Tensor) -> Tensor:
@@ -479,7 +499,7 @@ def _patch_embed_forward(pixels, weight, bias, pos, class_emb, mean, std, out_dt
     Wm = weight.detach().reshape(g.D, g.K).to(out_dtype)
     if Kp != g.K:
         Wm = F.pad(Wm, (0, Kp - g.K))
-    if _use_sm90(X, Kp, g.D):
+    if _use_sm90(X, "patch_embed", Kp, g.D):
         # Hopper: bias and position table added in the GEMM's epilogue. The class row of X is zero, so its table
         # row carries class_emb + pos[0] - bias (CLIP adds no conv bias to the class token).
         table = torch.zeros((g.T, g.D), dtype=acc_dtype(out_dtype), device=X.device)
@@ -881,7 +901,7 @@ def projector_fused(
         y = x
     N, Tq, Fdim = y.shape
     y2 = y.reshape(N * Tq, Fdim)
-    sm90 = _use_sm90(y2, Fdim, w1.shape[0], w2.shape[0])
+    sm90 = _use_sm90(y2, "projector", Fdim, w1.shape[0], w2.shape[0])
     if sm90:
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y2, w1, b1))
         a, _ = torch.ops.megavlm.linear_gelu(y2, w1.to(dt), b1, grads)

@@ -292,13 +292,14 @@ def zero_grad(model, optimizer) -> None:
         optimizer.zero_grad()
 
 
-def _kernels_label(kernels: str) -> str:
-    """'reference', or 'fused (cublas GEMMs)' / 'fused (cutlass GEMMs)' (MEGAVLM_FUSED_GEMM) for the start-up line."""
+def _kernels_label(kernels: str, dtype: torch.dtype) -> str:
+    """'reference', or 'fused (<which GEMMs>)' (MEGAVLM_FUSED_GEMM, the device and dtype) for the start-up line."""
     if kernels != "fused":
         return kernels
     from ..ops import fused
 
-    return f"fused ({fused.fused_gemm()} GEMMs)"
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return f"fused ({fused.gemms_label(device, dtype)})"
 
 
 def build_training_objects(cfg: Config, rt: runtime.Runtime, vocab_size: int, image_token: int):
@@ -452,7 +453,7 @@ def train(cfg: Config) -> dict:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[megavlm] world {rt.world_size} (tp {rt.tp} pp {rt.pp} dp {rt.dp}) on {rt.device} "
               f"({'cpu-compat' if rt.cpu_compat else rt.backend}), layers {model.module.backend}, kernels "
-              f"{_kernels_label(model.module.kernels)}, stage "
+              f"{_kernels_label(model.module.kernels, next(model.module.parameters()).dtype)}, stage "
               f"{cfg.train.stage}; rank-0 chunk {n_params:,} params ({n_train:,} trained, "
               f"{len(model.module.language_model.decoder.layers)} decoder layers); "
               f"{data.num_microbatches} micro-batches/step", flush=True)

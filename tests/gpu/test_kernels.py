@@ -33,6 +33,15 @@ if torch.cuda.is_available():
 DEV = "cuda"
 
 
+@pytest.fixture(autouse=True)
+def cublas_gemms():
+    """The tests below check the cuBLAS path's kernels (bias_gelu, scatter_rows, add_pos_bias) unless they take the
+    sm90 fixture, which switches to the Hopper GEMMs; the default (auto) would give the projector to CUTLASS."""
+    fused.set_fused_gemm("cublas")
+    yield
+    fused.set_fused_gemm(None)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     """Load megavlm._C (building it into a temp dir when it is missing and nvcc exists)."""
@@ -386,30 +395,40 @@ def test_sm90_patch_embed_forward_backward(sm90, case, monkeypatch):
     assert calls, "the cutlass GEMM was not used"
 
 
+def _tiles(ext, epilogue):
+    """The tiles of every compiled GEMM with this epilogue (one in a plain build; the candidates too in a
+    MEGAVLM_SM90_GEMM_TUNING=1 build)."""
+    return [name.split("/")[1] for name in ext.linear_sm90_gemms() if name.split("/")[0] == epilogue]
+
+
 @pytest.mark.parametrize("R,K,n", [(18432 // 8, 1024, 4096 // 4), (300, 256, 392), (64, 8, 8)])
 @pytest.mark.parametrize("save_preact", [True, False])
-@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
-def test_sm90_linear_gelu(sm90, R, K, n, save_preact, schedule, monkeypatch):
-    """One GEMM with bias + exact GELU (+ the pre-activation) in its epilogue, vs fp32 and torch bf16."""
-    monkeypatch.setenv("MEGAVLM_SM90_GELU_SCHEDULE", schedule)
+def test_sm90_linear_gelu(sm90, R, K, n, save_preact, monkeypatch):
+    """One GEMM with bias + exact GELU (+ the pre-activation) in its epilogue, vs fp32 and torch bf16, with every
+    compiled tile shape."""
     g = _gen(20)
     x32 = torch.randn(R, K, device=DEV, generator=g)
     w32 = torch.randn(n, K, device=DEV, generator=g) * K ** -0.5
     b32 = torch.randn(n, device=DEV, generator=g) * 0.1
     bf = torch.bfloat16
-    a, z = torch.ops.megavlm.linear_gelu(x32.to(bf), w32.to(bf), b32.to(bf), save_preact)
     z_ref = x32 @ w32.to(bf).float().t() + b32.to(bf).float()
     z_low = F.linear(x32.to(bf), w32.to(bf), b32.to(bf))
-    check_err("linear_gelu", a, F.gelu(z_low), F.gelu(z_ref))
-    if save_preact:
-        check_err("linear_gelu pre-activation", z, z_low, z_ref)
-    else:
-        assert z.numel() == 0
+    tiles = _tiles(sm90, "gelu_aux" if save_preact else "gelu")
+    assert tiles
+    for t in tiles:
+        monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", t)
+        a, z = torch.ops.megavlm.linear_gelu(x32.to(bf), w32.to(bf), b32.to(bf), save_preact)
+        check_err(f"linear_gelu {t}", a, F.gelu(z_low), F.gelu(z_ref))
+        if save_preact:
+            check_err(f"linear_gelu pre-activation {t}", z, z_low, z_ref)
+        else:
+            assert z.numel() == 0
 
 
 @pytest.mark.parametrize("layout", ["sample_major", "seq_major"])
-def test_sm90_linear_into_rows(sm90, layout):
-    """The second projector GEMM stores each image's rows straight into a [b*s, D] buffer; other rows untouched."""
+def test_sm90_linear_into_rows(sm90, layout, monkeypatch):
+    """The second projector GEMM stores each image's rows straight into a [b*s, D] buffer; other rows untouched
+    (every compiled tile shape)."""
     g = _gen(21)
     N, T, K, D, seq, off = 6, 576, 512, 384, 700, 35
     a32 = torch.randn(N, T, K, device=DEV, generator=g)
@@ -417,15 +436,17 @@ def test_sm90_linear_into_rows(sm90, layout):
     b32 = torch.randn(D, device=DEV, generator=g) * 0.1
     bf = torch.bfloat16
     rows = fused.AffineRows(off, seq, 1) if layout == "sample_major" else fused.AffineRows(off * N, 1, N)
-    dst = torch.full((N * seq, D), 3.0, device=DEV, dtype=bf)
-    torch.ops.megavlm.linear_into_(dst, a32.to(bf), w32.to(bf), b32, *rows)
     idx = rows.index(N, T, DEV)
     ref = (a32.to(bf).float() @ w32.to(bf).float().t() + b32).reshape(-1, D)
     low = F.linear(a32.to(bf), w32.to(bf), b32.to(bf)).reshape(-1, D)
-    check_err("linear_into rows", dst[idx], low, ref)
     mask = torch.ones(N * seq, dtype=torch.bool, device=DEV)
     mask[idx] = False
-    assert bool((dst[mask] == 3.0).all()), "rows outside the layout were written"
+    for t in _tiles(sm90, "bias"):
+        monkeypatch.setenv("MEGAVLM_SM90_BIAS_TILES", t)
+        dst = torch.full((N * seq, D), 3.0, device=DEV, dtype=bf)
+        torch.ops.megavlm.linear_into_(dst, a32.to(bf), w32.to(bf), b32, *rows)
+        check_err(f"linear_into rows {t}", dst[idx], low, ref)
+        assert bool((dst[mask] == 3.0).all()), f"rows outside the layout were written ({t})"
 
 
 def test_sm90_projector_forward_backward_into_buffer(sm90):
@@ -460,7 +481,7 @@ def test_sm90_projector_forward_backward_into_buffer(sm90):
         check_err(f"grad_{name}", gf, gl, gr)
 
 
-def test_sm90_bad_arguments_raise(sm90):
+def test_sm90_bad_arguments_raise(sm90, monkeypatch):
     bf = torch.bfloat16
     x = torch.zeros(16, 12, device=DEV, dtype=bf)  # k = 12 is not a multiple of 8
     w = torch.zeros(16, 12, device=DEV, dtype=bf)
@@ -470,4 +491,11 @@ def test_sm90_bad_arguments_raise(sm90):
         sm90.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), 0, out.data_ptr(), 0, 0, 0, 0, 1, 16, 12, 16, 16,
                          256, True)
     # fp16 or widths not a multiple of 8 take the cuBLAS path instead
-    assert not fused._use_sm90(x.half(), 16, 16, 16) and not fused._use_sm90(x, 12, 16, 16)
+    assert not fused._use_sm90(x.half(), "projector", 16, 16, 16)
+    assert not fused._use_sm90(x, "projector", 12, 16, 16)
+    assert fused._use_sm90(x, "projector", 16, 16, 16)
+    # tiles the build does not have: a ValueError that lists the ones it has
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pp8x8x8_c1x1")
+    x8 = torch.zeros(16, 16, device=DEV, dtype=bf)
+    with pytest.raises(ValueError, match="no gelu/pp8x8x8_c1x1 GEMM.*gelu/"):
+        torch.ops.megavlm.linear_gelu(x8, x8, None, False)

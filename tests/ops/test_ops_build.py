@@ -154,12 +154,17 @@ def test_installed_extension_has_the_hopper_gemms():
             assert "multiples of 8" in str(e), str(e)
         else:
             raise AssertionError("linear_sm90 accepted k = 12")
-        try:  # the ping-pong kernels are the GELU ones
-            C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 16, 16, 16, 256, False, True)
-        except ValueError as e:
-            assert "ping-pong" in str(e), str(e)
+        names = C.linear_sm90_gemms()
+        if expected:  # the default of each epilogue is built, and an unknown one is refused with the list
+            assert {{n.split("/")[0] for n in names}} >= {{"bias", "gelu", "gelu_aux", "table"}}, names
+            try:
+                C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 16, 16, 16, 256, True, "pp8x8x8_c1x1")
+            except ValueError as e:
+                assert "no gelu/pp8x8x8_c1x1 GEMM" in str(e) and names[0] in str(e), str(e)
+            else:
+                raise AssertionError("linear_sm90 accepted unknown tiles")
         else:
-            raise AssertionError("linear_sm90 accepted pingpong without gelu")
+            assert names == [], names
         if not C.cuda_available():
             try:
                 C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 16, 16, 16, 256, True)
@@ -197,3 +202,49 @@ def test_dispatch_with_built_extension(built_extension):
     res = _run_py(code, {"MEGAVLM_EXT_PATH": built_extension})
     assert res.returncode == 0, f"subprocess failed (rc={res.returncode}):\n{res.stdout}\n{res.stderr}"
     assert "OK" in res.stdout
+
+
+def test_build_cache_reuses_cuda_objects_until_anything_changes(tmp_path, monkeypatch):
+    """MEGAVLM_BUILD_CACHE: the .cu objects of a second build come from the cache (its temporary folders differ, so
+    -I paths are not part of the key); a changed header, another arch or another nvcc compile afresh; .cpp units
+    (they include Python's headers) are always compiled."""
+    import shutil
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(REPO / "csrc", csrc)
+    monkeypatch.setattr(_build, "CSRC_DIR", csrc)
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setenv("MEGAVLM_SM90_GEMM", "0")
+    monkeypatch.setenv("MEGAVLM_BUILD_CACHE", str(tmp_path / "cache"))
+    compiled: list[str] = []
+
+    def fake_run(cmd, verbose):  # "compiles" by writing the unit's name and flags into the -o file
+        out = Path(cmd[cmd.index("-o") + 1])
+        out.write_text(" ".join(c for c in cmd if not c.startswith(("-I", "/"))))
+        if "-c" in cmd:
+            compiled.append(Path(cmd[2]).name)
+
+    monkeypatch.setattr(_build, "_run", fake_run)
+
+    def build(archs="90"):
+        compiled.clear()
+        _build.build_extension(tmp_path / "out", archs=archs, verbose=False, jobs=2)
+        return sorted(compiled)
+
+    cpp = sorted(Path(s).name for s in _build.SOURCES if s.endswith(".cpp"))
+    cu = sorted(Path(s).name for s in _build.SOURCES if s.endswith(".cu"))
+    assert build() == sorted(cpp + cu)
+    assert len(list((tmp_path / "cache").glob("*.o"))) == len(cu)
+    assert build() == cpp  # every .cu object reused
+    assert build("80;90") == sorted(cpp + cu)  # other gencode flags
+    assert build() == cpp
+    with open(csrc / "common" / "device_utils.cuh", "a") as f:
+        f.write("\n// changed\n")
+    assert build() == sorted(cpp + cu)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.1, V13.1.1'\n")
+    assert build() == sorted(cpp + cu)
+    assert build() == cpp

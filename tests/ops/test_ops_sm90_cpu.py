@@ -1,7 +1,7 @@
-"""The Hopper GEMM path of the fused ops (MEGAVLM_FUSED_GEMM=cutlass) on CPU: the GEMMs with their epilogues
-(patch embedding with bias + position table, ``linear_gelu``, ``linear_into_``) run their torch emulation here, so
-these tests check the row layouts, the position table, the autograd formulas and the custom-op registrations
-against the reference; tests/gpu checks the CUTLASS kernels."""
+"""The Hopper GEMM path of the fused ops (MEGAVLM_FUSED_GEMM=cutlass; auto takes it for the projector) on CPU: the
+GEMMs with their epilogues (patch embedding with bias + position table, ``linear_gelu``, ``linear_into_``) run their
+torch emulation here, so these tests check the row layouts, the position table, the autograd formulas and the
+custom-op registrations against the reference; tests/gpu checks the CUTLASS kernels."""
 
 from __future__ import annotations
 
@@ -36,13 +36,13 @@ def count_linear_into(monkeypatch):
 def test_fused_gemm_setting(monkeypatch):
     monkeypatch.delenv("MEGAVLM_FUSED_GEMM", raising=False)
     fused.set_fused_gemm(None)
-    assert fused.fused_gemm() == "cublas"  # the measured path stays the default
-    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cutlass")
+    assert fused.fused_gemm() == "auto"
+    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", " CUTLASS")
     assert fused.fused_gemm() == "cutlass"
     monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cutlas")
     with pytest.raises(ValueError, match="MEGAVLM_FUSED_GEMM"):
         fused.fused_gemm()
-    with pytest.raises(ValueError, match="projector GEMM"):
+    with pytest.raises(ValueError, match="fused GEMMs must be one of"):
         fused.set_fused_gemm("cuda")
 
 
@@ -158,20 +158,51 @@ def test_patch_embed_cutlass_path_matches_reference(cutlass_mode, monkeypatch, c
 
 
 def test_startup_line_names_the_gemm_path(monkeypatch):
+    import torch
+
     from megavlm.training.trainer import _kernels_label
 
-    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cutlass")
-    assert _kernels_label("fused") == "fused (cutlass GEMMs)"
-    monkeypatch.delenv("MEGAVLM_FUSED_GEMM")
-    assert _kernels_label("fused") == "fused (cublas GEMMs)"
-    assert _kernels_label("reference") == "reference"
+    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cutlass")  # on CPU the emulation stands for the Hopper GEMMs
+    assert _kernels_label("fused", torch.bfloat16) == "fused (CUTLASS GEMMs)"
+    monkeypatch.setenv("MEGAVLM_FUSED_GEMM", "cublas")
+    assert _kernels_label("fused", torch.bfloat16) == "fused (cuBLAS GEMMs)"
+    monkeypatch.delenv("MEGAVLM_FUSED_GEMM")  # auto: the Hopper GEMMs only for CUDA tensors
+    assert fused.fused_gemm() == "auto"
+    assert _kernels_label("fused", torch.bfloat16) == "fused (cuBLAS GEMMs)"
+    assert _kernels_label("reference", torch.bfloat16) == "reference"
 
 
-def test_gelu_schedule_setting(monkeypatch):
-    monkeypatch.delenv("MEGAVLM_SM90_GELU_SCHEDULE", raising=False)
-    assert fused.sm90_gelu_schedule() == "cooperative"
-    monkeypatch.setenv("MEGAVLM_SM90_GELU_SCHEDULE", "pingpong")
-    assert fused.sm90_gelu_schedule() == "pingpong"
-    monkeypatch.setenv("MEGAVLM_SM90_GELU_SCHEDULE", "ping-pong")
-    with pytest.raises(ValueError, match="MEGAVLM_SM90_GELU_SCHEDULE"):
-        fused.sm90_gelu_schedule()
+def test_auto_gives_the_hopper_gemms_to_the_projector_only(monkeypatch):
+    """auto: the projector's GEMMs on CUTLASS, the patch embedding's on cuBLAS, CPU tensors never; 'cutlass' both;
+    'cublas' neither (decided without a GPU: the availability check is stubbed)."""
+    import torch
+
+    monkeypatch.setattr(fused, "sm90_gemm_unavailable_reason", lambda t: None)
+    cuda_like = type("T", (), {"is_cuda": True})()
+    cpu = torch.empty(0)
+    for mode, proj, patch, on_cpu in [("auto", True, False, False), ("cutlass", True, True, True),
+                                      ("cublas", False, False, False)]:
+        fused.set_fused_gemm(mode)
+        try:
+            assert fused._use_sm90(cuda_like, "projector", 1024, 4096) is proj, mode
+            assert fused._use_sm90(cuda_like, "patch_embed", 592, 1024) is patch, mode
+            assert fused._use_sm90(cpu, "projector", 1024, 4096) is on_cpu, mode
+            assert not fused._use_sm90(cuda_like, "projector", 1020, 4096)  # TMA: multiples of 8
+        finally:
+            fused.set_fused_gemm(None)
+
+
+def test_tiles_setting(monkeypatch):
+    """$MEGAVLM_SM90_{GELU,BIAS}_TILES name a compiled instantiation; unset means the build's default ('')."""
+    monkeypatch.delenv("MEGAVLM_SM90_GELU_TILES", raising=False)
+    monkeypatch.delenv("MEGAVLM_SM90_BIAS_TILES", raising=False)
+    assert fused.sm90_tiles("gelu") == "" and fused.sm90_tiles("bias") == ""
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pp64x256x64_c2x1")
+    monkeypatch.setenv("MEGAVLM_SM90_BIAS_TILES", " sk128x192x64_c2x1 ")
+    assert fused.sm90_tiles("gelu") == "pp64x256x64_c2x1"
+    assert fused.sm90_tiles("bias") == "sk128x192x64_c2x1"
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pingpong")
+    with pytest.raises(ValueError, match="MEGAVLM_SM90_GELU_TILES"):
+        fused.sm90_tiles("gelu")
+    with pytest.raises(ValueError, match="epilogue"):
+        fused.sm90_tiles("table")

@@ -40,6 +40,7 @@ def test_active_on_cpu_maps_cuda_to_cpu(compat):
     assert not torch.equal(a, b), "the tracked state must advance"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="enable() refuses a machine with CUDA (checked below)")
 def test_disable_restores_everything(compat):
     cpu.enable()
     cpu.disable()
@@ -55,3 +56,10 @@ def test_inactive_when_cuda_is_available(compat, monkeypatch):
     assert not cpu.is_enabled()
     with pytest.raises(RuntimeError, match="must not be enabled"):
         cpu.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_enable_refuses_a_machine_with_cuda(compat):
+    with pytest.raises(RuntimeError, match="must not be enabled when CUDA is available"):
+        cpu.enable()
+    assert not cpu.is_enabled()

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Compare the Hopper projector GEMMs' tile shapes and schedules on this card (sm_90), to choose the defaults.
+
+    MEGAVLM_SM90_GEMM_TUNING=1 python -m megavlm._build --archs 90   # the defaults + csrc/projector/sm90_tiles/
+    python benchmarks/sm90_tiles.py [--json OUT] [--iters 50]
+
+At the LLaVA-1.5-7B projector's shapes (32 images x 576 tokens, 1024 -> 4096 -> 4096, bf16): every compiled
+`gelu/*` GEMM (the first GEMM with bias + exact GELU) against torch.mm on the same operands, every `bias/*` GEMM
+(the second, storing rows into a [32*2048, 4096] embedding buffer) against torch.addmm, each checked against an fp32
+reference first (max error <= 2x torch bf16's). Then benchmarks/kernels.py's projector rows with the fastest of
+each ($MEGAVLM_SM90_GELU_TILES / $MEGAVLM_SM90_BIAS_TILES). The chosen defaults live in csrc/projector/op.cpp
+(default_sm90_tiles) and gemm_sm90_<epilogue>.cu; docs/kernels.md has the table this printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels as kb  # noqa: E402  (benchmarks/kernels.py: timing, checks, the projector rows)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    ap.add_argument("--iters", type=int, default=50, help="timed runs per measurement")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        raise SystemExit("benchmarks/sm90_tiles.py needs an sm_90 GPU (H100/H200)")
+    t0 = time.perf_counter()
+    C = kb.ensure_extension()
+    from megavlm.ops import fused
+
+    if fused.sm90_gemm_unavailable_reason(torch.empty(1, device="cuda", dtype=BF16)) is not None:
+        raise SystemExit("megavlm._C has no Hopper GEMMs: build it with CUTLASS for arch 90 (see the usage above)")
+    names = C.linear_sm90_gemms()
+    N, T, Din, Dh, Dout, seq, off = 32, 576, 1024, 4096, 4096, 2048, 35
+    R = N * T
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x32 = torch.randn(R, Din, device="cuda", generator=g)
+    w1_32 = torch.randn(Dh, Din, device="cuda", generator=g) * Din**-0.5
+    b1_32 = torch.randn(Dh, device="cuda", generator=g) * 0.1
+    a32 = torch.randn(N, T, Dh, device="cuda", generator=g)
+    w2_32 = torch.randn(Dout, Dh, device="cuda", generator=g) * Dh**-0.5
+    b2_32 = torch.randn(Dout, device="cuda", generator=g) * 0.1
+    x, w1, b1, a, w2, b2 = (t.to(BF16) for t in (x32, w1_32, b1_32, a32, w2_32, b2_32))
+    emb = torch.zeros(N * seq, Dout, device="cuda", dtype=BF16)
+    rows_affine = fused.AffineRows(off, seq, 1)
+    idx = rows_affine.index(N, T, "cuda")
+    z1_ref = x.float() @ w1.float().t() + b1.float()
+    gelu_ref, gelu_low = F.gelu(z1_ref), F.gelu(F.linear(x, w1, b1))
+    del z1_ref
+    out2_ref = (a.float().view(R, Dh) @ w2.float().t() + b2.float())
+    out2_low = F.linear(a.view(R, Dh), w2, b2)
+
+    fused.set_fused_gemm("cutlass")
+    results = []
+    try:
+        for name in names:
+            epilogue, tiles = name.split("/")
+            if epilogue == "gelu":
+                env, var, fn = "MEGAVLM_SM90_GELU_TILES", tiles, lambda: torch.ops.megavlm.linear_gelu(x, w1, b1, False)
+                base, flops = (lambda: torch.mm(x, w1.t())), 2 * R * Din * Dh
+            elif epilogue == "gelu_aux":
+                env, var, fn = "MEGAVLM_SM90_GELU_TILES", tiles, lambda: torch.ops.megavlm.linear_gelu(x, w1, b1, True)
+                base, flops = (lambda: torch.mm(x, w1.t())), 2 * R * Din * Dh
+            elif epilogue == "bias":
+                env, var = "MEGAVLM_SM90_BIAS_TILES", tiles
+                fn = lambda: torch.ops.megavlm.linear_into_(emb, a, w2, b2, *rows_affine)  # noqa: E731
+                base, flops = (lambda: torch.addmm(b2, a.view(R, Dh), w2.t())), 2 * R * Dh * Dout
+            else:
+                continue  # table: the patch embedding has one instantiation
+            with kb._env(env, var):
+                try:
+                    if epilogue == "bias":
+                        emb.fill_(float("nan"))
+                        fn()
+                        ok, ef, et = kb.acc_check(emb[idx], out2_low, out2_ref)
+                        ok = ok and not bool(torch.isnan(emb[idx]).any())
+                    else:
+                        got = fn()[0]
+                        ok, ef, et = kb.acc_check(got, gelu_low, gelu_ref)
+                    (t_base, _), (t_gemm, _) = kb.bench_pair(base, fn, args.iters)
+                except (RuntimeError, ValueError) as e:
+                    print(f"{name}: FAILED: {e}", flush=True)
+                    results.append(dict(name=name, epilogue=epilogue, tiles=tiles, error=str(e)))
+                    continue
+            r = dict(name=name, epilogue=epilogue, tiles=tiles, ms=t_gemm, cublas_ms=t_base, ok=ok, err=ef,
+                     err_torch=et, tflops=flops / (t_gemm * 1e-3) / 1e12)
+            results.append(r)
+            print(f"{name:32s} {t_gemm:.3f} ms ({r['tflops']:.0f} TFLOP/s) vs cuBLAS {t_base:.3f} ms: "
+                  f"{t_base / t_gemm:.2f}x, err {ef:.2e} (torch bf16 {et:.2e}) {'PASS' if ok else 'FAIL'}", flush=True)
+    finally:
+        fused.set_fused_gemm(None)
+    del x32, w1_32, a32, w2_32, gelu_ref, gelu_low, out2_ref, out2_low, emb
+    torch.cuda.empty_cache()
+
+    lines = ["| GEMM | tiles | ms | TFLOP/s | cuBLAS ms (no epilogue) | ratio | error vs fp32 (torch bf16) |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    best = {}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['epilogue']} | {r['tiles']} | failed: {r['error'][:60]} | | | | |")
+            continue
+        lines.append(f"| {r['epilogue']} | {r['tiles']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['cublas_ms']:.3f} | "
+                     f"{r['cublas_ms'] / r['ms']:.2f}x | {r['err']:.2e} ({r['err_torch']:.2e}) "
+                     f"{'PASS' if r['ok'] else 'FAIL'} |")
+        if r["ok"] and (r["epilogue"] not in best or r["ms"] < best[r["epilogue"]]["ms"]):
+            best[r["epilogue"]] = r
+    print("\n".join(lines))
+    print("fastest: " + ", ".join(f"{k} {v['tiles']} {v['ms']:.3f} ms" for k, v in best.items()), flush=True)
+
+    # the whole projector (kernels.py's rows) with the fastest GELU and bias GEMMs
+    proj_rows, checks = [], []
+    if "gelu" in best and "bias" in best:
+        with kb._env("MEGAVLM_SM90_GELU_TILES", best["gelu"]["tiles"]), \
+                kb._env("MEGAVLM_SM90_BIAS_TILES", best["bias"]["tiles"]):
+            if f"gelu_aux/{best['gelu']['tiles']}" not in names:  # the backward rows need the aux twin
+                print(f"(no gelu_aux/{best['gelu']['tiles']}: projector rows with the default GELU GEMM's aux twin)")
+            pj = dict(N=N, T=T, Din=Din, Dh=Dh, Dout=Dout, bsz=N, seq=seq, merge_N=N, merge_T=1024)
+            fused.set_fused_gemm("cublas")  # kernels.py's rows name their GEMMs: cuBLAS unless they say cutlass
+            try:
+                kb.bench_projector(pj, args.iters, proj_rows, checks)
+            except (RuntimeError, ValueError) as e:
+                print(f"projector rows failed: {e}")
+            finally:
+                fused.set_fused_gemm(None)
+        copy_gbs, mm_tflops = kb.measure_card(False)
+        print(kb.render(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, ext_version=C.__version__,
+                             ext_archs=C.compiled_archs, copy_gbs=copy_gbs, matmul_tflops=mm_tflops),
+                        proj_rows, checks))
+        for r in proj_rows:
+            if r["op"].startswith("projector+scatter fwd") and "vs index_copy_" in r["op"]:
+                print(f"{r['op']} [gelu {best['gelu']['tiles']}, bias {best['bias']['tiles']}]: "
+                      f"{r['unfused_ms']:.3f} -> {r['fused_ms']:.3f} ms = {r['unfused_ms'] / r['fused_ms']:.2f}x")
+    print(f"total {time.perf_counter() - t0:.1f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), gemms=results,
+                                                    best={k: v["tiles"] for k, v in best.items()},
+                                                    projector_rows=proj_rows, checks=checks), indent=2))
+    return 0 if all(r.get("ok") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
