@@ -9,7 +9,8 @@
 #   the same nvcc, so the CUTLASS units are not compiled on the lent machine's clock (megavlm/_build.py).
 #   With MEGAVLM_SM90_GEMM_TUNING=1 the build also has the candidate tiles of csrc/projector/sm90_tiles/: the GPU
 #   tests check each, benchmarks/sm90_tiles.py times them, and the later steps run with the fastest.
-# usage: OUT=/some/dir [BUDGET_S=540] [MEGAVLM_SM90_GEMM_TUNING=1] [SMOKE=0] bash benchmarks/gpu_check.sh
+# usage: OUT=/some/dir [BUDGET_S=540] [MEGAVLM_SM90_GEMM_TUNING=1] [PROFILE=1] [SMOKE=0] bash benchmarks/gpu_check.sh
+# (PROFILE=1: Nsight Compute sections of the GELU GEMM and of torch.mm's GEMM into $OUT/ncu_gelu.txt.)
 # Every step runs under what is left of BUDGET_S seconds, in order of importance; everything is logged to
 # $OUT/gpu_check.log, plus $OUT/kernels.json, $OUT/sm90_tiles.json and $OUT/smoke_{auto,cublas}_metrics.jsonl.
 set -uo pipefail
@@ -66,6 +67,12 @@ if [ "${MEGAVLM_SM90_GEMM_TUNING:-0}" = 1 ]; then
   read -r gelu_tiles bias_tiles <<<"$best"
   export MEGAVLM_SM90_GELU_TILES=${gelu_tiles:-} MEGAVLM_SM90_BIAS_TILES=${bias_tiles:-}
   echo "== the later steps use gelu tiles '${MEGAVLM_SM90_GELU_TILES}', bias tiles '${MEGAVLM_SM90_BIAS_TILES}'"
+fi
+
+if [ "${PROFILE:-0}" = 1 ]; then  # Nsight Compute on the GELU GEMM and cuBLAS's plain GEMM (where is its time?)
+  step "ncu: the GELU GEMM vs torch.mm" 150 'ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+    python benchmarks/sm90_tiles.py --profile > "$OUT/ncu_gelu.txt" 2>&1; tail -60 "$OUT/ncu_gelu.txt"'
 fi
 
 step "kernel benchmark" 200 'python benchmarks/kernels.py --json "$OUT/kernels.json"'

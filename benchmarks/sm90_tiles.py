@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     ap.add_argument("--iters", type=int, default=50, help="timed runs per measurement")
+    ap.add_argument("--profile", action="store_true",
+                    help="only run cuBLAS's GEMM and the default GELU GEMM (twice each) inside an NVTX range "
+                         "'profile', for `ncu --nvtx --nvtx-include profile/` (benchmarks/gpu_check.sh PROFILE=1)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("benchmarks/sm90_tiles.py needs an sm_90 GPU (H100/H200)")
@@ -49,6 +52,19 @@ def main(argv=None) -> int:
     x32 = torch.randn(R, Din, device="cuda", generator=g)
     w1_32 = torch.randn(Dh, Din, device="cuda", generator=g) * Din**-0.5
     b1_32 = torch.randn(Dh, device="cuda", generator=g) * 0.1
+    if args.profile:
+        x, w1, b1 = x32.to(BF16), w1_32.to(BF16), b1_32.to(BF16)
+        fused.set_fused_gemm("cutlass")
+        for _ in range(2):  # warm-up outside the range
+            torch.mm(x, w1.t()), torch.ops.megavlm.linear_gelu(x, w1, b1, False)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("profile")
+        for _ in range(2):
+            torch.mm(x, w1.t()), torch.ops.megavlm.linear_gelu(x, w1, b1, False)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+        print("profiled: torch.mm and the default GELU GEMM at [18432x1024]x[1024x4096], twice each")
+        return 0
     a32 = torch.randn(N, T, Dh, device="cuda", generator=g)
     w2_32 = torch.randn(Dout, Dh, device="cuda", generator=g) * Dh**-0.5
     b2_32 = torch.randn(Dout, device="cuda", generator=g) * 0.1

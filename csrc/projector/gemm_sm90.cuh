@@ -63,6 +63,22 @@ struct SchedulerOf<Schedule, std::void_t<typename Schedule::Scheduler>> {
   using type = typename Schedule::Scheduler;
 };
 
+// A schedule with the epilogue's subtile fixed (rows x columns of the output staged through shared memory per TMA
+// store) instead of CUTLASS's choice; candidates for the GELU GEMM, whose epilogue is what keeps it behind cuBLAS.
+template <class Base, int M, int N>
+struct WithEpilogueTile : Base {
+  using EpilogueTile = cute::Shape<cute::Int<M>, cute::Int<N>>;
+};
+
+template <class Schedule, class = void>
+struct EpilogueTileOf {
+  using type = cutlass::epilogue::collective::EpilogueTileAuto;
+};
+template <class Schedule>
+struct EpilogueTileOf<Schedule, std::void_t<typename Schedule::EpilogueTile>> {
+  using type = typename Schedule::EpilogueTile;
+};
+
 template <int M, int N, int K>
 using Tile = cute::Shape<cute::Int<M>, cute::Int<N>, cute::Int<K>>;
 template <int M, int N>
@@ -75,7 +91,7 @@ struct Gemm {
   static constexpr bool kHasC = !cute::is_void_v<ElementC>;
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      typename EpilogueTileOf<Schedule>::type, float, float,
       ElementC, StrideC, kHasC ? 128 / cute::sizeof_bits_v<ElementC> : kAlign,
       BF16, cutlass::layout::ColumnMajor, kAlign,  // D: out features contiguous, tokens at a runtime stride
       typename Schedule::Epilogue, FusionOp>::CollectiveOp;

@@ -42,7 +42,8 @@ struct LinearSm90Gemm {
 // Every compiled instantiation registers itself (MEGAVLM_SM90_GEMM_ENTRY in gemm_sm90.cuh) under
 // "<epilogue>/<tiles>": epilogue bias (the projector's second GEMM), gelu, gelu_aux (pre-activation stored too) or
 // table (the patch embedding's positions); tiles names the schedule, tile and cluster, e.g. pp128x128x64_c2x1
-// (pp ping-pong, co cooperative, sk cooperative stream-K). The default tiles of each epilogue are kDefaultTiles.
+// (pp ping-pong, co cooperative, sk cooperative stream-K; an _e<M>x<N> suffix fixes the epilogue's subtile). The
+// default tiles of each epilogue: default_sm90_tiles.
 bool register_sm90_gemm(const char* name, LinearSm90Gemm gemm);
 const LinearSm90Gemm* find_sm90_gemm(const std::string& name);
 std::vector<std::string> sm90_gemm_names();
