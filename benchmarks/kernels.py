@@ -24,9 +24,7 @@ large device-to-device copy) and bf16 matmul rate (large square matmul).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -43,20 +41,6 @@ BF16 = torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """Set an environment variable for the duration of a block (the kernel wrappers read it per call)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def ensure_extension(verbose: bool = True):

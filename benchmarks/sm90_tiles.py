@@ -8,17 +8,19 @@ At the LLaVA-1.5-7B projector's shapes (32 images x 576 tokens, 1024 -> 4096 -> 
 `gelu/*` GEMM (the first GEMM with bias + exact GELU) against torch.mm on the same operands, every `bias/*` GEMM
 (the second, storing rows into a [32*2048, 4096] embedding buffer) against torch.addmm, each checked against an fp32
 reference first (max error <= 2x torch bf16's). Then benchmarks/kernels.py's projector rows with the fastest of
-each ($MEGAVLM_SM90_GELU_TILES / $MEGAVLM_SM90_BIAS_TILES). The chosen defaults live in csrc/projector/op.cpp
-(default_sm90_tiles) and gemm_sm90_<epilogue>.cu; docs/kernels.md has the table this printed.
+each ($MEGAVLM_SM90_GELU_TILES / $MEGAVLM_SM90_BIAS_TILES). The chosen defaults are the units
+csrc/projector/gemm_sm90_<epilogue>.cu (MEGAVLM_SM90_GEMM_DEFAULT); docs/kernels.md has the table this printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels as kb  # noqa: E402  (benchmarks/kernels.py: timing, checks, the projector rows)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                 base, flops = (lambda: torch.addmm(b2, a.view(R, Dh), w2.t())), 2 * R * Dh * Dout
             else:
                 continue  # table: the patch embedding has one instantiation
-            with kb._env(env, var):
+            with mock.patch.dict(os.environ, {env: var}):
                 try:
                     if epilogue == "bias":
                         emb.fill_(float("nan"))
@@ -138,8 +140,8 @@ def main(argv=None) -> int:
     # the whole projector (kernels.py's rows) with the fastest GELU and bias GEMMs
     proj_rows, checks = [], []
     if "gelu" in best and "bias" in best:
-        with kb._env("MEGAVLM_SM90_GELU_TILES", best["gelu"]["tiles"]), \
-                kb._env("MEGAVLM_SM90_BIAS_TILES", best["bias"]["tiles"]):
+        with mock.patch.dict(os.environ, {"MEGAVLM_SM90_GELU_TILES": best["gelu"]["tiles"],
+                                          "MEGAVLM_SM90_BIAS_TILES": best["bias"]["tiles"]}):
             if f"gelu_aux/{best['gelu']['tiles']}" not in names:  # the backward rows need the aux twin
                 print(f"(no gelu_aux/{best['gelu']['tiles']}: projector rows with the default GELU GEMM's aux twin)")
             pj = dict(N=N, T=T, Din=Din, Dh=Dh, Dout=Dout, bsz=N, seq=seq, merge_N=N, merge_T=1024)

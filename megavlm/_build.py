@@ -30,10 +30,9 @@ Environment:
                         ``nvidia-cutlass`` (``cutlass_library/source/include``), which scripts/install.sh installs.
     MEGAVLM_BUILD_CACHE a folder of compiled CUDA units (.cu -> .o) reused by later builds. An object's key
                         hashes the nvcc version, its flags, the unit, every header under csrc/ and CUTLASS's
-                        version.h, so any change that can reach the unit compiles it afresh. The .cu units include no
-                        Python header, so objects built
-                        on one machine serve another with the same nvcc (how benchmarks/gpu_check.sh skips
-                        the minutes of CUTLASS compilation on a lent GPU machine).
+                        version.h, so any change that can reach the unit compiles it afresh. The .cu units
+                        include no Python header, so objects built on one machine serve another with the same
+                        nvcc (how benchmarks/gpu_check.sh skips minutes of CUTLASS compilation on a GPU machine).
 """
 
 from __future__ import annotations
@@ -196,18 +195,22 @@ def _pybind11_include() -> str:
     return pybind11.get_include()
 
 
-def _cache_key(nvcc: str, rel: str, flags: list[str], cutlass_inc: str | None) -> str:
-    """Key of one CUDA unit's object: nvcc's version, its flags (without folders), the unit and every header under
-    csrc/, CUTLASS's version."""
-    h = hashlib.sha256()
-    h.update(subprocess.run([nvcc, "--version"], stdout=subprocess.PIPE, text=True).stdout.encode())
-    h.update(rel.encode())
+def _cache_context(nvcc: str) -> bytes:
+    """What every unit's cache key shares: nvcc's version and every header under csrc/ (units include headers only,
+    never other units)."""
+    h = hashlib.sha256(subprocess.run([nvcc, "--version"], stdout=subprocess.PIPE, text=True).stdout.encode())
+    for path in sorted(p for p in CSRC_DIR.rglob("*") if p.suffix in (".h", ".cuh", ".hpp")):
+        h.update(b"\0" + str(path.relative_to(CSRC_DIR)).encode() + b"\0" + path.read_bytes())
+    return h.digest()
+
+
+def _cache_key(context: bytes, rel: str, flags: list[str], cutlass_inc: str | None) -> str:
+    """Key of one CUDA unit's object: the shared context, the unit, its flags (without folders), CUTLASS's version."""
+    h = hashlib.sha256(context)
+    h.update(rel.encode() + b"\0" + (CSRC_DIR / rel).read_bytes())
     for flag in flags:
         if not flag.startswith("-I"):
             h.update(b"\0" + flag.encode())
-    # the unit and every header it could include (units include headers only, never other units)
-    for path in [CSRC_DIR / rel, *sorted(p for p in CSRC_DIR.rglob("*") if p.suffix in (".h", ".cuh", ".hpp"))]:
-        h.update(b"\0" + str(path.relative_to(CSRC_DIR)).encode() + b"\0" + path.read_bytes())
     if cutlass_inc is not None:
         h.update((Path(cutlass_inc) / "cutlass" / "version.h").read_bytes())
     return h.hexdigest()[:20]
@@ -293,6 +296,7 @@ def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbos
         ]
         cu_flags = ["--expt-relaxed-constexpr", "-lineinfo", *_gencode_flags(arch_list)]
         cache_dir = os.environ.get("MEGAVLM_BUILD_CACHE", "").strip()
+        cache_context = _cache_context(nvcc) if cache_dir else b""
         commands = []
         objects = []
         sm90_flags = [f"-I{cutlass_inc}", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
@@ -314,7 +318,7 @@ def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbos
                 cmd += cu_flags
             cached = None
             if cache_dir and src.suffix == ".cu":
-                key = _cache_key(nvcc, rel, cmd[5:], cutlass_inc if sm90 else None)
+                key = _cache_key(cache_context, rel, cmd[5:], cutlass_inc if sm90 else None)
                 cached = Path(cache_dir) / f"{src.stem}-{key}.o"
             commands.append((cmd, obj, cached))
             objects.append(str(obj))

@@ -1,5 +1,5 @@
 // CUTLASS 3 kernel definitions behind gemm_sm90.h; each gemm_sm90_*.cu instantiates one epilogue (kept apart so the
-// three heavy instantiations compile in parallel). Kernels only: the checks live in op.cpp.
+// heavy instantiations compile in parallel). Kernels only: the checks live in op.cpp.
 #pragma once
 
 #include <algorithm>
@@ -162,9 +162,12 @@ struct Gemm {
 }  // namespace megavlm
 
 // Registers one instantiation as "EPILOGUE/TILES" (gemm_sm90.h); each .cu unit holds one, so that the heavy
-// instantiations compile in parallel. GEMM is a type alias (sm90::Gemm<...>) declared before the macro.
-#define MEGAVLM_SM90_GEMM_ENTRY(EPILOGUE, TILES, GEMM)                                                          \
+// instantiations compile in parallel. GEMM is a type alias (sm90::Gemm<...>) declared before the macro. The
+// _DEFAULT form also makes TILES its epilogue's default (only gemm_sm90_<epilogue>.cu uses it).
+#define MEGAVLM_SM90_GEMM_REGISTER(EPILOGUE, TILES, GEMM, IS_DEFAULT)                                          \
   namespace {                                                                                                  \
   const bool megavlm_sm90_registered_##EPILOGUE##_##TILES = megavlm::projector::register_sm90_gemm(            \
-      #EPILOGUE "/" #TILES, megavlm::projector::LinearSm90Gemm{&GEMM::workspace, &GEMM::run});                 \
+      #EPILOGUE, #TILES, megavlm::projector::LinearSm90Gemm{&GEMM::workspace, &GEMM::run}, IS_DEFAULT);        \
   }
+#define MEGAVLM_SM90_GEMM_ENTRY(EPILOGUE, TILES, GEMM) MEGAVLM_SM90_GEMM_REGISTER(EPILOGUE, TILES, GEMM, false)
+#define MEGAVLM_SM90_GEMM_DEFAULT(EPILOGUE, TILES, GEMM) MEGAVLM_SM90_GEMM_REGISTER(EPILOGUE, TILES, GEMM, true)

@@ -6,8 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
-#include <string>
-#include <vector>
 
 namespace megavlm {
 namespace projector {
@@ -39,15 +37,12 @@ struct LinearSm90Gemm {
   const char* (*run)(const LinearSm90Params& p, void* workspace, cudaStream_t stream);
 };
 
-// Every compiled instantiation registers itself (MEGAVLM_SM90_GEMM_ENTRY in gemm_sm90.cuh) under
+// Every compiled instantiation registers itself (MEGAVLM_SM90_GEMM_ENTRY / _DEFAULT in gemm_sm90.cuh) as
 // "<epilogue>/<tiles>": epilogue bias (the projector's second GEMM), gelu, gelu_aux (pre-activation stored too) or
 // table (the patch embedding's positions); tiles names the schedule, tile and cluster, e.g. pp128x128x64_c2x1
 // (pp ping-pong, co cooperative, sk cooperative stream-K; an _e<M>x<N> suffix fixes the epilogue's subtile). The
-// default tiles of each epilogue: default_sm90_tiles.
-bool register_sm90_gemm(const char* name, LinearSm90Gemm gemm);
-const LinearSm90Gemm* find_sm90_gemm(const std::string& name);
-std::vector<std::string> sm90_gemm_names();
-std::string default_sm90_tiles(const std::string& epilogue);
+// unit gemm_sm90_<epilogue>.cu registers its epilogue's default; op.cpp looks them up (linear_sm90_gemms lists them).
+bool register_sm90_gemm(const char* epilogue, const char* tiles, LinearSm90Gemm gemm, bool is_default);
 
 }  // namespace projector
 }  // namespace megavlm

@@ -5,4 +5,4 @@
 namespace sm90 = megavlm::projector::sm90;
 using Gemm = sm90::Gemm<sm90::FusionBias, sm90::Tile<256, 192, 64>,
                          sm90::Cluster<1, 1>, sm90::Cooperative>;
-MEGAVLM_SM90_GEMM_ENTRY(bias, co256x192x64_c1x1, Gemm)
+MEGAVLM_SM90_GEMM_DEFAULT(bias, co256x192x64_c1x1, Gemm)

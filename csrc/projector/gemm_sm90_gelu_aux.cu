@@ -5,4 +5,4 @@
 namespace sm90 = megavlm::projector::sm90;
 using Gemm = sm90::Gemm<sm90::FusionGeluAux, sm90::Tile<128, 128, 64>,
                          sm90::Cluster<2, 1>, sm90::Pingpong>;
-MEGAVLM_SM90_GEMM_ENTRY(gelu_aux, pp128x128x64_c2x1, Gemm)
+MEGAVLM_SM90_GEMM_DEFAULT(gelu_aux, pp128x128x64_c2x1, Gemm)

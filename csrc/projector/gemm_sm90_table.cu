@@ -4,4 +4,4 @@
 namespace sm90 = megavlm::projector::sm90;
 using Gemm = sm90::Gemm<sm90::FusionBiasTable, sm90::Tile<128, 128, 64>,
                          sm90::Cluster<2, 1>, sm90::Cooperative, float, sm90::StrideTable>;
-MEGAVLM_SM90_GEMM_ENTRY(table, co128x128x64_c2x1, Gemm)
+MEGAVLM_SM90_GEMM_DEFAULT(table, co128x128x64_c2x1, Gemm)

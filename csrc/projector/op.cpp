@@ -197,38 +197,30 @@ void scatter_rows(int device, std::uintptr_t stream, std::uintptr_t dst, long lo
 
 bool linear_sm90_compiled() noexcept { return MEGAVLM_HAS_SM90_GEMM != 0; }
 
-// The registry of gemm_sm90.h: filled by the static initializers of the gemm_sm90*.cu units.
+// The registry of gemm_sm90.h, filled by the static initializers of the gemm_sm90*.cu units: every instantiation by
+// "<epilogue>/<tiles>", and each epilogue's default tiles.
 namespace {
-std::map<std::string, LinearSm90Gemm>& sm90_registry() {
-  static std::map<std::string, LinearSm90Gemm> registry;
+struct Sm90Registry {
+  std::map<std::string, LinearSm90Gemm> gemms;
+  std::map<std::string, std::string> default_tiles;
+};
+Sm90Registry& sm90_registry() {
+  static Sm90Registry registry;
   return registry;
 }
 }  // namespace
 
-bool register_sm90_gemm(const char* name, LinearSm90Gemm gemm) {
-  sm90_registry()[name] = gemm;
+bool register_sm90_gemm(const char* epilogue, const char* tiles, LinearSm90Gemm gemm, bool is_default) {
+  sm90_registry().gemms[std::string(epilogue) + "/" + tiles] = gemm;
+  if (is_default) sm90_registry().default_tiles[epilogue] = tiles;
   return true;
 }
 
-const LinearSm90Gemm* find_sm90_gemm(const std::string& name) {
-  const auto it = sm90_registry().find(name);
-  return it == sm90_registry().end() ? nullptr : &it->second;
-}
-
-std::vector<std::string> sm90_gemm_names() {
+std::vector<std::string> linear_sm90_gemms() {
   std::vector<std::string> names;
-  for (const auto& item : sm90_registry()) names.push_back(item.first);
+  for (const auto& item : sm90_registry().gemms) names.push_back(item.first);
   return names;
 }
-
-std::string default_sm90_tiles(const std::string& epilogue) {
-  // Chosen with benchmarks/sm90_tiles.py on an H200 (docs/kernels.md); gemm_sm90_<epilogue>.cu builds these.
-  if (epilogue == "bias") return "co256x192x64_c1x1";
-  if (epilogue == "table") return "co128x128x64_c2x1";
-  return "pp128x128x64_c2x1";  // gelu, gelu_aux
-}
-
-std::vector<std::string> linear_sm90_gemms() { return sm90_gemm_names(); }
 
 namespace {
 LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
@@ -277,15 +269,18 @@ LinearSm90Params linear_sm90_params(std::uintptr_t x, std::uintptr_t w, std::uin
 // The instantiation for these parameters and tiles ("" = the epilogue's default), see gemm_sm90.h.
 const LinearSm90Gemm& pick_sm90_gemm(const LinearSm90Params& p, const std::string& tiles) {
   const std::string epilogue = p.table != nullptr ? "table" : !p.gelu ? "bias" : p.aux != nullptr ? "gelu_aux" : "gelu";
-  const std::string name = epilogue + "/" + (tiles.empty() ? default_sm90_tiles(epilogue) : tiles);
-  const LinearSm90Gemm* gemm = find_sm90_gemm(name);
-  if (gemm == nullptr) {
+  const Sm90Registry& registry = sm90_registry();
+  const auto dflt = registry.default_tiles.find(epilogue);
+  const std::string name =
+      epilogue + "/" + (!tiles.empty() ? tiles : dflt != registry.default_tiles.end() ? dflt->second : "(default)");
+  const auto it = registry.gemms.find(name);
+  if (it == registry.gemms.end()) {
     std::ostringstream msg;
     msg << "linear_sm90: this megavlm._C has no " << name << " GEMM; it has:";
-    for (const auto& known : sm90_gemm_names()) msg << " " << known;
+    for (const auto& known : linear_sm90_gemms()) msg << " " << known;
     throw std::invalid_argument(msg.str());
   }
-  return *gemm;
+  return it->second;
 }
 
 void require_sm90(int device) {

@@ -28,7 +28,7 @@ void scatter_rows(int device, std::uintptr_t stream, std::uintptr_t dst, long lo
 
 // The Hopper GEMMs (gemm_sm90.h): out rows at (batch, token) strides = act(x @ w^T + bias [+ table[token]]),
 // optional aux (pre-activation, gelu only) or fp32 table (no gelu); tiles names the instantiation of that epilogue
-// ("" = its default; linear_sm90_gemms lists "<epilogue>/<tiles>" of every one compiled).
+// ("" = its default; linear_sm90_gemms lists "<epilogue>/<tiles>" of every one compiled, see gemm_sm90.h).
 // bf16 only; raises ValueError on bad arguments
 // (or a build without them) and RuntimeError off sm_90.
 bool linear_sm90_compiled() noexcept;

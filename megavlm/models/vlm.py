@@ -87,8 +87,8 @@ class VLM(MegatronModule):
     def _fused_project_into(self, emb, feats, is_image):
         """Linear → GELU → Linear with the bias+GELU fused, written straight into the embedding rows of the image
         tokens (``emb`` is ``(s, b, h)``, so token (i, j) is row ``j*b + i``; rows in sample-major order). On the Hopper
-        GEMM path (MEGAVLM_FUSED_GEMM=cutlass) projector_fused stores them from the GEMM's epilogue when every image
-        sits at the same offset of its own sample (an AffineRows layout); otherwise, and with TP > 1 (where the
+        GEMM path (MEGAVLM_FUSED_GEMM=auto or cutlass) projector_fused stores them from the GEMM's epilogue when every
+        image sits at the same offset of its own sample (an AffineRows layout); otherwise, and with TP > 1 (where the
         partial rows are summed over the group first), they are scattered."""
         s, b, h = emb.shape
         bi, sj = is_image.nonzero(as_tuple=True)

@@ -86,8 +86,8 @@ __all__ = [
     "scatter_rows_fused",
     "set_poison",
     "set_fused_gemm",
-    "sm90_tiles",
     "sm90_gemm_unavailable_reason",
+    "sm90_tiles",
 ]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -107,9 +107,9 @@ def set_poison(on: bool) -> None:
 
 _GEMM_MODES = ("auto", "cublas", "cutlass")
 _FUSED_GEMM: str | None = None  # None: $MEGAVLM_FUSED_GEMM, default 'auto'
-# What 'auto' gives the Hopper GEMMs where they can run (measured on an H100, docs/kernels.md): the projector, whose
-# GELU and row store they absorb; not the patch embedding, whose 577-token images leave ragged tiles that make the
-# CUTLASS GEMM slower than cuBLAS + the add_pos_bias pass.
+# What 'auto' gives the Hopper GEMMs where they can run (measured on an H100 and an H200, docs/kernels.md): the
+# projector, whose GELU and row store they absorb; not the patch embedding, whose 577-token images leave ragged tiles
+# that make the CUTLASS GEMM slower than cuBLAS + the add_pos_bias pass.
 _AUTO_SM90_OPS = ("projector",)
 
 
@@ -134,7 +134,7 @@ def fused_gemm() -> str:
 
 def gemms_label(device: torch.device | str, dtype: torch.dtype) -> str:
     """Which GEMMs the fused ops take for tensors like these, for the start-up line: 'cuBLAS GEMMs', 'CUTLASS
-    GEMMs' or 'CUTLASS GEMMs for the projector, cuBLAS for the patch embedding'."""
+    GEMMs' or 'CUTLASS GEMMs for the projector, cuBLAS for the others'."""
     t = torch.empty(0, device=device, dtype=dtype)
     ops = [op for op in ("projector", "patch_embed") if _use_sm90(t, op)]
     if not ops:
@@ -902,16 +902,17 @@ def projector_fused(
     N, Tq, Fdim = y.shape
     y2 = y.reshape(N * Tq, Fdim)
     sm90 = _use_sm90(y2, "projector", Fdim, w1.shape[0], w2.shape[0])
+    rows = None
+    if dst is not None and sm90 and dst.dtype == dt and reduce is None:
+        # The second GEMM stores the rows itself when they form an AffineRows layout. Telling costs one device sync:
+        # done before the first GEMM is queued, so that it does not wait for that GEMM nor leave a gap after it.
+        rows = index if isinstance(index, AffineRows) else affine_rows(index, N, Tq)
     if sm90:
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y2, w1, b1))
         a, _ = torch.ops.megavlm.linear_gelu(y2, w1.to(dt), b1, grads)
     else:
         a = torch.ops.megavlm.bias_gelu(torch.mm(y2, w1.to(dt).t()), b1)
     Dout = w2.shape[0]
-    rows = None
-    if dst is not None and sm90 and dst.dtype == dt and reduce is None:
-        # the second GEMM stores the rows itself when they form an AffineRows layout (one device sync to tell)
-        rows = index if isinstance(index, AffineRows) else affine_rows(index, N, Tq)
     if rows is not None:
         a3 = a.view(N, Tq, -1)
         if torch.is_grad_enabled() and (dst.requires_grad or a3.requires_grad or w2.requires_grad

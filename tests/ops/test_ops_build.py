@@ -157,6 +157,10 @@ def test_installed_extension_has_the_hopper_gemms():
         names = C.linear_sm90_gemms()
         if expected:  # the default of each epilogue is built, and an unknown one is refused with the list
             assert {{n.split("/")[0] for n in names}} >= {{"bias", "gelu", "gelu_aux", "table"}}, names
+            # each epilogue has its default (the shape alone decides the workspace; the pick happens first)
+            for gelu, aux, table in [(False, False, False), (True, False, False), (True, True, False),
+                                     (False, False, True)]:
+                assert C.linear_sm90_workspace(1, 576, 1024, 4096, 4096, 576 * 4096, gelu, aux, table) >= 0
             try:
                 C.linear_sm90(0, 0, 256, 256, 0, 256, 0, 0, 0, 0, 1, 16, 16, 16, 16, 256, True, "pp8x8x8_c1x1")
             except ValueError as e:
