@@ -10,7 +10,7 @@
 #   With MEGAVLM_SM90_GEMM_TUNING=1 the build also has the candidate tiles of csrc/projector/sm90_tiles/: the GPU
 #   tests check each, benchmarks/sm90_tiles.py times them, and the later steps run with the fastest.
 # usage: OUT=/some/dir [BUDGET_S=540] [MEGAVLM_SM90_GEMM_TUNING=1] [PROFILE=1] [SMOKE=0] bash benchmarks/gpu_check.sh
-# (PROFILE=1: Nsight Compute sections of the GELU GEMM and of torch.mm's GEMM into $OUT/ncu_gelu.txt.)
+# (PROFILE=1: Nsight Compute sections of the first GEMM's kernels into $OUT/ncu_gelu.txt.)
 # Every step runs under what is left of BUDGET_S seconds, in order of importance; everything is logged to
 # $OUT/gpu_check.log, plus $OUT/kernels.json, $OUT/sm90_tiles.json and $OUT/smoke_{auto,cublas}_metrics.jsonl.
 set -uo pipefail
@@ -61,7 +61,7 @@ if ! step "GPU tests of the Hopper path (tests/gpu -k sm90)" 150 \
 fi
 
 if [ "${MEGAVLM_SM90_GEMM_TUNING:-0}" = 1 ]; then
-  step "Hopper GEMM tiles (benchmarks/sm90_tiles.py)" 150 'python benchmarks/sm90_tiles.py --json "$OUT/sm90_tiles.json"'
+  step "Hopper GEMM tiles (benchmarks/sm90_tiles.py)" 200 'python benchmarks/sm90_tiles.py --json "$OUT/sm90_tiles.json"'
   best=$(python -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(b.get('gelu',''), b.get('bias',''))" \
          "$OUT/sm90_tiles.json" 2>/dev/null)
   read -r gelu_tiles bias_tiles <<<"$best"
@@ -69,8 +69,9 @@ if [ "${MEGAVLM_SM90_GEMM_TUNING:-0}" = 1 ]; then
   echo "== the later steps use gelu tiles '${MEGAVLM_SM90_GELU_TILES}', bias tiles '${MEGAVLM_SM90_BIAS_TILES}'"
 fi
 
-if [ "${PROFILE:-0}" = 1 ]; then  # Nsight Compute on the GELU GEMM and cuBLAS's plain GEMM (where is its time?)
-  step "ncu: the GELU GEMM vs torch.mm" 150 'ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+if [ "${PROFILE:-0}" = 1 ]; then  # Nsight Compute on the first GEMM: cuBLAS's, the GELU GEMM and (tuning builds)
+  # its _pgelu twin and the same tiles without the GELU (where does the GELU GEMM's extra time go?)
+  step "ncu: the first GEMM (torch.mm, GELU GEMM, _pgelu, bias only)" 150 'ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
     python benchmarks/sm90_tiles.py --profile > "$OUT/ncu_gelu.txt" 2>&1; tail -60 "$OUT/ncu_gelu.txt"'
 fi

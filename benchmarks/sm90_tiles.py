@@ -5,9 +5,11 @@
     python benchmarks/sm90_tiles.py [--json OUT] [--iters 50]
 
 At the LLaVA-1.5-7B projector's shapes (32 images x 576 tokens, 1024 -> 4096 -> 4096, bf16): every compiled
-`gelu/*` GEMM (the first GEMM with bias + exact GELU) against torch.mm on the same operands, every `bias/*` GEMM
-(the second, storing rows into a [32*2048, 4096] embedding buffer) against torch.addmm, each checked against an fp32
-reference first (max error <= 2x torch bf16's). Then benchmarks/kernels.py's projector rows with the fastest of
+`gelu/*` GEMM (the first GEMM with bias + exact GELU; `_pgelu`: csrc/common/gelu.h's GELU instead of CUTLASS's)
+against torch.mm on the same operands, every `bias/*` GEMM (the second, storing rows into a [32*2048, 4096]
+embedding buffer) against torch.addmm and again at the first GEMM's shape ("bias@gemm1": the same main loop without
+the GELU, so that a gelu row minus the bias@gemm1 row of the same tiles is what the GELU costs), each checked
+against an fp32 reference first (max error <= 2x torch bf16's). Then benchmarks/kernels.py's projector rows with the fastest of
 each ($MEGAVLM_SM90_GELU_TILES / $MEGAVLM_SM90_BIAS_TILES). The chosen defaults are the units
 csrc/projector/gemm_sm90_<epilogue>.cu (MEGAVLM_SM90_GEMM_DEFAULT); docs/kernels.md has the table this printed.
 """
@@ -36,8 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     ap.add_argument("--iters", type=int, default=50, help="timed runs per measurement")
     ap.add_argument("--profile", action="store_true",
-                    help="only run cuBLAS's GEMM and the default GELU GEMM (twice each) inside an NVTX range "
-                         "'profile', for `ncu --nvtx --nvtx-include profile/` (benchmarks/gpu_check.sh PROFILE=1)")
+                    help="only run the first GEMM (twice each: cuBLAS's, the default GELU GEMM, and where compiled "
+                         "its _pgelu twin and bias/pp128x128x64_c2x1) inside an NVTX range 'profile', for "
+                         "`ncu --nvtx --nvtx-include profile/` (benchmarks/gpu_check.sh PROFILE=1)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("benchmarks/sm90_tiles.py needs an sm_90 GPU (H100/H200)")
@@ -56,16 +59,37 @@ def main(argv=None) -> int:
     b1_32 = torch.randn(Dh, device="cuda", generator=g) * 0.1
     if args.profile:
         x, w1, b1 = x32.to(BF16), w1_32.to(BF16), b1_32.to(BF16)
+        out1 = torch.empty(R, Dh, device="cuda", dtype=BF16)
+
+        def gelu():
+            torch.ops.megavlm.linear_gelu(x, w1, b1, False)
+
+        def bias_only():
+            torch.ops.megavlm.linear_into_(out1, x.view(1, R, Din), w1, b1, *fused.AffineRows(0, R, 1))
+
+        # (label, environment, call): cuBLAS, the default GELU GEMM, and where this build has them the same GEMM
+        # with the polynomial GELU and with no GELU at all
+        calls = [("torch.mm", {}, lambda: torch.mm(x, w1.t())),
+                 ("gelu (default)", {"MEGAVLM_SM90_GELU_TILES": ""}, gelu)]  # '' even after gpu_check's export
+        if "gelu/pp128x128x64_c2x1_pgelu" in names:
+            calls.append(("gelu/pp128x128x64_c2x1_pgelu", {"MEGAVLM_SM90_GELU_TILES": "pp128x128x64_c2x1_pgelu"}, gelu))
+        if "bias/pp128x128x64_c2x1" in names:
+            calls.append(("bias/pp128x128x64_c2x1", {"MEGAVLM_SM90_BIAS_TILES": "pp128x128x64_c2x1"}, bias_only))
+
+        def run_all():
+            for _, env, fn in calls:
+                with mock.patch.dict(os.environ, env):
+                    fn()
+
         fused.set_fused_gemm("cutlass")
-        for _ in range(2):  # warm-up outside the range
-            torch.mm(x, w1.t()), torch.ops.megavlm.linear_gelu(x, w1, b1, False)
+        run_all()  # warm-up outside the range
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_push("profile")
-        for _ in range(2):
-            torch.mm(x, w1.t()), torch.ops.megavlm.linear_gelu(x, w1, b1, False)
+        run_all()
+        run_all()
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_pop()
-        print("profiled: torch.mm and the default GELU GEMM at [18432x1024]x[1024x4096], twice each")
+        print(f"profiled at [18432x1024]x[1024x4096], twice each, in this order: {', '.join(c[0] for c in calls)}")
         return 0
     a32 = torch.randn(N, T, Dh, device="cuda", generator=g)
     w2_32 = torch.randn(Dout, Dh, device="cuda", generator=g) * Dh**-0.5
@@ -74,16 +98,20 @@ def main(argv=None) -> int:
     emb = torch.zeros(N * seq, Dout, device="cuda", dtype=BF16)
     rows_affine = fused.AffineRows(off, seq, 1)
     idx = rows_affine.index(N, T, "cuda")
-    z1_ref = x.float() @ w1.float().t() + b1.float()
-    gelu_ref, gelu_low = F.gelu(z1_ref), F.gelu(F.linear(x, w1, b1))
-    del z1_ref
+    z1_ref, z1_low = x.float() @ w1.float().t() + b1.float(), F.linear(x, w1, b1)
+    gelu_ref, gelu_low = F.gelu(z1_ref), F.gelu(z1_low)
     out2_ref = (a.float().view(R, Dh) @ w2.float().t() + b2.float())
     out2_low = F.linear(a.view(R, Dh), w2, b2)
+
+    out1 = torch.empty(R, Dh, device="cuda", dtype=BF16)
+    # every bias GEMM a second time at the first GEMM's shape: like linear_gelu's GEMM, one batch of N*T tokens
+    # (linear_into_ with N images would run N batches of T = 576 tokens, ragged 128-token tiles), dense rows of out1
+    runs = list(names) + [name.replace("bias/", "bias@gemm1/", 1) for name in names if name.startswith("bias/")]
 
     fused.set_fused_gemm("cutlass")
     results = []
     try:
-        for name in names:
+        for name in runs:
             epilogue, tiles = name.split("/")
             if epilogue == "gelu":
                 env, var, fn = "MEGAVLM_SM90_GELU_TILES", tiles, lambda: torch.ops.megavlm.linear_gelu(x, w1, b1, False)
@@ -95,6 +123,11 @@ def main(argv=None) -> int:
                 env, var = "MEGAVLM_SM90_BIAS_TILES", tiles
                 fn = lambda: torch.ops.megavlm.linear_into_(emb, a, w2, b2, *rows_affine)  # noqa: E731
                 base, flops = (lambda: torch.addmm(b2, a.view(R, Dh), w2.t())), 2 * R * Dh * Dout
+            elif epilogue == "bias@gemm1":
+                env, var = "MEGAVLM_SM90_BIAS_TILES", tiles
+                fn = lambda: torch.ops.megavlm.linear_into_(  # noqa: E731
+                    out1, x.view(1, R, Din), w1, b1, *fused.AffineRows(0, R, 1))
+                base, flops = (lambda: torch.mm(x, w1.t())), 2 * R * Din * Dh
             else:
                 continue  # table: the patch embedding has one instantiation
             with mock.patch.dict(os.environ, {env: var}):
@@ -104,6 +137,11 @@ def main(argv=None) -> int:
                         fn()
                         ok, ef, et = kb.acc_check(emb[idx], out2_low, out2_ref)
                         ok = ok and not bool(torch.isnan(emb[idx]).any())
+                    elif epilogue == "bias@gemm1":
+                        out1.fill_(float("nan"))
+                        fn()
+                        ok, ef, et = kb.acc_check(out1, z1_low, z1_ref)
+                        ok = ok and not bool(torch.isnan(out1).any())
                     else:
                         got = fn()[0]
                         ok, ef, et = kb.acc_check(got, gelu_low, gelu_ref)
@@ -119,7 +157,7 @@ def main(argv=None) -> int:
                   f"{t_base / t_gemm:.2f}x, err {ef:.2e} (torch bf16 {et:.2e}) {'PASS' if ok else 'FAIL'}", flush=True)
     finally:
         fused.set_fused_gemm(None)
-    del x32, w1_32, a32, w2_32, gelu_ref, gelu_low, out2_ref, out2_low, emb
+    del x32, w1_32, a32, w2_32, gelu_ref, gelu_low, out2_ref, out2_low, emb, out1, z1_low, z1_ref
     torch.cuda.empty_cache()
 
     lines = ["| GEMM | tiles | ms | TFLOP/s | cuBLAS ms (no epilogue) | ratio | error vs fp32 (torch bf16) |",

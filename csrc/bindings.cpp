@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "common/checks.h"
+#include "common/gelu.h"
 #include "megavlm_build_info.h"
 #include "patch_embed/op.h"
 #include "projector/op.h"
@@ -64,6 +65,28 @@ PYBIND11_MODULE(_C, m) {
         "bf16 out[b*out_batch_stride + t*out_token_stride + j] = act(x[b,t,:] . w[j,:] + bias[j] (+ table[t,j])) "
         "(fp32 bias/table, exact GELU), aux[b,t,j] = pre-activation; CUTLASS TMA/WGMMA kernels, sm_90 only; "
         "tiles: which compiled instantiation of the epilogue ('' = its default; see linear_sm90_gemms).");
+  m.def(
+      "gelu_poly_cpu",
+      [](py::buffer values) {
+        py::buffer_info info = values.request(true);
+        if (info.format != py::format_descriptor<float>::format() || info.itemsize != sizeof(float)) {
+          throw py::value_error("gelu_poly_cpu: needs a float32 buffer (e.g. a numpy float32 array), got format " +
+                                info.format);
+        }
+        py::ssize_t expected = sizeof(float);
+        for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+          if (info.shape[d] > 1 && info.strides[d] != expected) {
+            throw py::value_error("gelu_poly_cpu: needs a contiguous buffer");
+          }
+          expected *= info.shape[d];
+        }
+        float* x = static_cast<float*>(info.ptr);
+        py::gil_scoped_release release;
+        for (py::ssize_t i = 0; i < info.size; ++i) x[i] = megavlm::gelu_poly(x[i]);
+      },
+      py::arg("values"),
+      "In place on a contiguous float32 buffer: the host build of common/gelu.h's gelu_poly (the exact GELU of the "
+      "'_pgelu' Hopper GEMMs), for tests of its accuracy.");
   m.def("linear_sm90_gemms", &megavlm::projector::linear_sm90_gemms,
         "Every compiled Hopper GEMM as '<epilogue>/<tiles>' (epilogue bias, gelu, gelu_aux or table).");
 }

@@ -15,6 +15,7 @@
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
+#include "common/gelu.h"
 #include "projector/gemm_sm90.h"
 
 namespace megavlm {
@@ -34,6 +35,26 @@ using FusionGelu =
     cutlass::epilogue::fusion::LinCombPerRowBiasEltAct<cutlass::epilogue::thread::GELU, BF16, float, float>;
 using FusionGeluAux = cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<
     cutlass::layout::ColumnMajor, cutlass::epilogue::thread::GELU, BF16, float, BF16, float>;
+// The same exact GELU in fewer instructions than CUTLASS's (which evaluates erff): common/gelu.h. Candidates with the
+// `_pgelu` suffix use it (csrc/projector/sm90_tiles/); the defaults keep CUTLASS's until a GPU run shows it faster.
+template <class T>
+struct GeluPoly {
+  static const bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE T operator()(T const& value) const { return T(megavlm::gelu_poly(static_cast<float>(value))); }
+};
+template <class T, int N>
+struct GeluPoly<cutlass::Array<T, N>> {
+  static const bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& value) const {
+    cutlass::Array<T, N> y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) y[i] = T(megavlm::gelu_poly(static_cast<float>(value[i])));
+    return y;
+  }
+};
+using FusionGeluPoly = cutlass::epilogue::fusion::LinCombPerRowBiasEltAct<GeluPoly, BF16, float, float>;
+using FusionGeluPolyAux = cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<
+    cutlass::layout::ColumnMajor, GeluPoly, BF16, float, BF16, float>;
 // D = acc + bias + C with an fp32 C shared by every batch (the patch embedding's position table).
 using FusionBiasTable = cutlass::epilogue::fusion::LinCombPerRowBias<BF16, float, float, float>;
 using StrideTable = cute::Stride<cute::Int<1>, int64_t, cute::Int<0>>;  // [n, tokens], features contiguous

@@ -152,9 +152,10 @@ def sm90_tiles(epilogue: str) -> str:
         raise ValueError(f"sm90_tiles: epilogue must be 'gelu' or 'bias', got {epilogue!r}")
     var = f"MEGAVLM_SM90_{epilogue.upper()}_TILES"
     tiles = os.environ.get(var, "").strip()
-    if tiles and not re.fullmatch(r"(pp|co|sk)\d+x\d+x\d+_c\dx\d(_e\d+x\d+)?", tiles):
+    if tiles and not re.fullmatch(r"(pp|co|sk)\d+x\d+x\d+_c\dx\d(_e\d+x\d+)?(_pgelu)?", tiles):
         raise ValueError(f"{var} must name tiles like 'pp128x128x64_c2x1' (schedule pp|co|sk, tile MxNxK, cluster, "
-                         f"optionally _e<M>x<N>: the epilogue's subtile), got {tiles!r}")
+                         f"optionally _e<M>x<N>: the epilogue's subtile, and _pgelu: csrc/common/gelu.h's GELU), "
+                         f"got {tiles!r}")
     return tiles
 
 

@@ -425,6 +425,31 @@ def test_sm90_linear_gelu(sm90, R, K, n, save_preact, monkeypatch):
             assert z.numel() == 0
 
 
+def test_sm90_gelu_tails_and_nan(sm90, monkeypatch):
+    """The GELU epilogues far from 0 (pre-activations over [-14, 14]: the erff ranges and common/gelu.h's clamp at 6)
+    within the accuracy rule, and a NaN input row giving a NaN output row (every compiled gelu / gelu_aux GEMM)."""
+    g = _gen(22)
+    R, K, n = 512, 64, 256
+    x32 = torch.randn(R, K, device=DEV, generator=g)
+    w32 = torch.randn(n, K, device=DEV, generator=g) * K ** -0.5
+    bf = torch.bfloat16
+    x32 = x32 * torch.linspace(0.1, 7.0, R, device=DEV).view(-1, 1)  # later rows reach |z| ~ 14
+    b32 = torch.zeros(n, device=DEV)
+    z_ref = x32.to(bf).float() @ w32.to(bf).float().t()
+    assert z_ref.abs().max() > 10
+    z_low = F.linear(x32.to(bf), w32.to(bf))
+    xn = x32.to(bf).clone()
+    xn[7, 3] = float("nan")
+    for epilogue, save in [("gelu", False), ("gelu_aux", True)]:
+        for t in _tiles(sm90, epilogue):
+            monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", t)
+            a, _ = torch.ops.megavlm.linear_gelu(x32.to(bf), w32.to(bf), b32.to(bf), save)
+            check_err(f"{epilogue} {t} tails", a, F.gelu(z_low), F.gelu(z_ref))
+            a, _ = torch.ops.megavlm.linear_gelu(xn, w32.to(bf), b32.to(bf), save)
+            assert bool(torch.isnan(a[7]).all()), f"{epilogue} {t}: a NaN input did not give NaN outputs"
+            assert bool(torch.isfinite(a[torch.arange(R, device=DEV) != 7]).all()), f"{epilogue} {t}"
+
+
 @pytest.mark.parametrize("layout", ["sample_major", "seq_major"])
 def test_sm90_linear_into_rows(sm90, layout, monkeypatch):
     """The second projector GEMM stores each image's rows straight into a [b*s, D] buffer; other rows untouched

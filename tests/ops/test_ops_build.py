@@ -252,3 +252,47 @@ def test_build_cache_reuses_cuda_objects_until_anything_changes(tmp_path, monkey
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.1, V13.1.1'\n")
     assert build() == sorted(cpp + cu)
     assert build() == cpp
+
+
+def test_gelu_poly_is_as_exact_as_torch_float32_gelu(built_extension):
+    """csrc/common/gelu.h's gelu_poly (the GELU of the '_pgelu' Hopper GEMM candidates), built for the host by the
+    same header: against float64 GELU it is at least as accurate as torch's float32 GELU (absolute and relative
+    error), NaN propagates, infinities stay sane, and bad buffers raise ValueError."""
+    code = f"""
+        import importlib.util
+        import numpy as np, torch
+        import torch.nn.functional as F
+        spec = importlib.util.spec_from_file_location("megavlm._C", {built_extension!r})
+        C = importlib.util.module_from_spec(spec); spec.loader.exec_module(C)
+        g = torch.Generator().manual_seed(0)
+        x = torch.cat([torch.linspace(-9, 9, 400001), torch.randn(200000, generator=g) * 3,
+                       torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.99, 6.0, 6.01, -6.0, 30.0, -30.0, 3e38, -3e38])])
+        y = x.numpy().copy()
+        C.gelu_poly_cpu(y)
+        ref = F.gelu(x.double())
+        def errors(v):
+            err = (torch.as_tensor(v).double() - ref).abs()
+            big = ref.abs() > 1e-3
+            return err.max().item(), (err[big] / ref[big].abs()).max().item()
+        (abs_ours, rel_ours), (abs_torch, rel_torch) = errors(y), errors(F.gelu(x))
+        print(f"gelu_poly: max abs {{abs_ours:.3e}}, max rel {{rel_ours:.3e}}; torch float32: {{abs_torch:.3e}}, "
+              f"{{rel_torch:.3e}}")
+        assert abs_ours <= abs_torch, (abs_ours, abs_torch)
+        assert rel_ours <= min(rel_torch, 1e-5), (rel_ours, rel_torch)
+        # 2-D works in place (contiguous); special values
+        m = np.array([[np.nan, np.inf], [-np.inf, 0.0]], dtype=np.float32)
+        C.gelu_poly_cpu(m)
+        assert np.isnan(m[0, 0]) and m[0, 1] == np.inf and -1e-8 < m[1, 0] <= 0 and m[1, 1] == 0, m
+        for bad, match in [(np.zeros(4, dtype=np.float64), "float32"),
+                           (np.zeros((4, 4), dtype=np.float32)[:, ::2], "contiguous")]:
+            try:
+                C.gelu_poly_cpu(bad)
+            except ValueError as e:
+                assert match in str(e), str(e)
+            else:
+                raise AssertionError(f"gelu_poly_cpu accepted {{bad.dtype}} {{bad.strides}}")
+        print("OK")
+    """
+    res = _run_py(code)
+    assert res.returncode == 0, f"subprocess failed (rc={res.returncode}):\n{res.stdout}\n{res.stderr}"
+    assert "OK" in res.stdout

@@ -199,6 +199,11 @@ def test_tiles_setting(monkeypatch):
     assert fused.sm90_tiles("gelu") == "" and fused.sm90_tiles("bias") == ""
     monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pp128x128x64_c2x1_e64x64")
     assert fused.sm90_tiles("gelu") == "pp128x128x64_c2x1_e64x64"
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pp128x128x64_c2x1_pgelu")
+    assert fused.sm90_tiles("gelu") == "pp128x128x64_c2x1_pgelu"
+    monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pp128x128x64_c2x1_tanh")
+    with pytest.raises(ValueError, match="_pgelu"):
+        fused.sm90_tiles("gelu")
     monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pp64x256x64_c2x1")
     monkeypatch.setenv("MEGAVLM_SM90_BIAS_TILES", " sk128x192x64_c2x1 ")
     assert fused.sm90_tiles("gelu") == "pp64x256x64_c2x1"
