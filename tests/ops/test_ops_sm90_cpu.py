@@ -5,6 +5,8 @@ custom-op registrations against the reference; tests/gpu checks the CUTLASS kern
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -190,6 +192,24 @@ def test_auto_gives_the_hopper_gemms_to_the_projector_only(monkeypatch):
             assert not fused._use_sm90(cuda_like, "projector", 1020, 4096)  # TMA: multiples of 8
         finally:
             fused.set_fused_gemm(None)
+
+
+def test_every_tuning_candidate_can_be_chosen(monkeypatch):
+    """Each unit of csrc/projector/sm90_tiles/ registers '<epilogue>/<tiles>' under its own file name, and its tiles
+    pass the $MEGAVLM_SM90_*_TILES check (a candidate the setting refused could never be timed or used)."""
+    from megavlm import _build
+
+    units = sorted((_build.CSRC_DIR / _build.SM90_TUNING_DIR).glob("*.cu"))
+    assert units
+    for unit in units:
+        m = re.search(r"MEGAVLM_SM90_GEMM_ENTRY\((\w+), (\w+), Gemm\)", unit.read_text())
+        assert m, f"{unit.name}: no MEGAVLM_SM90_GEMM_ENTRY(epilogue, tiles, Gemm)"
+        epilogue, tiles = m.groups()
+        assert unit.name == f"{epilogue}_{tiles}.cu", unit.name
+        assert epilogue in ("bias", "gelu", "gelu_aux"), unit.name
+        setting = "bias" if epilogue == "bias" else "gelu"
+        monkeypatch.setenv(f"MEGAVLM_SM90_{setting.upper()}_TILES", tiles)
+        assert fused.sm90_tiles(setting) == tiles
 
 
 def test_tiles_setting(monkeypatch):
