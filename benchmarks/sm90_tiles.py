@@ -57,24 +57,29 @@ def main(argv=None) -> int:
     x32 = torch.randn(R, Din, device="cuda", generator=g)
     w1_32 = torch.randn(Dh, Din, device="cuda", generator=g) * Din**-0.5
     b1_32 = torch.randn(Dh, device="cuda", generator=g) * 0.1
+    x, w1, b1 = x32.to(BF16), w1_32.to(BF16), b1_32.to(BF16)
+    out1 = torch.empty(R, Dh, device="cuda", dtype=BF16)
+
+    def gemm1_mm():  # cuBLAS, no epilogue
+        return torch.mm(x, w1.t())
+
+    def gemm1_gelu(save_preact=False):
+        return torch.ops.megavlm.linear_gelu(x, w1, b1, save_preact)[0]
+
+    def gemm1_bias():
+        # a bias GEMM at the first GEMM's shape: like linear_gelu's GEMM one batch of N*T tokens (linear_into_ with
+        # N images would run N batches of T = 576 tokens, ragged 128-token tiles), into the dense rows of out1
+        torch.ops.megavlm.linear_into_(out1, x.view(1, R, Din), w1, b1, *fused.AffineRows(0, R, 1))
+
     if args.profile:
-        x, w1, b1 = x32.to(BF16), w1_32.to(BF16), b1_32.to(BF16)
-        out1 = torch.empty(R, Dh, device="cuda", dtype=BF16)
-
-        def gelu():
-            torch.ops.megavlm.linear_gelu(x, w1, b1, False)
-
-        def bias_only():
-            torch.ops.megavlm.linear_into_(out1, x.view(1, R, Din), w1, b1, *fused.AffineRows(0, R, 1))
-
-        # (label, environment, call): cuBLAS, the default GELU GEMM, and where this build has them the same GEMM
-        # with the polynomial GELU and with no GELU at all
-        calls = [("torch.mm", {}, lambda: torch.mm(x, w1.t())),
-                 ("gelu (default)", {"MEGAVLM_SM90_GELU_TILES": ""}, gelu)]  # '' even after gpu_check's export
+        # (label, environment, call): cuBLAS, the default GELU GEMM ('' even after gpu_check's export), and where
+        # this build has them the same GEMM with the polynomial GELU and with no GELU at all
+        calls = [("torch.mm", {}, gemm1_mm), ("gelu (default)", {"MEGAVLM_SM90_GELU_TILES": ""}, gemm1_gelu)]
         if "gelu/pp128x128x64_c2x1_pgelu" in names:
-            calls.append(("gelu/pp128x128x64_c2x1_pgelu", {"MEGAVLM_SM90_GELU_TILES": "pp128x128x64_c2x1_pgelu"}, gelu))
+            calls.append(("gelu/pp128x128x64_c2x1_pgelu", {"MEGAVLM_SM90_GELU_TILES": "pp128x128x64_c2x1_pgelu"},
+                          gemm1_gelu))
         if "bias/pp128x128x64_c2x1" in names:
-            calls.append(("bias/pp128x128x64_c2x1", {"MEGAVLM_SM90_BIAS_TILES": "pp128x128x64_c2x1"}, bias_only))
+            calls.append(("bias/pp128x128x64_c2x1", {"MEGAVLM_SM90_BIAS_TILES": "pp128x128x64_c2x1"}, gemm1_bias))
 
         def run_all():
             for _, env, fn in calls:
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     a32 = torch.randn(N, T, Dh, device="cuda", generator=g)
     w2_32 = torch.randn(Dout, Dh, device="cuda", generator=g) * Dh**-0.5
     b2_32 = torch.randn(Dout, device="cuda", generator=g) * 0.1
-    x, w1, b1, a, w2, b2 = (t.to(BF16) for t in (x32, w1_32, b1_32, a32, w2_32, b2_32))
+    a, w2, b2 = (t.to(BF16) for t in (a32, w2_32, b2_32))
     emb = torch.zeros(N * seq, Dout, device="cuda", dtype=BF16)
     rows_affine = fused.AffineRows(off, seq, 1)
     idx = rows_affine.index(N, T, "cuda")
@@ -102,49 +107,38 @@ def main(argv=None) -> int:
     gelu_ref, gelu_low = F.gelu(z1_ref), F.gelu(z1_low)
     out2_ref = (a.float().view(R, Dh) @ w2.float().t() + b2.float())
     out2_low = F.linear(a.view(R, Dh), w2, b2)
-
-    out1 = torch.empty(R, Dh, device="cuda", dtype=BF16)
-    # every bias GEMM a second time at the first GEMM's shape: like linear_gelu's GEMM, one batch of N*T tokens
-    # (linear_into_ with N images would run N batches of T = 576 tokens, ragged 128-token tiles), dense rows of out1
+    flops1, flops2 = 2 * R * Din * Dh, 2 * R * Dh * Dout
+    # epilogue -> (setting, the GEMM, cuBLAS's, FLOPs, (buffer, rows) it writes in place (poisoned first) or None
+    # when it returns its output, torch bf16's result, fp32 reference). Every bias GEMM also runs at the first GEMM's
+    # shape (bias@gemm1): the same main loop without the GELU.
+    specs = {
+        "gelu": ("MEGAVLM_SM90_GELU_TILES", gemm1_gelu, gemm1_mm, flops1, None, gelu_low, gelu_ref),
+        "gelu_aux": ("MEGAVLM_SM90_GELU_TILES", lambda: gemm1_gelu(True), gemm1_mm, flops1, None, gelu_low, gelu_ref),
+        "bias": ("MEGAVLM_SM90_BIAS_TILES", lambda: torch.ops.megavlm.linear_into_(emb, a, w2, b2, *rows_affine),
+                 lambda: torch.addmm(b2, a.view(R, Dh), w2.t()), flops2, (emb, idx), out2_low, out2_ref),
+        "bias@gemm1": ("MEGAVLM_SM90_BIAS_TILES", gemm1_bias, gemm1_mm, flops1, (out1, slice(None)), z1_low, z1_ref),
+    }  # table: the patch embedding has one instantiation, not compared here
     runs = list(names) + [name.replace("bias/", "bias@gemm1/", 1) for name in names if name.startswith("bias/")]
 
     fused.set_fused_gemm("cutlass")
-    results = []
+    results, got = [], None
     try:
         for name in runs:
             epilogue, tiles = name.split("/")
-            if epilogue == "gelu":
-                env, var, fn = "MEGAVLM_SM90_GELU_TILES", tiles, lambda: torch.ops.megavlm.linear_gelu(x, w1, b1, False)
-                base, flops = (lambda: torch.mm(x, w1.t())), 2 * R * Din * Dh
-            elif epilogue == "gelu_aux":
-                env, var, fn = "MEGAVLM_SM90_GELU_TILES", tiles, lambda: torch.ops.megavlm.linear_gelu(x, w1, b1, True)
-                base, flops = (lambda: torch.mm(x, w1.t())), 2 * R * Din * Dh
-            elif epilogue == "bias":
-                env, var = "MEGAVLM_SM90_BIAS_TILES", tiles
-                fn = lambda: torch.ops.megavlm.linear_into_(emb, a, w2, b2, *rows_affine)  # noqa: E731
-                base, flops = (lambda: torch.addmm(b2, a.view(R, Dh), w2.t())), 2 * R * Dh * Dout
-            elif epilogue == "bias@gemm1":
-                env, var = "MEGAVLM_SM90_BIAS_TILES", tiles
-                fn = lambda: torch.ops.megavlm.linear_into_(  # noqa: E731
-                    out1, x.view(1, R, Din), w1, b1, *fused.AffineRows(0, R, 1))
-                base, flops = (lambda: torch.mm(x, w1.t())), 2 * R * Din * Dh
-            else:
-                continue  # table: the patch embedding has one instantiation
-            with mock.patch.dict(os.environ, {env: var}):
+            if epilogue not in specs:
+                continue
+            env, fn, base, flops, dst, low, ref = specs[epilogue]
+            with mock.patch.dict(os.environ, {env: tiles}):
                 try:
-                    if epilogue == "bias":
-                        emb.fill_(float("nan"))
-                        fn()
-                        ok, ef, et = kb.acc_check(emb[idx], out2_low, out2_ref)
-                        ok = ok and not bool(torch.isnan(emb[idx]).any())
-                    elif epilogue == "bias@gemm1":
-                        out1.fill_(float("nan"))
-                        fn()
-                        ok, ef, et = kb.acc_check(out1, z1_low, z1_ref)
-                        ok = ok and not bool(torch.isnan(out1).any())
+                    if dst is None:
+                        got = fn()
                     else:
-                        got = fn()[0]
-                        ok, ef, et = kb.acc_check(got, gelu_low, gelu_ref)
+                        buf, rows = dst
+                        buf.fill_(float("nan"))
+                        fn()
+                        got = buf[rows]
+                    ok, ef, et = kb.acc_check(got, low, ref)
+                    ok = ok and not bool(torch.isnan(got).any())
                     (t_base, _), (t_gemm, _) = kb.bench_pair(base, fn, args.iters)
                 except (RuntimeError, ValueError) as e:
                     print(f"{name}: FAILED: {e}", flush=True)
@@ -157,7 +151,7 @@ def main(argv=None) -> int:
                   f"{t_base / t_gemm:.2f}x, err {ef:.2e} (torch bf16 {et:.2e}) {'PASS' if ok else 'FAIL'}", flush=True)
     finally:
         fused.set_fused_gemm(None)
-    del x32, w1_32, a32, w2_32, gelu_ref, gelu_low, out2_ref, out2_low, emb, out1, z1_low, z1_ref
+    del x32, w1_32, a32, w2_32, gelu_ref, gelu_low, out2_ref, out2_low, emb, out1, z1_low, z1_ref, specs, got
     torch.cuda.empty_cache()
 
     lines = ["| GEMM | tiles | ms | TFLOP/s | cuBLAS ms (no epilogue) | ratio | error vs fp32 (torch bf16) |",

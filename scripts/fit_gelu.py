@@ -6,8 +6,9 @@
 gelu(x) = max(x, 0) - t * Phi(-t) with t = |x|, Phi(-t) = 2^p(t): p is fitted to log2(Phi(-t)) on [0, clamp]
 by least squares with Lawson's reweighting towards the minimax of Phi's absolute error (the weight Phi(-t) turns
 an error in p into one in Phi). Then the float32 evaluation (the coefficients rounded to float32, Horner with fused
-multiply-adds, as gelu.h computes it) is compared with float64 GELU and with torch's float32 formula
-0.5 * x * (1 + erf(x / sqrt 2)) on a dense grid. numpy and the standard library only.
+multiply-adds, as gelu.h computes it) is compared with float64 GELU and with the float32 formula
+0.5 * x * (1 + erf(x / sqrt 2)) evaluated with a correctly rounded erf, on a dense grid. numpy and the standard
+library only.
 """
 
 from __future__ import annotations

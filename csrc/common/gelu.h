@@ -11,8 +11,8 @@
 // instructions per output element (docs/kernels.md). Accuracy (tests/ops/test_ops_build.py::test_gelu_poly_is_as_exact_as_torch_float32_gelu, on the host build
 // of this same function; scripts/fit_gelu.py): max |error| vs float64 2.4e-7 (torch's float32 GELU on the CPU:
 // 3.8e-7), relative error 3.0e-6 where |gelu| > 1e-3 (torch's: 2.2e-4; 0.5*x*(1+erf) in float32 with a correctly
-// rounded erf: 5e-5). On the device ex2.approx adds <= 2 ulp to Phi(-t). NaN propagates; +inf -> +inf;
-// -inf -> -6e-9 (torch: NaN).
+// rounded erf: 5e-5). On the device ex2.approx stands in for exp2 (its error is not measured here: the GPU tests
+// hold the GEMMs to the accuracy rule). NaN propagates; +inf -> +inf; -inf -> -6e-9 (torch: NaN).
 //
 // Plain C++ on the host (the _C binding gelu_poly_cpu, for that test), CUDA C++ on the device; no torch.
 #pragma once
@@ -28,7 +28,7 @@
 namespace megavlm {
 namespace gelu_detail {
 
-// 2^p for p in [-31, -1]: the device's ex2.approx (one MUFU.EX2, <= 2 ulp); the host's exp2f.
+// 2^p for p in [-31, -1]: the device's ex2.approx (one MUFU.EX2); the host's exp2.
 MEGAVLM_GELU_INLINE float exp2_fast(float p) {
 #if defined(__CUDA_ARCH__)
   float r;
