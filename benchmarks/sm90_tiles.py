@@ -9,8 +9,8 @@ At the LLaVA-1.5-7B projector's shapes (32 images x 576 tokens, 1024 -> 4096 -> 
 against torch.mm on the same operands, every `bias/*` GEMM (the second, storing rows into a [32*2048, 4096]
 embedding buffer) against torch.addmm and again at the first GEMM's shape ("bias@gemm1": the same main loop without
 the GELU, so that a gelu row minus the bias@gemm1 row of the same tiles is what the GELU costs), each checked
-against an fp32 reference first (max error <= 2x torch bf16's). Then benchmarks/kernels.py's projector rows with the fastest of
-each ($MEGAVLM_SM90_GELU_TILES / $MEGAVLM_SM90_BIAS_TILES). The chosen defaults are the units
+against an fp32 reference first (max error <= 2x torch bf16's). Then benchmarks/kernels.py's projector rows with
+the fastest of each ($MEGAVLM_SM90_GELU_TILES / $MEGAVLM_SM90_BIAS_TILES). The chosen defaults are the units
 csrc/projector/gemm_sm90_<epilogue>.cu (MEGAVLM_SM90_GEMM_DEFAULT); docs/kernels.md has the table this printed.
 """
 
