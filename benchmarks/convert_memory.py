@@ -23,7 +23,7 @@ def dir_size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-IMPORTS = ("import megavlm.convert.llava, megavlm.convert.stream, megavlm.cli, megavlm.models.vlm, transformers, "
+IMPORTS = ("import megavlm.convert.engine, megavlm.convert.stream, megavlm.cli, megavlm.models.vlm, transformers, "
            "megatron.core.dist_checkpointing, torch.distributed.checkpoint\n"
            "from transformers import LlavaConfig, AutoTokenizer, CLIPImageProcessor\n")
 # The child imports what the converter uses, notes its RSS, resets its peak RSS to that (Linux: "5" >

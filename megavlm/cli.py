@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import LLAVA15_VISION, ConfigError, load_config, num_image_tokens, validate
+from .config import ConfigError, ConfigWarning, check_paths, load_config, single_layout, validate
 from .errors import UserError
 
 EXAMPLES = """examples:
@@ -22,7 +22,7 @@ EXAMPLES = """examples:
   megavlm convert mcore-to-hf --ckpt /tmp/run/checkpoints --out /tmp/llava-hf
   megavlm data convert --format llava-pretrain --json blip_laion_cc_sbu_558k.json --images images --out shards
   megavlm data inspect shards --tokenizer llava-1.5-7b-hf --template vicuna_v1 -n 3
-  megavlm data inspect shards --config configs/llava15_7b_stage2.yaml   # image tokens, tokenizer, template of the recipe
+  megavlm data inspect shards --config configs/llava15_7b_stage2.yaml  # image tokens, tokenizer, template of a recipe
 """
 
 
@@ -45,14 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate at most this many questions")
     e.add_argument("--show", type=int, default=5, help="print this many example answers")
 
-    c = sub.add_parser("convert", help="Hugging Face LLaVA <-> megatron checkpoint conversion (single process)",
-                       description="Convert between HF LlavaForConditionalGeneration (CLIP + LLaMA) folders and "
-                                   "megavlm dist checkpoints; see docs/convert.md.")
+    c = sub.add_parser("convert", help="Hugging Face <-> megatron checkpoint conversion (single process)",
+                       description="Convert between HF folders of a model family (today: llava, "
+                                   "LlavaForConditionalGeneration with a CLIP/SigLIP tower and a LLaMA/Mistral/Qwen2 "
+                                   "decoder) and megavlm dist checkpoints; see docs/convert.md.")
     csub = c.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-    h = csub.add_parser("hf-to-mcore", help="HF LLaVA folder (or CLIP + LLaMA folders) -> dist checkpoint",
+    h = csub.add_parser("hf-to-mcore", help="HF VLM folder (or vision + language folders) -> dist checkpoint",
                         description="Writes OUT/checkpoints (step 0, weights only), OUT/tokenizer, OUT/config.yaml "
-                                    "and OUT/hf_extra.safetensors (HF tensors the encoder does not use).")
-    h.add_argument("--hf", help="LlavaForConditionalGeneration folder (safetensors)")
+                                    "and OUT/hf_extra.safetensors (HF tensors the model does not use). The model "
+                                    "family comes from --hf's config.json (model_type), or --family.")
+    h.add_argument("--hf", help="HF folder of the whole VLM (safetensors), e.g. LlavaForConditionalGeneration")
+    h.add_argument("--family", help="model family of --vision/--language (default: llava)")
     h.add_argument("--vision", help="CLIPVisionModel folder (with --language; the projector starts fresh)")
     h.add_argument("--language", help="LlamaForCausalLM / MistralForCausalLM folder (with --vision)")
     h.add_argument("--out", required=True, help="new output directory")
@@ -61,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--feature-layer", type=int, default=-2, help="with --vision: HF hidden_states index (-2)")
     h.add_argument("--select-strategy", default="default", help="with --vision: default (drop CLS) or full")
     h.add_argument("--seed", type=int, default=1234, help="seed of a freshly initialised projector")
-    m = csub.add_parser("mcore-to-hf", help="dist checkpoint (any TP/PP) -> HF LlavaForConditionalGeneration",
+    m = csub.add_parser("mcore-to-hf", help="dist checkpoint (any TP/PP) -> the family's HF folder",
                         description="Loads the checkpoint at TP=1/PP=1 and writes safetensors, config.json, "
                                     "tokenizer and preprocessor files.")
     m.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir or hf-to-mcore output)")
@@ -138,11 +141,11 @@ def _parser() -> argparse.ArgumentParser:
                                      "token-length histogram, the share of samples without supervised tokens and "
                                      "the samples lost to a truncated tar. With --config CONFIG [KEY=VALUE ...] "
                                      "each <image> takes as many tokens as training gives it for CONFIG's model "
-                                     "(model.vision: (image_size/patch_size)², + 1 with select_strategy=full), and "
-                                     "data.tokenizer, data.template and data.max_seq_len come from CONFIG unless "
-                                     f"given; without a config an image takes {num_image_tokens(LLAVA15_VISION)} "
-                                     "tokens (LLaVA-1.5's CLIP ViT-L/14 at 336²). The output says which number "
-                                     "was used and why.")
+                                     "(the model family's count, e.g. (image_size/patch_size)², + 1 with "
+                                     "select_strategy=full), and data.tokenizer, data.template and data.max_seq_len "
+                                     "come from CONFIG unless given; without a config an image takes "
+                                     f"{_default_image_tokens()} tokens (LLaVA-1.5's CLIP ViT-L/14 at 336²). The "
+                                     "output says which number was used and why.")
     di.add_argument("shards", help="directory with shard-*.tar (from `megavlm data convert`)")
     di.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of --config CONFIG")
     di.add_argument("--config", default=None, metavar="CONFIG",
@@ -153,8 +156,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="conversation template (default: CONFIG's data.template, else vicuna)")
     di.add_argument("-n", type=int, default=5, help="samples to print (5)")
     di.add_argument("--image-tokens", type=int, default=None,
-                    help="tokens per image, overriding CONFIG's model (default: from CONFIG's model.vision; without "
-                         f"a config {num_image_tokens(LLAVA15_VISION)}, LLaVA-1.5's CLIP ViT-L/14 at 336²)")
+                    help="tokens per image, overriding CONFIG's model (default: from CONFIG's model; without "
+                         f"a config {_default_image_tokens()}, LLaVA-1.5's CLIP ViT-L/14 at 336²)")
     di.add_argument("--max-seq-len", type=int, default=None,
                     help="count samples longer than this (default: CONFIG's data.max_seq_len, else no limit)")
     ds = dsub.add_parser("synthetic", help="write the embedded synthetic data set as shards (data.shards of CONFIG)",
@@ -168,20 +171,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_image_tokens() -> int:
+    from .data.inspect import DEFAULT_IMAGE_TOKENS
+
+    return DEFAULT_IMAGE_TOKENS
+
+
 def _convert(args) -> int:
     from . import runtime
-    from .convert import llava
+    from .convert import engine
 
     try:
         if args.direction == "hf-to-mcore":
-            path = llava.hf_to_mcore(args.out, hf=args.hf, vision=args.vision, language=args.language, tp=args.tp,
-                                     pp=args.pp, feature_layer=args.feature_layer,
-                                     select_strategy=args.select_strategy, seed=args.seed)
+            path = engine.hf_to_mcore(args.out, hf=args.hf, vision=args.vision, language=args.language, tp=args.tp,
+                                      pp=args.pp, feature_layer=args.feature_layer,
+                                      select_strategy=args.select_strategy, seed=args.seed, family=args.family)
             print(f"[megavlm] wrote {path}; train from it with: megavlm train {os.path.join(args.out, 'config.yaml')}"
                   " run_dir=...", flush=True)
         else:
-            out = llava.mcore_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, hf_extra=args.hf_extra,
-                                    dtype=args.dtype, max_shard_size=args.max_shard_size)
+            out = engine.mcore_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, hf_extra=args.hf_extra,
+                                     dtype=args.dtype, max_shard_size=args.max_shard_size)
             print(f"[megavlm] wrote {out}", flush=True)
     except UserError as e:
         return _fail(str(e))
@@ -236,6 +245,7 @@ def _data(args) -> int:
 
 
 def _data_synthetic(args) -> int:
+    from . import families
     from .config import shards_dir
     from .data.synthetic import ensure_synthetic_shards
 
@@ -245,7 +255,8 @@ def _data_synthetic(args) -> int:
         return _fail(str(e))
     out = shards_dir(cfg)
     try:
-        summary = ensure_synthetic_shards(out, cfg.data.num_samples, cfg.model.vision.image_size, cfg.train.seed,
+        size = families.of(cfg).image_processor(cfg).size
+        summary = ensure_synthetic_shards(out, cfg.data.num_samples, size, cfg.train.seed,
                                           min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
                                           workers=os.cpu_count() or 1, progress=True)
     except UserError as e:
@@ -264,6 +275,7 @@ def _plan(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        _validate(cfg, cfg.parallel.tp * cfg.parallel.pp)  # its warnings, once
         if args.top < 1:
             raise ConfigError(f"--top={args.top} must be >= 1")
         # the default reserve shrinks for small cards; an explicit one is taken as given
@@ -274,6 +286,23 @@ def _plan(args) -> int:
         return _fail(str(e))
     print(plan.to_json(result) if args.output == "json" else plan.format_plan(result))
     return 0
+
+
+def _validate(cfg, world_size: int, show_warnings: bool = True) -> int:
+    """``config.validate``, its warnings (a setting allowed but probably not meant) printed once as ``warning: ...``
+    lines (``show_warnings``: on rank 0 only)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        dp = validate(cfg, world_size)
+    for w in caught:
+        if issubclass(w.category, ConfigWarning):
+            if show_warnings:
+                print(f"warning: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return dp
 
 
 def _fail(msg: str) -> int:
@@ -316,15 +345,16 @@ def main(argv=None) -> int:
         return _plan(args)
     from . import runtime
 
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":
-            cfg.parallel.tp = cfg.parallel.pp = 1
-            cfg.parallel.first_stage_layers = None
-            cfg.parallel.sequence_parallel = False
+            cfg = single_layout(cfg)
             if runtime.env_world_size() != 1:
                 return _fail("megavlm eval runs in a single process; run it without torchrun")
-        validate(cfg, runtime.env_world_size())
+        _validate(cfg, runtime.env_world_size(), rank0)
+        if args.command == "train":
+            check_paths(cfg)
         if cfg.model.kernels == "fused":  # needs CUDA and a built megavlm._C: say so before any work starts
             from .ops import fused_unavailable_reason
 
@@ -333,7 +363,7 @@ def main(argv=None) -> int:
                 raise ConfigError(f"model.kernels=fused cannot run here: {reason}; use model.kernels=auto "
                                   "(fused when available) or reference")
     except ConfigError as e:  # every rank checks the same config; one message is enough
-        return _fail(str(e)) if os.environ.get("RANK", "0") == "0" else 2
+        return _fail(str(e)) if rank0 else 2
 
     try:
         if args.command == "train":

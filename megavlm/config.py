@@ -8,7 +8,13 @@ Typical use::
 
     cfg = load_config("configs/tiny_cpu.yaml", ["train.steps=100", "parallel.tp=2"])
     dp = validate(cfg, world_size)
+    check_paths(cfg)            # train only: the files the run reads exist
     save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+
+The ``model`` section belongs to a model family (``model.family``, default ``llava``; see ``megavlm/families``):
+``model.vision``, ``model.projector`` and ``model.language`` are the family's own section classes, chosen when the
+config is loaded. Every section checks itself (its ``check`` method); :func:`validate` runs those checks, the
+family's, and the few rules that span sections.
 
 Override values are parsed with YAML (``null``, ``true``, ``1e-3``, ``[1, 2]`` all
 work) and then coerced to the field's declared type; every error is a
@@ -17,24 +23,29 @@ work) and then coerced to the field's declared type; every error is a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tempfile
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from .shapes import decoder_layers_per_stage, divisors, fmt
+
 __all__ = [
     "ConfigError",
+    "ConfigWarning",
     "Config",
     "ModelConfig",
-    "VisionConfig",
-    "ProjectorConfig",
+    "ViTConfig",
     "LanguageConfig",
     "ParallelConfig",
     "TrainConfig",
@@ -42,10 +53,11 @@ __all__ = [
     "CheckpointConfig",
     "LoggingConfig",
     "load_config",
+    "from_dict",
     "validate",
+    "check_paths",
+    "single_layout",
     "dp_size",
-    "num_image_tokens",
-    "LLAVA15_VISION",
     "checkpoint_dir",
     "shards_dir",
     "to_dict",
@@ -54,9 +66,6 @@ __all__ = [
     "SPEC_CHOICES",
     "DTYPE_CHOICES",
     "KERNELS_CHOICES",
-    "FLAVOUR_CHOICES",
-    "SELECT_STRATEGY_CHOICES",
-    "PROJECTOR_CHOICES",
     "LR_SCHEDULE_CHOICES",
     "STAGE_CHOICES",
     "RECOMPUTE_CHOICES",
@@ -70,6 +79,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and the valid choices."""
 
 
+class ConfigWarning(UserWarning):
+    """A setting that is allowed but probably not meant (the CLI prints it once, on rank 0)."""
+
+
 # --------------------------------------------------------------------------------------
 # Allowed values
 # --------------------------------------------------------------------------------------
@@ -77,20 +90,53 @@ class ConfigError(ValueError):
 SPEC_CHOICES = ("auto", "local", "sdpa", "te")
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
 KERNELS_CHOICES = ("auto", "fused", "reference")
-FLAVOUR_CHOICES = ("clip", "siglip")
-SELECT_STRATEGY_CHOICES = ("default", "full")
-PROJECTOR_CHOICES = ("linear", "mlp2x_gelu")
 LR_SCHEDULE_CHOICES = ("cosine", "linear", "constant")
 STAGE_CHOICES = (1, 2, 3)
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 DATA_SOURCE_CHOICES = ("synthetic", "synthetic_shards", "shards")
 IMAGE_MODE_CHOICES = ("resize", "pad", "crop")
-#: The names of data/conversation.py's TEMPLATES (kept here so config checks need no torch; a test keeps them equal).
-TEMPLATE_CHOICES = ("vicuna", "vicuna_v1", "plain", "llama_2", "chatml")
 #: data.max_seq_len must leave at least this many text positions after the image tokens.
 MIN_TEXT_TOKENS = 8
 #: the synthetic data generator knows this many shape kinds at most per image.
 MAX_SHAPES_LIMIT = 3
+#: The family a config without ``model.family`` (every config written before families existed) belongs to.
+DEFAULT_FAMILY = "llava"
+
+
+# --------------------------------------------------------------------------------------
+# Checks shared by the sections
+# --------------------------------------------------------------------------------------
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {fmt(choices)}")
+
+
+def _check_min(key: str, value: Any, minimum: int) -> None:
+    if value < minimum:
+        what = "positive" if minimum == 1 else f">= {minimum}"
+        raise ConfigError(f"{key}={value} must be {what}")
+
+
+def _check_nonneg(key: str, value: Any) -> None:
+    if not value >= 0:  # also catches NaN
+        raise ConfigError(f"{key}={value} must be >= 0")
+
+
+def _check_positive_float(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value} must be > 0")
+
+
+def _check_range_open(key: str, value: float, lo: float, hi: float) -> None:
+    if not (lo < value < hi):
+        raise ConfigError(f"{key}={value} must satisfy {lo:g} < {key.rpartition('.')[2]} < {hi:g}")
+
+
+def _check_path_text(key: str, value: Optional[str], null_means: str) -> None:
+    if value is not None and not value.strip():
+        raise ConfigError(f"{key}='' is not valid; use null ({null_means}) or a path")
 
 
 # --------------------------------------------------------------------------------------
@@ -99,11 +145,10 @@ MAX_SHAPES_LIMIT = 3
 
 
 @dataclass
-class VisionConfig:
-    """ViT image encoder (CLIP- or SigLIP-style)."""
+class ViTConfig:
+    """A ViT image encoder's shape (the fields every family's ViT section has; a family's vision section subclasses
+    it with what is its own, e.g. LLaVA's CLIP/SigLIP ``flavour``)."""
 
-    #: Encoder family: ``clip`` (class token, pre-LN) or ``siglip`` (no class token).
-    flavour: str = "clip"
     #: Square input resolution in pixels.
     image_size: int = 32
     #: Square patch size in pixels; must divide ``image_size``.
@@ -112,7 +157,8 @@ class VisionConfig:
     num_channels: int = 3
     #: Encoder hidden width.
     hidden_size: int = 64
-    #: Number of transformer layers in the encoder.
+    #: Number of transformer layers in the encoder (of the pretrained tower; only those up to ``feature_layer`` are
+    #: built).
     num_layers: int = 2
     #: Attention heads per encoder layer.
     num_heads: int = 4
@@ -122,8 +168,6 @@ class VisionConfig:
     #: -1 = last layer output, -2 = penultimate (LLaVA), k >= 1 = after k layers.
     #: Valid: 1..num_layers or -num_layers..-1.
     feature_layer: int = -1
-    #: ``default`` drops the class token before the projector, ``full`` keeps it.
-    select_strategy: str = "default"
     #: Epsilon of the encoder's LayerNorms.
     layernorm_eps: float = 1e-5
     #: Per-channel mean used to normalise pixels (one entry per channel).
@@ -131,13 +175,36 @@ class VisionConfig:
     #: Per-channel std used to normalise pixels (one entry per channel, all > 0).
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
 
+    def check(self, key: str) -> None:
+        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_layers", "num_heads",
+                     "ffn_hidden_size"):
+            _check_min(f"{key}.{name}", getattr(self, name), 1)
+        _check_positive_float(f"{key}.layernorm_eps", self.layernorm_eps)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{key}.hidden_size={self.hidden_size} is not divisible by {key}.num_heads={self.num_heads}; valid "
+                f"num_heads: {fmt(divisors(self.hidden_size))}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{key}.image_size={self.image_size} is not divisible by {key}.patch_size={self.patch_size}; valid "
+                f"patch_size values: {fmt(divisors(self.image_size))}")
+        nv = self.num_layers
+        if not (1 <= self.feature_layer <= nv or -nv <= self.feature_layer <= -1):
+            raise ConfigError(
+                f"{key}.feature_layer={self.feature_layer} is out of range for {key}.num_layers={nv}; valid: "
+                f"1..{nv} or -{nv}..-1 (-1 = last layer, -2 = penultimate)")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if len(values) != self.num_channels:
+                raise ConfigError(f"{key}.{name} has {len(values)} entries but {key}.num_channels="
+                                  f"{self.num_channels}; give one value per channel")
+        for i, s in enumerate(self.image_std):
+            if not s > 0:
+                raise ConfigError(f"{key}.image_std[{i}]={s} must be > 0")
 
-@dataclass
-class ProjectorConfig:
-    """Vision-to-language projector."""
-
-    #: ``linear`` (one Linear) or ``mlp2x_gelu`` (Linear, GELU, Linear as in LLaVA-1.5).
-    type: str = "mlp2x_gelu"
+    def tp_split(self, key: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """(head counts, MLP widths) that tensor parallelism splits: TP must divide each."""
+        return [(f"{key}.num_heads", self.num_heads)], [(f"{key}.ffn_hidden_size", self.ffn_hidden_size)]
 
 
 @dataclass
@@ -166,24 +233,66 @@ class LanguageConfig:
     #: checkpoints can be resharded (must itself be a multiple of ``parallel.tp``).
     vocab_pad_multiple: int = 128
 
+    def check(self, key: str) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                     "vocab_pad_multiple"):
+            _check_min(f"{key}.{name}", getattr(self, name), 1)
+        _check_nonneg(f"{key}.vocab_size", self.vocab_size)
+        _check_positive_float(f"{key}.norm_eps", self.norm_eps)
+        _check_positive_float(f"{key}.rope_theta", self.rope_theta)
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{key}.num_kv_heads={self.num_kv_heads} does not divide {key}.num_heads={self.num_heads}; valid "
+                f"num_kv_heads: {fmt(divisors(self.num_heads))}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{key}.hidden_size={self.hidden_size} is not divisible by {key}.num_heads={self.num_heads}; valid "
+                f"num_heads: {fmt(divisors(self.hidden_size))}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(
+                f"{key} head dim hidden_size/num_heads = {self.hidden_size}/{self.num_heads} = "
+                f"{self.hidden_size // self.num_heads} must be even for RoPE")
+
+    def tp_split(self, key: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """(head counts, MLP widths) that tensor parallelism splits: TP must divide each."""
+        return ([(f"{key}.num_heads", self.num_heads), (f"{key}.num_kv_heads", self.num_kv_heads)],
+                [(f"{key}.ffn_hidden_size", self.ffn_hidden_size)])
+
 
 @dataclass
 class ModelConfig:
-    """The whole vision-language model."""
+    """The whole vision-language model: a model family and that family's sections."""
 
-    #: Image encoder.
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    #: Vision-to-language projector.
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    #: Language model.
-    language: LanguageConfig = field(default_factory=LanguageConfig)
+    #: Model family (``megavlm/families``): which architecture the sections below describe, how its weights map
+    #: to and from Hugging Face, how it turns images into tokens and which prompt templates it knows.
+    family: str = DEFAULT_FAMILY
+    #: Image encoder (the family's section; see its class for the keys).
+    vision: Any = None
+    #: Vision-to-language projector (the family's section).
+    projector: Any = None
+    #: Language model (the family's section).
+    language: Any = None
     #: Attention/layer implementation: ``auto|local|sdpa|te``. ``auto`` = te if
     #: importable on GPU, else sdpa on GPU, local on CPU.
     spec: str = "auto"
     #: Parameter/compute dtype: ``auto|fp32|bf16``. ``auto`` = bf16 on GPU, fp32 on CPU.
     dtype: str = "auto"
-    #: Fused CUDA ops: ``auto|fused|reference`` (reserved; only the value is validated).
+    #: Fused CUDA ops: ``auto`` (fused when a GPU and a built ``megavlm._C`` are present), ``fused`` (required),
+    #: ``reference`` (the pure-PyTorch ops).
     kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        from . import families
+
+        fam = families.get(self.family, key="model.family")  # ConfigError for an unknown family
+        for name, cls in fam.sections.items():
+            if getattr(self, name) is None:
+                setattr(self, name, cls())
+
+    def check(self, key: str) -> None:
+        _check_choice(f"{key}.spec", self.spec, SPEC_CHOICES)
+        _check_choice(f"{key}.dtype", self.dtype, DTYPE_CHOICES)
+        _check_choice(f"{key}.kernels", self.kernels, KERNELS_CHOICES)
 
 
 @dataclass
@@ -202,6 +311,14 @@ class ParallelConfig:
     #: encoder and projector); None = even split. The remaining layers are split
     #: evenly over the other stages.
     first_stage_layers: Optional[int] = None
+
+    def check(self, key: str) -> None:
+        _check_min(f"{key}.tp", self.tp, 1)
+        _check_min(f"{key}.pp", self.pp, 1)
+        if self.sequence_parallel and self.tp <= 1:
+            raise ConfigError(
+                f"{key}.sequence_parallel=true requires {key}.tp > 1 (got tp=1); set {key}.sequence_parallel=false "
+                f"or raise {key}.tp")
 
 
 @dataclass
@@ -222,7 +339,8 @@ class TrainConfig:
     lr: float = 1e-3
     #: Learning rate reached at the last step.
     min_lr: float = 0.0
-    #: Linear warmup steps from 0 to ``lr``.
+    #: Linear warmup steps from 0 to ``lr`` (more than ``steps`` is allowed: the LR then never reaches its peak, as
+    #: in Megatron-LM; a warning says so).
     warmup_steps: int = 0
     #: Decay after warmup, to ``min_lr`` at ``steps``: ``cosine|linear|constant``.
     lr_schedule: str = "cosine"
@@ -245,6 +363,28 @@ class TrainConfig:
     #: one layer per unit). ``megavlm plan`` shows what each saves.
     recompute: str = "none"
 
+    def check(self, key: str) -> None:
+        _check_choice(f"{key}.lr_schedule", self.lr_schedule, LR_SCHEDULE_CHOICES)
+        _check_choice(f"{key}.stage", self.stage, STAGE_CHOICES)
+        _check_choice(f"{key}.recompute", self.recompute, RECOMPUTE_CHOICES)
+        for name in ("steps", "global_batch", "micro_batch"):
+            _check_min(f"{key}.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "exit_interval", "min_lr", "weight_decay", "clip_grad"):
+            _check_nonneg(f"{key}.{name}", getattr(self, name))
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"{key}.seed={self.seed} must be in [0, 2**32)")
+        _check_positive_float(f"{key}.adam_eps", self.adam_eps)
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"{key}.lr={self.lr} must be > 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{key}.min_lr={self.min_lr} must be <= {key}.lr={self.lr}")
+        _check_range_open(f"{key}.adam_beta1", self.adam_beta1, 0.0, 1.0)
+        _check_range_open(f"{key}.adam_beta2", self.adam_beta2, 0.0, 1.0)
+        if self.warmup_steps > self.steps:
+            warnings.warn(f"{key}.warmup_steps={self.warmup_steps} is more than {key}.steps={self.steps}: the "
+                          f"learning rate rises for the whole run and never reaches {key}.lr={self.lr}",
+                          ConfigWarning, stacklevel=2)
+
 
 @dataclass
 class DataConfig:
@@ -261,9 +401,11 @@ class DataConfig:
     #: restart per sample); sources with shards only, ``train.micro_batch`` 1 (a micro-batch is one packed
     #: sequence), and an attention that takes packed sequences (``model.spec`` sdpa, te, or auto).
     packing: bool = False
-    #: Conversation template for shard records: vicuna|vicuna_v1|plain|llama_2|chatml.
-    template: str = "vicuna"
-    #: How images are fitted to the encoder's square input: resize (squash) | pad (LLaVA's expand-to-square) | crop.
+    #: Conversation template for shard records (``megavlm/data/templates.py`` and the model family's own; null =
+    #: the family's default).
+    template: Optional[str] = "vicuna"
+    #: How images are fitted to the encoder's square input: resize (squash) | pad (expand to a square, padding with
+    #: the mean colour, then resize) | crop.
     image_mode: str = "pad"
     #: Most images in one sample.
     max_images: int = 1
@@ -282,6 +424,27 @@ class DataConfig:
     #: Local path of an HF tokenizer; None = build the synthetic one.
     tokenizer: Optional[str] = None
 
+    def check(self, key: str) -> None:
+        from .data.templates import template_names
+
+        _check_choice(f"{key}.source", self.source, DATA_SOURCE_CHOICES)
+        _check_choice(f"{key}.image_mode", self.image_mode, IMAGE_MODE_CHOICES)
+        if self.template is not None:
+            _check_choice(f"{key}.template", self.template, template_names())
+        if self.source == "shards" and not self.shards:
+            raise ConfigError(f"{key}.source=shards needs {key}.shards=DIR (shards written by `megavlm data convert`)")
+        _check_path_text(f"{key}.tokenizer", self.tokenizer, "synthetic tokenizer")
+        if self.max_images < 1:
+            raise ConfigError(f"{key}.max_images={self.max_images} must be >= 1")
+        if not 0.0 <= self.max_bad_share <= 1.0:
+            raise ConfigError(f"{key}.max_bad_share={self.max_bad_share} must be between 0 and 1")
+        _check_min(f"{key}.num_samples", self.num_samples, 1)
+        _check_min(f"{key}.max_seq_len", self.max_seq_len, 1)
+        _check_nonneg(f"{key}.eval_samples", self.eval_samples)
+        if not 1 <= self.min_shapes <= self.max_shapes <= MAX_SHAPES_LIMIT:
+            raise ConfigError(f"{key}.min_shapes={self.min_shapes}, {key}.max_shapes={self.max_shapes}: need "
+                              f"1 <= min_shapes <= max_shapes <= {MAX_SHAPES_LIMIT}")
+
 
 @dataclass
 class CheckpointConfig:
@@ -298,6 +461,13 @@ class CheckpointConfig:
     #: Load model weights only and start at step 0 with a fresh optimizer and LR schedule (stage 1 → stage 2).
     finetune: bool = False
 
+    def check(self, key: str) -> None:
+        if not self.load.strip():
+            raise ConfigError(f"{key}.load='' is not valid; use 'none', 'auto' or a checkpoint path")
+        _check_path_text(f"{key}.dir", self.dir, "{run_dir}/checkpoints")
+        _check_nonneg(f"{key}.save_interval", self.save_interval)
+        _check_nonneg(f"{key}.keep", self.keep)
+
 
 @dataclass
 class LoggingConfig:
@@ -307,6 +477,9 @@ class LoggingConfig:
     interval: int = 1
     #: Also write TensorBoard event files.
     tensorboard: bool = True
+
+    def check(self, key: str) -> None:
+        _check_min(f"{key}.interval", self.interval, 1)
 
 
 @dataclass
@@ -327,6 +500,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     #: Logging.
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self, key: str) -> None:
+        if not self.run_dir.strip():
+            raise ConfigError("run_dir='' is not valid; give a directory path")
 
 
 # --------------------------------------------------------------------------------------
@@ -376,21 +553,29 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every valid dotted key (sections and leaves), in declaration order."""
+def _field_type(obj: Any, name: str) -> Any:
+    """The type of field ``name`` of section ``obj``: a sub-section's own class (the family's sections are chosen at
+    load time, so the declared hint is not enough), else the declared type."""
+    value = getattr(obj, name)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value)
+    return _hints(type(obj))[name]
+
+
+def _all_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every valid dotted key (sections and leaves) of the config ``obj``, in declaration order."""
     keys = []
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(obj):
         key = prefix + f.name
         keys.append(key)
-        tp = _hints(cls)[f.name]
-        if _is_section(tp):
-            keys.extend(_all_keys(tp, key + "."))
+        if _is_section(_field_type(obj, f.name)):
+            keys.extend(_all_keys(getattr(obj, f.name), key + "."))
     return keys
 
 
-def _suggest(key: str) -> Optional[str]:
+def _suggest(key: str, root: Any) -> Optional[str]:
     """Nearest valid dotted key for an unknown ``key``, or None."""
-    keys = _all_keys()
+    keys = _all_keys(root)
     parent, _, leaf = key.rpartition(".")
     # 1. a typo of a sibling in the same (existing) section
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
@@ -413,11 +598,11 @@ def _suggest(key: str) -> Optional[str]:
     return leaves[m[0]] if m else None
 
 
-def _unknown_key_error(key: str, cls: type, prefix: str, where: str) -> ConfigError:
-    valid = ", ".join(f.name for f in dataclasses.fields(cls))
+def _unknown_key_error(key: str, obj: Any, prefix: str, where: str, root: Any) -> ConfigError:
+    valid = ", ".join(f.name for f in dataclasses.fields(obj))
     section = f"'{prefix[:-1]}'" if prefix else "the top level"
     msg = f"unknown config key '{key}'{where}"
-    hint = _suggest(key)
+    hint = _suggest(key, root)
     if hint:
         msg += f"; did you mean '{hint}'?"
     msg += f" (valid keys in {section}: {valid})"
@@ -501,51 +686,60 @@ def _is_str_field(tp: Any) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _apply_mapping(obj: Any, mapping: Any, prefix: str, where: str) -> None:
+def _apply_mapping(obj: Any, mapping: Any, prefix: str, where: str, root: Any) -> None:
     """Merge a (possibly partial) nested mapping into dataclass ``obj`` in place."""
-    cls = type(obj)
     if mapping is None:  # e.g. a section whose keys are all commented out
         return
     if not isinstance(mapping, dict):
         name = f"'{prefix[:-1]}'" if prefix else "the config"
-        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        valid = ", ".join(f.name for f in dataclasses.fields(obj))
         raise ConfigError(
             f"{name} is a section and must be a mapping of its keys ({valid}), "
             f"got {type(mapping).__name__} {mapping!r}{where}"
         )
-    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(obj)}
     for raw_name, value in mapping.items():
         name = str(raw_name)
         key = prefix + name
-        if name not in hints:
-            raise _unknown_key_error(key, cls, prefix, where)
-        tp = hints[name]
+        if name not in names:
+            raise _unknown_key_error(key, obj, prefix, where, root)
+        tp = _field_type(obj, name)
         if _is_section(tp):
-            _apply_mapping(getattr(obj, name), value, key + ".", where)
+            _apply_mapping(getattr(obj, name), value, key + ".", where, root)
         else:
             setattr(obj, name, _coerce(key, value, tp))
 
 
-def _apply_override(cfg: Config, override: str) -> None:
+def _split_override(override: Any) -> tuple[str, str]:
     if not isinstance(override, str) or "=" not in override:
         raise ConfigError(
             f"override {override!r} must have the form dotted.key=value (e.g. train.steps=100)"
         )
     key, _, raw = override.partition("=")
     key = key.strip()
-    where = f" (in override {override!r})"
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {override!r} has an empty key; expected dotted.key=value")
+    return key, raw
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return _yaml_load(raw)
+    except yaml.YAMLError:
+        return raw  # e.g. a path with odd characters; type coercion decides
+
+
+def _apply_override(cfg: Config, override: str) -> None:
+    key, raw = _split_override(override)
+    where = f" (in override {override!r})"
     parts = key.split(".")
     obj: Any = cfg
     prefix = ""
     for i, name in enumerate(parts):
-        cls = type(obj)
-        hints = _hints(cls)
-        if name not in hints:
+        if name not in {f.name for f in dataclasses.fields(obj)}:
             # suggest from the whole remaining key: 'trian.steps' -> 'train.steps'
-            raise _unknown_key_error(prefix + ".".join(parts[i:]), cls, prefix, where)
-        tp = hints[name]
+            raise _unknown_key_error(prefix + ".".join(parts[i:]), obj, prefix, where, cfg)
+        tp = _field_type(obj, name)
         last = i == len(parts) - 1
         if not last:
             if not _is_section(tp):
@@ -556,22 +750,39 @@ def _apply_override(cfg: Config, override: str) -> None:
             obj = getattr(obj, name)
             prefix += name + "."
             continue
-        try:
-            value = _yaml_load(raw)
-        except yaml.YAMLError:
-            value = raw  # e.g. a path with odd characters; type coercion decides
+        value = _parse_value(raw)
         if _is_section(tp):
-            _apply_mapping(getattr(obj, name), value, key + ".", where)
+            _apply_mapping(getattr(obj, name), value, key + ".", where, cfg)
             return
         if _is_str_field(tp) and value is not None and not isinstance(value, (str, list, dict)):
             value = raw.strip()  # keep '007' or '1e-3' verbatim for string fields
         setattr(obj, name, _coerce(key, value, tp))
 
 
+def _family_of(data: Any, overrides: Sequence[str]) -> str:
+    """``model.family`` as the file and the overrides (the last one wins) set it, before anything else is applied:
+    the family decides which section classes the rest of the keys go into."""
+    family = DEFAULT_FAMILY
+    if isinstance(data, dict) and isinstance(data.get("model"), dict) and "family" in data["model"]:
+        family = data["model"]["family"]
+    for ov in overrides:
+        key, raw = _split_override(ov)
+        if key == "model.family":
+            family = _parse_value(raw)
+        elif key == "model":
+            value = _parse_value(raw)
+            if isinstance(value, dict) and "family" in value:
+                family = value["family"]
+    if not isinstance(family, str):
+        raise _type_error("model.family", family, str)
+    return family
+
+
 def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = ()) -> Config:
     """Build a :class:`Config`: defaults, then the YAML file at ``path`` (may omit any
     key; None = defaults only), then ``dotted.key=value`` overrides in order."""
-    cfg = Config()
+    data = None
+    where = ""
     if path is not None:
         path = os.fspath(path)
         try:
@@ -581,11 +792,21 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
             raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
-        _apply_mapping(cfg, data, "", f" (in {path})")
+        where = f" (in {path})"
     if isinstance(overrides, str):
         overrides = [overrides]
+    cfg = Config(model=ModelConfig(family=_family_of(data, overrides)))
+    _apply_mapping(cfg, data, "", where, cfg)
     for ov in overrides:
         _apply_override(cfg, ov)
+    return cfg
+
+
+def from_dict(data: Any, where: str = "") -> Config:
+    """The :class:`Config` of a nested dict (a saved ``config.yaml`` or a checkpoint's stored config); keys it
+    lacks take their defaults (a config saved before ``model.family`` existed is a LLaVA one)."""
+    cfg = Config(model=ModelConfig(family=_family_of(data, ())))
+    _apply_mapping(cfg, data, "", where, cfg)
     return cfg
 
 
@@ -626,20 +847,6 @@ def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def num_image_tokens(vision: VisionConfig) -> int:
-    """Sequence positions one image occupies: (image_size // patch_size)**2, +1 for the
-    class token when ``select_strategy == 'full'``."""
-    n = (vision.image_size // vision.patch_size) ** 2
-    if vision.select_strategy == "full":
-        n += 1
-    return n
-
-
-#: LLaVA-1.5's vision tower as far as image tokens go (CLIP ViT-L/14 at 336², class token dropped): what
-#: ``megavlm data inspect`` assumes without a config.
-LLAVA15_VISION = VisionConfig(image_size=336, patch_size=14)
-
-
 def shards_dir(cfg: "Config") -> Optional[str]:
     """Where the training shards are: ``data.shards``, or ``{run_dir}/shards`` for ``source=synthetic_shards``."""
     if cfg.data.shards:
@@ -654,12 +861,15 @@ def checkpoint_dir(cfg: Config) -> str:
     return os.path.join(cfg.run_dir, "checkpoints")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else []
-
-
-def _fmt(xs: Sequence[Any]) -> str:
-    return ", ".join(str(x) for x in xs) if xs else "(none)"
+def single_layout(cfg: Config, tp: int = 1) -> Config:
+    """A copy of ``cfg`` at TP=``tp``, PP=1, without sequence parallelism or the distributed optimizer: how
+    ``eval``, ``generate`` and the converter build a model (dist_checkpointing reshards any saved layout to it)."""
+    c = copy.deepcopy(cfg)
+    c.parallel.tp, c.parallel.pp = tp, 1
+    c.parallel.first_stage_layers = None
+    c.parallel.sequence_parallel = False
+    c.parallel.distributed_optimizer = False
+    return c
 
 
 def dp_size(cfg: Config, world_size: int) -> int:
@@ -676,8 +886,8 @@ def dp_size(cfg: Config, world_size: int) -> int:
             f"world size {world_size} is not divisible by parallel.tp*parallel.pp = "
             f"{tp}*{pp} = {mp}: world_size must equal tp*pp*dp with an integer data-parallel "
             f"size dp, but here dp would be {world_size}/{mp} = {world_size / mp:g}. "
-            f"Launch {_fmt(multiples)}, ... processes (dp = 1, 2, 3, ...), or pick tp and pp whose "
-            f"product divides {world_size} (one of {_fmt(_divisors(world_size))})"
+            f"Launch {fmt(multiples)}, ... processes (dp = 1, 2, 3, ...), or pick tp and pp whose "
+            f"product divides {world_size} (one of {fmt(divisors(world_size))})"
         )
     return world_size // mp
 
@@ -687,31 +897,13 @@ def dp_size(cfg: Config, world_size: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {_fmt(choices)}")
-
-
-def _check_min(key: str, value: Any, minimum: int) -> None:
-    if value < minimum:
-        what = "positive" if minimum == 1 else f">= {minimum}"
-        raise ConfigError(f"{key}={value} must be {what}")
-
-
-def _check_range_open(key: str, value: float, lo: float, hi: float) -> None:
-    if not (lo < value < hi):
-        raise ConfigError(f"{key}={value} must satisfy {lo:g} < {key.rpartition('.')[2]} < {hi:g}")
-
-
 def _check_types(obj: Any, prefix: str = "") -> None:
     """Re-check field types, in case a Config was built or mutated in code."""
     for f in dataclasses.fields(obj):
-        tp = _hints(type(obj))[f.name]
+        tp = _field_type(obj, f.name)
         value = getattr(obj, f.name)
         key = prefix + f.name
         if _is_section(tp):
-            if not isinstance(value, tp):
-                raise ConfigError(f"{key} must be a {tp.__name__}, got {type(value).__name__}")
             _check_types(value, key + ".")
         else:
             if _is_str_field(tp) and value is not None and not isinstance(value, str):
@@ -719,187 +911,54 @@ def _check_types(obj: Any, prefix: str = "") -> None:
             _coerce(key, value, tp)
 
 
-def validate(cfg: Config, world_size: int) -> int:
-    """Run every cross-field check for a job of ``world_size`` processes and return the
-    data-parallel size. Raises ConfigError on the first problem found."""
-    _check_types(cfg)
-    m, v, lang, par = cfg.model, cfg.model.vision, cfg.model.language, cfg.parallel
-    tr, data, ck = cfg.train, cfg.data, cfg.checkpoint
+def _check_sections(obj: Any, key: str) -> None:
+    """Every section's own ``check``, the top level first, then each sub-section in declaration order."""
+    obj.check(key)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type) and hasattr(value, "check"):
+            _check_sections(value, f"{key}.{f.name}" if key else f.name)
 
-    # ---- enums ---------------------------------------------------------------------
-    _check_choice("model.spec", m.spec, SPEC_CHOICES)
-    _check_choice("model.dtype", m.dtype, DTYPE_CHOICES)
-    _check_choice("model.kernels", m.kernels, KERNELS_CHOICES)
-    _check_choice("model.vision.flavour", v.flavour, FLAVOUR_CHOICES)
-    _check_choice("model.vision.select_strategy", v.select_strategy, SELECT_STRATEGY_CHOICES)
-    _check_choice("model.projector.type", m.projector.type, PROJECTOR_CHOICES)
-    _check_choice("train.lr_schedule", tr.lr_schedule, LR_SCHEDULE_CHOICES)
-    _check_choice("train.stage", tr.stage, STAGE_CHOICES)
-    _check_choice("train.recompute", tr.recompute, RECOMPUTE_CHOICES)
-    _check_choice("data.source", data.source, DATA_SOURCE_CHOICES)
-    _check_choice("data.image_mode", data.image_mode, IMAGE_MODE_CHOICES)
-    if data.packing:
-        if data.source == "synthetic":
-            raise ConfigError("data.packing needs data.source=shards or synthetic_shards")
-        if tr.micro_batch != 1:
-            raise ConfigError(f"data.packing needs train.micro_batch=1 (a micro-batch is one packed sequence), got "
-                              f"{tr.micro_batch}; raise train.global_batch instead")
-        if m.spec == "local":
-            raise ConfigError("data.packing needs an attention that takes packed sequences: model.spec=auto, sdpa "
-                              "or te (not local)")
-    if data.source == "shards":
-        if not data.shards:
-            raise ConfigError("data.source=shards needs data.shards=DIR (shards written by `megavlm data convert`)")
-        if not os.path.isdir(data.shards):
-            raise ConfigError(f"data.shards={data.shards} is not a directory")
-    _check_choice("data.template", data.template, TEMPLATE_CHOICES)
-    if data.max_images < 1:
-        raise ConfigError(f"data.max_images={data.max_images} must be >= 1")
-    if not 0.0 <= data.max_bad_share <= 1.0:
-        raise ConfigError(f"data.max_bad_share={data.max_bad_share} must be between 0 and 1")
-    if not ck.load.strip():
-        raise ConfigError("checkpoint.load='' is not valid; use 'none', 'auto' or a checkpoint path")
-    if data.tokenizer is not None and not data.tokenizer.strip():
-        raise ConfigError("data.tokenizer='' is not valid; use null (synthetic tokenizer) or a path")
-    if ck.dir is not None and not ck.dir.strip():
-        raise ConfigError("checkpoint.dir='' is not valid; use null ({run_dir}/checkpoints) or a path")
-    if not cfg.run_dir.strip():
-        raise ConfigError("run_dir='' is not valid; give a directory path")
-    if v.flavour == "siglip" and v.select_strategy == "full":
-        raise ConfigError(
-            "model.vision.select_strategy='full' keeps the class token, but "
-            "model.vision.flavour='siglip' has none; use select_strategy=default with siglip"
-        )
 
-    # ---- positive / non-negative numbers ----------------------------------------------
-    for key, value in (
-        ("model.vision.image_size", v.image_size),
-        ("model.vision.patch_size", v.patch_size),
-        ("model.vision.num_channels", v.num_channels),
-        ("model.vision.hidden_size", v.hidden_size),
-        ("model.vision.num_layers", v.num_layers),
-        ("model.vision.num_heads", v.num_heads),
-        ("model.vision.ffn_hidden_size", v.ffn_hidden_size),
-        ("model.language.hidden_size", lang.hidden_size),
-        ("model.language.num_layers", lang.num_layers),
-        ("model.language.num_heads", lang.num_heads),
-        ("model.language.num_kv_heads", lang.num_kv_heads),
-        ("model.language.ffn_hidden_size", lang.ffn_hidden_size),
-        ("model.language.vocab_pad_multiple", lang.vocab_pad_multiple),
-        ("parallel.tp", par.tp),
-        ("parallel.pp", par.pp),
-        ("train.steps", tr.steps),
-        ("train.global_batch", tr.global_batch),
-        ("train.micro_batch", tr.micro_batch),
-        ("data.num_samples", data.num_samples),
-        ("data.max_seq_len", data.max_seq_len),
-        ("logging.interval", cfg.logging.interval),
-    ):
-        _check_min(key, value, 1)
-    for key, value in (
-        ("model.language.vocab_size", lang.vocab_size),
-        ("train.warmup_steps", tr.warmup_steps),
-        ("train.exit_interval", tr.exit_interval),
-        ("data.eval_samples", data.eval_samples),
-        ("checkpoint.save_interval", ck.save_interval),
-        ("checkpoint.keep", ck.keep),
-        ("train.min_lr", tr.min_lr),
-        ("train.weight_decay", tr.weight_decay),
-        ("train.clip_grad", tr.clip_grad),
-    ):
-        if not value >= 0:  # also catches NaN
-            raise ConfigError(f"{key}={value} must be >= 0")
-    if not 0 <= tr.seed < 2**32:
-        raise ConfigError(f"train.seed={tr.seed} must be in [0, 2**32)")
-    for key, value in (
-        ("model.vision.layernorm_eps", v.layernorm_eps),
-        ("model.language.norm_eps", lang.norm_eps),
-        ("model.language.rope_theta", lang.rope_theta),
-        ("train.adam_eps", tr.adam_eps),
-    ):
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be > 0")
-
-    # ---- world size / data parallel ------------------------------------------------
-    dp = dp_size(cfg, world_size)
-
-    # ---- tensor parallel -----------------------------------------------------------
-    tp = par.tp
-    head_counts = (lang.num_heads, lang.num_kv_heads, v.num_heads)
-    valid_tp = [t for t in _divisors(min(head_counts)) if all(h % t == 0 for h in head_counts)]
-    valid_tp_txt = (
-        f"valid tp values: {_fmt(valid_tp)} (dividing model.language.num_heads={lang.num_heads}, "
-        f"model.language.num_kv_heads={lang.num_kv_heads} and "
-        f"model.vision.num_heads={v.num_heads})"
-    )
-    for key, heads in (
-        ("model.language.num_heads", lang.num_heads),
-        ("model.language.num_kv_heads", lang.num_kv_heads),
-        ("model.vision.num_heads", v.num_heads),
-    ):
-        if heads % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide {key}={heads}; {valid_tp_txt}")
-    for key, width in (
-        ("model.language.ffn_hidden_size", lang.ffn_hidden_size),
-        ("model.vision.ffn_hidden_size", v.ffn_hidden_size),
-    ):
+def _check_tensor_parallel(cfg: Config, heads: list[tuple[str, int]], widths: list[tuple[str, int]]) -> None:
+    tp, lang, data = cfg.parallel.tp, cfg.model.language, cfg.data
+    counts = [h for _, h in heads]
+    valid_tp = [t for t in divisors(min(counts)) if all(h % t == 0 for h in counts)]
+    named = [f"{k}={h}" for k, h in heads]
+    valid_tp_txt = (f"valid tp values: {fmt(valid_tp)} (dividing {', '.join(named[:-1])} and {named[-1]})"
+                    if len(named) > 1 else f"valid tp values: {fmt(valid_tp)} (dividing {named[0]})")
+    for key, h in heads:
+        if h % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {key}={h}; {valid_tp_txt}")
+    for key, width in widths:
         if width % tp:
             raise ConfigError(
                 f"parallel.tp={tp} does not divide {key}={width} (the MLP is split over tp "
-                f"ranks); use a multiple of {tp} or tp from: {_fmt(_divisors(width))}"
+                f"ranks); use a multiple of {tp} or tp from: {fmt(divisors(width))}"
             )
     if lang.vocab_pad_multiple % tp:
         raise ConfigError(
             f"model.language.vocab_pad_multiple={lang.vocab_pad_multiple} must be a multiple of "
             f"parallel.tp={tp} so the padded vocabulary splits evenly over tp ranks"
         )
-    if par.sequence_parallel:
-        if tp <= 1:
-            raise ConfigError(
-                "parallel.sequence_parallel=true requires parallel.tp > 1 (got tp=1); "
-                "set parallel.sequence_parallel=false or raise parallel.tp"
-            )
-        if data.max_seq_len % tp:
-            raise ConfigError(
-                f"data.max_seq_len={data.max_seq_len} must be divisible by parallel.tp={tp} when "
-                f"parallel.sequence_parallel=true; e.g. data.max_seq_len="
-                f"{-(-data.max_seq_len // tp) * tp}"
-            )
-
-    # ---- head geometry -------------------------------------------------------------
-    if lang.num_heads % lang.num_kv_heads:
+    if cfg.parallel.sequence_parallel and data.max_seq_len % tp:
         raise ConfigError(
-            f"model.language.num_kv_heads={lang.num_kv_heads} does not divide "
-            f"model.language.num_heads={lang.num_heads}; valid num_kv_heads: "
-            f"{_fmt(_divisors(lang.num_heads))}"
-        )
-    if lang.hidden_size % lang.num_heads:
-        raise ConfigError(
-            f"model.language.hidden_size={lang.hidden_size} is not divisible by "
-            f"model.language.num_heads={lang.num_heads}; valid num_heads: "
-            f"{_fmt(_divisors(lang.hidden_size))}"
-        )
-    if (lang.hidden_size // lang.num_heads) % 2:
-        raise ConfigError(
-            f"model.language head dim hidden_size/num_heads = {lang.hidden_size}/{lang.num_heads}"
-            f" = {lang.hidden_size // lang.num_heads} must be even for RoPE"
-        )
-    if v.hidden_size % v.num_heads:
-        raise ConfigError(
-            f"model.vision.hidden_size={v.hidden_size} is not divisible by "
-            f"model.vision.num_heads={v.num_heads}; valid num_heads: {_fmt(_divisors(v.hidden_size))}"
+            f"data.max_seq_len={data.max_seq_len} must be divisible by parallel.tp={tp} when "
+            f"parallel.sequence_parallel=true; e.g. data.max_seq_len={-(-data.max_seq_len // tp) * tp}"
         )
 
-    # ---- pipeline parallel ---------------------------------------------------------
-    pp, L, fsl = par.pp, lang.num_layers, par.first_stage_layers
+
+def _check_pipeline(cfg: Config) -> None:
+    pp, L, fsl = cfg.parallel.pp, cfg.model.language.num_layers, cfg.parallel.first_stage_layers
+    valid_fsl = [f for f in range(1, L) if pp > 1 and (L - f) % (pp - 1) == 0]
     if pp > L:
         raise ConfigError(
             f"parallel.pp={pp} exceeds model.language.num_layers={L}: every pipeline stage needs "
-            f"at least one decoder layer; valid pp values: {_fmt(_divisors(L))}"
+            f"at least one decoder layer; valid pp values: {fmt(divisors(L))}"
         )
     if fsl is not None:
-        valid_fsl = [f for f in range(1, L) if pp > 1 and (L - f) % (pp - 1) == 0]
-        hint = f"valid parallel.first_stage_layers for pp={pp}, num_layers={L}: {_fmt(valid_fsl)}, or null for an even split"
+        hint = (f"valid parallel.first_stage_layers for pp={pp}, num_layers={L}: {fmt(valid_fsl)}, or null for an "
+                "even split")
         if pp == 1:
             raise ConfigError(
                 f"parallel.first_stage_layers={fsl} requires parallel.pp > 1 (got pp=1); "
@@ -916,38 +975,47 @@ def validate(cfg: Config, world_size: int) -> int:
                 f"split evenly over the other {pp - 1} pipeline stages; {hint}"
             )
     elif L % pp:
-        valid_fsl = [f for f in range(1, L) if pp > 1 and (L - f) % (pp - 1) == 0]
         raise ConfigError(
             f"model.language.num_layers={L} is not divisible by parallel.pp={pp}; choose pp from "
-            f"{_fmt(_divisors(L))} or set parallel.first_stage_layers (valid for pp={pp}: "
-            f"{_fmt(valid_fsl)})"
+            f"{fmt(divisors(L))} or set parallel.first_stage_layers (valid for pp={pp}: "
+            f"{fmt(valid_fsl)})"
         )
+    assert sum(decoder_layers_per_stage(L, pp, fsl)) == L
 
-    # ---- vision geometry -----------------------------------------------------------
-    if v.image_size % v.patch_size:
-        raise ConfigError(
-            f"model.vision.image_size={v.image_size} is not divisible by "
-            f"model.vision.patch_size={v.patch_size}; valid patch_size values: "
-            f"{_fmt(_divisors(v.image_size))}"
-        )
-    nv = v.num_layers
-    if not (1 <= v.feature_layer <= nv or -nv <= v.feature_layer <= -1):
-        raise ConfigError(
-            f"model.vision.feature_layer={v.feature_layer} is out of range for "
-            f"model.vision.num_layers={nv}; valid: 1..{nv} or -{nv}..-1 "
-            f"(-1 = last layer, -2 = penultimate)"
-        )
-    for key, values in (("model.vision.image_mean", v.image_mean), ("model.vision.image_std", v.image_std)):
-        if len(values) != v.num_channels:
-            raise ConfigError(
-                f"{key} has {len(values)} entries but model.vision.num_channels={v.num_channels}; "
-                f"give one value per channel"
-            )
-    for i, s in enumerate(v.image_std):
-        if not s > 0:
-            raise ConfigError(f"model.vision.image_std[{i}]={s} must be > 0")
 
-    # ---- batch -----------------------------------------------------------------------
+def validate(cfg: Config, world_size: int) -> int:
+    """Run every check for a job of ``world_size`` processes and return the data-parallel size: each section's own
+    ``check``, the model family's rules, then the rules that span sections (parallel layout against the model's
+    shapes, batch sizes, sequence length against the image tokens, packing). Raises ConfigError on the first
+    problem found; files and directories are :func:`check_paths`'s business."""
+    from . import families
+
+    _check_types(cfg)
+    fam = families.get(cfg.model.family, key="model.family")
+    for name, cls in fam.sections.items():
+        if type(getattr(cfg.model, name)) is not cls:
+            raise ConfigError(f"model.{name} is a {type(getattr(cfg.model, name)).__name__}, but model.family="
+                              f"{cfg.model.family!r} describes it with {cls.__name__}; build the config with "
+                              "load_config / from_dict, which pick the family's sections")
+    _check_sections(cfg, "")
+    fam.check(cfg)
+    m, par, tr, data = cfg.model, cfg.parallel, cfg.train, cfg.data
+
+    if data.packing:
+        if data.source == "synthetic":
+            raise ConfigError("data.packing needs data.source=shards or synthetic_shards")
+        if tr.micro_batch != 1:
+            raise ConfigError(f"data.packing needs train.micro_batch=1 (a micro-batch is one packed sequence), got "
+                              f"{tr.micro_batch}; raise train.global_batch instead")
+        if m.spec == "local":
+            raise ConfigError("data.packing needs an attention that takes packed sequences: model.spec=auto, sdpa "
+                              "or te (not local)")
+
+    dp = dp_size(cfg, world_size)
+    heads, widths = fam.tp_split(cfg)
+    _check_tensor_parallel(cfg, heads, widths)
+    _check_pipeline(cfg)
+
     step = tr.micro_batch * dp
     if tr.global_batch % step:
         lo = tr.global_batch // step * step
@@ -955,38 +1023,21 @@ def validate(cfg: Config, world_size: int) -> int:
         sugg = f"{lo} or {hi}" if lo > 0 else f"{hi}"
         raise ConfigError(
             f"train.global_batch={tr.global_batch} is not divisible by train.micro_batch*dp = "
-            f"{tr.micro_batch}*{dp} = {step} (dp={dp} at world size {world_size} with tp={tp}, "
-            f"pp={pp}); use a multiple of {step}, e.g. train.global_batch={sugg}"
+            f"{tr.micro_batch}*{dp} = {step} (dp={dp} at world size {world_size} with tp={par.tp}, "
+            f"pp={par.pp}); use a multiple of {step}, e.g. train.global_batch={sugg}"
         )
 
-    # ---- sequence length -------------------------------------------------------------
-    n_img = num_image_tokens(v)
+    n_img, why = fam.image_tokens(cfg), fam.image_tokens_formula(cfg)
     if data.max_seq_len < n_img + MIN_TEXT_TOKENS:
         raise ConfigError(
-            f"data.max_seq_len={data.max_seq_len} is too short: an image takes {n_img} tokens "
-            f"((image_size/patch_size)^2"
-            f"{' + 1 class token' if v.select_strategy == 'full' else ''}) and at least "
-            f"{MIN_TEXT_TOKENS} text tokens are needed; use data.max_seq_len >= "
-            f"{n_img + MIN_TEXT_TOKENS}"
+            f"data.max_seq_len={data.max_seq_len} is too short: an image takes {n_img} tokens ({why}) and at least "
+            f"{MIN_TEXT_TOKENS} text tokens are needed; use data.max_seq_len >= {n_img + MIN_TEXT_TOKENS}"
         )
-
-    # ---- synthetic data ------------------------------------------------------------
-    if not 1 <= data.min_shapes <= data.max_shapes <= MAX_SHAPES_LIMIT:
-        raise ConfigError(
-            f"data.min_shapes={data.min_shapes}, data.max_shapes={data.max_shapes}: need "
-            f"1 <= min_shapes <= max_shapes <= {MAX_SHAPES_LIMIT}"
-        )
-
-    # ---- optimiser / schedule ------------------------------------------------------
-    if not tr.lr > 0:
-        raise ConfigError(f"train.lr={tr.lr} must be > 0")
-    if tr.min_lr > tr.lr:
-        raise ConfigError(f"train.min_lr={tr.min_lr} must be <= train.lr={tr.lr}")
-    if tr.warmup_steps > tr.steps:
-        raise ConfigError(
-            f"train.warmup_steps={tr.warmup_steps} must be <= train.steps={tr.steps}"
-        )
-    _check_range_open("train.adam_beta1", tr.adam_beta1, 0.0, 1.0)
-    _check_range_open("train.adam_beta2", tr.adam_beta2, 0.0, 1.0)
-
     return dp
+
+
+def check_paths(cfg: Config) -> None:
+    """The files a training run reads: checked by ``megavlm train`` (after :func:`validate`) before any work, and
+    only there (``plan``, ``generate`` and ``eval`` do not need the training data)."""
+    if cfg.data.source == "shards" and not os.path.isdir(cfg.data.shards):
+        raise ConfigError(f"data.shards={cfg.data.shards} is not a directory")

@@ -90,8 +90,10 @@ class SafetensorsFile:
 class HFTensors:
     """Lazy view of the safetensors files of one HF folder, keyed by ``(part, canonical name)``."""
 
-    def __init__(self, folder: str, source: str):
-        self.folder, self.source = folder, source
+    def __init__(self, folder: str, prefixes, what: str = "HF"):
+        """``prefixes``: ``(file prefix, part, canonical prefix)`` triples (the family's import says them); ``what``
+        names the checkpoint kind in messages."""
+        self.folder, self.what = folder, what
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index):
@@ -112,7 +114,7 @@ class HFTensors:
             for key in h.names():
                 if key.endswith(_IGNORED_SUFFIXES):
                     continue
-                part, canon = split_hf_key(key, source)
+                part, canon = split_hf_key(key, prefixes, what)
                 self.keys[(part, canon)] = (fname, key)
         self.used: set[tuple[str, str]] = set()
 
@@ -147,13 +149,6 @@ class HFTensors:
 
     def unused(self, part: str | None = None) -> list[tuple[str, str]]:
         return sorted(k for k in self.keys if k not in self.used and (part is None or k[0] == part))
-
-
-def read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def nbytes(shape, dtype: torch.dtype) -> int:

@@ -33,12 +33,14 @@ from ..training import checkpoint as ckpt
 def meta_model(cfg, rt, vocab_size: int, image_token_id: int):
     """Our whole VLM (``cfg`` at TP=1/PP=1, first and last stage) with every parameter on the meta device. Built
     as on CPU (``use_cpu_initialization``: no explicit CUDA device in the layers) under ``torch.device('meta')``."""
-    from ..models.vlm import VLM, model_dtype
+    from .. import families
+    from ..models.vlm import model_dtype
 
     host = dataclasses.replace(rt, device=torch.device("cpu"))
     dtype = model_dtype(cfg, host)
     with torch.device("meta"):
-        model = VLM(cfg, host, vocab_size, image_token_id, dtype, pre_process=True, post_process=True)
+        model = families.of(cfg).build_model(cfg, host, vocab_size, image_token_id, dtype, pre_process=True,
+                                             post_process=True)
         model.to(dtype=dtype)
     real = [k for k, t in model.state_dict().items() if isinstance(t, torch.Tensor) and not t.is_meta]
     if real:  # a layer that allocated despite the meta device would silently cost memory: refuse instead

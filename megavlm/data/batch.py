@@ -10,7 +10,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from megavlm.data.conversation import IGNORE_INDEX
+from megavlm.data.constants import IGNORE_INDEX
 
 Stats = Union[float, Sequence[float], torch.Tensor]
 
@@ -46,6 +46,18 @@ def normalize_images(
     return x.to(dtype).contiguous()
 
 
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one place labels become training targets: ``labels`` ``(..., S)`` aligned with the input ids (-100 where
+    not supervised, as the conversation encoder writes them) → ``targets`` ``(..., S)`` with ``targets[t] =
+    labels[t+1]`` (position t predicts the next token; the last position predicts nothing) and ``loss_mask``
+    float32 ``(..., S)``, 1 where ``targets`` is supervised. Ignored targets stay -100 (the model reads them as 0 and
+    the mask drops them)."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[..., :-1] = labels[..., 1:]
+    return targets, (targets != IGNORE_INDEX).to(torch.float32)
+
+
 def collate(
     samples: Sequence[dict],
     image_mean: Stats | None = None,
@@ -55,8 +67,8 @@ def collate(
 
     Each sample: ``input_ids``/``labels`` ``LongTensor[S]``, ``images`` uint8
     ``[n_i, H, W, 3]`` (may have ``n_i == 0``; a missing key means no image).
-    Returns ``input_ids`` [b,S] long, ``labels`` [b,S] long (-100 ignored),
-    ``loss_mask`` [b,S] float32 (1 where labels != -100), ``images``
+    Returns ``input_ids`` [b,S] long, ``labels`` [b,S] long: the next-token targets of
+    :func:`next_token_targets` (-100 ignored), ``loss_mask`` [b,S] float32 (1 where labels != -100), ``images``
     concatenated in sample order, and ``num_images`` LongTensor[b].
 
     Without ``image_mean``/``image_std`` the images stay uint8 ``[sum n_i, H, W, 3]``: what the model's patch
@@ -74,8 +86,8 @@ def collate(
             "encode them with the same max_seq_len"
         )
     input_ids = torch.stack([torch.as_tensor(s["input_ids"], dtype=torch.long) for s in samples])
-    labels = torch.stack([torch.as_tensor(s["labels"], dtype=torch.long) for s in samples])
-    loss_mask = (labels != IGNORE_INDEX).to(torch.float32)
+    labels, loss_mask = next_token_targets(torch.stack([torch.as_tensor(s["labels"], dtype=torch.long)
+                                                         for s in samples]))
 
     imgs = [s.get("images") for s in samples]
     imgs = [torch.as_tensor(i) if i is not None else None for i in imgs]

@@ -1,8 +1,6 @@
-"""Conversation templates and the (input_ids, labels) encoding of a sample.
+"""The (input_ids, labels) encoding of a conversation with a template (:mod:`megavlm.data.templates`).
 
-A template is a table entry (:class:`ConversationTemplate`) that says which
-text goes around the user questions and the assistant answers.  The encoding
-is generic over templates:
+The encoding is generic over templates:
 
     prefix
     [turn_separator]  user_prefix  <image>*k  question  user_suffix  assistant_prefix   (not supervised)
@@ -14,39 +12,30 @@ single-turn sample,
 
     <s> USER: <image> {question} ASSISTANT: {answer} </s>
 
-Image tokens are expanded HF-LLaVA style: every ``<image>`` becomes
-``num_image_tokens`` copies of the image token id; the model scatters the
-image features into exactly those positions.
+Each ``<image>`` is expanded to the tokens its image takes (a count per image: the model family says how many, and
+which ids — by default that many copies of the image token id); the model places the image features at exactly
+those positions.
 
 Labels are *not* shifted: ``labels[t] == input_ids[t]`` on the assistant
 answers and their end-of-answer text (``</s>`` for vicuna), ``-100``
-everywhere else (prompt, image tokens, padding).  The loss must predict
-``labels[t+1]`` from position ``t`` (HF convention).
-
-Built-in templates: ``vicuna`` (default, above), ``plain`` (LLaVA stage 1),
-``vicuna_v1``, ``llama_2`` and ``chatml`` (LLaVA / LLaVA-NeXT's chat formats;
-see docs/data.md for the exact text of each).  To add one, add an entry to
-:data:`TEMPLATES` (or call :func:`register_template`); the synthetic tokenizer
-picks up its words and special tokens automatically unless the template says
-``in_synthetic_vocab=False`` (the built-ins past ``vicuna`` do, so that the
-default synthetic vocabulary, and with it the model's vocab size, does not
-change; ``build_synthetic_tokenizer(templates=[...])`` adds them).
+everywhere else (prompt, image tokens, padding). :func:`megavlm.data.batch.next_token_targets` turns them into
+the next-token targets and loss mask training uses (the one place that does).
 
 No megatron import here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
-from megavlm.data.tokenizer import IMAGE_TOKEN, image_token_id
+from megavlm.data.constants import IGNORE_INDEX, IMAGE_TOKEN, image_token_id
+from megavlm.data.templates import DEFAULT_TEMPLATE, ConversationTemplate, get_template
 from megavlm.errors import UserError
 
-IGNORE_INDEX = -100
-DEFAULT_TEMPLATE = "vicuna"
+__all__ = ["IGNORE_INDEX", "SampleTooLong", "encode_turns", "encode_conversation", "encode_prompt",
+           "check_supervision", "record_turns", "get_template", "ConversationTemplate"]
 
 
 class SampleTooLong(ValueError):
@@ -64,129 +53,6 @@ class SampleTooLong(ValueError):
             f"max_seq_len is {self.max_seq_len}; increase max_seq_len or reduce "
             f"num_image_tokens (samples are never truncated)"
         )
-
-
-@dataclass(frozen=True)
-class ConversationTemplate:
-    """Text around the turns of a conversation (see the module docstring)."""
-
-    name: str
-    prefix: str = ""  # once, at the very start (bos, system prompt)
-    user_prefix: str = ""  # start of every user turn
-    user_suffix: str = ""  # after the question, before assistant_prefix
-    assistant_prefix: str = ""  # end of the prompt; generation starts after it
-    answer_suffix: str = ""  # after every answer; supervised (e.g. "</s>")
-    turn_separator: str = ""  # between turns; not supervised
-    sep: str = " "  # joins the non-empty pieces
-    include_question: bool = True  # False for caption-only ("plain") pretraining
-    special_tokens: tuple[str, ...] = field(default_factory=tuple)  # never split
-    # Optional refinements (their defaults keep the behaviour above):
-    first_user_prefix: str | None = None  # user_prefix of the first turn (llama_2 puts the system prompt there)
-    answer_prefix: str = ""  # supervised text right before every answer (e.g. " " after "ASSISTANT:")
-    answer_sep: str | None = None  # joins answer and answer_suffix (None: sep)
-    image_join: str | None = None  # implicit images: "<image>"*k + image_join + question, one piece (None: pieces)
-    in_synthetic_vocab: bool = True  # words/special tokens go into the default synthetic tokenizer
-
-    def texts(self) -> list[str]:
-        """All literal text of the template (for building a closed vocabulary)."""
-        return [
-            self.prefix,
-            self.user_prefix,
-            self.user_suffix,
-            self.assistant_prefix,
-            self.answer_suffix,
-            self.turn_separator,
-            self.first_user_prefix or "",
-            self.answer_prefix,
-        ]
-
-
-VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
-                  "that the user provides, and assist the user with a variety of tasks using natural language.")
-CHATML_SYSTEM = "You are a helpful assistant."
-
-
-TEMPLATES: dict[str, ConversationTemplate] = {
-    "vicuna": ConversationTemplate(
-        name="vicuna",
-        prefix="<s>",
-        user_prefix="USER:",
-        assistant_prefix="ASSISTANT:",
-        answer_suffix="</s>",
-    ),
-    # LLaVA stage 1 (conv_llava_plain): "<s><image>caption</s>"; the question text is dropped, no roles.
-    "plain": ConversationTemplate(
-        name="plain",
-        prefix="<s>",
-        sep="",
-        answer_suffix="</s>",
-        include_question=False,
-        in_synthetic_vocab=False,
-    ),
-    # LLaVA conv_vicuna_v1: "<s>{sys} USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>"
-    "vicuna_v1": ConversationTemplate(
-        name="vicuna_v1",
-        prefix="<s>" + VICUNA_V1_SYSTEM,
-        user_prefix="USER:",
-        assistant_prefix="ASSISTANT:",
-        answer_prefix=" ",
-        answer_sep="",
-        answer_suffix="</s>",
-        image_join="\n",
-        in_synthetic_vocab=False,
-    ),
-    # LLaVA conv_llava_llama_2:
-    # "<s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q} [/INST] {a} </s>"
-    "llama_2": ConversationTemplate(
-        name="llama_2",
-        first_user_prefix=f"<s>[INST] <<SYS>>\n{LLAMA_2_SYSTEM}\n<</SYS>>\n\n",
-        user_prefix="<s>[INST] ",
-        assistant_prefix=" [/INST]",
-        answer_prefix=" ",
-        answer_sep=" ",
-        answer_suffix="</s>",
-        sep="",
-        image_join="\n",
-        in_synthetic_vocab=False,
-    ),
-    # ChatML (LLaVA-NeXT / Qwen): "<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
-    # "<|im_start|>assistant\n{a}<|im_end|>\n<|im_start|>user\n..."
-    "chatml": ConversationTemplate(
-        name="chatml",
-        prefix=f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n",
-        user_prefix="<|im_start|>user\n",
-        user_suffix="<|im_end|>\n",
-        assistant_prefix="<|im_start|>assistant\n",
-        answer_sep="",
-        answer_suffix="<|im_end|>",
-        turn_separator="\n",
-        sep="",
-        image_join="\n",
-        special_tokens=("<|im_start|>", "<|im_end|>"),
-        in_synthetic_vocab=False,
-    ),
-}
-
-
-def register_template(template: ConversationTemplate, *, overwrite: bool = False) -> None:
-    if template.name in TEMPLATES and not overwrite:
-        raise ValueError(f"conversation template {template.name!r} already registered")
-    TEMPLATES[template.name] = template
-
-
-def get_template(template: Union[str, ConversationTemplate, None]) -> ConversationTemplate:
-    if template is None:
-        return TEMPLATES[DEFAULT_TEMPLATE]
-    if isinstance(template, ConversationTemplate):
-        return template
-    try:
-        return TEMPLATES[template]
-    except KeyError:
-        raise ValueError(
-            f"unknown conversation template {template!r}; known: {sorted(TEMPLATES)}"
-        ) from None
 
 
 Turns = Sequence[tuple[str, str]]
@@ -246,10 +112,14 @@ def _runs(
     return runs
 
 
-def _tokenize_runs(
-    tok, runs: list[tuple[str, bool]], num_images: int, num_image_tokens: int
-) -> tuple[list[int], list[int]]:
-    img_id = image_token_id(tok) if num_images > 0 else None
+def _tokenize_runs(tok, runs: list[tuple[str, bool]], image_tokens: Sequence[int],
+                   expand: Callable[[int], list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and (unshifted) labels of the runs; the k-th ``<image>`` becomes ``expand(image_tokens[k])`` (default:
+    that many image-token ids), unsupervised."""
+    img_id = image_token_id(tok) if image_tokens else None
+    if expand is None:
+        def expand(n: int) -> list[int]:
+            return [img_id] * n
     ids: list[int] = []
     labels: list[int] = []
     seen_images = 0
@@ -265,18 +135,46 @@ def _tokenize_runs(
             continue
         for t in piece:
             if img_id is not None and t == img_id:
-                ids.extend([img_id] * num_image_tokens)
-                labels.extend([IGNORE_INDEX] * num_image_tokens)
+                if seen_images < len(image_tokens):
+                    span = expand(image_tokens[seen_images])
+                    ids.extend(span)
+                    labels.extend([IGNORE_INDEX] * len(span))
                 seen_images += 1
             else:
                 ids.append(t)
                 labels.append(IGNORE_INDEX)
-    if seen_images != num_images:
+    if seen_images != len(image_tokens):
         raise ValueError(
-            f"expected {num_images} {IMAGE_TOKEN!r} tokens after tokenization, found "
+            f"expected {len(image_tokens)} {IMAGE_TOKEN!r} tokens after tokenization, found "
             f"{seen_images} (does the tokenizer keep {IMAGE_TOKEN!r} as one token?)"
         )
     return ids, labels
+
+
+def _image_counts(num_images: int, num_image_tokens: int | Sequence[int]) -> list[int]:
+    """Tokens of each image: one count for all, or one per image."""
+    if isinstance(num_image_tokens, int):
+        if num_image_tokens < 1 and num_images > 0:
+            raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+        return [num_image_tokens] * num_images
+    counts = [int(n) for n in num_image_tokens]
+    if len(counts) != num_images:
+        raise ValueError(f"{len(counts)} image token counts for {num_images} images")
+    if any(n < 1 for n in counts):
+        raise ValueError(f"num_image_tokens must be >= 1, got {counts}")
+    return counts
+
+
+def encode_turns(tok, turns: Sequence[tuple[str, str | None]], num_images: int,
+                 num_image_tokens: int | Sequence[int], *, template=DEFAULT_TEMPLATE, with_last_answer: bool = True,
+                 expand: Callable[[int], list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """Unpadded ``(input_ids, labels)`` lists of a conversation (``labels`` aligned with the ids, -100 where not
+    supervised); ``with_last_answer=False`` stops at the last assistant prefix (a prompt). ``num_image_tokens``: the
+    tokens of every image, or one count per image; ``expand(n)`` the ids that replace one ``<image>`` of ``n`` tokens
+    (the model family's image text; default: ``n`` image-token ids)."""
+    tmpl = get_template(template)
+    runs = _runs(tmpl, [(q, a) for q, a in turns], num_images, with_last_answer=with_last_answer)
+    return _tokenize_runs(tok, runs, _image_counts(num_images, num_image_tokens), expand)
 
 
 def _pad_id(tok) -> int:
@@ -291,10 +189,11 @@ def encode_conversation(
     tok,
     turns: Turns,
     num_images: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_seq_len: int,
     *,
     template: Union[str, ConversationTemplate, None] = DEFAULT_TEMPLATE,
+    expand: Callable[[int], list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode a full conversation for training.
 
@@ -304,11 +203,7 @@ def encode_conversation(
     ``LongTensor[max_seq_len]``, right-padded with the pad id / -100.  Raises
     :class:`SampleTooLong` if the sequence does not fit (never truncates).
     """
-    if num_image_tokens < 1 and num_images > 0:
-        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
-    tmpl = get_template(template)
-    runs = _runs(tmpl, [(q, a) for q, a in turns], num_images, with_last_answer=True)
-    ids, labels = _tokenize_runs(tok, runs, num_images, num_image_tokens)
+    ids, labels = encode_turns(tok, turns, num_images, num_image_tokens, template=template, expand=expand)
     if len(ids) > max_seq_len:
         raise SampleTooLong(len(ids), max_seq_len)
     n_pad = max_seq_len - len(ids)
@@ -321,10 +216,11 @@ def encode_prompt(
     tok,
     turns: Union[str, Sequence[tuple[str, str | None]]],
     num_images: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_seq_len: int | None = None,
     *,
     template: Union[str, ConversationTemplate, None] = DEFAULT_TEMPLATE,
+    expand: Callable[[int], list[int]] | None = None,
 ) -> torch.Tensor:
     """Prompt ids for generation, up to and including the assistant prefix.
 
@@ -333,11 +229,10 @@ def encode_prompt(
     Returns an unpadded ``LongTensor[L]`` (image tokens expanded).  Raises
     :class:`SampleTooLong` if ``max_seq_len`` is given and exceeded.
     """
-    tmpl = get_template(template)
     if isinstance(turns, str):
         turns = [(turns, None)]
-    runs = _runs(tmpl, [(q, a) for q, a in turns], num_images, with_last_answer=False)
-    ids, _ = _tokenize_runs(tok, runs, num_images, num_image_tokens)
+    ids, _ = encode_turns(tok, turns, num_images, num_image_tokens, template=template, with_last_answer=False,
+                          expand=expand)
     if max_seq_len is not None and len(ids) > max_seq_len:
         raise SampleTooLong(len(ids), max_seq_len, what="prompt")
     return torch.tensor(ids, dtype=torch.long)

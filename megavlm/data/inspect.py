@@ -15,31 +15,31 @@ No megatron import here.
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import sys
 from typing import TextIO
 
-from megavlm.config import LLAVA15_VISION, Config, ConfigError, VisionConfig, validate
-from megavlm.config import num_image_tokens as image_tokens_of
-from megavlm.data.conversation import IGNORE_INDEX, _runs, _tokenize_runs, check_supervision, get_template, record_turns
+from megavlm.config import ConfigError, validate
+from megavlm.data.constants import IGNORE_INDEX, IMAGE_TOKEN, image_token_id
+from megavlm.data.conversation import check_supervision, encode_turns, get_template, record_turns
 from megavlm.data.shards import iter_shards, shard_paths
-from megavlm.data.tokenizer import IMAGE_TOKEN, build_synthetic_tokenizer, image_token_id, load_tokenizer
+from megavlm.data.synthetic import build_synthetic_tokenizer
+from megavlm.data.tokenizer import load_tokenizer
 from megavlm.errors import UserError
 
 #: Without a config: LLaVA-1.5's vision tower, CLIP ViT-L/14 at 336² (24×24 patches, class token dropped).
-DEFAULT_VISION = LLAVA15_VISION
-DEFAULT_IMAGE_TOKENS = image_tokens_of(DEFAULT_VISION)
+DEFAULT_MODEL = ("model.family=llava", "model.vision.image_size=336", "model.vision.patch_size=14")
+#: Its tokens per image: (336/14)² = 576.
+DEFAULT_IMAGE_TOKENS = 576
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _GREEN, _RESET = "\033[32m", "\033[0m"
 
 
 def encode(tok, record: dict, num_image_tokens: int, template) -> tuple[list[int], list[int]]:
     """Unpadded ``(ids, labels)`` of a shard record (ValueError if it cannot be encoded)."""
-    n_img = len(record.get("images") or [])
-    runs = _runs(get_template(template), record_turns(record), n_img, with_last_answer=True)
-    return _tokenize_runs(tok, runs, n_img, num_image_tokens)
+    return encode_turns(tok, record_turns(record), len(record.get("images") or []), num_image_tokens,
+                        template=template)
 
 
 def render(tok, ids: list[int], labels: list[int], color: bool) -> str:
@@ -89,30 +89,36 @@ def _bucket(n: int) -> str:
     return f"> {BUCKETS[-1]}"
 
 
-def _how_many(v: VisionConfig) -> str:
-    return f"({v.image_size}/{v.patch_size})²" + (" + 1 class token" if v.select_strategy == "full" else "")
+def _tokens_of(config) -> tuple[int, str]:
+    """What training expands ``<image>`` to for ``config``'s model, and the model family's formula."""
+    from megavlm import families
+
+    fam = families.of(config)
+    return fam.image_tokens(config), fam.image_tokens_formula(config)
 
 
-def image_tokens(config: Config | None = None, override: int | None = None,
-                 config_name: str = "the config") -> tuple[int, str]:
+def image_tokens(config=None, override: int | None = None, config_name: str = "the config") -> tuple[int, str]:
     """Tokens per image and why: ``override`` (``--image-tokens``), else what training expands ``<image>`` to for
-    ``config``'s model (:func:`megavlm.config.num_image_tokens`), else :data:`DEFAULT_IMAGE_TOKENS`."""
+    ``config``'s model (its family's count), else :data:`DEFAULT_IMAGE_TOKENS`."""
     if override is not None:
         why = "--image-tokens"
-        if config is not None and image_tokens_of(config.model.vision) != override:
-            why += f"; model.vision of {config_name} gives {image_tokens_of(config.model.vision)}"
+        if config is not None and _tokens_of(config)[0] != override:
+            why += f"; model.vision of {config_name} gives {_tokens_of(config)[0]}"
         return override, why
     if config is not None:
-        v = config.model.vision
-        return image_tokens_of(v), f"model.vision of {config_name}: {_how_many(v)}"
-    return DEFAULT_IMAGE_TOKENS, (f"default without a config: LLaVA-1.5's CLIP ViT-L/14 at 336², "
-                                  f"{_how_many(DEFAULT_VISION)}; --config CONFIG takes your model's, "
-                                  f"--image-tokens N sets it")
+        n, how = _tokens_of(config)
+        return n, f"model.vision of {config_name}: {how}"
+    from megavlm.config import load_config
+
+    n, how = _tokens_of(load_config(None, DEFAULT_MODEL))
+    assert n == DEFAULT_IMAGE_TOKENS
+    return n, (f"default without a config: LLaVA-1.5's CLIP ViT-L/14 at 336², {how}; --config CONFIG takes your "
+               f"model's, --image-tokens N sets it")
 
 
 def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | None = None, n: int = 5,
             num_image_tokens: int | None = None, max_seq_len: int | None = None, out: TextIO | None = None,
-            color: bool | None = None, config: Config | None = None, config_name: str = "the config") -> dict:
+            color: bool | None = None, config=None, config_name: str = "the config") -> dict:
     """Print ``n`` samples and the statistics of ``shards_dir`` to ``out``; return the statistics.
 
     ``config`` (a :class:`megavlm.config.Config`, named ``config_name`` in the output) supplies what is not given:
@@ -124,11 +130,8 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
     if not os.path.isdir(shards_dir) or not shard_paths(shards_dir):
         raise UserError(f"no shard-*.tar files in {shards_dir}")
     if config is not None:
-        checked = copy.deepcopy(config)  # the config's own checks; its data.shards is the directory inspected here
-        if checked.data.source == "shards":
-            checked.data.shards = shards_dir
-        try:
-            validate(checked, checked.parallel.tp * checked.parallel.pp)
+        try:  # the config's own checks (not its paths: data.shards is the directory inspected here)
+            validate(config, config.parallel.tp * config.parallel.pp)
         except ConfigError as e:
             raise UserError(f"{config_name}: {e}") from None
     from_cfg = f"data.%s of {config_name}"
@@ -138,7 +141,9 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
                                                                if config is not None else None)
     if config is not None:
         tokenizer = tokenizer if tokenizer is not None else config.data.tokenizer
-        template = template if template is not None else config.data.template
+        from megavlm import families
+
+        template = template if template is not None else families.template(config)
         max_seq_len = max_seq_len if max_seq_len is not None else config.data.max_seq_len
     template = template if template is not None else "vicuna"
     num_image_tokens, img_why = image_tokens(config, num_image_tokens, config_name)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from .batch import next_token_targets
+from .constants import IGNORE_INDEX
 
 
 def sample_length(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> int:
@@ -37,9 +38,10 @@ def packed_seq_params(cu_seqlens: torch.Tensor):
 
 @dataclass
 class PackedSequence:
-    """``input_ids``/``labels``/``loss_mask`` are ``(1, max_len)`` (labels already shifted, ignored → 0 with
-    loss_mask 0); ``images`` uint8 ``(n, H, W, c)`` in token order; ``cu_seqlens`` int32 ``(k + 1,)`` over the k
-    segments (the samples, then one padding segment if the sequence is not full); ``samples`` the indices packed."""
+    """``input_ids``/``labels``/``loss_mask`` are ``(1, max_len)`` (labels: the next-token targets of each sample,
+    ignored -100 with loss_mask 0); ``images`` uint8 ``(n, H, W, c)`` in token order; ``cu_seqlens`` int32
+    ``(k + 1,)`` over the k segments (the samples, then one padding segment if the sequence is not full);
+    ``samples`` the indices packed."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -74,7 +76,7 @@ def pack(samples: list[dict], max_len: int, pad_id: int) -> list[PackedSequence]
         for _, sid, slab, _ in current:
             n = sid.numel()
             ids[0, pos:pos + n] = sid
-            labels[0, pos:pos + n - 1] = slab[1:]  # next-token targets within the sample only
+            labels[0, pos:pos + n] = next_token_targets(slab)[0]  # targets within the sample only
             pos += n
             bounds.append(pos)
         if pos < max_len:
@@ -82,7 +84,7 @@ def pack(samples: list[dict], max_len: int, pad_id: int) -> list[PackedSequence]
         imgs = [im for *_, im in current if im is not None and im.shape[0] > 0]
         images = torch.cat(imgs) if imgs else torch.zeros((0,) + tuple(current[0][3].shape[1:]), dtype=torch.uint8)
         mask = (labels != IGNORE_INDEX).to(torch.float32)
-        out.append(PackedSequence(ids, labels.clamp(min=0), mask, images, torch.tensor(bounds, dtype=torch.int32),
+        out.append(PackedSequence(ids, labels, mask, images, torch.tensor(bounds, dtype=torch.int32),
                                   [i for i, *_ in current]))
         current, used = [], 0
 

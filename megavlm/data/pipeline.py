@@ -7,13 +7,8 @@ shard writer's), split over data-parallel ranks with ``shard_id=dp_rank, num_sha
 a rank always reads the same contiguous split, shuffled per epoch in training).  All TP/PP ranks of one replica pass
 the same ``dp_rank`` and therefore see the same samples.
 
-Image modes (``image_size`` = S):
-
-* ``resize``: squash to S×S (linear, antialiased).
-* ``pad``: LLaVA's ``expand2square`` — pad the shorter side centrally with ``int(mean*255)`` per channel, then
-  resize to S×S.
-* ``crop``: training: random resized crop (scale 0.08–1, ratio 3/4–4/3) to S×S + random horizontal flip;
-  eval: resize the shorter side to S + centre crop S×S.
+Image modes: ``resize``, ``pad`` and ``crop`` (:mod:`megavlm.data.images`, whose PIL reference the pipeline is
+tested against).
 
 Output ``uint8`` gives HWC uint8 images (what the model's patch embedding takes; it normalizes itself); ``float``
 gives CHW float32 normalized with ``(x/255 - mean)/std``.
@@ -45,14 +40,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from megavlm.data.images import CROP_RATIO as _CROP_RATIO
+from megavlm.data.images import CROP_SCALE as _CROP_SCALE
+from megavlm.data.images import MODES, fill_values, reference_transform  # noqa: F401 - reference_transform: re-exported
 from megavlm.data.shards import shard_paths, whole_samples
 from megavlm.errors import UserError
 
-MODES = ("resize", "pad", "crop")
 OUTPUTS = ("uint8", "float")
 IMAGE_EXTS = ("jpg", "png", "jpeg")
-_CROP_SCALE = (0.08, 1.0)
-_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def _placeholder() -> np.ndarray:
@@ -61,10 +56,6 @@ def _placeholder() -> np.ndarray:
     buf = io.BytesIO()
     Image.new("RGB", (2, 2)).save(buf, format="PNG")
     return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
-
-
-def _fill(mean: Sequence[float]) -> list[float]:
-    return [float(int(m * 255)) for m in mean]  # LLaVA: tuple(int(x*255) for x in image_mean)
 
 
 def gpu_available() -> bool:
@@ -141,7 +132,7 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
     S = int(image_size)
     ext = ["json"] + [";".join(f"{k}.{e}" for e in IMAGE_EXTS) for k in range(max_images)]
     placeholder = _placeholder()
-    fill = _fill(mean)
+    fill = [float(v) for v in fill_values(mean)]
     on_gpu = device == "mixed"
 
     @pipeline_def(enable_conditionals=True)
@@ -384,45 +375,6 @@ class ImageTextLoader:
 
 class _Undecodable(Exception):
     pass
-
-
-def reference_transform(im, size: int, mode: str, train: bool = False, mean=(0.0, 0.0, 0.0), rng=None) -> np.ndarray:
-    """PIL version of the pipeline's image transform (the fallback path and the tests' reference): uint8 HWC."""
-    from PIL import Image
-
-    S = int(size)
-    if mode == "resize":
-        im = im.resize((S, S), Image.BILINEAR)
-    elif mode == "pad":
-        w, h = im.size
-        if w != h:
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
-            canvas.paste(im, ((side - w) // 2, (side - h) // 2))
-            im = canvas
-        im = im.resize((S, S), Image.BILINEAR)
-    elif train:
-        rng = rng if rng is not None else np.random.default_rng()
-        w, h = im.size
-        for _ in range(10):
-            area = w * h * rng.uniform(*_CROP_SCALE)
-            ratio = np.exp(rng.uniform(np.log(_CROP_RATIO[0]), np.log(_CROP_RATIO[1])))
-            cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
-            if 0 < cw <= w and 0 < ch <= h:
-                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                break
-        else:
-            cw = ch = min(w, h)
-            x, y = (w - cw) // 2, (h - ch) // 2
-        im = im.resize((S, S), Image.BILINEAR, box=(x, y, x + cw, y + ch))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    else:
-        w, h = im.size  # shorter side to S + centre crop S×S == the centred square of side min(w, h), resized
-        m = min(w, h)
-        x, y = (w - m) / 2, (h - m) / 2
-        im = im.resize((S, S), Image.BILINEAR, box=(x, y, x + m, y + m))
-    return np.asarray(im, dtype=np.uint8).copy()
 
 
 def _to_torch_gpu(tl) -> torch.Tensor:

@@ -25,7 +25,7 @@ import tarfile
 import time
 from typing import Iterable, Iterator
 
-from megavlm.data.tokenizer import IMAGE_TOKEN
+from megavlm.data.constants import IMAGE_TOKEN
 from megavlm.errors import UserError
 
 FORMATS = ("llava-pretrain", "llava-instruct", "jsonl")

@@ -29,7 +29,9 @@ import torch
 from torch.utils.data import Dataset
 
 from megavlm.data.batch import collate
+from megavlm.data.constants import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, UNK_TOKEN
 from megavlm.data.conversation import encode_conversation, encode_prompt
+from megavlm.data.templates import TEMPLATES, get_template
 
 BACKGROUND = (128, 128, 128)
 
@@ -285,6 +287,130 @@ def generate_split(
                 }
             )
     return images, meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The synthetic tokenizer: a tiny word-level tokenizer over the closed vocabulary of this data set plus the words of
+# the registered conversation templates, built in-process from HF ``tokenizers`` (nothing is downloaded) and wrapped
+# as a ``transformers`` fast tokenizer, so that the rest of the code treats it exactly like a real LLM tokenizer.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _split_words(text: str, specials: set[str]) -> list[str]:
+    """Pieces the Whitespace pre-tokenizer makes of ``text`` (special tokens removed)."""
+    from tokenizers import pre_tokenizers
+
+    for s in specials:
+        text = text.replace(s, " ")
+    return [piece for piece, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def _synthetic_templates(templates=None) -> tuple[list, list]:
+    """(default templates, extra templates): the default ones are the registered templates with
+    ``in_synthetic_vocab``; ``templates`` (names or objects) adds others after them."""
+    default = [t for t in TEMPLATES.values() if t.in_synthetic_vocab]
+    names = {t.name for t in default}
+    extra = []
+    for t in templates or ():
+        t = get_template(t)
+        if t.name not in names:
+            names.add(t.name)
+            extra.append(t)
+    return default, extra
+
+
+def synthetic_special_tokens(templates=None) -> list[str]:
+    """Special tokens of the synthetic tokenizer: the fixed ones, then template ones
+    (those of ``templates`` last)."""
+    default, extra = _synthetic_templates(templates)
+    specials = list(SPECIAL_TOKENS)
+    for tmpl in default + extra:
+        for t in tmpl.special_tokens:
+            if t not in specials:
+                specials.append(t)
+    return specials
+
+
+def synthetic_vocabulary(templates=None) -> list[str]:
+    """The ordered vocabulary (special tokens first) of the synthetic tokenizer.
+
+    Order is deterministic: special tokens, then the data-set words, then the
+    template words in registration order of the templates; each word once.
+    Adding a template later only appends words, existing ids never move.
+    ``templates`` names templates that are not in the default vocabulary
+    (``in_synthetic_vocab=False``, e.g. ``chatml``): their special tokens and
+    words are appended after everything else, so the ids of the default
+    vocabulary stay the same.
+    """
+    default, extra = _synthetic_templates(templates)
+    base_specials = synthetic_special_tokens()
+    specials = synthetic_special_tokens(templates)
+    special_set = set(specials)
+
+    words: list[str] = list(base_specials)
+    seen = set(words)
+
+    def add(text: str) -> None:
+        for w in _split_words(text, special_set):
+            if w not in seen:
+                seen.add(w)
+                words.append(w)
+
+    for text in vocabulary_texts():
+        add(text)
+    for tmpl in default:
+        for text in tmpl.texts():
+            add(text)
+    for t in specials:
+        if t not in seen:
+            seen.add(t)
+            words.append(t)
+    for tmpl in extra:
+        for text in tmpl.texts():
+            add(text)
+    return words
+
+
+def build_synthetic_tokenizer(out_dir: str | None = None, templates=None):
+    """Build the word-level tokenizer of the synthetic data.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` = 0,
+    ``<s>`` (bos), ``</s>`` (eos), ``<unk>`` and ``<image>`` as special tokens.
+    No post-processor: nothing is added implicitly; the conversation template
+    writes ``<s>``/``</s>`` explicitly.  If ``out_dir`` is given the tokenizer
+    is also ``save_pretrained`` there (loadable with :func:`load_tokenizer`).
+    ``templates``: extra conversation templates whose words and special tokens
+    are appended (see :func:`synthetic_vocabulary`); without it the vocabulary
+    is the default one. ``load_tokenizer(None)`` returns it.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = synthetic_vocabulary(templates)
+    vocab = {w: i for i, w in enumerate(words)}
+    assert vocab[PAD_TOKEN] == 0
+
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = synthetic_special_tokens(templates)
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False, single_word=False) for t in specials]
+    )
+
+    extra = [t for t in specials if t not in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        extra_special_tokens=extra,
+        padding_side="right",
+    )
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        tok.save_pretrained(out_dir)
+    return tok
 
 
 class SyntheticVLMDataset(Dataset):

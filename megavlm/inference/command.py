@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..config import num_image_tokens
+from .. import families
 from ..errors import UserError
 from .generate import Sampling
 
@@ -51,11 +51,9 @@ def parse_input_ids(text: str) -> list[int]:
 
 
 def load_image(path: str, cfg) -> torch.Tensor:
-    """The image as training sees it: ``data.image_mode`` at ``model.vision.image_size`` (the PIL reference of the
-    data pipeline's eval transform), uint8 ``(1, S, S, 3)`` for the model's patch embedding."""
+    """The image as training sees it: the model family's image processing (the PIL reference of the data pipeline's
+    eval transform), uint8 ``(n, H, W, 3)`` crops for the model's patch embedding."""
     from PIL import Image
-
-    from ..data.pipeline import reference_transform
 
     if not os.path.isfile(path):
         raise UserError(f"--image {path}: no such file")
@@ -64,25 +62,26 @@ def load_image(path: str, cfg) -> torch.Tensor:
             im = im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
         raise UserError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
-    v = cfg.model.vision
-    if v.num_channels != 3:
-        raise UserError(f"the model takes {v.num_channels}-channel images; --image gives RGB")
-    arr = reference_transform(im, v.image_size, cfg.data.image_mode, train=False, mean=v.image_mean)
-    return torch.from_numpy(arr).unsqueeze(0)
+    fam = families.of(cfg)
+    channels = fam.vision_arch(cfg).num_channels
+    if channels != 3:
+        raise UserError(f"the model takes {channels}-channel images; --image gives RGB")
+    return torch.from_numpy(fam.image_processor(cfg).reference(im, train=False))
 
 
 def _prompt_ids(req: Request, cfg, tok, n_images: int) -> torch.Tensor:
+    from ..data.constants import image_token_id
     from ..data.conversation import encode_prompt
-    from ..data.tokenizer import image_token_id
 
-    n_img = num_image_tokens(cfg.model.vision)
+    fam = families.of(cfg)
+    n_img = fam.image_tokens(cfg)
     if req.input_ids is not None:
         ids = parse_input_ids(req.input_ids)
         vocab = cfg.model.language.vocab_size or len(tok)
         if max(ids) >= vocab:
             raise UserError(f"--input-ids: id {max(ids)} is past the vocabulary ({vocab} tokens)")
         try:
-            tid = image_token_id(tok)
+            tid = image_token_id(tok, fam.image_token)
         except UserError:
             tid = None
         count = ids.count(tid) if tid is not None else 0
@@ -95,9 +94,10 @@ def _prompt_ids(req: Request, cfg, tok, n_images: int) -> torch.Tensor:
             raise UserError(f"--input-ids holds {count} image-token ids ({tid}); with --image give one (expanded "
                             f"here) or exactly {n_img}, the tokens one image occupies")
         return torch.tensor(ids, dtype=torch.long)
-    template = req.template or cfg.data.template
+    template = req.template or families.template(cfg)
     try:
-        return encode_prompt(tok, req.prompt, num_images=n_images, num_image_tokens=n_img, template=template)
+        return encode_prompt(tok, req.prompt, num_images=n_images, num_image_tokens=n_img, template=template,
+                             expand=fam.expand_image(tok))
     except ValueError as e:
         raise UserError(f"--prompt: {e}") from None
 
@@ -125,11 +125,12 @@ def check(req: Request) -> Sampling:
 def run(req: Request) -> dict:
     """Load, decode, print (on rank 0); returns the result dict that ``--output json`` prints."""
     from .. import runtime
-    from ..data.conversation import get_template
-    from .generate import generate
+    from ..config import single_layout
+    from ..data.templates import get_template
     from ..data.tokenizer import find_tokenizer
-    from ..training.checkpoint import find_checkpoint
-    from .load import build_and_load, inference_layout, saved_config
+    from ..training.checkpoint import find_checkpoint, saved_config
+    from .generate import generate
+    from .load import build_and_load
 
     sampling = check(req)
     if not os.path.exists(req.ckpt):
@@ -150,7 +151,7 @@ def run(req: Request) -> dict:
     tok, _ = find_tokenizer(path, cfg.data.tokenizer, req.tokenizer)
     prompt = _prompt_ids(req, cfg, tok, 1 if image is not None else 0)
 
-    cfg = inference_layout(cfg, tp)
+    cfg = single_layout(cfg, tp)
     rt = runtime.initialize(tp, 1, cfg.train.seed)
     model = build_and_load(cfg, path, tok, rt)
     eos = None if req.ignore_eos else tok.eos_token_id

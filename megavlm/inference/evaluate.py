@@ -9,14 +9,14 @@ import os
 
 import torch
 
-from .. import runtime
-from ..config import Config, checkpoint_dir, num_image_tokens
+from .. import families, runtime
+from ..config import Config, checkpoint_dir, single_layout
 from ..data.synthetic import SyntheticVLMDataset
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..training import checkpoint as ckpt
 from .generate import generate
-from .load import build_and_load, inference_layout
+from .load import build_and_load
 
 
 def load_for_inference(cfg: Config):
@@ -32,17 +32,17 @@ def load_for_inference(cfg: Config):
     saved = ckpt.load_common(path).get("config", {})
     cfg.model.language.vocab_size = (cfg.model.language.vocab_size
                                      or saved.get("model", {}).get("language", {}).get("vocab_size") or len(tok))
-    model = build_and_load(inference_layout(cfg), path, tok, rt)
+    model = build_and_load(single_layout(cfg), path, tok, rt)
     return rt, tok, model, path
 
 
 def evaluate(cfg: Config, limit: int | None = None, show: int = 5, batch_size: int = 32) -> dict:
     rt, tok, model, path = load_for_inference(cfg)
-    v = cfg.model.vision
+    img = families.of(cfg).image_processor(cfg)
     ds = SyntheticVLMDataset(
-        tok, num_samples=cfg.data.eval_samples, image_size=v.image_size, num_image_tokens=num_image_tokens(v),
+        tok, num_samples=cfg.data.eval_samples, image_size=img.size, num_image_tokens=families.image_tokens(cfg),
         max_seq_len=cfg.data.max_seq_len, min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
-        split="eval", seed=cfg.train.seed, image_mean=v.image_mean, image_std=v.image_std)
+        split="eval", seed=cfg.train.seed, image_mean=img.mean, image_std=img.std)
     items = ds.eval_items("color")[:limit]
     if not items:
         raise UserError("no colour questions among the eval samples; raise data.eval_samples")

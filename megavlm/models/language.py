@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """Embedding rows padded to ``multiple``. Independent of TP so that a checkpoint reshards; config checks
-    require TP to divide the result."""
-    return -(-vocab_size // multiple) * multiple
+from ..shapes import padded_vocab
 
 
 def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, pre_process: bool,
@@ -16,7 +12,7 @@ def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, 
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=padded_vocab_size(vocab_size, lcfg.vocab_pad_multiple),
+        vocab_size=padded_vocab(vocab_size, lcfg.vocab_pad_multiple),
         max_sequence_length=max_seq_len,
         pre_process=pre_process,
         post_process=post_process,

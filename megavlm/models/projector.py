@@ -1,4 +1,5 @@
-"""The vision→language projector: megatron-core's MultimodalProjector (``linear`` or LLaVA's ``mlp2x_gelu``)."""
+"""The vision→language projector: megatron-core's MultimodalProjector, ``mlp`` (Linear, GELU, Linear) or ``affine``
+(one Linear) — a ``shapes.ProjectorArch``'s kind."""
 
 from __future__ import annotations
 
@@ -6,14 +7,11 @@ from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 
-_TYPES = {"mlp2x_gelu": "mlp", "linear": "affine"}
-
-
-def build_projector(config, projector_type: str, input_size: int) -> MultimodalProjector:
+def build_projector(config, kind: str, input_size: int) -> MultimodalProjector:
     """TP-split like an MLP: fc1 column-parallel, fc2 row-parallel. Input ``(t, n, d_vision)`` → ``(t, n, h)``."""
     return MultimodalProjector(
         config,
         MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        _TYPES[projector_type],
+        kind,
         input_size,
     )

@@ -25,12 +25,12 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """CLIP's activation (HF ``quick_gelu``)."""
+    """HF ``quick_gelu`` (OpenAI CLIP's activation)."""
     return x * torch.sigmoid(1.702 * x)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """SigLIP's activation (HF ``gelu_pytorch_tanh``)."""
+    """HF ``gelu_pytorch_tanh``."""
     return F.gelu(x, approximate="tanh")
 
 
@@ -101,23 +101,6 @@ class SDPAttention(MegatronModule):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                              scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
         return out.squeeze(0).permute(1, 0, 2).reshape(t, -1)
-
-
-def resolve_backend(spec: str, on_gpu: bool, packed: bool = False) -> str:
-    """``auto`` → ``te`` when Transformer Engine imports on GPU, ``sdpa`` on GPU otherwise, ``local`` on CPU
-    (``sdpa`` there too for packed sequences, which megatron's local attention cannot mask)."""
-    if spec != "auto":
-        if spec in ("sdpa", "te") and not on_gpu:
-            return "sdpa" if packed else ("local" if spec == "te" else spec)
-        return spec
-    if not on_gpu:
-        return "sdpa" if packed else "local"
-    try:
-        import transformer_engine  # noqa: F401
-
-        return "te"
-    except Exception:
-        return "sdpa"
 
 
 def layer_spec(backend: str, causal: bool) -> ModuleSpec:
@@ -222,24 +205,22 @@ def language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
     )
 
 
-def vision_num_layers(v) -> int:
-    """Layers actually built: the encoder stops at the hidden state LLaVA reads (HF ``hidden_states`` index)."""
-    return v.feature_layer if v.feature_layer > 0 else v.num_layers + 1 + v.feature_layer
+_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh, "gelu": F.gelu}
 
 
-def vision_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
-    """The vision encoder lives whole on the first pipeline stage, unsplit by PP and without SP."""
-    v = cfg.model.vision
+def vision_config(arch, cfg, rt, dtype: torch.dtype) -> TransformerConfig:
+    """The vision encoder (a ``shapes.ViTArch``) lives whole on the first pipeline stage, unsplit by PP and without
+    SP."""
     return TransformerConfig(
-        num_layers=vision_num_layers(v),
-        hidden_size=v.hidden_size,
-        ffn_hidden_size=v.ffn_hidden_size,
-        num_attention_heads=v.num_heads,
-        kv_channels=v.hidden_size // v.num_heads,
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        kv_channels=arch.hidden_size // arch.num_heads,
         normalization="LayerNorm",
-        layernorm_epsilon=v.layernorm_eps,
+        layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=False,
-        activation_func=quick_gelu if v.flavour == "clip" else gelu_tanh,
+        activation_func=_VIT_ACTIVATIONS[arch.activation],
         add_bias_linear=True,
         add_qkv_bias=True,
         pipeline_model_parallel_size=1,

@@ -1,8 +1,9 @@
-"""ViT vision encoder (CLIP or SigLIP flavour) on megatron-core's TransformerBlock.
+"""ViT vision encoder on megatron-core's TransformerBlock, built from a ``shapes.ViTArch`` (the model family says
+which: class token or not, a LayerNorm before the first layer or not, a patch bias or not, the activation).
 
 The patch embedding, class token and positions are replicated over TP (every TP rank sees the same images);
-the transformer layers are TP-split. Only the layers up to the configured feature layer are built, and no
-post-LayerNorm: LLaVA reads ``hidden_states[feature_layer]`` of the HF model, which precedes it.
+the transformer layers are TP-split. Only the layers up to the feature layer are built (``arch.num_layers``), and no
+post-LayerNorm: the projector reads HF's ``hidden_states[feature_layer]``, which precedes it.
 """
 
 from __future__ import annotations
@@ -17,21 +18,20 @@ from ..ops import fused, reference
 
 
 class VisionEncoder(MegatronModule):
-    def __init__(self, config: TransformerConfig, vcfg, spec, kernels: str = "reference"):
+    def __init__(self, config: TransformerConfig, arch, spec, kernels: str = "reference"):
+        """``arch``: a ``shapes.ViTArch``; ``config``: its TransformerConfig (``specs.vision_config``)."""
         super().__init__(config=config)
         self.kernels = kernels  # resolved: "fused" | "reference"
-        self.image_mean, self.image_std = tuple(vcfg.image_mean), tuple(vcfg.image_std)
-        self.flavour = vcfg.flavour
-        self.patch_size = vcfg.patch_size
-        self.select_strategy = vcfg.select_strategy
-        d, c, p = vcfg.hidden_size, vcfg.num_channels, vcfg.patch_size
-        num_patches = (vcfg.image_size // p) ** 2
-        self.has_class_token = self.flavour == "clip"
-        seq = num_patches + (1 if self.has_class_token else 0)
+        self.image_mean, self.image_std = tuple(arch.image_mean), tuple(arch.image_std)
+        self.patch_size = arch.patch_size
+        self.has_class_token = arch.class_token
+        self.keep_class_token = arch.keep_class_token
+        d, c, p = arch.hidden_size, arch.num_channels, arch.patch_size
+        seq = arch.positions
         dt = config.params_dtype
         # Conv weight in the (d, c, p, p) layout HF and megatron store.
         self.patch_weight = torch.nn.Parameter(torch.empty(d, c, p, p, dtype=dt))
-        self.patch_bias = torch.nn.Parameter(torch.zeros(d, dtype=dt)) if self.flavour == "siglip" else None
+        self.patch_bias = torch.nn.Parameter(torch.zeros(d, dtype=dt)) if arch.patch_bias else None
         self.class_embedding = torch.nn.Parameter(torch.empty(d, dtype=dt)) if self.has_class_token else None
         self.position_embeddings = torch.nn.Parameter(torch.empty(seq, d, dtype=dt))
         if config.perform_initialization:
@@ -40,7 +40,7 @@ class VisionEncoder(MegatronModule):
                 torch.nn.init.normal_(self.position_embeddings, std=config.init_method_std)
                 if self.class_embedding is not None:
                     torch.nn.init.normal_(self.class_embedding, std=d ** -0.5)
-        self.ln_pre = torch.nn.LayerNorm(d, eps=vcfg.layernorm_eps) if self.has_class_token else None
+        self.ln_pre = torch.nn.LayerNorm(d, eps=arch.norm_eps) if arch.pre_norm else None
         self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=False)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -61,13 +61,13 @@ class VisionEncoder(MegatronModule):
         return x + self.position_embeddings
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` uint8 (n, H, W, c) or float (n, c, H, W) → features ``(n, t, d)`` (class token dropped unless
-        select_strategy=full)."""
+        """``images`` uint8 (n, H, W, c) or float (n, c, H, W) → features ``(n, t, d)`` (the class token dropped unless
+        the architecture keeps it)."""
         x = self.embed(images)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask=None).transpose(0, 1)
-        if self.has_class_token and self.select_strategy == "default":
+        if self.has_class_token and not self.keep_class_token:
             x = x[:, 1:]
         return x
 

@@ -13,16 +13,12 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from .. import ops
+from .. import families, ops, shapes
 from ..ops import fused
 from . import specs
 from .language import build_language_model
 from .projector import build_projector
 from .vision import VisionEncoder
-
-#: Parameter-name prefixes trained in each stage (1: projector; 2: + LLM; 3: everything).
-TRAINABLE = {1: ("projector.",), 2: ("projector.", "language_model."), 3: ("",)}
-
 
 class VLM(MegatronModule):
     """Inputs (first stage): ``input_ids`` (b, s), ``images`` (n, c, H, W). Last stage: ``labels`` (b, s) give the
@@ -32,11 +28,13 @@ class VLM(MegatronModule):
                  pre_process: bool, post_process: bool):
         lang_cfg = specs.language_config(cfg, rt, dtype)
         super().__init__(config=lang_cfg)
-        backend = specs.resolve_backend(cfg.model.spec, rt.on_gpu, packed=cfg.data.packing)
+        fam = families.of(cfg)
+        varch, parch = fam.vision_arch(cfg), fam.projector_arch(cfg)
+        backend = shapes.resolve_backend(cfg.model.spec, rt.on_gpu, packed=cfg.data.packing)
         self.backend = backend
         self.kernels = ops.resolve_kernels(cfg.model.kernels)
         # The fused projector runs on megatron's own (TP-sharded) fc1/fc2 weights, at any TP.
-        self.fused_projector = self.kernels == "fused" and cfg.model.projector.type == "mlp2x_gelu"
+        self.fused_projector = self.kernels == "fused" and parch.kind == "mlp"
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads with PP
         self.pre_process, self.post_process = pre_process, post_process
@@ -44,11 +42,10 @@ class VLM(MegatronModule):
         self.vocab_size = vocab_size
         self.sequence_parallel = lang_cfg.sequence_parallel
         if pre_process:
-            vcfg = specs.vision_config(cfg, rt, dtype)
-            self.vision_model = VisionEncoder(vcfg, cfg.model.vision, specs.block_spec(vcfg, backend, causal=False),
+            vcfg = specs.vision_config(varch, cfg, rt, dtype)
+            self.vision_model = VisionEncoder(vcfg, varch, specs.block_spec(vcfg, backend, causal=False),
                                               kernels=self.kernels)
-            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), cfg.model.projector.type,
-                                             cfg.model.vision.hidden_size)
+            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), parch.kind, parch.input_size)
         self.language_model = build_language_model(
             lang_cfg, specs.block_spec(lang_cfg, backend, causal=True), cfg.model.language, vocab_size,
             cfg.data.max_seq_len, pre_process, post_process)
@@ -57,7 +54,7 @@ class VLM(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def freeze_for_stage(self, stage: int) -> None:
-        prefixes = TRAINABLE[stage]
+        prefixes = shapes.TRAINABLE[stage]
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith(prefixes))
 
@@ -114,25 +111,28 @@ class VLM(MegatronModule):
     def forward(self, input_ids=None, images=None, labels=None, attention_mask=None, runtime_gather_output=None,
                 packed_seq_params=None):
         """``packed_seq_params`` (megatron's ``thd`` layout, batch 1): several samples in one sequence, see
-        data/packing.py; needs the SDPA or TE attention spec."""
+        data/packing.py; needs the SDPA or TE attention spec. ``labels`` may hold -100 (not supervised, the HF
+        convention): megatron's cross entropy takes only real ids, so those positions are read as id 0 and their
+        loss is the caller's to mask (``loss_mask``)."""
         decoder_input = self.embed(input_ids, images) if self.pre_process else None
+        if labels is not None:
+            labels = labels.clamp(min=0)
         return self.language_model(
             input_ids=None, position_ids=None, attention_mask=attention_mask, decoder_input=decoder_input,
             labels=labels, runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)
 
 
 def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
-    """The local model chunk of this pipeline stage, on the run's device and dtype, frozen for ``train.stage``."""
+    """The local model chunk of this pipeline stage (as the config's model family builds it), on the run's device
+    and dtype, frozen for ``train.stage``."""
     dtype = model_dtype(cfg, rt)
-    model = VLM(cfg, rt, vocab_size, image_token_id, dtype,
-                pre_process=parallel_state.is_pipeline_first_stage(),
-                post_process=parallel_state.is_pipeline_last_stage())
+    model = families.of(cfg).build_model(cfg, rt, vocab_size, image_token_id, dtype,
+                                         pre_process=parallel_state.is_pipeline_first_stage(),
+                                         post_process=parallel_state.is_pipeline_last_stage())
     model.to(device=rt.device, dtype=dtype)  # norms too (Megatron-LM does this with Float16Module)
     model.freeze_for_stage(cfg.train.stage)
     return model
 
 
 def model_dtype(cfg, rt) -> torch.dtype:
-    if cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and rt.on_gpu):
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if shapes.dtype_name(cfg.model.dtype, rt.on_gpu) == "bf16" else torch.float32

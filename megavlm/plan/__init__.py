@@ -3,9 +3,9 @@
 Nothing here imports torch or megatron (a plan is made on a login node in a second); ``measure.py`` next to it
 holds the torch side that checks these numbers against real CPU runs (``benchmarks/plan_memory.py``).
 
-Parameters are counted from the shapes the model builds (``models/vision.py``, ``projector.py``, ``language.py``
-through megatron-core), per tensor-parallel rank and per pipeline stage; ``tests/unit/test_plan.py`` holds them equal
-to ``sum(p.numel())`` of built models.
+Parameters are counted from the descriptions the model builds from (the model family's ``ViTArch`` and
+``ProjectorArch`` and the decoder section, ``megavlm/shapes.py``), per tensor-parallel rank and per pipeline stage;
+``tests/unit/test_plan.py`` holds them equal to ``sum(p.numel())`` of built models.
 
 Memory per GPU (bytes) follows megatron's accounting:
 
@@ -35,7 +35,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
+
+from .. import families
+from ..shapes import decoder_layers_per_stage, divisors, language_params, padded_vocab, trainable_parts
 
 GIB = 2 ** 30
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -46,65 +50,6 @@ DEFAULT_RESERVE_GIB = 4.0
 # ----------------------------------------------------------------------------------------------------------------
 # Shapes
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def padded_vocab(vocab_size: int, multiple: int) -> int:
-    """As ``models/language.padded_vocab_size``: embedding rows padded to ``multiple`` (independent of TP)."""
-    return -(-vocab_size // multiple) * multiple
-
-
-def vision_layers_built(v) -> int:
-    """As ``models/specs.vision_num_layers``: the encoder stops at the feature layer LLaVA reads."""
-    return v.feature_layer if v.feature_layer > 0 else v.num_layers + 1 + v.feature_layer
-
-
-def decoder_layers_per_stage(num_layers: int, pp: int, first_stage_layers: int | None) -> list[int]:
-    """Decoder layers on each pipeline stage (megatron's split; ``first_stage_layers`` gives stage 0 fewer)."""
-    if pp == 1:
-        return [num_layers]
-    if first_stage_layers is None:
-        return [num_layers // pp] * pp
-    rest = (num_layers - first_stage_layers) // (pp - 1)
-    return [first_stage_layers] + [rest] * (pp - 1)
-
-
-def vision_params(v, tp: int = 1) -> int:
-    """Parameters of the vision encoder on one TP rank (embeddings and norms replicated, layers split)."""
-    d, f, c, p = v.hidden_size, v.ffn_hidden_size, v.num_channels, v.patch_size
-    clip = v.flavour == "clip"
-    patches = (v.image_size // p) ** 2
-    emb = d * c * p * p + (0 if clip else d) + (d if clip else 0) + (patches + int(clip)) * d + (2 * d if clip else 0)
-    layer = (2 * d  # input LayerNorm
-             + 3 * d // tp * d + 3 * d // tp  # qkv (column-parallel, bias split)
-             + d * (d // tp) + d  # proj (row-parallel, bias whole)
-             + 2 * d  # pre-MLP LayerNorm
-             + f // tp * d + f // tp  # fc1
-             + d * (f // tp) + d)  # fc2
-    return emb + vision_layers_built(v) * layer
-
-
-def projector_params(kind: str, d_vision: int, h: int, tp: int = 1) -> int:
-    """``mlp2x_gelu``: fc1 column-, fc2 row-parallel; ``linear``: one column-parallel layer (output gathered)."""
-    fc1 = h // tp * d_vision + h // tp
-    return fc1 if kind == "linear" else fc1 + h * (h // tp) + h
-
-
-def decoder_layer_params(lm, tp: int = 1) -> int:
-    h, a, g, f = lm.hidden_size, lm.num_heads, lm.num_kv_heads, lm.ffn_hidden_size
-    dh = h // a
-    qkv = (a + 2 * g) * dh // tp
-    return (h + qkv * h + (qkv if lm.qkv_bias else 0) + h * (a * dh // tp)
-            + h + 2 * f // tp * h + h * (f // tp))
-
-
-def language_params(lm, vocab_size: int, tp: int = 1, layers: int | None = None, first: bool = True,
-                    last: bool = True) -> int:
-    """Decoder parameters on one TP rank of a stage holding ``layers`` layers (all when None); the embedding is on
-    the first stage, the final norm and the (untied) output layer on the last."""
-    h = lm.hidden_size
-    vp = padded_vocab(vocab_size, lm.vocab_pad_multiple) // tp
-    n = lm.num_layers if layers is None else layers
-    return (vp * h if first else 0) + n * decoder_layer_params(lm, tp) + ((h + vp * h) if last else 0)
 
 
 @dataclass
@@ -119,19 +64,14 @@ class StageParams:
         return self.vision + self.projector + self.language
 
 
-def trainable_parts(stage: int) -> tuple[bool, bool, bool]:
-    """(vision, projector, language) trained in ``train.stage`` (as ``models/vlm.TRAINABLE``)."""
-    return stage == 3, True, stage >= 2
-
-
 def stage_params(cfg, vocab_size: int, tp: int, pp: int, rank: int, first_stage_layers=None) -> StageParams:
     """Parameters on one GPU (one TP rank) of pipeline stage ``rank``."""
-    lm, v = cfg.model.language, cfg.model.vision
+    lm, fam = cfg.model.language, families.of(cfg)
     layers = decoder_layers_per_stage(lm.num_layers, pp, first_stage_layers)[rank]
     first, last = rank == 0, rank == pp - 1
     sp = StageParams(
-        vision=vision_params(v, tp) if first else 0,
-        projector=projector_params(cfg.model.projector.type, v.hidden_size, lm.hidden_size, tp) if first else 0,
+        vision=fam.vision_arch(cfg).params(tp) if first else 0,
+        projector=fam.projector_arch(cfg).params(tp) if first else 0,
         language=language_params(lm, vocab_size, tp, layers, first, last),
     )
     tv, tproj, tlang = trainable_parts(cfg.train.stage)
@@ -181,8 +121,8 @@ def decoder_layer_bytes(lm, s: int, b: int, tp: int, sp: bool, e: int, backend: 
 
     ``e`` is the activation dtype's size. With ``trained=False`` (stage 1: frozen LLM that back-propagates to the
     projector) megatron's frozen linears keep no input. Terms (``T = s·b`` tokens, ``T/t`` in the norm region with
-    SP): what both norms keep (:func:`norm_bytes`), q after RoPE, k and v (repeated to all heads for GQA by megatron's local
-    attention; without GQA, v is a view that keeps the whole fused qkv output alive), the attention probabilities
+    SP): what both norms keep (:func:`norm_bytes`), q after RoPE, k and v (repeated to all heads for GQA by megatron's
+    local attention; without GQA, v is a view that keeps the whole fused qkv output alive), the attention probabilities
     (``b·a/t·s²``, fp32 softmax plus its bf16 copy in bf16; absent with SDPA/TE), the attention output, RoPE's
     cos/sin tables, and the SwiGLU tensors (fc1 output ``2F``, SiLU output ``F``, megatron's ``x_linear +
     glu_linear_offset`` ``F``, product ``F``)."""
@@ -224,11 +164,11 @@ def decoder_layer_bytes(lm, s: int, b: int, tp: int, sp: bool, e: int, backend: 
 
 
 def vision_layer_bytes(v, n_images: int, tp: int, e: int, backend: str, recompute: str = "none") -> dict:
-    """One ViT layer (trained: stage 3) for ``n_images`` images: inputs and outputs of both LayerNorms, the fused qkv
-    output (q, k, v are views of it), the attention probs (local attention), the attention context, and the MLP
-    (fc1 output, CLIP's quick-GELU sigmoid, the activation's output)."""
+    """One ViT layer (``v``: a ``shapes.ViTArch``; trained: stage 3) for ``n_images`` images: inputs and outputs of
+    both LayerNorms, the fused qkv output (q, k, v are views of it), the attention probs (local attention), the
+    attention context, and the MLP (fc1 output, quick-GELU's sigmoid, the activation's output)."""
     d, f, a = v.hidden_size, v.ffn_hidden_size, v.num_heads
-    t = (v.image_size // v.patch_size) ** 2 + (1 if v.flavour == "clip" else 0)
+    t = v.positions
     T = n_images * t
     if recompute == "full":
         full = vision_layer_bytes(v, n_images, tp, e, backend, "none")
@@ -241,7 +181,7 @@ def vision_layer_bytes(v, n_images: int, tp: int, e: int, backend: str, recomput
         terms["attention output (kept by SDPA/TE)"] = T * d // tp * e
     if not flash and recompute != "selective":
         terms["attention probs (s²)"] = n_images * (a // tp) * t * t * (4 + 2 if e == 2 else e)
-    terms["MLP (fc1 out, act)"] = T * (f // tp) * (3 if v.flavour == "clip" else 2) * e
+    terms["MLP (fc1 out, act)"] = T * (f // tp) * (3 if v.activation == "quick_gelu" else 2) * e
     att_t = 0 if flash else 2 * n_images * (a // tp) * t * t * (4 if e == 2 else e)
     return {"saved": terms, "transient": max(3 * T * (f // tp) * e, att_t), "total": sum(terms.values())}
 
@@ -300,7 +240,8 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     """Memory (bytes) on one GPU of pipeline stage ``rank``: static parts, activations under each recompute mode,
     and ``peak`` for the layout's own options."""
     env = env or Env()
-    lm, v, tr = cfg.model.language, cfg.model.vision, cfg.train
+    fam = families.of(cfg)
+    lm, v, tr = cfg.model.language, fam.vision_arch(cfg), cfg.train
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     e = env.dtype_bytes(cfg)
     backend = env.backend(cfg)
@@ -322,7 +263,7 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     T = s * b
     tn = T // tp if sp else T
     n_img = b * images_per_sample(cfg)
-    t_out = (v.image_size // v.patch_size) ** 2 + (1 if v.select_strategy == "full" else 0)
+    t_out = v.tokens
     h = lm.hidden_size
     vp = padded_vocab(vocab_size, lm.vocab_pad_multiple) // tp
 
@@ -333,7 +274,7 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     layer_wgrad = (max((lm.num_heads + 2 * lm.num_kv_heads) * dh // tp * h, 2 * lm.ffn_hidden_size // tp * h) * e
                    if tlang else 0)
     workspace = 0
-    t_v = (v.image_size // v.patch_size) ** 2 + (1 if v.flavour == "clip" else 0)
+    t_v = v.positions
     if backend == "local":
         workspace = b * (lm.num_heads // tp) * s * s * e
         if first:
@@ -352,14 +293,13 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
         if first:
             if tv:
                 vl = vision_layer_bytes(v, n_img, tp, e, backend, mode)
-                n_patch = (v.image_size // v.patch_size) ** 2
-                per_mb["vision encoder"] = (vision_layers_built(v) * vl["total"]
-                                            + n_img * n_patch * v.num_channels * v.patch_size ** 2 * e  # patches
-                                            + (n_img * t_v * v.hidden_size * e if v.flavour == "clip" else 0))
+                per_mb["vision encoder"] = (v.num_layers * vl["total"]
+                                            + n_img * v.patches * v.num_channels * v.patch_size ** 2 * e  # patches
+                                            + (n_img * t_v * v.hidden_size * e if v.pre_norm else 0))
             # the projector keeps the encoder's output whole (class token included: the slice is a view)
             proj_in = n_img * t_v * v.hidden_size * e
-            per_mb["projector"] = proj_in + (2 * n_img * t_out * h // tp * e if cfg.model.projector.type != "linear"
-                                             else 0)
+            per_mb["projector"] = proj_in + (2 * n_img * t_out * h // tp * e
+                                             if fam.projector_arch(cfg).kind == "mlp" else 0)
         if last:
             # final norm: its input and (trained) normalized + output; the loss keeps the fp32 softmax over the
             # vocabulary shard (megatron's cross entropy works in place on the fp32 logits)
@@ -405,27 +345,23 @@ def layout_memory(cfg, vocab_size: int, layout: Layout, env: Env | None = None) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def candidate_layouts(cfg, gpus: int) -> list[Layout]:
     """Every (TP, PP, DP, micro-batch, recompute) that the config's checks accept on ``gpus`` GPUs, with sequence
     parallelism on whenever TP > 1 and the distributed optimizer whenever DP > 1 (both only save memory)."""
     from ..config import ConfigError, validate
 
     out = []
-    for tp in _divisors(gpus):
+    for tp in divisors(gpus):
         if tp > 8:  # TP beyond one node's NVLink domain is not worth planning
             continue
-        for pp in _divisors(gpus // tp):
+        for pp in divisors(gpus // tp):
             dp = gpus // (tp * pp)
             per_dp = cfg.train.global_batch // dp if cfg.train.global_batch % dp == 0 else 0
             if not per_dp:
                 continue
             fsl = cfg.parallel.first_stage_layers if pp == cfg.parallel.pp else None
-            for mb in sorted(_divisors(per_dp), reverse=True):
-                trial = _without_data_paths(cfg)
+            for mb in sorted(divisors(per_dp), reverse=True):
+                trial = copy.deepcopy(cfg)
                 p = trial.parallel
                 p.tp, p.pp, p.first_stage_layers = tp, pp, fsl
                 p.sequence_parallel = tp > 1
@@ -477,14 +413,6 @@ def suggest(cfg, vocab_size: int, gpus: int, gpu_memory_gib: float, env: Env | N
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _without_data_paths(cfg):
-    """A copy to validate: a plan needs the data's shapes, not the shards (which a login node may not see)."""
-    out = copy.deepcopy(cfg)
-    if out.data.source == "shards":
-        out.data.source = "synthetic_shards"
-    return out
-
-
 def resolve_vocab_size(cfg) -> int:
     """``model.language.vocab_size``, or the tokenizer's size when it is 0 (as the trainer does)."""
     if cfg.model.language.vocab_size:
@@ -506,7 +434,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
     for a config that is not valid even with one data-parallel replica; a layout that does not suit ``gpus`` (TP·PP
     not dividing it, a global batch that DP·micro-batch does not divide) is reported in ``config_layout['error']``
     and the suggestions still come."""
-    from ..config import ConfigError, validate
+    from ..config import ConfigError, ConfigWarning, validate
 
     if gpus < 1:
         raise ConfigError(f"--gpus={gpus} must be >= 1")
@@ -514,17 +442,19 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
         raise ConfigError(f"--gpu-memory={gpu_memory_gib} must be > 0 (GiB per GPU)")
     if reserve_gib < 0 or reserve_gib >= gpu_memory_gib:
         raise ConfigError(f"--reserve={reserve_gib} must be >= 0 and below --gpu-memory={gpu_memory_gib}")
-    checked = _without_data_paths(cfg)
-    validate(checked, cfg.parallel.tp * cfg.parallel.pp)
-    try:
-        dp, layout_error = validate(checked, gpus), None
-    except ConfigError as e:
-        dp, layout_error = 1, str(e)
-    vocab = vocab_size or resolve_vocab_size(cfg)
-    env = Env(device=device)
-    lm, v = cfg.model.language, cfg.model.vision
-    whole = StageParams(vision=vision_params(v), language=language_params(lm, vocab),
-                        projector=projector_params(cfg.model.projector.type, v.hidden_size, lm.hidden_size))
+    with warnings.catch_warnings():  # the CLI has shown the config's warnings once; the layout search repeats them
+        warnings.simplefilter("ignore", ConfigWarning)
+        validate(cfg, cfg.parallel.tp * cfg.parallel.pp)
+        try:
+            dp, layout_error = validate(cfg, gpus), None
+        except ConfigError as e:
+            dp, layout_error = 1, str(e)
+        vocab = vocab_size or resolve_vocab_size(cfg)
+        env = Env(device=device)
+        suggestions = suggest(cfg, vocab, gpus, gpu_memory_gib, env, reserve_gib, limit)
+    fam = families.of(cfg)
+    whole = StageParams(vision=fam.vision_arch(cfg).params(), language=language_params(cfg.model.language, vocab),
+                        projector=fam.projector_arch(cfg).params())
     tv, tproj, tlang = trainable_parts(cfg.train.stage)
     whole.trainable = whole.vision * tv + whole.projector * tproj + whole.language * tlang
     p = cfg.parallel
@@ -541,7 +471,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
         "vocab_size": vocab, "stage": cfg.train.stage,
         "parameters": dataclasses.asdict(whole) | {"total": whole.total},
         "config_layout": mem | {"fits": mem["peak"] is not None and mem["peak"] <= budget},
-        "suggestions": suggest(cfg, vocab, gpus, gpu_memory_gib, env, reserve_gib, limit),
+        "suggestions": suggestions,
     }
 
 

@@ -80,6 +80,7 @@ def measure_training(cfg, steps: int = 3) -> dict:
     from .. import runtime
     from ..data.tokenizer import image_token_id, load_tokenizer
     from ..training import trainer
+    from ..training.data import build_train_data
 
     rt = runtime.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -107,7 +108,7 @@ def measure_training(cfg, steps: int = 3) -> dict:
         out["gradients"] = sum(b.grad_data.untyped_storage().nbytes() for b in model.buffers)
         # what the optimizer made when built (bf16: the fp32 main copy of the trained weights)
         built = mem.current - out["weights"] - out["gradients"]
-        data = trainer.build_train_data(cfg, tokenizer, rt)
+        data = build_train_data(cfg, tokenizer, rt)
         fwd_bwd = get_forward_backward_func()
         seq = cfg.data.max_seq_len
         peaks, act_peaks = [], []

@@ -153,6 +153,21 @@ def load_common(path: str) -> dict:
     return dist_checkpointing.load_common_state_dict(path).get("common", {})
 
 
+def saved_config(path: str, common: dict | None = None):
+    """The megavlm config stored in a checkpoint's common state (written by train and convert); ``common``: that
+    state when already read."""
+    from ..config import ConfigError, from_dict
+
+    common = load_common(path) if common is None else common
+    saved = common.get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: the checkpoint has no megavlm config in its common state")
+    try:
+        return from_dict(saved, f" (config saved in {path})")
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+
+
 def load(path: str, model, optimizer=None, same_layout: bool = True, data_state: bool = False) -> dict:
     """Load model (and optimizer when given and saved) from ``path`` into the live objects; restores RNG when
     the layout matches the saved one. Returns the checkpoint's common dict, with ``data_state`` (this rank's data

@@ -28,7 +28,7 @@ def llava(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(rt, llava, tmp_path_factory):
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     out = str(tmp_path_factory.mktemp("conv") / "mcore")
     path = conv.hf_to_mcore(out, hf=llava[0], tp=2, pp=2)
@@ -101,7 +101,7 @@ def test_round_trip_bit_identical(rt, converted, llava, tmp_path):
     from safetensors import safe_open
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     hf_dir, hf_model, tok = llava
     back = conv.mcore_to_hf(converted[0], str(tmp_path / "hf"))
@@ -142,7 +142,7 @@ def test_export_without_extras_cuts_the_tower(rt, converted, llava, tmp_path):
 
     from transformers import LlavaForConditionalGeneration
 
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     src = tmp_path / "noextra"
     shutil.copytree(converted[0], src)
@@ -157,7 +157,7 @@ def test_export_without_extras_cuts_the_tower(rt, converted, llava, tmp_path):
 
 
 def test_clip_plus_llama(rt, tmp_path):
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     clip, llama, tok = make_clip_llama(str(tmp_path / "clip"), str(tmp_path / "llama"))
     out = str(tmp_path / "mcore")
@@ -182,7 +182,7 @@ def test_clip_plus_llama_adds_image_token(rt, tmp_path):
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from hf_models import randomize, text_config
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     make_clip_llama(str(tmp_path / "clip"), str(tmp_path / "unused"))
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(13)]
@@ -218,7 +218,7 @@ def _assert_no_output(out):
 
 
 def test_error_wrong_architecture(rt, llava, tmp_path):
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     out = str(tmp_path / "o1")
     with pytest.raises(UserError, match=r"model_type='llama' is not supported; expected 'llava'"):
@@ -239,7 +239,7 @@ def _llama_dir(tmp_path):
 def test_error_bad_shape(rt, llava, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
     import shutil
 
     d = tmp_path / "bad"
@@ -255,7 +255,7 @@ def test_error_bad_shape(rt, llava, tmp_path):
 
 
 def test_error_tokenizer_larger_than_embeddings(rt, tmp_path):
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     d = str(tmp_path / "small_vocab")
     _, tok = make_llava(d, extra_vocab=-2)

@@ -30,7 +30,7 @@ def _round_trip(hf_dir, out, back):
     """HF → mcore → HF: every tensor bit-identical (dtype included), equal configs; returns the reloaded model."""
     from transformers import LlavaForConditionalGeneration
 
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     conv.mcore_to_hf(out, back)
     a, b = _tensors(hf_dir), _tensors(back)
@@ -43,7 +43,7 @@ def _round_trip(hf_dir, out, back):
 
 @pytest.fixture(scope="module")
 def siglip_llava(rt, tmp_path_factory):  # noqa: F811
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     d = str(tmp_path_factory.mktemp("hf_siglip_llava"))
     model, tok = make_llava(d, vision="siglip")
@@ -87,7 +87,7 @@ def test_siglip_llava_round_trip_bit_identical(rt, siglip_llava, tmp_path):  # n
 
 
 def test_qwen2_llava_matches_and_round_trips(rt, tmp_path):  # noqa: F811
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     hf_dir = str(tmp_path / "hf_qwen2_llava")
     hf_model, tok = make_llava(hf_dir, text="qwen2", seed=3)
@@ -110,7 +110,7 @@ def test_siglip_vision_model_plus_qwen2(rt, tmp_path):  # noqa: F811
     logits match Qwen2ForCausalLM; the export is a LLaVA with a SigLIP tower and a Qwen2 text model computing ours."""
     from transformers import LlavaForConditionalGeneration, Qwen2ForCausalLM, SiglipVisionModel
 
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
     from megavlm.data.tokenizer import build_synthetic_tokenizer
 
     vdir, ldir = str(tmp_path / "siglip"), str(tmp_path / "qwen2")
@@ -155,7 +155,7 @@ def test_error_siglip_llava_default_strategy(rt, siglip_llava, tmp_path):  # noq
     import json
     import shutil
 
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
     from megavlm.errors import UserError
 
     d = tmp_path / "bad"

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _CHILD = """
 import sys
 import torch, transformers, megatron.core.dist_checkpointing, torch.distributed.checkpoint
-import megavlm.cli, megavlm.convert.llava, megavlm.convert.stream, megavlm.models.vlm
+import megavlm.cli, megavlm.convert.engine, megavlm.convert.stream, megavlm.models.vlm
 from transformers import LlavaConfig, AutoTokenizer, CLIPImageProcessor  # noqa: F401
 
 def status(field):
@@ -126,7 +126,7 @@ def _track_reads(monkeypatch):
 
 
 def test_hf_tensors_are_read_one_parameter_at_a_time(rt, tmp_path, monkeypatch):
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
     from megavlm.convert import stream
 
     hf = str(tmp_path / "hf")
@@ -152,7 +152,7 @@ def test_hf_tensors_are_read_one_parameter_at_a_time(rt, tmp_path, monkeypatch):
 def test_sharded_export_loads_in_transformers(rt, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from megavlm.convert import llava as conv
+    from megavlm.convert import engine as conv
 
     hf = str(tmp_path / "hf")
     model, _ = make_llava(hf)

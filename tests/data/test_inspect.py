@@ -58,9 +58,10 @@ def test_inspect_converted_fixture(tmp_path, capsys):
 
 def test_image_tokens_come_from_the_config_as_in_training(tmp_path, capsys):
     """With --config (and overrides) each <image> takes what training gives it for that model
-    (megavlm.config.num_image_tokens of model.vision); --image-tokens still wins; without a config the default is
+    (the model family's count for model.vision); --image-tokens still wins; without a config the default is
     LLaVA-1.5's, and the output says which number was used and why."""
-    from megavlm.config import load_config, num_image_tokens
+    from megavlm import families
+    from megavlm.config import load_config
 
     d = str(tmp_path / "syn")
     write_synthetic_shards(d, 4, 32, shard_size=4)
@@ -68,7 +69,7 @@ def test_image_tokens_come_from_the_config_as_in_training(tmp_path, capsys):
              (["model.vision.select_strategy=full"], "(32/8)² + 1 class token")]
     for overrides, how in cases:
         cfg = load_config("configs/tiny_cpu.yaml", overrides)
-        want = num_image_tokens(cfg.model.vision)
+        want = families.image_tokens(cfg)
         assert main(["data", "inspect", d, "-n", "1", "--config", "configs/tiny_cpu.yaml", *overrides]) == 0
         text = capsys.readouterr().out
         assert f"<image>×{want}" in text, text
@@ -76,7 +77,7 @@ def test_image_tokens_come_from_the_config_as_in_training(tmp_path, capsys):
         # the config's data settings too: its template and its max_seq_len
         assert "template 'vicuna' (data.template of configs/tiny_cpu.yaml)" in text
         assert f"longer than data.max_seq_len of configs/tiny_cpu.yaml {cfg.data.max_seq_len}: " in text
-    assert [num_image_tokens(load_config("configs/tiny_cpu.yaml", o).model.vision) for o, _ in cases] == [16, 64, 17]
+    assert [families.image_tokens(load_config("configs/tiny_cpu.yaml", o)) for o, _ in cases] == [16, 64, 17]
 
     assert main(["data", "inspect", d, "-n", "1", "--config", "configs/tiny_cpu.yaml", "--image-tokens", "3"]) == 0
     text = capsys.readouterr().out

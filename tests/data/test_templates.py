@@ -8,11 +8,11 @@ import torch
 
 from megavlm.data.conversation import (
     IGNORE_INDEX,
-    TEMPLATES,
     check_supervision,
     encode_conversation,
     encode_prompt,
 )
+from megavlm.data.templates import TEMPLATES
 from megavlm.data.tokenizer import IMAGE_TOKEN, build_synthetic_tokenizer, image_token_id
 from megavlm.errors import UserError
 
@@ -144,7 +144,8 @@ def test_check_supervision(bpe):
     # mismatch looks like once the answer spans are masked away)
     from megavlm.data.conversation import ConversationTemplate
 
-    bare = ConversationTemplate(name="bare", user_prefix="USER:", assistant_prefix="ASSISTANT:", in_synthetic_vocab=False)
+    bare = ConversationTemplate(name="bare", user_prefix="USER:", assistant_prefix="ASSISTANT:",
+                                in_synthetic_vocab=False)
     empty = encode_conversation(bpe, [("<image>\nWhat?", "")], 1, N_IMG, 256, template=bare)
     assert not (empty["labels"] != IGNORE_INDEX).any()
     assert check_supervision(good * 3 + [empty], 0.1)["unsupervised"] == 1

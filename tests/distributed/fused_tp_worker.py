@@ -21,7 +21,7 @@ def main():
     from megavlm.config import load_config, validate
     from megavlm.data.tokenizer import image_token_id, load_tokenizer
     from megavlm.models.vlm import build_model
-    from megavlm.training.trainer import TrainData
+    from megavlm.training.data import SyntheticTrainData as TrainData
 
     cfg = load_config("configs/tiny_cpu.yaml", ["train.stage=3", *overrides])
     validate(cfg, runtime.env_world_size())

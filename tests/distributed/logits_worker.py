@@ -22,7 +22,7 @@ def main():
     from megavlm.data.tokenizer import image_token_id, load_tokenizer
     from megavlm.models.vlm import build_model
     from megavlm.training import checkpoint as ckpt
-    from megavlm.training.trainer import TrainData
+    from megavlm.training.data import SyntheticTrainData as TrainData
 
     cfg = load_config("configs/tiny_cpu.yaml", overrides)
     validate(cfg, runtime.env_world_size())

@@ -54,7 +54,9 @@ def test_greedy_equals_transformers(converted):
 @pytest.fixture(scope="module")
 def model(rt, converted):
     from megavlm.data.tokenizer import find_tokenizer
-    from megavlm.inference.load import build_and_load, inference_layout, saved_config
+    from megavlm.config import single_layout
+    from megavlm.inference.load import build_and_load
+    from megavlm.training.checkpoint import saved_config
     from megavlm.training.checkpoint import find_checkpoint
     from megavlm.inference.command import load_image
 
@@ -62,7 +64,7 @@ def model(rt, converted):
     path = find_checkpoint(mv_dir)
     cfg = saved_config(path)
     tok, _ = find_tokenizer(path, cfg.data.tokenizer)
-    m = build_and_load(inference_layout(cfg), path, tok, rt)
+    m = build_and_load(single_layout(cfg), path, tok, rt)
     return m, load_image(png, cfg)
 
 

@@ -14,7 +14,6 @@ from megavlm.config import (
     Config,
     ConfigError,
     load_config,
-    num_image_tokens,
     save_config,
     to_dict,
     to_yaml,
@@ -251,10 +250,12 @@ def test_to_dict_is_plain_nested():
 
 
 def test_num_image_tokens():
-    v = Config().model.vision
-    assert num_image_tokens(v) == 16
-    v.select_strategy = "full"
-    assert num_image_tokens(v) == 17
+    from megavlm import families
+
+    cfg = Config()
+    assert families.image_tokens(cfg) == 16
+    cfg.model.vision.select_strategy = "full"
+    assert families.image_tokens(cfg) == 17
 
 
 def test_valid_parallel_layouts():
@@ -332,7 +333,6 @@ BAD_CONFIGS = [
     ("shapes_zero", ["data.min_shapes=0"], 1, ["data.min_shapes=0", "1 <= min_shapes"]),
     ("lr_zero", ["train.lr=0"], 1, ["train.lr=0", "> 0"]),
     ("min_lr_above_lr", ["train.min_lr=1"], 1, ["train.min_lr=1.0", "train.lr=0.001"]),
-    ("warmup_too_long", ["train.warmup_steps=31"], 1, ["train.warmup_steps=31", "train.steps=30"]),
     ("beta1", ["train.adam_beta1=1.0"], 1, ["train.adam_beta1=1.0", "0 < adam_beta1 < 1"]),
     ("beta2", ["train.adam_beta2=0"], 1, ["train.adam_beta2=0.0", "0 < adam_beta2 < 1"]),
     ("keep_negative", ["checkpoint.keep=-1"], 1, ["checkpoint.keep=-1", ">= 0"]),
@@ -363,6 +363,15 @@ def test_bad_configs(overrides, world_size, needles):
     msg = str(ei.value)
     for needle in needles:
         assert needle in msg, f"{needle!r} not in {msg!r}"
+
+
+def test_warmup_longer_than_the_run_is_a_warning_not_an_error():
+    """As in Megatron-LM, the LR then never reaches its peak: a quick train.steps=4 run of a warmup config works."""
+    from megavlm.config import ConfigWarning
+
+    cfg = load_config(str(TINY), ["train.steps=4"])  # tiny_cpu.yaml warms up for 5 steps
+    with pytest.warns(ConfigWarning, match=r"train\.warmup_steps=5 is more than train\.steps=4"):
+        assert validate(cfg, 1) == 1
 
 
 def test_bad_world_size_argument():

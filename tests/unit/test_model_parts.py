@@ -59,14 +59,16 @@ def test_image_features_land_at_image_tokens(rt, cfg):
 
 
 def test_vision_encoder_stops_at_feature_layer(rt, cfg):
+    from megavlm import families
     from megavlm.models import specs
     from megavlm.models.vision import VisionEncoder
 
     v = cfg.model.vision
     for feature_layer, built in ((-1, v.num_layers), (-2, v.num_layers - 1), (1, 1)):
         v.feature_layer = feature_layer
-        vc = specs.vision_config(cfg, rt, torch.float32)
-        enc = VisionEncoder(vc, v, specs.block_spec(vc, "local", causal=False))
+        arch = families.of(cfg).vision_arch(cfg)
+        vc = specs.vision_config(arch, cfg, rt, torch.float32)
+        enc = VisionEncoder(vc, arch, specs.block_spec(vc, "local", causal=False))
         assert len(enc.decoder.layers) == built
         out = enc(torch.randn(2, 3, 32, 32))
         assert out.shape == (2, (v.image_size // v.patch_size) ** 2, v.hidden_size)  # class token dropped

@@ -4,11 +4,11 @@ boundaries, positions restarting per sample)."""
 import pytest
 import torch
 
-from megavlm.config import load_config, num_image_tokens
+from megavlm import families
+from megavlm.config import load_config
 from megavlm.data.packing import pack, sample_length
 from megavlm.data.synthetic import SyntheticVLMDataset
 from megavlm.data.tokenizer import image_token_id, load_tokenizer
-from megavlm.training.trainer import shift_for_next_token
 from megavlm.data.batch import collate
 
 
@@ -18,7 +18,7 @@ def test_pack_layout():
     tok = load_tokenizer(None)
     cfg = load_config("configs/tiny_cpu.yaml")
     v = cfg.model.vision
-    ds = SyntheticVLMDataset(tok, num_samples=6, image_size=v.image_size, num_image_tokens=num_image_tokens(v),
+    ds = SyntheticVLMDataset(tok, num_samples=6, image_size=v.image_size, num_image_tokens=families.image_tokens(cfg),
                              max_seq_len=48, split="train", seed=5, image_mean=v.image_mean, image_std=v.image_std)
     samples = [ds[i] for i in range(6)]
     lengths = [sample_length(s["input_ids"], s["labels"], tok.pad_token_id) for s in samples]
@@ -47,7 +47,7 @@ def test_packed_losses_equal_unpacked(rt):
     torch.manual_seed(0)
     model = VLM(cfg, rt, len(tok), image_token_id(tok), torch.float32, pre_process=True, post_process=True).eval()
     assert model.backend == "sdpa"
-    ds = SyntheticVLMDataset(tok, num_samples=4, image_size=v.image_size, num_image_tokens=num_image_tokens(v),
+    ds = SyntheticVLMDataset(tok, num_samples=4, image_size=v.image_size, num_image_tokens=families.image_tokens(cfg),
                              max_seq_len=48, split="train", seed=5, image_mean=v.image_mean, image_std=v.image_std)
     samples = [ds[i] for i in range(4)]
     packs = pack(samples, 96, tok.pad_token_id)
@@ -55,7 +55,7 @@ def test_packed_losses_equal_unpacked(rt):
     with torch.no_grad():
         alone = []
         for s in samples:
-            b = shift_for_next_token(collate([s]))
+            b = collate([s])  # next-token targets and loss mask
             loss = model(input_ids=b["input_ids"], images=b["images"], labels=b["labels"])
             alone.append(float((loss * b["loss_mask"]).sum()))
         for p in packs:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megavlm import plan
+from megavlm import families, plan
 from megavlm.config import ConfigError, load_config
 
 TINY = "configs/tiny_cpu.yaml"
@@ -200,7 +200,8 @@ def test_train_recompute_is_validated_and_reaches_megatron(rt):
                        ("full", ("full", "uniform", 1))):
         cfg = load_config(TINY, [f"train.recompute={mode}"])
         validate(cfg, 1)
-        for tc in (specs.language_config(cfg, rt, torch.float32), specs.vision_config(cfg, rt, torch.float32)):
+        arch = families.of(cfg).vision_arch(cfg)
+        for tc in (specs.language_config(cfg, rt, torch.float32), specs.vision_config(arch, cfg, rt, torch.float32)):
             assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == want
 
 

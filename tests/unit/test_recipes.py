@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from megavlm.config import checkpoint_dir, load_config, num_image_tokens, to_dict, validate
+from megavlm import families
+from megavlm.config import checkpoint_dir, load_config, to_dict, validate
 
 from helpers import ROOT
 
@@ -109,7 +110,7 @@ def test_real_shapes(size, stage):
     cfg = load_config(path(size, stage))
     v, lm = cfg.model.vision, cfg.model.language
     assert {k: getattr(v, k) for k in CLIP_L_336} == CLIP_L_336
-    assert num_image_tokens(v) == 576
+    assert families.image_tokens(cfg) == 576
     assert cfg.model.projector.type == "mlp2x_gelu"
     shape = {k: w for k, w in SIZES[size].items() if k != "params"}
     assert {k: getattr(lm, k) for k in shape} == shape
@@ -161,12 +162,11 @@ def param_count(cfg, vocab: int, pad_multiple: int | None = None) -> dict[str, i
 def test_param_count_formula_matches_a_built_model(rt):
     """The formula against megavlm's real model, on a tiny config with the recipes' features (CLIP, feature layer -2,
     mlp2x_gelu, a vocabulary that needs padding, grouped-query attention)."""
-    from megavlm.models import specs
     from megavlm.models.vlm import build_model
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"),
                       ["model.vision.num_layers=3", "model.vision.feature_layer=-2", "train.stage=1"])
-    assert specs.vision_num_layers(cfg.model.vision) == 2
+    assert families.of(cfg).vision_arch(cfg).num_layers == 2
     vocab = 100
     model = build_model(cfg, rt, vocab, image_token_id=vocab - 1)
     got = {part: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
@@ -181,9 +181,8 @@ def test_param_count_formula_matches_a_built_model(rt):
 @pytest.mark.parametrize("size", SIZES)
 def test_recipe_param_counts(size):
     cfg = load_config(path(size, 1))
-    from megavlm.models import specs
 
-    assert specs.vision_num_layers(cfg.model.vision) == 23  # CLIP-L stops at its penultimate layer
+    assert families.of(cfg).vision_arch(cfg).num_layers == 23  # CLIP-L stops at its penultimate layer
     n = param_count(cfg, 32000, pad_multiple=1)
     assert n["language"] == SIZES[size]["params"]  # exactly Vicuna/LLaMA-2's count
     # 23 of CLIP-L's 24 layers (12,596,224 parameters each) and no post-LayerNorm (2 x 1024).

@@ -17,7 +17,8 @@ def test_other_architecture_is_named():
 
 def test_backend_settings_may_differ():
     saved = to_dict(load_config("configs/tiny_cpu.yaml"))["model"]
-    cur = to_dict(load_config("configs/tiny_cpu.yaml", ["model.spec=sdpa", "model.dtype=bf16", "model.kernels=reference"]))
+    cur = to_dict(load_config("configs/tiny_cpu.yaml",
+                              ["model.spec=sdpa", "model.dtype=bf16", "model.kernels=reference"]))
     _check_same_model(saved, cur["model"], "/ckpt")  # no error
     _check_same_model({}, cur["model"], "/ckpt")  # checkpoints without a config (older) are not checked
 
@@ -39,7 +40,7 @@ def test_only_the_first_pipeline_stage_reads_images(tmp_path, pp_rank, decodes):
     from megavlm import runtime
     from megavlm.data.synthetic import write_synthetic_shards
     from megavlm.data.tokenizer import load_tokenizer
-    from megavlm.training.trainer import ShardTrainData
+    from megavlm.training.data import ShardTrainData
 
     write_synthetic_shards(str(tmp_path), 16, image_size=32, shard_size=8)
     cfg = load_config("configs/tiny_cpu.yaml", [f"data.shards={tmp_path}", "data.source=shards", "parallel.pp=2"])

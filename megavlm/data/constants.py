@@ -1,0 +1,33 @@
+"""Names every data module shares (a leaf: imports nothing of megavlm).
+
+``IMAGE_TOKEN`` is the placeholder for an image in record text (``"<image>"``, the convention of the LLaVA-style json
+and jsonl data that ``megavlm data convert`` reads) and the special token of the synthetic tokenizer; what a model
+family puts in its place in the token ids is the family's business (``Family.expand_image``).
+"""
+
+IMAGE_TOKEN = "<image>"
+#: Label of a position that is not supervised (torch's ``cross_entropy`` default ``ignore_index``).
+IGNORE_INDEX = -100
+
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+UNK_TOKEN = "<unk>"
+#: The synthetic tokenizer's special tokens, in id order (``<pad>`` is id 0).
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN)
+
+
+def image_token_id(tok, token: str = IMAGE_TOKEN) -> int:
+    """Id of the image token ``token`` in tokenizer ``tok``; UserError if the tokenizer has none."""
+    from ..errors import UserError
+
+    ids = tok.convert_tokens_to_ids([token])
+    tid = ids[0] if ids else None
+    unk = getattr(tok, "unk_token_id", None)
+    if tid is None or (unk is not None and tid == unk):
+        raise UserError(
+            f"tokenizer {type(tok).__name__} has no {token!r} token; add it as a "
+            f"special token (tok.add_special_tokens({{'additional_special_tokens': "
+            f"['{token}']}})) and resize the embedding, or use the synthetic tokenizer"
+        )
+    return int(tid)

@@ -1,0 +1,194 @@
+"""Shape rules that the model, ``megavlm plan``, the converter and the MFU count must agree on, in one place.
+
+Torch-free and megatron-free (``plan`` and the config checks run on a login node in a second). The model builds
+from these descriptions (``models/``), ``plan`` counts parameters and activation bytes from them, the converter
+expands its name patterns against the model they describe, and the trainer's MFU counts their FLOPs, so the four
+cannot drift apart.
+
+A model family (``megavlm/families``) turns its config sections into the generic descriptions below: a
+:class:`ViTArch` for the image encoder and a :class:`ProjectorArch` for the projector; the decoder is described by
+its config section directly (``config.LanguageConfig``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+#: Parameter-name prefixes trained in each ``train.stage`` (1: projector; 2: + LLM; 3: everything).
+TRAINABLE: dict[int, tuple[str, ...]] = {1: ("projector.",), 2: ("projector.", "language_model."), 3: ("",)}
+
+#: Activation functions a ViT may use (the model maps each to its torch function).
+VIT_ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu")
+#: Projector kinds the shared blocks build: ``mlp`` (Linear, GELU, Linear), ``affine`` (one Linear).
+PROJECTOR_KINDS = ("mlp", "affine")
+
+
+def divisors(n: int) -> list[int]:
+    """Positive divisors of ``n`` in increasing order (empty for n < 1)."""
+    return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else []
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """Embedding/output rows padded to ``multiple``. Independent of TP so that a checkpoint reshards; the config
+    checks require TP to divide ``multiple``."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def layers_built(num_layers: int, feature_layer: int) -> int:
+    """Encoder layers built when the features are HF's ``hidden_states[feature_layer]`` (-1 = last layer's output,
+    -2 = the penultimate, k >= 1 = after k layers): the layers past it are never run, so never built."""
+    return feature_layer if feature_layer > 0 else num_layers + 1 + feature_layer
+
+
+def decoder_layers_per_stage(num_layers: int, pp: int, first_stage_layers: int | None) -> list[int]:
+    """Decoder layers on each pipeline stage (megatron's split; ``first_stage_layers`` gives stage 0 fewer, the rest
+    is split evenly)."""
+    if pp == 1:
+        return [num_layers]
+    if first_stage_layers is None:
+        return [num_layers // pp] * pp
+    rest = (num_layers - first_stage_layers) // (pp - 1)
+    return [first_stage_layers] + [rest] * (pp - 1)
+
+
+def trainable_parts(stage: int) -> tuple[bool, bool, bool]:
+    """(vision, projector, language) trained in ``train.stage`` (the prefixes of :data:`TRAINABLE`)."""
+    return stage == 3, True, stage >= 2
+
+
+def dtype_name(setting: str, on_gpu: bool) -> str:
+    """``model.dtype`` → ``bf16`` | ``fp32``: ``auto`` is bf16 on GPU, fp32 on CPU."""
+    return "bf16" if setting == "bf16" or (setting == "auto" and on_gpu) else "fp32"
+
+
+def resolve_backend(spec: str, on_gpu: bool, packed: bool = False) -> str:
+    """``model.spec`` → the layer implementation: ``auto`` is ``te`` when Transformer Engine imports on GPU, ``sdpa``
+    on GPU otherwise, ``local`` on CPU (``sdpa`` there too for packed sequences, which megatron's local attention
+    cannot mask); ``te`` without a GPU falls back like ``auto``."""
+    if spec != "auto":
+        if spec in ("sdpa", "te") and not on_gpu:
+            return "sdpa" if packed else ("local" if spec == "te" else spec)
+        return spec
+    if not on_gpu:
+        return "sdpa" if packed else "local"
+    try:
+        import transformer_engine  # noqa: F401
+
+        return "te"
+    except Exception:  # noqa: BLE001 - any import failure means: not usable here
+        return "sdpa"
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """A ViT image encoder as ``models/vision.py`` builds it: patch embedding (a conv of ``patch_size``, with a bias
+    when ``patch_bias``), an optional class token, learned absolute positions, an optional LayerNorm before the
+    first layer (``pre_norm``), then ``num_layers`` pre-LN transformer layers (LayerNorm, attention with q/k/v/out
+    biases, LayerNorm, ``activation`` MLP with biases). Images are uint8 ``(n, image_size, image_size, c)``,
+    normalized with ``image_mean``/``image_std`` inside the patch embedding."""
+
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    #: Layers built (up to the feature layer the projector reads; see :func:`layers_built`).
+    num_layers: int
+    class_token: bool
+    pre_norm: bool
+    patch_bias: bool
+    activation: str
+    norm_eps: float
+    #: The features handed on include the class token (LLaVA's ``select_strategy=full``).
+    keep_class_token: bool
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+
+    @property
+    def patches(self) -> int:
+        """Patch tokens of one image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def positions(self) -> int:
+        """Sequence length inside the encoder (patches + class token)."""
+        return self.patches + int(self.class_token)
+
+    @property
+    def tokens(self) -> int:
+        """Feature tokens one image gives the projector."""
+        return self.patches + int(self.class_token and self.keep_class_token)
+
+    def params(self, tp: int = 1) -> int:
+        """Parameters on one TP rank (embeddings and norms replicated, layers split like megatron's)."""
+        d, f, c, p = self.hidden_size, self.ffn_hidden_size, self.num_channels, self.patch_size
+        emb = (d * c * p * p + (d if self.patch_bias else 0) + (d if self.class_token else 0) + self.positions * d
+               + (2 * d if self.pre_norm else 0))
+        layer = (2 * d  # input LayerNorm
+                 + 3 * d // tp * d + 3 * d // tp  # qkv (column-parallel, bias split)
+                 + d * (d // tp) + d  # proj (row-parallel, bias whole)
+                 + 2 * d  # pre-MLP LayerNorm
+                 + f // tp * d + f // tp  # fc1
+                 + d * (f // tp) + d)  # fc2
+        return emb + self.num_layers * layer
+
+    def forward_flops(self, n_images: int) -> float:
+        """Model FLOPs of one forward pass over ``n_images`` images (GEMMs, attention scores, patch embedding)."""
+        t, d = self.positions, self.hidden_size
+        layer = 2 * 4 * d * d + 2 * 2 * d * self.ffn_hidden_size + 2 * 2 * t * d
+        return n_images * t * (self.num_layers * layer + 2 * self.num_channels * self.patch_size ** 2 * d)
+
+
+@dataclass(frozen=True)
+class ProjectorArch:
+    """The vision→language projector: ``mlp`` (Linear(input, out), GELU, Linear(out, out)) or ``affine`` (one
+    Linear), both with biases, TP-split like megatron's MLP."""
+
+    kind: str
+    input_size: int
+    hidden_size: int
+
+    def params(self, tp: int = 1) -> int:
+        """Parameters on one TP rank: fc1 column-parallel; the ``mlp``'s fc2 row-parallel (bias whole)."""
+        h = self.hidden_size
+        fc1 = h // tp * self.input_size + h // tp
+        return fc1 if self.kind == "affine" else fc1 + h * (h // tp) + h
+
+    def forward_flops(self, tokens: int) -> float:
+        h = self.hidden_size
+        return tokens * 2 * (self.input_size * h + (h * h if self.kind == "mlp" else 0))
+
+
+def decoder_layer_params(lm, tp: int = 1) -> int:
+    """Parameters of one decoder layer on one TP rank (``lm``: a ``config.LanguageConfig``)."""
+    h, a, g, f = lm.hidden_size, lm.num_heads, lm.num_kv_heads, lm.ffn_hidden_size
+    dh = h // a
+    qkv = (a + 2 * g) * dh // tp
+    return (h + qkv * h + (qkv if lm.qkv_bias else 0) + h * (a * dh // tp)
+            + h + 2 * f // tp * h + h * (f // tp))
+
+
+def language_params(lm, vocab_size: int, tp: int = 1, layers: int | None = None, first: bool = True,
+                    last: bool = True) -> int:
+    """Decoder parameters on one TP rank of a stage holding ``layers`` layers (all when None); the embedding is on
+    the first stage, the final norm and the (untied) output layer on the last."""
+    h = lm.hidden_size
+    vp = padded_vocab(vocab_size, lm.vocab_pad_multiple) // tp
+    n = lm.num_layers if layers is None else layers
+    return (vp * h if first else 0) + n * decoder_layer_params(lm, tp) + ((h + vp * h) if last else 0)
+
+
+def decoder_forward_flops(lm, tokens: int, seq_len: int, vocab_size: int) -> float:
+    """Model FLOPs of one decoder forward over ``tokens`` tokens in sequences of ``seq_len``: 2·N per token for
+    the GEMMs, the attention scores, and the output layer."""
+    h = lm.hidden_size
+    kv = h // lm.num_heads * lm.num_kv_heads
+    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 3 * 2 * h * lm.ffn_hidden_size + 2 * 2 * seq_len * h
+    return tokens * (lm.num_layers * per_layer + 2 * h * vocab_size)
+
+
+def fmt(xs: Sequence) -> str:
+    """``1, 2, 4`` (or ``(none)``) for messages."""
+    return ", ".join(str(x) for x in xs) if xs else "(none)"

@@ -1,0 +1,260 @@
+"""Where a training step's micro-batches come from: the synthetic set in memory, or shards through the DALI
+pipeline. Both satisfy :class:`TrainData`, the one protocol the trainer uses.
+
+A micro-batch is a dict on the run's device: ``input_ids`` / ``labels`` (next-token targets, -100 not supervised) /
+``loss_mask`` ``(mb, s)``, ``images`` (uint8 ``(n, H, W, c)`` on the first pipeline stage, else None) and, for packed
+sequences, ``packed_seq_params``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .. import families, runtime
+from ..config import Config, shards_dir
+from ..data.batch import collate
+from ..errors import UserError
+from . import stage_text
+
+
+class TrainData(Protocol):
+    #: Micro-batches per optimizer step on this rank.
+    num_microbatches: int
+    #: A checkpoint must hold the read position (``state_dict``); otherwise the step alone decides it.
+    keeps_position: bool
+
+    def microbatches(self, step_index: int) -> list[dict]:
+        """The micro-batches of step ``step_index`` (0-based) on this rank."""
+
+    def state_dict(self) -> dict | None:
+        """The position to save with a checkpoint (None: the position follows from the step alone)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position."""
+
+    def bad_counts(self) -> dict[str, int] | None:
+        """Samples skipped so far, by reason (None: this source never skips)."""
+
+    def summary(self) -> str | None:
+        """A line on what was read, for the end of the run (None: nothing to say)."""
+
+
+def _to_device(batch: dict, device) -> dict:
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
+    cu = batch.pop("cu_seqlens", None)
+    if cu is not None:
+        from ..data.packing import packed_seq_params
+
+        batch["packed_seq_params"] = packed_seq_params(cu)
+    batch.setdefault("images", None)
+    return batch
+
+
+class SyntheticTrainData:
+    """Deterministic micro-batches of the in-memory synthetic set: sample order is a per-epoch permutation of the
+    dataset; step k on DP rank r takes positions ``k*GB + r*GB/dp + ...``, so resuming at step k continues at the
+    exact sample. Every TP/PP rank of a replica builds the same batches."""
+
+    keeps_position = False
+
+    def __init__(self, cfg: Config, tokenizer, rt: runtime.Runtime):
+        from ..data.synthetic import SyntheticVLMDataset
+
+        self.cfg, self.rt = cfg, rt
+        d, img = cfg.data, families.of(cfg).image_processor(cfg)
+        self.dataset = SyntheticVLMDataset(
+            tokenizer, num_samples=d.num_samples, image_size=img.size, num_image_tokens=families.image_tokens(cfg),
+            max_seq_len=d.max_seq_len, min_shapes=d.min_shapes, max_shapes=d.max_shapes, split="train",
+            seed=cfg.train.seed, image_mean=img.mean, image_std=img.std)
+        self.per_dp = cfg.train.global_batch // rt.dp
+        self.num_microbatches = self.per_dp // cfg.train.micro_batch
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _index(self, position: int) -> int:
+        n = len(self.dataset)
+        epoch, offset = divmod(position, n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)}
+        return int(self._perms[epoch][offset])
+
+    def microbatches(self, step_index: int) -> list[dict]:
+        mb = self.cfg.train.micro_batch
+        base = step_index * self.cfg.train.global_batch + self.rt.dp_rank * self.per_dp
+        out = []
+        for j in range(self.num_microbatches):
+            samples = [self.dataset[self._index(base + j * mb + i)] for i in range(mb)]
+            out.append(_to_device(collate(samples), self.rt.device))  # uint8 images: the model normalizes
+        return out
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def bad_counts(self) -> None:
+        return None
+
+    def summary(self) -> None:
+        return None
+
+
+class ShardTrainData:
+    """Micro-batches from WebDataset shards (``data.source=shards|synthetic_shards``) through the DALI pipeline, split
+    by DP rank.
+
+    Only the first pipeline stage needs images, so only its ranks run the loader (every TP rank of it, with the same
+    shard split and seed, so all see the same samples); it sends the text of each step to the later stages of its
+    pipeline (:mod:`megavlm.training.stage_text`). A sample that cannot be used — an undecodable image or a sample
+    cut off by a truncated tar (counted by the loader), a record that is not a conversation, a conversation too long
+    for ``data.max_seq_len`` or with no supervised token — is skipped and counted, and the next one takes its place;
+    above ``data.max_bad_share`` of the samples read the run stops. With ``data.packing`` each micro-batch is one
+    sequence of several samples (data/packing.py). ``state_dict()`` (loader position + samples read ahead) goes into
+    each checkpoint, so a resumed run continues at the exact sample.
+    """
+
+    MIN_SAMPLES_FOR_BAD_SHARE = 32  # judge the share only once a few samples have been read
+    keeps_position = True
+
+    def __init__(self, cfg: Config, tokenizer, rt: runtime.Runtime, shards: str):
+        self.cfg, self.rt, self.tok = cfg, rt, tokenizer
+        fam = families.of(cfg)
+        self.per_dp = cfg.train.global_batch // rt.dp
+        self.num_microbatches = self.per_dp // cfg.train.micro_batch
+        self.n_img_tokens = fam.image_tokens(cfg)
+        self.template = families.template(cfg)
+        self.expand = fam.expand_image(tokenizer)
+        self.loader = None
+        if rt.is_first_stage:
+            from ..data.pipeline import ImageTextLoader
+
+            img = fam.image_processor(cfg)
+            self.loader = ImageTextLoader(
+                shards, image_size=img.size, mode=img.mode, output="uint8", mean=img.mean, std=img.std,
+                batch_size=self.per_dp, dp_rank=rt.dp_rank, dp_size=rt.dp, train=True, seed=cfg.train.seed,
+                max_images=cfg.data.max_images)
+        self.shards = shards
+        self.ready: list[dict] = []
+        self.read = 0
+        self.skipped: dict[str, int] = {}
+
+    def _encode(self, sample: dict) -> dict | None:
+        from ..data.constants import IGNORE_INDEX
+        from ..data.conversation import SampleTooLong, encode_conversation, record_turns
+
+        try:
+            if not isinstance(sample["record"], dict):
+                raise ValueError("not a JSON object")
+            turns = record_turns(sample["record"])
+            if not turns:
+                raise ValueError("no (question, answer) turn")
+            enc = encode_conversation(self.tok, turns, int(sample["images"].shape[0]), self.n_img_tokens,
+                                      self.cfg.data.max_seq_len, template=self.template, expand=self.expand)
+        except SampleTooLong:
+            return self._skip("too_long")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return self._skip("malformed_record")
+        if not bool((enc["labels"] != IGNORE_INDEX).any()):
+            return self._skip("no_supervised_tokens")
+        return {"input_ids": enc["input_ids"], "labels": enc["labels"], "images": sample["images"].cpu()}
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        return None
+
+    def bad_counts(self) -> dict[str, int]:
+        return {**(self.loader.skipped if self.loader else {}), **self.skipped}
+
+    def summary(self) -> str:
+        bad = self.bad_counts()
+        return (f"data: {self.read} samples read on this data-parallel rank, {sum(bad.values())} skipped"
+                + (f" ({', '.join(f'{k} {v}' for k, v in sorted(bad.items()))})" if bad else ""))
+
+    def _check_bad_share(self) -> None:
+        bad = sum(self.bad_counts().values())
+        seen = self.read + sum(self.loader.skipped.values())
+        if seen >= self.MIN_SAMPLES_FOR_BAD_SHARE and bad / seen > self.cfg.data.max_bad_share:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.bad_counts().items()))
+            raise UserError(
+                f"{bad} of {seen} samples from {self.shards} were unusable ({reasons}), more than "
+                f"data.max_bad_share={self.cfg.data.max_bad_share}; check the shards (megavlm data inspect) and that "
+                f"data.template={self.template} fits the tokenizer")
+
+    def _read_more(self) -> None:
+        batch = None
+        while batch is None:  # None: the end of an epoch, the next call starts the next one
+            batch = self.loader.next_batch()
+        for sample in batch:
+            self.read += 1
+            enc = self._encode(sample)
+            if enc is not None:
+                self.ready.append(enc)
+        self._check_bad_share()
+
+    def _build(self) -> list[dict]:
+        """This step's micro-batches (on the first pipeline stage), on the host."""
+        n_mb = self.num_microbatches
+        if self.cfg.data.packing:
+            from ..data.packing import pack
+
+            while True:  # enough samples read that the first n_mb sequences are as full as they get
+                packed = pack(self.ready, self.cfg.data.max_seq_len, self.tok.pad_token_id) if self.ready else []
+                if len(packed) > n_mb:
+                    break
+                self._read_more()
+            take = packed[:n_mb]
+            self.ready = self.ready[sum(len(p.samples) for p in take):]
+            return [{"input_ids": p.input_ids, "labels": p.labels, "loss_mask": p.loss_mask, "images": p.images,
+                     "cu_seqlens": p.cu_seqlens} for p in take]
+        while len(self.ready) < self.per_dp:
+            self._read_more()
+        take, self.ready = self.ready[: self.per_dp], self.ready[self.per_dp:]
+        mb = self.cfg.train.micro_batch
+        return [collate(take[j * mb:(j + 1) * mb]) for j in range(n_mb)]
+
+    def microbatches(self, step_index: int) -> list[dict]:
+        if self.rt.pp == 1:
+            out = self._build()
+        elif self.rt.is_first_stage:
+            try:
+                out = self._build()
+            except UserError as e:
+                stage_text.send(None, str(e), self.rt.device)
+                raise
+            stage_text.send(out, None, self.rt.device)
+        else:
+            out = stage_text.receive(self.num_microbatches, self.cfg.train.micro_batch, self.cfg.data.max_seq_len,
+                                     self.rt.device)
+        return [_to_device(b, self.rt.device) for b in out]
+
+    def state_dict(self) -> dict:
+        if self.loader is None:  # later pipeline stages read nothing; the first stage's copy is the one saved
+            return {}
+        return {"loader": self.loader.state_dict(), "ready": self.ready, "read": self.read,
+                "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.loader is None:
+            return
+        self.loader.load_state_dict(state["loader"])
+        self.ready, self.read, self.skipped = list(state["ready"]), int(state["read"]), dict(state["skipped"])
+
+
+def build_train_data(cfg: Config, tokenizer, rt: runtime.Runtime) -> TrainData:
+    if cfg.data.source == "synthetic":
+        return SyntheticTrainData(cfg, tokenizer, rt)
+    path = shards_dir(cfg)
+    if cfg.data.source == "synthetic_shards":
+        if rt.rank == 0:
+            from ..data.synthetic import ensure_synthetic_shards
+
+            d, img = cfg.data, families.of(cfg).image_processor(cfg)
+            if ensure_synthetic_shards(path, d.num_samples, img.size, cfg.train.seed, min_shapes=d.min_shapes,
+                                       max_shapes=d.max_shapes, workers=min(4, os.cpu_count() or 1)) is not None:
+                print(f"[megavlm] wrote the synthetic training set ({d.num_samples} samples) to {path}", flush=True)
+        torch.distributed.barrier()  # the other ranks read what rank 0 wrote (a shared file system across nodes)
+    return ShardTrainData(cfg, tokenizer, rt, path)
