@@ -76,7 +76,7 @@ if [ "${PROFILE:-0}" = 1 ]; then  # Nsight Compute on the first GEMM: cuBLAS's, 
     python benchmarks/sm90_tiles.py --profile > "$OUT/ncu_gelu.txt" 2>&1; tail -60 "$OUT/ncu_gelu.txt"'
 fi
 
-step "kernel benchmark" 200 'python benchmarks/kernels.py --json "$OUT/kernels.json"'
+step "kernel benchmark" 200 'python benchmarks/kernel_bench.py --json "$OUT/kernels.json"'
 
 step "other GPU tests" 150 'python -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu tests/unit/test_cpu_compat.py -k "not sm90" | tail -12'
 

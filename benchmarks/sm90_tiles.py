@@ -9,7 +9,7 @@ At the LLaVA-1.5-7B projector's shapes (32 images x 576 tokens, 1024 -> 4096 -> 
 against torch.mm on the same operands, every `bias/*` GEMM (the second, storing rows into a [32*2048, 4096]
 embedding buffer) against torch.addmm and again at the first GEMM's shape ("bias@gemm1": the same main loop without
 the GELU, so that a gelu row minus the bias@gemm1 row of the same tiles is what the GELU costs), each checked
-against an fp32 reference first (max error <= 2x torch bf16's). Then benchmarks/kernels.py's projector rows with
+against an fp32 reference first (max error <= 2x torch bf16's). Then benchmarks/kernel_bench.py's projector rows with
 the fastest of each ($MEGAVLM_SM90_GELU_TILES / $MEGAVLM_SM90_BIAS_TILES). The chosen defaults are the units
 csrc/projector/gemm_sm90_<epilogue>.cu (MEGAVLM_SM90_GEMM_DEFAULT); docs/kernels.md has the table this printed.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels as kb  # noqa: E402  (benchmarks/kernels.py: timing, checks, the projector rows)
+import kernel_bench as kb  # noqa: E402  (benchmarks/kernel_bench.py: timing, checks, the projector rows)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     print("fastest: " + ", ".join(f"{k} {v['tiles']} {v['ms']:.3f} ms" for k, v in best.items()), flush=True)
 
-    # the whole projector (kernels.py's rows) with the fastest GELU and bias GEMMs
+    # the whole projector (kernel_bench.py's rows) with the fastest GELU and bias GEMMs
     proj_rows, checks = [], []
     if "gelu" in best and "bias" in best:
         with mock.patch.dict(os.environ, {"MEGAVLM_SM90_GELU_TILES": best["gelu"]["tiles"],
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             if f"gelu_aux/{best['gelu']['tiles']}" not in names:  # the backward rows need the aux twin
                 print(f"(no gelu_aux/{best['gelu']['tiles']}: projector rows with the default GELU GEMM's aux twin)")
             pj = dict(N=N, T=T, Din=Din, Dh=Dh, Dout=Dout, bsz=N, seq=seq, merge_N=N, merge_T=1024)
-            fused.set_fused_gemm("cublas")  # kernels.py's rows name their GEMMs: cuBLAS unless they say cutlass
+            fused.set_fused_gemm("cublas")  # kernel_bench.py's rows name their GEMMs: cuBLAS unless they say cutlass
             try:
                 kb.bench_projector(pj, args.iters, proj_rows, checks)
             except (RuntimeError, ValueError) as e:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the fused patch-embedding / projector kernels against the unfused torch path.
 
-    python benchmarks/kernels.py                # ViT-L/14-336 + LLaVA-1.5-7B projector shapes, bf16
-    python benchmarks/kernels.py --quick        # small shapes (smoke)
-    python benchmarks/kernels.py --json out.json
+    python benchmarks/kernel_bench.py                # ViT-L/14-336 + LLaVA-1.5-7B projector shapes, bf16
+    python benchmarks/kernel_bench.py --quick        # small shapes (smoke)
+    python benchmarks/kernel_bench.py --json out.json
 
 Builds megavlm._C for the local GPU if it is missing. For each op: a
 correctness check (max abs error vs an fp32 reference must be <= 2x that of the
@@ -455,7 +455,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 50, quick 10)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/kernel_bench.py needs a CUDA GPU")
     t0 = time.perf_counter()
     C = ensure_extension()
     torch.backends.cudnn.benchmark = True  # let cuDNN pick its best conv for the baseline
