@@ -1,8 +1,14 @@
 #!/usr/bin/env python
 """Compare the Hopper projector GEMMs' tile shapes and schedules on this card (sm_90), to choose the defaults.
 
-    MEGAVLM_SM90_GEMM_TUNING=1 python -m megavlm._build --archs 90   # the defaults + csrc/projector/sm90_tiles/
-    python benchmarks/sm90_tiles.py [--json OUT] [--iters 50]
+    python benchmarks/sm90_tiles.py --build DIR [--archs 90]   # DIR/src/*.cu: the candidates; DIR/_C*.so: megavlm._C
+                                                               # with the defaults and the candidates
+    MEGAVLM_EXT_PATH=DIR/_C<EXT_SUFFIX> python benchmarks/sm90_tiles.py [--json OUT] [--iters 50]
+
+The candidates are not part of the package: --build writes one CUDA unit per row of CANDIDATES (a tile name says
+everything the instantiation needs, flash-attention style) into DIR/src and builds a tuning megavlm._C in DIR with
+megavlm/_build.py (extra_sm90_sources; MEGAVLM_BUILD_CACHE reuses objects as for the package's build).
+benchmarks/gpu_check.sh does both with MEGAVLM_SM90_GEMM_TUNING=1.
 
 At the LLaVA-1.5-7B projector's shapes (32 images x 576 tokens, 1024 -> 4096 -> 4096, bf16): every compiled
 `gelu/*` GEMM (the first GEMM with bias + exact GELU; `_pgelu`: csrc/common/gelu.h's GELU instead of CUTLASS's)
@@ -19,22 +25,101 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_bench as kb  # noqa: E402  (benchmarks/kernel_bench.py: timing, checks, the projector rows)
+REPO = Path(__file__).resolve().parents[1]
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+# The candidates, by epilogue: each tile name <schedule><M>x<N>x<K>_c<cM>x<cN>[_e<eM>x<eN>][_pgelu] (schedule pp
+# ping-pong, co cooperative, sk cooperative stream-K; _e: the epilogue's subtile; _pgelu: csrc/common/gelu.h's GELU)
+# is the unit's whole content (render_unit). The build's defaults (csrc/projector/gemm_sm90_<epilogue>.cu) are always
+# there too; docs/kernels.md has what each candidate measured.
+CANDIDATES = {
+    "bias": ("co128x192x64_c1x1", "co128x192x64_c2x1", "co128x192x64_c4x1", "co128x256x64_c2x1", "co256x128x64_c2x1",
+             "pp128x128x64_c2x1", "sk128x192x64_c2x1"),
+    "gelu": ("co256x128x64_c2x1", "co256x128x64_c2x1_pgelu", "pp128x128x128_c2x1", "pp128x128x64_c1x1",
+             "pp128x128x64_c2x1_e64x128", "pp128x128x64_c2x1_e64x64", "pp128x128x64_c2x1_pgelu", "pp64x256x64_c2x1"),
+}
+CANDIDATES["gelu_aux"] = CANDIDATES["gelu"]  # the GELU GEMM that also stores the pre-activation: the same tiles
+# Why a candidate is there, where its name does not say (the unit's comment).
+_MAIN_LOOPS = ("The cooperative 128x256 / 256x128 main loops without the GELU: with bias/pp128x128x64_c2x1, the "
+               "bias@gemm1 rows\nof benchmarks/sm90_tiles.py time the first GEMM's main loop (K = 1024) alone for each "
+               "tile shape.")
+NOTES = {
+    "bias_co128x256x64_c2x1": _MAIN_LOOPS,
+    "bias_co256x128x64_c2x1": _MAIN_LOOPS,
+    "bias_pp128x128x64_c2x1": "The default GELU GEMM's tiles and schedule with the bias epilogue only: "
+                              "benchmarks/sm90_tiles.py times it at\nthe first GEMM's shape too, which separates the "
+                              "GELU's cost from the main loop's.",
+    "gelu_co256x128x64_c2x1_pgelu": "Cooperative 256x128 (second in the sweep with CUTLASS's GELU) with "
+                                    "common/gelu.h's GELU.",
+    "gelu_pp128x128x64_c2x1_pgelu": "The default GELU GEMM with common/gelu.h's GELU instead of CUTLASS's erff one.",
+    "gelu_aux_co256x128x64_c2x1_pgelu": "Cooperative 256x128 (the fastest aux GEMM in one sweep) with common/gelu.h's "
+                                        "GELU.",
+    "gelu_aux_pp128x128x64_c2x1_pgelu": "The default GELU GEMM (with the aux store) with common/gelu.h's GELU instead "
+                                        "of CUTLASS's erff one.",
+}
+_TILES = re.compile(r"(pp|co|sk)(\d+)x(\d+)x(\d+)_c(\d)x(\d)(?:_e(\d+)x(\d+))?(_pgelu)?")
+_SCHEDULES = {"pp": "Pingpong", "co": "Cooperative", "sk": "StreamK"}
+_FUSIONS = {"bias": "FusionBias", "gelu": "FusionGelu", "gelu_aux": "FusionGeluAux"}
 
-BF16 = torch.bfloat16
+
+def render_unit(epilogue: str, tiles: str) -> str:
+    """The CUDA unit that instantiates and registers the GEMM '<epilogue>/<tiles>' (see csrc/projector/gemm_sm90.h)."""
+    m = _TILES.fullmatch(tiles)
+    if m is None or epilogue not in _FUSIONS:
+        raise ValueError(f"not a candidate: {epilogue}/{tiles}")
+    sched, tm, tn, tk, cm, cn, em, en, pgelu = m.groups()
+    if pgelu and epilogue == "bias":
+        raise ValueError(f"{epilogue}/{tiles}: _pgelu needs a GELU epilogue")
+    fusion = _FUSIONS[epilogue].replace("Gelu", "GeluPoly") if pgelu else _FUSIONS[epilogue]
+    schedule = f"sm90::{_SCHEDULES[sched]}"
+    if em:
+        schedule = f"sm90::WithEpilogueTile<{schedule}, {em}, {en}>"
+    note = NOTES.get(f"{epilogue}_{tiles}")
+    lines = ["// Tuning candidate (MEGAVLM_SM90_GEMM_TUNING=1, benchmarks/sm90_tiles.py); see gemm_sm90.h.",
+             *(f"// {line}" for line in (note.split("\n") if note else [])),
+             '#include "projector/gemm_sm90.cuh"',
+             "",
+             "namespace sm90 = megavlm::projector::sm90;",
+             f"using Gemm = sm90::Gemm<sm90::{fusion}, sm90::Tile<{tm}, {tn}, {tk}>,",
+             f"                         sm90::Cluster<{cm}, {cn}>, {schedule}>;",
+             f"MEGAVLM_SM90_GEMM_ENTRY({epilogue}, {tiles}, Gemm)",
+             ""]
+    return "\n".join(lines)
+
+
+def candidate_units() -> dict[str, str]:
+    """File name -> text of every candidate unit ('<epilogue>_<tiles>.cu')."""
+    return {f"{epilogue}_{tiles}.cu": render_unit(epilogue, tiles)
+            for epilogue, tiles_list in CANDIDATES.items() for tiles in tiles_list}
+
+
+def build_tuning_extension(out_dir: str | os.PathLike, archs: str = "90", jobs: int | None = None) -> str:
+    """Write the candidate units into out_dir/src and build megavlm._C with them into out_dir; returns its path."""
+    sys.path.insert(0, str(REPO))
+    from megavlm import _build
+
+    src = Path(out_dir) / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for stale in src.glob("*.cu"):
+        stale.unlink()
+    units = []
+    for name, text in candidate_units().items():
+        (src / name).write_text(text)
+        units.append(src / name)
+    return _build.build_extension(out_dir, archs=archs, jobs=jobs, extra_sm90_sources=units)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build", metavar="DIR",
+                    help="only build: the candidate units into DIR/src, megavlm._C with them into DIR (no GPU needed)")
+    ap.add_argument("--archs", default="90", help="with --build: CUDA archs (default 90; the candidates need a 90)")
+    ap.add_argument("--jobs", type=int, default=None, help="with --build: parallel nvcc processes")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     ap.add_argument("--iters", type=int, default=50, help="timed runs per measurement")
     ap.add_argument("--profile", action="store_true",
@@ -42,6 +127,20 @@ def main(argv=None) -> int:
                          "its _pgelu twin and bias/pp128x128x64_c2x1) inside an NVTX range 'profile', for "
                          "`ncu --nvtx --nvtx-include profile/` (benchmarks/gpu_check.sh PROFILE=1)")
     args = ap.parse_args(argv)
+    if args.build:
+        print(build_tuning_extension(args.build, args.archs, args.jobs))
+        return 0
+    return sweep(args)
+
+
+def sweep(args) -> int:
+    """Time every compiled candidate (see the module docstring); 0 when all passed the accuracy check."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import kernel_bench as kb  # benchmarks/kernel_bench.py: timing, checks, the projector rows
+    import torch
+    import torch.nn.functional as F
+
+    BF16 = torch.bfloat16
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("benchmarks/sm90_tiles.py needs an sm_90 GPU (H100/H200)")
     t0 = time.perf_counter()

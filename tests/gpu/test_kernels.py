@@ -396,8 +396,8 @@ def test_sm90_patch_embed_forward_backward(sm90, case, monkeypatch):
 
 
 def _tiles(ext, epilogue):
-    """The tiles of every compiled GEMM with this epilogue (one in a plain build; the candidates too in a
-    MEGAVLM_SM90_GEMM_TUNING=1 build)."""
+    """The tiles of every compiled GEMM with this epilogue (one in a plain build; the candidates too in the tuning
+    build of benchmarks/sm90_tiles.py --build)."""
     return [name.split("/")[1] for name in ext.linear_sm90_gemms() if name.split("/")[0] == epilogue]
 
 

@@ -194,22 +194,60 @@ def test_auto_gives_the_hopper_gemms_to_the_projector_only(monkeypatch):
             fused.set_fused_gemm(None)
 
 
-def test_every_tuning_candidate_can_be_chosen(monkeypatch):
-    """Each unit of csrc/projector/sm90_tiles/ registers '<epilogue>/<tiles>' under its own file name, and its tiles
-    pass the $MEGAVLM_SM90_*_TILES check (a candidate the setting refused could never be timed or used)."""
-    from megavlm import _build
+def _sm90_tiles_script():
+    """benchmarks/sm90_tiles.py as a module (its candidate table and generator need neither torch nor a GPU)."""
+    import importlib.util
+    from pathlib import Path
 
-    units = sorted((_build.CSRC_DIR / _build.SM90_TUNING_DIR).glob("*.cu"))
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sm90_tiles.py"
+    spec = importlib.util.spec_from_file_location("sm90_tiles_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_tuning_candidate_can_be_chosen(monkeypatch):
+    """Each unit benchmarks/sm90_tiles.py generates registers '<epilogue>/<tiles>' under its own file name, and its tiles
+    pass the $MEGAVLM_SM90_*_TILES check (a candidate the setting refused could never be timed or used)."""
+    units = _sm90_tiles_script().candidate_units()
     assert units
-    for unit in units:
-        m = re.search(r"MEGAVLM_SM90_GEMM_ENTRY\((\w+), (\w+), Gemm\)", unit.read_text())
-        assert m, f"{unit.name}: no MEGAVLM_SM90_GEMM_ENTRY(epilogue, tiles, Gemm)"
+    for name, text in units.items():
+        m = re.search(r"MEGAVLM_SM90_GEMM_ENTRY\((\w+), (\w+), Gemm\)", text)
+        assert m, f"{name}: no MEGAVLM_SM90_GEMM_ENTRY(epilogue, tiles, Gemm)"
         epilogue, tiles = m.groups()
-        assert unit.name == f"{epilogue}_{tiles}.cu", unit.name
-        assert epilogue in ("bias", "gelu", "gelu_aux"), unit.name
+        assert name == f"{epilogue}_{tiles}.cu", name
+        assert epilogue in ("bias", "gelu", "gelu_aux"), name
         setting = "bias" if epilogue == "bias" else "gelu"
         monkeypatch.setenv(f"MEGAVLM_SM90_{setting.upper()}_TILES", tiles)
         assert fused.sm90_tiles(setting) == tiles
+
+
+def test_generated_candidates_are_the_measured_units():
+    """The generator writes, byte for byte, the 23 units that docs/kernels.md's sweep compiled and timed (they lived in
+    csrc/projector/sm90_tiles/ until be4d3bf; this is the sha256 of those files, each as name NUL text NUL, by name).
+    A change to the candidates is a new experiment: update the digest with the docs' tables."""
+    import hashlib
+
+    units = _sm90_tiles_script().candidate_units()
+    h = hashlib.sha256()
+    for name in sorted(units):
+        h.update(name.encode() + b"\0" + units[name].encode() + b"\0")
+    assert len(units) == 23
+    assert h.hexdigest() == "38d6029dc7fd87c5b3d8dfc1f871179d62f332f673fd788a05e48eba516ed0a6"
+
+
+def test_candidate_tile_names_are_what_the_units_instantiate():
+    """A tile name alone decides the instantiation: schedule, tile, cluster, epilogue subtile and GELU."""
+    script = _sm90_tiles_script()
+    text = script.render_unit("gelu_aux", "pp128x128x64_c2x1_e64x64")
+    assert "sm90::Gemm<sm90::FusionGeluAux, sm90::Tile<128, 128, 64>," in text
+    assert "sm90::Cluster<2, 1>, sm90::WithEpilogueTile<sm90::Pingpong, 64, 64>>;" in text
+    text = script.render_unit("gelu", "co256x128x64_c2x1_pgelu")
+    assert "sm90::FusionGeluPoly, sm90::Tile<256, 128, 64>" in text and "sm90::Cooperative>;" in text
+    assert "sm90::StreamK>;" in script.render_unit("bias", "sk128x192x64_c2x1")
+    for epilogue, tiles in [("bias", "pp128x128x64_c2x1_pgelu"), ("gelu", "pingpong"), ("table", "co128x128x64_c2x1")]:
+        with pytest.raises(ValueError):
+            script.render_unit(epilogue, tiles)
 
 
 def test_tiles_setting(monkeypatch):
