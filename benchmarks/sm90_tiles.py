@@ -145,9 +145,9 @@ def sweep(args) -> int:
         raise SystemExit("benchmarks/sm90_tiles.py needs an sm_90 GPU (H100/H200)")
     t0 = time.perf_counter()
     C = kb.ensure_extension()
-    from megavlm.ops import fused
+    from megavlm.ops import gemm, projector_op
 
-    if fused.sm90_gemm_unavailable_reason(torch.empty(1, device="cuda", dtype=BF16)) is not None:
+    if gemm.sm90_gemm_unavailable_reason(torch.empty(1, device="cuda", dtype=BF16)) is not None:
         raise SystemExit("megavlm._C has no Hopper GEMMs: build it with CUTLASS for arch 90 (see the usage above)")
     names = C.linear_sm90_gemms()
     N, T, Din, Dh, Dout, seq, off = 32, 576, 1024, 4096, 4096, 2048, 35
@@ -168,7 +168,7 @@ def sweep(args) -> int:
     def gemm1_bias():
         # a bias GEMM at the first GEMM's shape: like linear_gelu's GEMM one batch of N*T tokens (linear_into_ with
         # N images would run N batches of T = 576 tokens, ragged 128-token tiles), into the dense rows of out1
-        torch.ops.megavlm.linear_into_(out1, x.view(1, R, Din), w1, b1, *fused.AffineRows(0, R, 1))
+        torch.ops.megavlm.linear_into_(out1, x.view(1, R, Din), w1, b1, *projector_op.AffineRows(0, R, 1))
 
     if args.profile:
         # (label, environment, call): cuBLAS, the default GELU GEMM ('' even after gpu_check's export), and where
@@ -185,7 +185,7 @@ def sweep(args) -> int:
                 with mock.patch.dict(os.environ, env):
                     fn()
 
-        fused.set_fused_gemm("cutlass")
+        gemm.set_fused_gemm("cutlass")
         run_all()  # warm-up outside the range
         torch.cuda.synchronize()
         torch.cuda.nvtx.range_push("profile")
@@ -200,7 +200,7 @@ def sweep(args) -> int:
     b2_32 = torch.randn(Dout, device="cuda", generator=g) * 0.1
     a, w2, b2 = (t.to(BF16) for t in (a32, w2_32, b2_32))
     emb = torch.zeros(N * seq, Dout, device="cuda", dtype=BF16)
-    rows_affine = fused.AffineRows(off, seq, 1)
+    rows_affine = projector_op.AffineRows(off, seq, 1)
     idx = rows_affine.index(N, T, "cuda")
     z1_ref, z1_low = x.float() @ w1.float().t() + b1.float(), F.linear(x, w1, b1)
     gelu_ref, gelu_low = F.gelu(z1_ref), F.gelu(z1_low)
@@ -219,7 +219,7 @@ def sweep(args) -> int:
     }  # table: the patch embedding has one instantiation, not compared here
     runs = list(names) + [name.replace("bias/", "bias@gemm1/", 1) for name in names if name.startswith("bias/")]
 
-    fused.set_fused_gemm("cutlass")
+    gemm.set_fused_gemm("cutlass")
     results, got = [], None
     try:
         for name in runs:
@@ -249,7 +249,7 @@ def sweep(args) -> int:
             print(f"{name:32s} {t_gemm:.3f} ms ({r['tflops']:.0f} TFLOP/s) vs cuBLAS {t_base:.3f} ms: "
                   f"{t_base / t_gemm:.2f}x, err {ef:.2e} (torch bf16 {et:.2e}) {'PASS' if ok else 'FAIL'}", flush=True)
     finally:
-        fused.set_fused_gemm(None)
+        gemm.set_fused_gemm(None)
     del x32, w1_32, a32, w2_32, gelu_ref, gelu_low, out2_ref, out2_low, emb, out1, z1_low, z1_ref, specs, got
     torch.cuda.empty_cache()
 
@@ -276,13 +276,13 @@ def sweep(args) -> int:
             if f"gelu_aux/{best['gelu']['tiles']}" not in names:  # the backward rows need the aux twin
                 print(f"(no gelu_aux/{best['gelu']['tiles']}: projector rows with the default GELU GEMM's aux twin)")
             pj = dict(N=N, T=T, Din=Din, Dh=Dh, Dout=Dout, bsz=N, seq=seq, merge_N=N, merge_T=1024)
-            fused.set_fused_gemm("cublas")  # kernel_bench.py's rows name their GEMMs: cuBLAS unless they say cutlass
+            gemm.set_fused_gemm("cublas")  # kernel_bench.py's rows name their GEMMs: cuBLAS unless they say cutlass
             try:
                 kb.bench_projector(pj, args.iters, proj_rows, checks)
             except (RuntimeError, ValueError) as e:
                 print(f"projector rows failed: {e}")
             finally:
-                fused.set_fused_gemm(None)
+                gemm.set_fused_gemm(None)
         copy_gbs, mm_tflops = kb.measure_card(False)
         print(kb.render(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, ext_version=C.__version__,
                              ext_archs=C.compiled_archs, copy_gbs=copy_gbs, matmul_tflops=mm_tflops),
