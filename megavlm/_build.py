@@ -6,13 +6,13 @@ raw device addresses. The module links the CUDA runtime statically, so it
 imports on machines without a GPU or driver; calling an op there raises
 ``RuntimeError`` with the CUDA error string.
 
-Usage::
+`pip install .`, `pip install -e .` and `make install` build it through setup.py's build_ext, which loads this
+file by path (it needs only the standard library and ``pybind11``, not megavlm or torch). By hand::
 
-    python -m megavlm._build                 # writes megavlm/_C<EXT_SUFFIX>
+    python -m megavlm._build                 # writes megavlm/_C<EXT_SUFFIX> (`make kernels`: --auto)
     python -m megavlm._build --archs "90" --out-dir /tmp/x
 
-or from Python (e.g. setup.py; this file only needs the standard library and
-``pybind11``, so it can be loaded with importlib without importing megavlm)::
+or from Python::
 
     build_extension(out_dir, archs=None, verbose=True, jobs=None, extra_sm90_sources=()) -> path
 
@@ -60,6 +60,7 @@ __all__ = [
     "build_extension",
     "extension_filename",
     "find_nvcc",
+    "kernels_wanted",
     "parse_archs",
 ]
 
@@ -351,6 +352,22 @@ def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbos
     return str(target)
 
 
+def kernels_wanted() -> bool:
+    """Whether an install builds megavlm._C (`pip install .`, `make install`, `python -m megavlm._build --auto`):
+    MEGAVLM_BUILD_KERNELS=0 never, =1 always (RuntimeError when nvcc is missing), unset when nvcc is found. Says why
+    when it does not build."""
+    force = os.environ.get("MEGAVLM_BUILD_KERNELS", "").strip()
+    if force == "0":
+        print("[megavlm._build] MEGAVLM_BUILD_KERNELS=0: not building megavlm._C (reference ops only)")
+        return False
+    if find_nvcc() is None:
+        if force == "1":
+            raise RuntimeError("MEGAVLM_BUILD_KERNELS=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        print("[megavlm._build] nvcc not found: megavlm._C not built; the reference ops will be used")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megavlm._build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default=None, help="target folder (default: the megavlm package folder)")
@@ -358,21 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--auto", action="store_true",
-                        help="what `make install` runs: build when nvcc is found (MEGAVLM_BUILD_KERNELS=0 skips, =1 "
-                             "makes a missing nvcc an error); without nvcc, say so and succeed")
+                        help="what `make kernels` runs (and `pip install .` decides alike): build when nvcc is found "
+                             "(MEGAVLM_BUILD_KERNELS=0 skips, =1 makes a missing nvcc an error); without nvcc, say so "
+                             "and succeed")
     args = parser.parse_args(argv)
-    if args.auto:
-        force = os.environ.get("MEGAVLM_BUILD_KERNELS", "").strip()
-        if force == "0":
-            print("[megavlm._build] MEGAVLM_BUILD_KERNELS=0: not building megavlm._C (reference ops only)")
-            return 0
-        if find_nvcc() is None:
-            if force == "1":
-                print("error: MEGAVLM_BUILD_KERNELS=1 but nvcc was not found (set CUDA_HOME or PATH)", file=sys.stderr)
-                return 1
-            print("[megavlm._build] nvcc not found: megavlm._C not built; the reference ops will be used")
-            return 0
     try:
+        if args.auto and not kernels_wanted():
+            return 0
         path = build_extension(args.out_dir, archs=args.archs, verbose=not args.quiet, jobs=args.jobs)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -49,6 +49,23 @@ def test_build_module_is_standalone():
     assert "OK" in res.stdout
 
 
+def test_kernels_wanted_follows_megavlm_build_kernels(monkeypatch, capsys):
+    """What `pip install .` (setup.py) and `python -m megavlm._build --auto` decide: =0 never builds, =1 needs nvcc
+    (an error without it), unset builds when nvcc is found and says why it does not otherwise."""
+    for nvcc, force, expected in [("/x/nvcc", "", True), (None, "", False), ("/x/nvcc", "0", False), (None, "0", False),
+                                  ("/x/nvcc", "1", True)]:
+        monkeypatch.setattr(_build, "find_nvcc", lambda nvcc=nvcc: nvcc)
+        monkeypatch.setenv("MEGAVLM_BUILD_KERNELS", force)
+        assert _build.kernels_wanted() is expected, (nvcc, force)
+        if not expected:
+            assert "reference ops" in capsys.readouterr().out  # says why, and what runs instead
+    monkeypatch.setattr(_build, "find_nvcc", lambda: None)
+    monkeypatch.setenv("MEGAVLM_BUILD_KERNELS", "1")
+    with pytest.raises(RuntimeError, match="MEGAVLM_BUILD_KERNELS=1 but nvcc was not found"):
+        _build.kernels_wanted()
+    assert _build.main(["--auto"]) == 1
+
+
 @pytest.fixture(scope="session")
 def built_extension(tmp_path_factory):
     if _build.find_nvcc() is None:
