@@ -10,7 +10,8 @@ PY     := $(VENV)/bin/python
 #   MEGATRON_SPEC [megatron-core==0.19.2]
 #   EXTRA_DEPS    [triton]: megatron-core 0.19's package __init__ imports it (moe/paged_stash.py); GPU images have it
 #   DALI_SPEC     [nvidia-dali-cuda130==2.4.0]: NVIDIA DALI decodes and augments images (GPU or full CPU pipelines)
-#   MEGAVLM_BUILD_KERNELS=0|1, MEGAVLM_CUDA_ARCHS [80;90]: the megavlm._C build (see `kernels`)
+#   MEGAVLM_BUILD_KERNELS=0|1, MEGAVLM_CUDA_ARCHS [80;90]: the megavlm._C build, done by the package's own build
+#                 (setup.py's build_ext) when the script installs megavlm
 
 .PHONY: install demo test kernels clean
 
@@ -20,7 +21,8 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile scripts/install.sh
 	PYTHON="$(PYTHON)" VENV="$(VENV)" bash scripts/install.sh
 	touch $@
 
-# Builds megavlm._C from csrc/ when nvcc is on the PATH (MEGAVLM_BUILD_KERNELS=0|1 forces either way).
+# Rebuilds megavlm._C from csrc/ (after editing it) when nvcc is on the PATH (MEGAVLM_BUILD_KERNELS=0|1 forces either
+# way); `make install` builds it once already.
 kernels:
 	$(PY) -m megavlm._build --auto
 

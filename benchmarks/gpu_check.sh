@@ -6,9 +6,12 @@
 #   cuBLAS only, for tokens/s and MFU.
 #   Wheels: `pip download` them into .carry/wheels beforehand (megatron-core, nvidia-cutlass; README "On a GPU
 #   machine"). MEGAVLM_BUILD_CACHE (default .carry/build_cache) holds CUDA objects compiled ahead on a machine with
-#   the same nvcc, so the CUTLASS units are not compiled on the lent machine's clock (megavlm/_build.py).
-#   With MEGAVLM_SM90_GEMM_TUNING=1 the build also has the candidate tiles of csrc/projector/sm90_tiles/: the GPU
-#   tests check each, benchmarks/sm90_tiles.py times them, and the later steps run with the fastest.
+#   the same nvcc, so the CUTLASS units are not compiled on the lent machine's clock (megavlm/_build.py): e.g.
+#   `MEGAVLM_BUILD_CACHE=.carry/build_cache python -m megavlm._build --archs 90 --out-dir /tmp/x` and, for
+#   MEGAVLM_SM90_GEMM_TUNING=1, `MEGAVLM_BUILD_CACHE=.carry/build_cache python benchmarks/sm90_tiles.py --build /tmp/y`.
+#   With MEGAVLM_SM90_GEMM_TUNING=1 megavlm._C is the tuning build of `benchmarks/sm90_tiles.py --build` (the
+#   defaults and the candidate tiles, in $TUNING_DIR, loaded through MEGAVLM_EXT_PATH): the GPU tests check each
+#   candidate, benchmarks/sm90_tiles.py times them, and the later steps run with the fastest.
 # usage: OUT=/some/dir [BUDGET_S=540] [MEGAVLM_SM90_GEMM_TUNING=1] [PROFILE=1] [SMOKE=0] bash benchmarks/gpu_check.sh
 # (PROFILE=1: Nsight Compute sections of the first GEMM's kernels into $OUT/ncu_gelu.txt.)
 # Every step runs under what is left of BUDGET_S seconds, in order of importance; everything is logged to
@@ -46,8 +49,17 @@ if [ -d .carry/wheels ]; then
 fi
 python -c "import triton" 2>/dev/null || echo "WARNING: triton missing (megatron-core 0.19 imports it)"
 
-step "build megavlm._C (archs $MEGAVLM_CUDA_ARCHS, Hopper CUTLASS GEMMs on sm_90)" 300 \
-  'python -m megavlm._build --archs "$MEGAVLM_CUDA_ARCHS" 2>&1 | grep -v "^\[megavlm._build\] /"'
+if [ "${MEGAVLM_SM90_GEMM_TUNING:-0}" = 1 ]; then
+  export TUNING_DIR=${TUNING_DIR:-/tmp/megavlm_sm90_tiles}
+  ext_suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  export MEGAVLM_EXT_PATH="$TUNING_DIR/_C$ext_suffix"  # every later step loads the tuning build
+  step "build megavlm._C with the candidate tiles into $TUNING_DIR (archs $MEGAVLM_CUDA_ARCHS)" 300 \
+    'python benchmarks/sm90_tiles.py --build "$TUNING_DIR" --archs "$MEGAVLM_CUDA_ARCHS" 2>&1 |
+     grep -v "^\[megavlm._build\] /"'
+else
+  step "build megavlm._C (archs $MEGAVLM_CUDA_ARCHS, Hopper CUTLASS GEMMs on sm_90)" 300 \
+    'python -m megavlm._build --archs "$MEGAVLM_CUDA_ARCHS" 2>&1 | grep -v "^\[megavlm._build\] /"'
+fi
 
 # The CUTLASS path's correctness first. A kernel fault poisons the CUDA context of the whole pytest process, so after
 # one, the failed tests are re-run one per process (with CUDA_LAUNCH_BLOCKING) to name the faulty one.
@@ -76,7 +88,7 @@ if [ "${PROFILE:-0}" = 1 ]; then  # Nsight Compute on the first GEMM: cuBLAS's, 
     python benchmarks/sm90_tiles.py --profile > "$OUT/ncu_gelu.txt" 2>&1; tail -60 "$OUT/ncu_gelu.txt"'
 fi
 
-step "kernel benchmark" 200 'python benchmarks/kernels.py --json "$OUT/kernels.json"'
+step "kernel benchmark" 200 'python benchmarks/kernel_bench.py --json "$OUT/kernels.json"'
 
 step "other GPU tests" 150 'python -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu tests/unit/test_cpu_compat.py -k "not sm90" | tail -12'
 

@@ -6,15 +6,18 @@ raw device addresses. The module links the CUDA runtime statically, so it
 imports on machines without a GPU or driver; calling an op there raises
 ``RuntimeError`` with the CUDA error string.
 
-Usage::
+`pip install .`, `pip install -e .` and `make install` build it through setup.py's build_ext, which loads this
+file by path (it needs only the standard library and ``pybind11``, not megavlm or torch). By hand::
 
-    python -m megavlm._build                 # writes megavlm/_C<EXT_SUFFIX>
+    python -m megavlm._build                 # writes megavlm/_C<EXT_SUFFIX> (`make kernels`: --auto)
     python -m megavlm._build --archs "90" --out-dir /tmp/x
 
-or from Python (e.g. setup.py; this file only needs the standard library and
-``pybind11``, so it can be loaded with importlib without importing megavlm)::
+or from Python::
 
-    build_extension(out_dir, archs=None, verbose=True) -> path
+    build_extension(out_dir, archs=None, verbose=True, jobs=None, extra_sm90_sources=()) -> path
+
+``extra_sm90_sources`` are more CUTLASS units, compiled like the Hopper GEMMs below: benchmarks/sm90_tiles.py
+generates its candidate tiles into a scratch folder and builds a tuning ``_C`` there with them.
 
 Environment:
     MEGAVLM_CUDA_ARCHS  arch list, e.g. "80;90" (default) or "90a"; the last
@@ -22,10 +25,9 @@ Environment:
     CUDA_HOME / CUDA_PATH  toolkit location (else nvcc on PATH, else
                         /usr/local/cuda).
     MEGAVLM_BUILD_JOBS  parallel nvcc processes (default: CPU count).
-    MEGAVLM_SM90_GEMM   auto (default) | 0 | 1: the Hopper projector GEMMs (csrc/projector/gemm_sm90_*.cu,
-                        CUTLASS 3, compiled for sm_90a). auto builds them when an arch 90/90a is listed and
+    MEGAVLM_SM90_GEMM   auto (default) | 0 | 1: the Hopper GEMMs (SM90_SOURCES: CUTLASS 3, compiled for
+                        sm_90a). auto builds them when an arch 90/90a is listed and
                         CUTLASS's headers are found; 1 makes a missing CUTLASS an error; 0 leaves them out.
-    MEGAVLM_SM90_GEMM_TUNING  1: also the candidate tiles of csrc/projector/sm90_tiles/ (benchmarks/sm90_tiles.py).
     CUTLASS_PATH        a CUTLASS checkout (its include/ is used); else the headers of the pip package
                         ``nvidia-cutlass`` (``cutlass_library/source/include``), which scripts/install.sh installs.
     MEGAVLM_BUILD_CACHE a folder of compiled CUDA units (.cu -> .o) reused by later builds. An object's key
@@ -48,6 +50,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
@@ -57,6 +60,7 @@ __all__ = [
     "build_extension",
     "extension_filename",
     "find_nvcc",
+    "kernels_wanted",
     "parse_archs",
 ]
 
@@ -72,15 +76,14 @@ SOURCES = (
     "projector/kernel.cu",
     "bindings.cpp",
 )
-# The Hopper GEMMs: CUTLASS 3 (TMA + WGMMA) instantiations, compiled only for sm_90a (see MEGAVLM_SM90_GEMM).
+# The Hopper GEMMs: CUTLASS 3 (TMA + WGMMA) instantiations, compiled only for sm_90a (see MEGAVLM_SM90_GEMM). One
+# default per epilogue: the projector's three, and the patch embedding's (its bias + position table).
 SM90_SOURCES = (
     "projector/gemm_sm90_bias.cu",
     "projector/gemm_sm90_gelu.cu",
     "projector/gemm_sm90_gelu_aux.cu",
-    "projector/gemm_sm90_table.cu",
+    "patch_embed/gemm_sm90_table.cu",
 )
-# Other tiles and schedules for benchmarks/sm90_tiles.py, built only with MEGAVLM_SM90_GEMM_TUNING=1.
-SM90_TUNING_DIR = "projector/sm90_tiles"
 
 _PKG_DIR = Path(__file__).resolve().parent
 _REPO_ROOT = _PKG_DIR.parent
@@ -204,10 +207,11 @@ def _cache_context(nvcc: str) -> bytes:
     return h.digest()
 
 
-def _cache_key(context: bytes, rel: str, flags: list[str], cutlass_inc: str | None) -> str:
-    """Key of one CUDA unit's object: the shared context, the unit, its flags (without folders), CUTLASS's version."""
+def _cache_key(context: bytes, name: str, src: Path, flags: list[str], cutlass_inc: str | None) -> str:
+    """Key of one CUDA unit's object: the shared context, the unit (its name and text), its flags (without folders),
+    CUTLASS's version."""
     h = hashlib.sha256(context)
-    h.update(rel.encode() + b"\0" + (CSRC_DIR / rel).read_bytes())
+    h.update(name.encode() + b"\0" + src.read_bytes())
     for flag in flags:
         if not flag.startswith("-I"):
             h.update(b"\0" + flag.encode())
@@ -255,12 +259,15 @@ def _run(cmd: list[str], verbose: bool) -> None:
         print(proc.stdout, end="", flush=True)
 
 
-def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbose: bool = True, jobs: int | None = None) -> str:
+def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbose: bool = True, jobs: int | None = None,
+                    extra_sm90_sources: Sequence[str | os.PathLike] = ()) -> str:
     """Compile csrc/ into ``<out_dir>/_C<EXT_SUFFIX>`` and return its path.
 
     out_dir: target folder (default: the megavlm package folder, so that
         ``import megavlm._C`` finds it).
     archs: "80;90"-style string or list; default $MEGAVLM_CUDA_ARCHS or "80;90".
+    extra_sm90_sources: more CUTLASS units (any folder; they may include csrc/ headers), compiled and linked like
+        the Hopper GEMMs; they need CUTLASS and an arch 90.
     Raises RuntimeError if nvcc/pybind11 are missing or compilation fails.
     """
     t0 = time.perf_counter()
@@ -278,8 +285,12 @@ def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbos
 
     includes = [str(CSRC_DIR), _pybind11_include(), *_python_includes()]
     cutlass_inc = _sm90_gemm_include(arch_list)
+    extra = [Path(p).resolve() for p in extra_sm90_sources]
+    if extra and cutlass_inc is None:
+        raise RuntimeError(f"{len(extra)} extra CUTLASS units need an arch 90 and CUTLASS's headers (archs "
+                           f"{';'.join(arch_list)}; see MEGAVLM_SM90_GEMM and CUTLASS_PATH)")
     if verbose and cutlass_inc is None and any(a.startswith("90") for a in arch_list):
-        print("[megavlm._build] Hopper projector GEMMs left out (MEGAVLM_SM90_GEMM=0 or no CUTLASS headers)", flush=True)
+        print("[megavlm._build] Hopper GEMMs left out (MEGAVLM_SM90_GEMM=0 or no CUTLASS headers)", flush=True)
     with tempfile.TemporaryDirectory(prefix="megavlm_build_") as tmp:
         build_dir = Path(tmp)
         _write_build_info(build_dir, arch_list, cutlass_inc is not None)
@@ -300,14 +311,14 @@ def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbos
         commands = []
         objects = []
         sm90_flags = [f"-I{cutlass_inc}", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"]
-        sm90_sources = list(SM90_SOURCES) if cutlass_inc else []
-        if cutlass_inc and os.environ.get("MEGAVLM_SM90_GEMM_TUNING", "").strip() == "1":
-            sm90_sources += sorted(str(p.relative_to(CSRC_DIR)) for p in (CSRC_DIR / SM90_TUNING_DIR).glob("*.cu"))
-        sources = [(rel, False) for rel in SOURCES] + [(rel, True) for rel in sm90_sources]
+        # (name, path, CUTLASS unit): csrc/'s units by their path under csrc/, the extra ones by their file name
+        sources = [(rel, CSRC_DIR / rel, False) for rel in SOURCES]
+        if cutlass_inc:
+            sources += [(rel, CSRC_DIR / rel, True) for rel in SM90_SOURCES]
+            sources += [(f"extra/{src.name}", src, True) for src in extra]
         # The heavy CUTLASS units first, so that the light ones fill the other jobs while they compile.
-        sources.sort(key=lambda item: not item[1])
-        for i, (rel, sm90) in enumerate(sources):
-            src = CSRC_DIR / rel
+        sources.sort(key=lambda item: not item[2])
+        for i, (name, src, sm90) in enumerate(sources):
             if not src.is_file():
                 raise RuntimeError(f"megavlm._C source missing: {src}")
             obj = build_dir / f"{i:02d}_{src.stem}.o"
@@ -318,7 +329,7 @@ def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbos
                 cmd += cu_flags
             cached = None
             if cache_dir and src.suffix == ".cu":
-                key = _cache_key(cache_context, rel, cmd[5:], cutlass_inc if sm90 else None)
+                key = _cache_key(cache_context, name, src, cmd[5:], cutlass_inc if sm90 else None)
                 cached = Path(cache_dir) / f"{src.stem}-{key}.o"
             commands.append((cmd, obj, cached))
             objects.append(str(obj))
@@ -341,6 +352,22 @@ def build_extension(out_dir: str | os.PathLike | None = None, archs=None, verbos
     return str(target)
 
 
+def kernels_wanted() -> bool:
+    """Whether an install builds megavlm._C (`pip install .`, `make install`, `python -m megavlm._build --auto`):
+    MEGAVLM_BUILD_KERNELS=0 never, =1 always (RuntimeError when nvcc is missing), unset when nvcc is found. Says why
+    when it does not build."""
+    force = os.environ.get("MEGAVLM_BUILD_KERNELS", "").strip()
+    if force == "0":
+        print("[megavlm._build] MEGAVLM_BUILD_KERNELS=0: not building megavlm._C (reference ops only)")
+        return False
+    if find_nvcc() is None:
+        if force == "1":
+            raise RuntimeError("MEGAVLM_BUILD_KERNELS=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        print("[megavlm._build] nvcc not found: megavlm._C not built; the reference ops will be used")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megavlm._build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default=None, help="target folder (default: the megavlm package folder)")
@@ -348,21 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--auto", action="store_true",
-                        help="what `make install` runs: build when nvcc is found (MEGAVLM_BUILD_KERNELS=0 skips, =1 "
-                             "makes a missing nvcc an error); without nvcc, say so and succeed")
+                        help="what `make kernels` runs (and `pip install .` decides alike): build when nvcc is found "
+                             "(MEGAVLM_BUILD_KERNELS=0 skips, =1 makes a missing nvcc an error); without nvcc, say so "
+                             "and succeed")
     args = parser.parse_args(argv)
-    if args.auto:
-        force = os.environ.get("MEGAVLM_BUILD_KERNELS", "").strip()
-        if force == "0":
-            print("[megavlm._build] MEGAVLM_BUILD_KERNELS=0: not building megavlm._C (reference ops only)")
-            return 0
-        if find_nvcc() is None:
-            if force == "1":
-                print("error: MEGAVLM_BUILD_KERNELS=1 but nvcc was not found (set CUDA_HOME or PATH)", file=sys.stderr)
-                return 1
-            print("[megavlm._build] nvcc not found: megavlm._C not built; the reference ops will be used")
-            return 0
     try:
+        if args.auto and not kernels_wanted():
+            return 0
         path = build_extension(args.out_dir, archs=args.archs, verbose=not args.quiet, jobs=args.jobs)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

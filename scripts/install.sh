@@ -16,10 +16,12 @@
 #   EXTRA_DEPS     installed when `import triton` fails [triton]: megatron-core 0.19 imports it at package import
 #   DALI_SPEC      installed when `import nvidia.dali` fails [nvidia-dali-cuda130==2.4.0]; NGC images ship DALI
 #   CUTLASS_SPEC   [nvidia-cutlass==4.2.0.0], installed --no-deps: only its C++ headers are used, by the build of the
-#                  Hopper projector GEMMs (csrc/projector/gemm_sm90_*.cu); empty: build without them
-#   MEGAVLM_BUILD_KERNELS, MEGAVLM_CUDA_ARCHS   read by `python -m megavlm._build --auto`, the last step: it
+#                  Hopper GEMMs (csrc/projector/gemm_sm90_*.cu, csrc/patch_embed/gemm_sm90_table.cu); empty: build
+#                  without them
+#   MEGAVLM_BUILD_KERNELS, MEGAVLM_CUDA_ARCHS   read by the last step, `pip install -e .`, whose build_ext (setup.py)
 #                  builds megavlm._C from csrc/ when nvcc is found (=1: a missing nvcc is an error; =0: skip;
-#                  archs default to "80;90")
+#                  archs default to "80;90"). It builds without pip's isolation, so that it finds CUTLASS's headers
+#                  installed here, with the build requirements of pyproject.toml installed just before.
 set -euo pipefail
 
 DRY_RUN=${MEGAVLM_DRY_RUN:-0}
@@ -82,5 +84,5 @@ fi
 if [ -n "$CUTLASS_SPEC" ]; then
   step "$PY" -m pip install -q --no-deps "$CUTLASS_SPEC"
 fi
-step "$PY" -m pip install -q -e ".[test]"
-step "$PY" -m megavlm._build --auto
+step "$PY" -m pip install -q "setuptools>=64" wheel pybind11
+step "$PY" -m pip install -q --no-build-isolation -e ".[test]"

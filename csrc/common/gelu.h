@@ -1,6 +1,6 @@
 // The exact (erf) GELU, torch.nn.functional.gelu(approximate='none'), in fewer instructions than
-// 0.5 * x * (1 + erff(x / sqrt 2)): a candidate for the Hopper GELU GEMM's epilogue (csrc/projector/sm90_tiles/
-// *_pgelu.cu), whose per-element math may be what keeps that GEMM behind cuBLAS (docs/kernels.md).
+// 0.5 * x * (1 + erff(x / sqrt 2)): a candidate for the Hopper GELU GEMM's epilogue (the *_pgelu tiles
+// of benchmarks/sm90_tiles.py), whose per-element math may be what keeps that GEMM behind cuBLAS (docs/kernels.md).
 //
 //   gelu(x) = x * Phi(x) = max(x, 0) - |x| * Phi(-|x|),   Phi(-t) = 2^p(t)
 //

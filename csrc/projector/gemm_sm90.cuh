@@ -36,7 +36,7 @@ using FusionGelu =
 using FusionGeluAux = cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<
     cutlass::layout::ColumnMajor, cutlass::epilogue::thread::GELU, BF16, float, BF16, float>;
 // The same exact GELU in fewer instructions than CUTLASS's (which evaluates erff): common/gelu.h. Candidates with the
-// `_pgelu` suffix use it (csrc/projector/sm90_tiles/); the defaults keep CUTLASS's until a GPU run shows it faster.
+// `_pgelu` suffix use it (benchmarks/sm90_tiles.py); the defaults keep CUTLASS's until a GPU run shows it faster.
 template <class T>
 struct GeluPoly {
   static const bool kIsHeavy = true;

@@ -14,7 +14,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..ops import fused, reference
+from .. import ops
 
 
 class VisionEncoder(MegatronModule):
@@ -51,9 +51,9 @@ class VisionEncoder(MegatronModule):
         ``(n, c, H, W)`` (HF ``pixel_values``), which takes the conv2d path.
         """
         if images.dtype == torch.uint8:
-            impl = fused.patch_embed_fused if self.kernels == "fused" else reference.patch_embed_ref
-            return impl(images, self.patch_weight, self.patch_bias, self.position_embeddings, self.class_embedding,
-                        self.image_mean, self.image_std, out_dtype=self.patch_weight.dtype)
+            return ops.patch_embed(images, self.patch_weight, self.patch_bias, self.position_embeddings,
+                                   self.class_embedding, self.image_mean, self.image_std,
+                                   out_dtype=self.patch_weight.dtype, kernels=self.kernels, resolved=True)
         x = F.conv2d(images.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias, stride=self.patch_size)
         x = x.flatten(2).transpose(1, 2)  # (n, p, d)
         if self.class_embedding is not None:

@@ -14,7 +14,6 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from .. import families, ops, shapes
-from ..ops import fused
 from . import specs
 from .language import build_language_model
 from .projector import build_projector
@@ -97,8 +96,9 @@ class VLM(MegatronModule):
             # over the group (copy_to_...), the second GEMM's partial output too (reduce_from_...), then + b2.
             feats = tensor_parallel.copy_to_tensor_model_parallel_region(feats)
             reduce = tensor_parallel.reduce_from_tensor_model_parallel_region
-        return fused.projector_fused(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",
-                                     dst=emb.view(s * b, h), index=index, reduce=reduce).view(s, b, h)
+        return ops.projector(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",
+                             dst=emb.view(s * b, h), index=index, reduce=reduce, kernels="fused",
+                             resolved=True).view(s, b, h)
 
     def _project(self, feats: torch.Tensor) -> torch.Tensor:
         """megatron's projector on ``(n, t, d)`` features → ``(n, t, h)`` (it works in ``(t, n, ·)``)."""

@@ -1,11 +1,15 @@
-"""Fused vision-side ops (patch embedding, projector, row scatter) with a
-pure-PyTorch reference path. See docs/kernels.md.
+"""Fused vision-side ops (patch embedding, projector) with a pure-PyTorch reference path. See docs/kernels.md.
 
-Public API: ``patch_embed``, ``projector``, ``scatter_rows`` (routed by
-``resolve_kernels``), and the ``*_ref`` reference implementations.
+Public API: ``patch_embed`` and ``projector``, each routed to the fused kernels or the reference by its ``kernels``
+argument (``resolve_kernels``; the model passes the choice it resolved once, with ``resolved=True``), and the
+``*_ref`` reference implementations. Per op, its custom ops, autograd and fused composite live in
+``patch_embed_op.py``, ``projector_op.py`` and ``scatter_op.py`` (the projector's row scatter); ``gemm.py`` chooses
+their GEMMs (cuBLAS or the Hopper CUTLASS GEMMs). Importing this package registers ``torch.ops.megavlm.*``.
 """
 
-from .dispatch import fused_unavailable_reason, patch_embed, projector, resolve_kernels, scatter_rows
+from .dispatch import fused_unavailable_reason, resolve_kernels
+from .patch_embed_op import patch_embed
+from .projector_op import AffineRows, projector
 from .reference import (
     CLIP_MEAN,
     CLIP_STD,
@@ -19,6 +23,7 @@ from .reference import (
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "AffineRows",
     "fold_normalization",
     "fused_unavailable_reason",
     "merge_tokens_ref",
@@ -27,6 +32,5 @@ __all__ = [
     "projector",
     "projector_ref",
     "resolve_kernels",
-    "scatter_rows",
     "scatter_rows_ref",
 ]

@@ -1,4 +1,5 @@
-"""Route the public ops to the fused CUDA kernels or the PyTorch reference.
+"""Which implementation a public op (``ops.patch_embed``, ``ops.projector``) runs: the fused CUDA kernels or the
+PyTorch reference.
 
 ``resolve_kernels(mode)``:
     'reference' -> 'reference'
@@ -8,22 +9,20 @@
                    sees a device, else 'reference'
     None        -> $MEGAVLM_KERNELS or 'auto'
 
-With 'auto', inputs that live on the CPU always take the reference path.
+``route`` applies it to one call: with 'auto', inputs that live on the CPU always take the reference path. A choice
+already resolved (the model resolves ``model.kernels`` once, when it is built) is passed with ``resolved=True``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from . import _ext
-from .fused import AffineRows, patch_embed_fused, projector_fused, scatter_rows_fused  # registers torch.ops.megavlm.*
-from .reference import CLIP_MEAN, CLIP_STD, patch_embed_ref, projector_ref, scatter_rows_ref
 
-__all__ = ["fused_unavailable_reason", "patch_embed", "projector", "resolve_kernels", "scatter_rows"]
+__all__ = ["fused_unavailable_reason", "resolve_kernels", "route"]
 
 _MODES = ("auto", "fused", "reference")
 _UNSET = object()
@@ -40,7 +39,8 @@ def fused_unavailable_reason() -> str | None:
     else:
         ext = _ext.load()
         if ext is None:
-            reason = f"megavlm._C is not built or not importable ({_ext.error()}); build it with `python -m megavlm._build`"
+            reason = (f"megavlm._C is not built or not importable ({_ext.error()}); build it with "
+                      "`python -m megavlm._build`")
         elif not ext.cuda_available():
             reason = f"megavlm._C cannot use CUDA: {ext.cuda_status()}"
         else:
@@ -72,71 +72,25 @@ def resolve_kernels(mode: str | None = "auto") -> str:
     return "fused" if reason is None else "reference"
 
 
-def _route(mode, *tensors: Tensor | None) -> str:
-    impl = resolve_kernels(mode)
+def route(kernels: str | None, *tensors: Tensor | None, resolved: bool = False) -> str:
+    """'fused' or 'reference' for one call of a public op over ``tensors``.
+
+    resolved=False: ``kernels`` is a request ('auto' | 'fused' | 'reference' | None), resolved by ``resolve_kernels``
+        (an unavailable 'fused' raises RuntimeError); 'auto' gives CPU inputs the reference path, an explicit 'fused'
+        with inputs off CUDA is a ValueError.
+    resolved=True: ``kernels`` is a choice ``resolve_kernels`` already made ('fused' | 'reference'), taken as it is:
+        'fused' runs the fused implementation wherever the inputs are (on CPU tensors the torch emulation of its
+        kernels, which is how the CPU tests check the model's fused wiring).
+    """
+    if resolved:
+        if kernels not in ("fused", "reference"):
+            raise ValueError(f"a resolved kernels choice is 'fused' or 'reference', got {kernels!r}")
+        return kernels
+    impl = resolve_kernels(kernels)
     if impl == "fused":
         devs = [t.device for t in tensors if t is not None]
         if any(d.type != "cuda" for d in devs):
-            if mode is not None and str(mode).strip().lower() == "fused":
+            if kernels is not None and str(kernels).strip().lower() == "fused":
                 raise ValueError(f"fused kernels need CUDA tensors; got devices {sorted({str(d) for d in devs})}")
             return "reference"
     return impl
-
-
-def patch_embed(
-    pixels: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    pos: Tensor | None = None,
-    class_emb: Tensor | None = None,
-    mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = CLIP_STD,
-    out_dtype: torch.dtype | None = None,
-    *,
-    kernels: str | None = "auto",
-) -> Tensor:
-    """uint8 pixels [B,H,W,C] -> patch tokens [B, (1+)P, D]; see reference.patch_embed_ref."""
-    if _route(kernels, pixels, weight) == "fused":
-        return patch_embed_fused(pixels, weight, bias, pos, class_emb, mean, std, out_dtype)
-    return patch_embed_ref(pixels, weight, bias, pos, class_emb, mean, std, out_dtype)
-
-
-def projector(
-    x: Tensor,
-    ln_weight: Tensor | None,
-    ln_bias: Tensor | None,
-    merge: bool,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    b2: Tensor | None,
-    act: str = "gelu",
-    eps: float = 1e-5,
-    *,
-    dst: Tensor | None = None,
-    index: Tensor | AffineRows | None = None,
-    kernels: str | None = "auto",
-) -> Tensor:
-    """[N,T,Din] -> [N,T',Dout] (merge/LN optional). With ``dst``/``index`` the output rows are
-    also written in place into ``dst`` [M, Dout] (``dst[index[k]] = out.view(-1, Dout)[k]``)
-    and ``dst`` is returned. ``index`` may be an ``AffineRows`` (image n's token t at row
-    base + n*image_stride + t*token_stride), which lets the Hopper GEMM write the rows itself."""
-    if (dst is None) != (index is None):
-        raise ValueError("dst and index must be given together")
-    impl = _route(kernels, x, w1)
-    if impl == "fused":
-        return projector_fused(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act, eps, dst=dst, index=index)
-    out = projector_ref(x, ln_weight, ln_bias, merge, w1, b1, w2, b2, act, eps)
-    if dst is None:
-        return out
-    if isinstance(index, AffineRows):
-        index = index.index(out.shape[0], out.shape[1], dst.device)
-    return scatter_rows_ref(dst, index, out.reshape(-1, out.shape[-1]))
-
-
-def scatter_rows(dst: Tensor, index: Tensor, src: Tensor, *, kernels: str | None = "auto") -> Tensor:
-    """In place ``dst[index[k], :] = src[k, :]`` (unique indices in [0, M)); returns dst.
-    The fused kernel skips out-of-range indices instead of raising."""
-    if _route(kernels, dst, src) == "fused":
-        return scatter_rows_fused(dst, index, src)
-    return scatter_rows_ref(dst, index, src)

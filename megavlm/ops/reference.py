@@ -4,7 +4,7 @@ Every function here is differentiable with plain autograd and computes in the
 requested dtype (float64 for gradchecks, float32 as the accuracy reference,
 bf16/fp16 as the "unfused torch" path).
 
-Conventions shared with the fused kernels (megavlm/ops/fused.py):
+Conventions shared with the fused kernels (megavlm/ops/{patch_embed,projector,scatter}_op.py):
 
 * ``patch_embed_ref``: pixels are uint8 HWC ``[B, H, W, C]``; the conv weight
   is stored as ``[D, C, p, p]`` (conv2d layout, as in megatron / HF); a patch
@@ -35,6 +35,7 @@ __all__ = [
     "PatchEmbedGeometry",
     "check_patch_embed_args",
     "check_projector_args",
+    "check_scatter_rows_args",
     "fold_normalization",
     "merge_tokens_ref",
     "patch_embed_conv2d",
@@ -300,8 +301,8 @@ def projector_ref(
     return F.linear(h, w2.to(dt), None if b2 is None else b2.to(dt))
 
 
-def scatter_rows_ref(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """In place ``dst[index[k], :] = src[k, :]`` (indices unique, in [0, M)); returns dst."""
+def check_scatter_rows_args(dst: Tensor, index: Tensor, src: Tensor) -> None:
+    """dst [M, D], index [K], src [K, D]; raises ValueError with the shapes otherwise."""
     if dst.dim() != 2 or src.dim() != 2 or index.dim() != 1:
         raise ValueError(
             f"scatter_rows expects dst [M, D], index [K], src [K, D]; got {tuple(dst.shape)}, "
@@ -309,4 +310,9 @@ def scatter_rows_ref(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
         )
     if src.shape[0] != index.shape[0] or src.shape[1] != dst.shape[1]:
         raise ValueError(f"shape mismatch: dst {tuple(dst.shape)}, index {tuple(index.shape)}, src {tuple(src.shape)}")
+
+
+def scatter_rows_ref(dst: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """In place ``dst[index[k], :] = src[k, :]`` (indices unique, in [0, M)); returns dst."""
+    check_scatter_rows_args(dst, index, src)
     return dst.index_copy_(0, index.to(torch.int64), src.to(dst.dtype))

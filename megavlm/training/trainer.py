@@ -65,10 +65,10 @@ def _kernels_label(kernels: str, dtype: torch.dtype) -> str:
     """'reference', or 'fused (<which GEMMs>)' (MEGAVLM_FUSED_GEMM, the device and dtype) for the start-up line."""
     if kernels != "fused":
         return kernels
-    from ..ops import fused
+    from ..ops import gemm
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return f"fused ({fused.gemms_label(device, dtype)})"
+    return f"fused ({gemm.gemms_label(device, dtype)})"
 
 
 def build_training_objects(cfg: Config, rt: runtime.Runtime, vocab_size: int, image_token: int):

@@ -3,7 +3,7 @@
 Accuracy rule: err(fused) <= 2 * err(torch low-precision path) (+ a tiny
 absolute floor), both measured as the max abs difference to the fp32
 reference. Kernel outputs are poisoned with NaN before being written
-(fused.set_poison) so unwritten elements show up; inputs are fresh random
+(_launch.set_poison) so unwritten elements show up; inputs are fresh random
 tensors per test. Every launch is synchronized and checked (debug sync).
 """
 
@@ -19,8 +19,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 if torch.cuda.is_available():
-    from megavlm.ops import _ext, dispatch
-    from megavlm.ops import fused
+    from megavlm.ops import _ext, _launch, dispatch, gemm, patch_embed_op, projector_op, scatter_op
     from megavlm.ops.reference import (
         CLIP_MEAN,
         CLIP_STD,
@@ -37,9 +36,9 @@ DEV = "cuda"
 def cublas_gemms():
     """The tests below check the cuBLAS path's kernels (bias_gelu, scatter_rows, add_pos_bias) unless they take the
     sm90 fixture, which switches to the Hopper GEMMs; the default (auto) would give the projector to CUTLASS."""
-    fused.set_fused_gemm("cublas")
+    gemm.set_fused_gemm("cublas")
     yield
-    fused.set_fused_gemm(None)
+    gemm.set_fused_gemm(None)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,9 +59,9 @@ def extension():
         pytest.fail(f"fused kernels unavailable on a CUDA machine: {reason}")
     C = _ext.load()
     C.set_debug_sync(True)
-    fused.set_poison(True)
+    _launch.set_poison(True)
     yield C
-    fused.set_poison(False)
+    _launch.set_poison(False)
     C.set_debug_sync(False)
     torch.cuda.synchronize()
 
@@ -114,12 +113,12 @@ def test_patchify_kernel_matches_emulation(case, out_dtype):
     B, H, W, C, p, D, cls, _, _ = case
     pixels = torch.randint(0, 256, (B, H, W, C), dtype=torch.uint8, device=DEV, generator=_gen(1))
     mean, std = list(CLIP_MEAN[:C]) + [0.5] * max(0, C - 3), list(CLIP_STD[:C]) + [0.25] * max(0, C - 3)
-    scale, shift = fused._norm_affine(mean, std)
+    scale, shift = patch_embed_op._norm_affine(mean, std)
     K = C * p * p
     Kp = (K + 7) // 8 * 8
-    X = fused._patchify_impl(pixels, scale, shift, p, int(cls), Kp, out_dtype)
+    X = patch_embed_op._patchify_impl(pixels, scale, shift, p, int(cls), Kp, out_dtype)
     torch.cuda.synchronize()
-    X_ref = fused._patchify_impl(pixels.cpu(), scale, shift, p, int(cls), Kp, torch.float32)
+    X_ref = patch_embed_op._patchify_impl(pixels.cpu(), scale, shift, p, int(cls), Kp, torch.float32)
     assert X.shape == X_ref.shape and X.dtype == out_dtype
     assert torch.isfinite(X).all(), "unwritten patch-matrix elements"
     tol = 1e-6 if out_dtype == torch.float32 else (2 ** -8 if out_dtype == torch.bfloat16 else 2 ** -11)
@@ -141,7 +140,7 @@ def test_patch_embed_fused_forward_backward(case, dtype):
 
     ref = patch_embed_ref(pixels, *params32, mean=mean, std=std, out_dtype=torch.float32)
     low = patch_embed_conv2d(pixels, *params_lp, mean=mean, std=std, out_dtype=dtype)
-    out = fused.patch_embed_fused(pixels, *params_f, mean=mean, std=std, out_dtype=dtype)
+    out = patch_embed_op.patch_embed_fused(pixels, *params_f, mean=mean, std=std, out_dtype=dtype)
     assert out.shape == ref.shape and out.dtype == dtype
     check_err("forward", out, low, ref)
 
@@ -159,7 +158,7 @@ def test_patch_embed_fused_forward_backward(case, dtype):
 def test_patch_embed_fp32_output_is_tight():
     pixels, w, b, pos, ce = make_patch(2, 224, 224, 3, 14, 128, True, "T", True, seed=4)
     ref = patch_embed_ref(pixels, w, b, pos, ce, out_dtype=torch.float32)
-    out = fused.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.float32)
+    out = patch_embed_op.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.float32)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[:, 0], (ce + pos[0]).expand(2, -1), rtol=1e-6, atol=1e-6)
 
@@ -181,7 +180,7 @@ def test_merge_layernorm_kernel(N, T, Din, merge, ln, beta, dtype):
     Fdim = 4 * Din if merge else Din
     lw = (torch.randn(Fdim, device=DEV, generator=g) * 0.2 + 1).requires_grad_(True) if ln else None
     lb = (torch.randn(Fdim, device=DEV, generator=g) * 0.2).requires_grad_(True) if beta else None
-    y = fused.MergeLayerNormFunction.apply(x, lw, lb, merge, 1e-5)
+    y = projector_op.MergeLayerNormFunction.apply(x, lw, lb, merge, 1e-5)
     y_op = torch.ops.megavlm.merge_layernorm(x, lw, lb, merge, 1e-5)
     torch.testing.assert_close(y_op, y, rtol=0, atol=0)
     xr = x.detach().float().requires_grad_(True)
@@ -262,7 +261,7 @@ def test_projector_fused_forward_backward(case, dtype):
     args = lambda x, p: (x, p["lw"], p["lb"], merge, p["w1"], p["b1"], p["w2"], p["b2"])  # noqa: E731
     ref = projector_ref(*args(x_r, p_r))
     low = projector_ref(*args(x_l, p_l))
-    out = fused.projector_fused(*args(x_f, p_f))
+    out = projector_op.projector_fused(*args(x_f, p_f))
     check_err("projector forward", out, low, ref)
     go = torch.randn(ref.shape, device=DEV, generator=_gen(9))
     g_r = torch.autograd.grad(ref, [x_r] + [p_r[k] for k in names], go)
@@ -291,13 +290,13 @@ def test_scatter_rows_kernel(dtype, D):
     # unaligned src (offset view) and int32 index
     big = torch.randn(K * D + 1, device=DEV, generator=g).to(dtype)
     src2 = big[1:].view(K, D)
-    fused._scatter_rows_impl_(dst, idx.to(torch.int32), src2)
+    scatter_op._scatter_rows_impl_(dst, idx.to(torch.int32), src2)
     expect[idx] = src2
     assert torch.equal(dst, expect)
     # out-of-range rows are skipped
     bad = torch.tensor([0, M, -1, M - 1], device=DEV)
     src3 = torch.randn(4, D, device=DEV, generator=g).to(dtype)
-    fused._scatter_rows_impl_(dst, bad, src3)
+    scatter_op._scatter_rows_impl_(dst, bad, src3)
     expect[0] = src3[0]
     expect[M - 1] = src3[3]
     assert torch.equal(dst, expect)
@@ -344,11 +343,11 @@ def test_auto_resolves_to_fused():
 
 def test_runs_on_current_stream():
     pixels, w, b, pos, ce = make_patch(8, 224, 224, 3, 14, 256, True, "T", True, seed=12)
-    ref = fused.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16)
+    ref = patch_embed_op.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        outs = [fused.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16) for _ in range(3)]
+        outs = [patch_embed_op.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16) for _ in range(3)]
     torch.cuda.current_stream().wait_stream(side)
     for o in outs:
         assert torch.isfinite(o).all()
@@ -360,7 +359,7 @@ def test_torch_compile_fullgraph_on_gpu():
     w.requires_grad_(True)
 
     def f(pixels, w, b, pos, ce):
-        return fused.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16).float().square().sum()
+        return patch_embed_op.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16).float().square().sum()
 
     torch._dynamo.reset()
     cf = torch.compile(f, backend="aot_eager", fullgraph=True)
@@ -375,13 +374,13 @@ def test_torch_compile_fullgraph_on_gpu():
 
 @pytest.fixture
 def sm90(extension):
-    reason = fused.sm90_gemm_unavailable_reason(torch.empty(1, device=DEV, dtype=torch.bfloat16))
+    reason = gemm.sm90_gemm_unavailable_reason(torch.empty(1, device=DEV, dtype=torch.bfloat16))
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"the Hopper GEMMs need an sm_90 GPU: {reason}")
     assert reason is None, reason  # on an H100/H200 a build without them is a failure, not a skip
-    fused.set_fused_gemm("cutlass")
+    gemm.set_fused_gemm("cutlass")
     yield extension
-    fused.set_fused_gemm(None)
+    gemm.set_fused_gemm(None)
 
 
 @pytest.mark.parametrize("case", [c for c in PATCH_CASES if c[5] % 8 == 0])
@@ -389,15 +388,15 @@ def test_sm90_patch_embed_forward_backward(sm90, case, monkeypatch):
     """The patch embedding with bias and positions in the GEMM's epilogue (no pass over the output): the same
     checks as the cuBLAS path, with the cutlass GEMM taken."""
     calls = []
-    inner = fused._linear_table_impl
-    monkeypatch.setattr(fused, "_linear_table_impl", lambda *a: (calls.append(1), inner(*a))[1])
+    inner = patch_embed_op._linear_table_impl
+    monkeypatch.setattr(patch_embed_op, "_linear_table_impl", lambda *a: (calls.append(1), inner(*a))[1])
     test_patch_embed_fused_forward_backward(case, torch.bfloat16)
     assert calls, "the cutlass GEMM was not used"
 
 
 def _tiles(ext, epilogue):
-    """The tiles of every compiled GEMM with this epilogue (one in a plain build; the candidates too in a
-    MEGAVLM_SM90_GEMM_TUNING=1 build)."""
+    """The tiles of every compiled GEMM with this epilogue (one in a plain build; the candidates too in the tuning
+    build of benchmarks/sm90_tiles.py --build)."""
     return [name.split("/")[1] for name in ext.linear_sm90_gemms() if name.split("/")[0] == epilogue]
 
 
@@ -460,7 +459,7 @@ def test_sm90_linear_into_rows(sm90, layout, monkeypatch):
     w32 = torch.randn(D, K, device=DEV, generator=g) * K ** -0.5
     b32 = torch.randn(D, device=DEV, generator=g) * 0.1
     bf = torch.bfloat16
-    rows = fused.AffineRows(off, seq, 1) if layout == "sample_major" else fused.AffineRows(off * N, 1, N)
+    rows = projector_op.AffineRows(off, seq, 1) if layout == "sample_major" else projector_op.AffineRows(off * N, 1, N)
     idx = rows.index(N, T, DEV)
     ref = (a32.to(bf).float() @ w32.to(bf).float().t() + b32).reshape(-1, D)
     low = F.linear(a32.to(bf), w32.to(bf), b32.to(bf)).reshape(-1, D)
@@ -483,7 +482,7 @@ def test_sm90_projector_forward_backward_into_buffer(sm90):
     p32 = [torch.randn(Dh, Din, device=DEV, generator=g) * Din ** -0.5, torch.randn(Dh, device=DEV, generator=g) * 0.1,
            torch.randn(Dout, Dh, device=DEV, generator=g) * Dh ** -0.5, torch.randn(Dout, device=DEV, generator=g) * 0.1]
     table32 = torch.randn(N * seq, Dout, device=DEV, generator=g)
-    rows = fused.AffineRows(off, seq, 1)
+    rows = projector_op.AffineRows(off, seq, 1)
     idx = rows.index(N, T, DEV)
 
     def run(dt, fused_path):
@@ -492,7 +491,7 @@ def test_sm90_projector_forward_backward_into_buffer(sm90):
         table = table32.to(dt).requires_grad_(True)
         dst = table * 1.0
         if fused_path:
-            out = fused.projector_fused(x, None, None, False, ps[0], ps[1], ps[2], ps[3], dst=dst, index=rows)
+            out = projector_op.projector_fused(x, None, None, False, ps[0], ps[1], ps[2], ps[3], dst=dst, index=rows)
         else:
             out = dst.index_copy(0, idx, projector_ref(x, None, None, False, *ps).reshape(-1, Dout))
         go = torch.randn(out.shape, device=DEV, generator=_gen(23)).to(dt)
@@ -511,14 +510,14 @@ def test_sm90_bad_arguments_raise(sm90, monkeypatch):
     x = torch.zeros(16, 12, device=DEV, dtype=bf)  # k = 12 is not a multiple of 8
     w = torch.zeros(16, 12, device=DEV, dtype=bf)
     out = torch.zeros(16, 16, device=DEV, dtype=bf)
-    _, dev, stream = fused._launch_ctx(x)
+    _, dev, stream = _launch.launch_ctx(x)
     with pytest.raises(ValueError, match="multiples of 8"):
         sm90.linear_sm90(dev, stream, x.data_ptr(), w.data_ptr(), 0, out.data_ptr(), 0, 0, 0, 0, 1, 16, 12, 16, 16,
                          256, True)
     # fp16 or widths not a multiple of 8 take the cuBLAS path instead
-    assert not fused._use_sm90(x.half(), "projector", 16, 16, 16)
-    assert not fused._use_sm90(x, "projector", 12, 16, 16)
-    assert fused._use_sm90(x, "projector", 16, 16, 16)
+    assert not gemm.use_sm90(x.half(), "projector", 16, 16, 16)
+    assert not gemm.use_sm90(x, "projector", 12, 16, 16)
+    assert gemm.use_sm90(x, "projector", 16, 16, 16)
     # tiles the build does not have: a ValueError that lists the ones it has
     monkeypatch.setenv("MEGAVLM_SM90_GELU_TILES", "pp8x8x8_c1x1")
     x8 = torch.zeros(16, 16, device=DEV, dtype=bf)

@@ -49,6 +49,23 @@ def test_build_module_is_standalone():
     assert "OK" in res.stdout
 
 
+def test_kernels_wanted_follows_megavlm_build_kernels(monkeypatch, capsys):
+    """What `pip install .` (setup.py) and `python -m megavlm._build --auto` decide: =0 never builds, =1 needs nvcc
+    (an error without it), unset builds when nvcc is found and says why it does not otherwise."""
+    for nvcc, force, expected in [("/x/nvcc", "", True), (None, "", False), ("/x/nvcc", "0", False), (None, "0", False),
+                                  ("/x/nvcc", "1", True)]:
+        monkeypatch.setattr(_build, "find_nvcc", lambda nvcc=nvcc: nvcc)
+        monkeypatch.setenv("MEGAVLM_BUILD_KERNELS", force)
+        assert _build.kernels_wanted() is expected, (nvcc, force)
+        if not expected:
+            assert "reference ops" in capsys.readouterr().out  # says why, and what runs instead
+    monkeypatch.setattr(_build, "find_nvcc", lambda: None)
+    monkeypatch.setenv("MEGAVLM_BUILD_KERNELS", "1")
+    with pytest.raises(RuntimeError, match="MEGAVLM_BUILD_KERNELS=1 but nvcc was not found"):
+        _build.kernels_wanted()
+    assert _build.main(["--auto"]) == 1
+
+
 @pytest.fixture(scope="session")
 def built_extension(tmp_path_factory):
     if _build.find_nvcc() is None:
@@ -208,10 +225,10 @@ def test_dispatch_with_built_extension(built_extension):
     assert "OK" in res.stdout
 
 
-def test_build_cache_reuses_cuda_objects_until_anything_changes(tmp_path, monkeypatch):
-    """MEGAVLM_BUILD_CACHE: the .cu objects of a second build come from the cache (its temporary folders differ, so
-    -I paths are not part of the key); a changed header, another arch or another nvcc compile afresh; .cpp units
-    (they include Python's headers) are always compiled."""
+@pytest.fixture
+def fake_nvcc(tmp_path, monkeypatch):
+    """build_extension on a copy of csrc/ with a fake nvcc 13.0 that "compiles" a unit by writing its name and flags
+    into the object; returns (csrc, nvcc, commands) where commands lists each compile command of the last build."""
     import shutil
 
     csrc = tmp_path / "csrc"
@@ -222,22 +239,30 @@ def test_build_cache_reuses_cuda_objects_until_anything_changes(tmp_path, monkey
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
     nvcc.chmod(0o755)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
-    monkeypatch.setenv("MEGAVLM_SM90_GEMM", "0")
     monkeypatch.setenv("MEGAVLM_BUILD_CACHE", str(tmp_path / "cache"))
-    compiled: list[str] = []
+    commands: list[list[str]] = []
 
     def fake_run(cmd, verbose):  # "compiles" by writing the unit's name and flags into the -o file
         out = Path(cmd[cmd.index("-o") + 1])
         out.write_text(" ".join(c for c in cmd if not c.startswith(("-I", "/"))))
         if "-c" in cmd:
-            compiled.append(Path(cmd[2]).name)
+            commands.append(cmd)
 
     monkeypatch.setattr(_build, "_run", fake_run)
+    return csrc, nvcc, commands
+
+
+def test_build_cache_reuses_cuda_objects_until_anything_changes(tmp_path, monkeypatch, fake_nvcc):
+    """MEGAVLM_BUILD_CACHE: the .cu objects of a second build come from the cache (its temporary folders differ, so
+    -I paths are not part of the key); a changed header, another arch or another nvcc compile afresh; .cpp units
+    (they include Python's headers) are always compiled."""
+    csrc, nvcc, commands = fake_nvcc
+    monkeypatch.setenv("MEGAVLM_SM90_GEMM", "0")
 
     def build(archs="90"):
-        compiled.clear()
+        commands.clear()
         _build.build_extension(tmp_path / "out", archs=archs, verbose=False, jobs=2)
-        return sorted(compiled)
+        return sorted(Path(cmd[2]).name for cmd in commands)
 
     cpp = sorted(Path(s).name for s in _build.SOURCES if s.endswith(".cpp"))
     cu = sorted(Path(s).name for s in _build.SOURCES if s.endswith(".cu"))
@@ -252,6 +277,41 @@ def test_build_cache_reuses_cuda_objects_until_anything_changes(tmp_path, monkey
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.1, V13.1.1'\n")
     assert build() == sorted(cpp + cu)
     assert build() == cpp
+
+
+def test_extra_sm90_sources_build_like_the_hopper_gemms(tmp_path, monkeypatch, fake_nvcc):
+    """build_extension(extra_sm90_sources=...) (benchmarks/sm90_tiles.py --build): units from any folder compile with
+    the Hopper GEMMs' CUTLASS flags (sm_90a) next to the package's four, their objects are cached by their text, and
+    without CUTLASS they are an error rather than left out."""
+    _, _, commands = fake_nvcc
+    cutlass = tmp_path / "cutlass"
+    (cutlass / "include" / "cutlass").mkdir(parents=True)
+    (cutlass / "include" / "cutlass" / "cutlass.h").write_text("// fake\n")
+    (cutlass / "include" / "cutlass" / "version.h").write_text("#define CUTLASS_MAJOR 4\n")
+    monkeypatch.setenv("CUTLASS_PATH", str(cutlass))
+    monkeypatch.setenv("MEGAVLM_SM90_GEMM", "1")
+    unit = tmp_path / "scratch" / "gelu_pp64x64x64_c1x1.cu"
+    unit.parent.mkdir()
+    unit.write_text('#include "projector/gemm_sm90.cuh"\n')
+
+    def build():
+        commands.clear()
+        _build.build_extension(tmp_path / "out", archs="80;90", verbose=False, jobs=2, extra_sm90_sources=[unit])
+        return {Path(cmd[2]).name: cmd for cmd in commands}
+
+    compiled = build()
+    sm90 = {Path(rel).name for rel in _build.SM90_SOURCES} | {unit.name}
+    assert sm90 <= set(compiled), sorted(compiled)
+    for name in sm90:
+        cmd = compiled[name]
+        assert "-gencode=arch=compute_90a,code=sm_90a" in cmd and f"-I{cutlass / 'include'}" in cmd, cmd
+        assert not any(flag.startswith("-gencode=arch=compute_80") for flag in cmd), cmd
+    assert unit.name not in build()  # cached
+    unit.write_text('#include "projector/gemm_sm90.cuh"\n// another candidate\n')
+    assert unit.name in build()  # a changed unit compiles afresh
+    monkeypatch.setenv("MEGAVLM_SM90_GEMM", "0")
+    with pytest.raises(RuntimeError, match="extra CUTLASS units"):
+        build()
 
 
 def test_gelu_poly_is_as_exact_as_torch_float32_gelu(built_extension):

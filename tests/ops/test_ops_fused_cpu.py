@@ -1,6 +1,6 @@
 """The fused ops' autograd / custom-op wiring, exercised on CPU.
 
-On CPU tensors every kernel wrapper in megavlm.ops.fused runs a torch
+On CPU tensors every kernel wrapper in megavlm.ops.*_op runs a torch
 emulation of the CUDA kernel (same layouts: padded patch matrix with zero
 class rows, fp32 pos/bias epilogue, bias+GELU on the GEMM output, ...). The
 hand-written backward formulas and the torch.library registrations are the
@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import megavlm.ops.fused as fused
-from megavlm.ops import dispatch
+from megavlm.ops import dispatch, patch_embed_op, projector_op, scatter_op
 from megavlm.ops.reference import (
     CLIP_MEAN,
     CLIP_STD,
@@ -42,7 +41,7 @@ def _grads(out, tensors, seed=1):
 
 def test_patchify_op_layout():
     pixels = torch.randint(0, 256, (2, 28, 42, 3), dtype=torch.uint8)
-    scale, shift = fused._norm_affine(CLIP_MEAN, CLIP_STD)
+    scale, shift = patch_embed_op._norm_affine(CLIP_MEAN, CLIP_STD)
     X = torch.ops.megavlm.patchify(pixels, scale, shift, 14, 1, 592, torch.float64)
     assert X.shape == (2, 1 + 6, 592)
     m = torch.tensor(CLIP_MEAN, dtype=torch.float64)
@@ -58,7 +57,7 @@ def test_patch_embed_op_matches_reference(variant, dtype):
     pixels, w, b, pos, ce = make_patch_inputs(dtype=dtype, **variant)
     ref = patch_embed_ref(pixels, w, b, pos, ce, out_dtype=dtype)
     out = torch.ops.megavlm.patch_embed(pixels, w, b, pos, ce, list(CLIP_MEAN), list(CLIP_STD), dtype)
-    out_fn = fused.PatchEmbedFunction.apply(pixels, w, b, pos, ce, list(CLIP_MEAN), list(CLIP_STD), dtype)
+    out_fn = patch_embed_op.PatchEmbedFunction.apply(pixels, w, b, pos, ce, list(CLIP_MEAN), list(CLIP_STD), dtype)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(out_fn, out, rtol=0, atol=0)
@@ -73,7 +72,7 @@ def test_patch_embed_op_matches_reference(variant, dtype):
 def test_patch_embed_op_mixed_dtypes_bf16_out():
     """fp32 master params, bf16 compute: grads come back in the params' dtype."""
     pixels, w, b, pos, ce = make_patch_inputs(dtype=torch.float32, D=32)
-    out = fused.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16)
+    out = patch_embed_op.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
     ref = patch_embed_ref(pixels, w, b, pos, ce, out_dtype=torch.float32)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
@@ -90,7 +89,7 @@ def test_patch_embed_gradcheck_float64(variant):
         return torch.ops.megavlm.patch_embed(pixels, w_, b_, pos_, ce_, mean, std, torch.float64)
 
     def fn(w_, b_, pos_, ce_):
-        return fused.PatchEmbedFunction.apply(pixels, w_, b_, pos_, ce_, mean, std, torch.float64)
+        return patch_embed_op.PatchEmbedFunction.apply(pixels, w_, b_, pos_, ce_, mean, std, torch.float64)
 
     inputs = (w, b, pos, ce)
     assert torch.autograd.gradcheck(op, inputs)
@@ -102,7 +101,7 @@ def test_patch_embed_gradcheck_float64(variant):
 def test_merge_layernorm_op(merge, ln, ln_bias):
     x, lw, lb, *_ = make_projector_inputs(merge=merge, ln=ln, ln_bias=ln_bias, T=16, Din=6)
     y = torch.ops.megavlm.merge_layernorm(x, lw, lb, merge, 1e-5)
-    y_fn = fused.MergeLayerNormFunction.apply(x, lw, lb, merge, 1e-5)
+    y_fn = projector_op.MergeLayerNormFunction.apply(x, lw, lb, merge, 1e-5)
     h = merge_tokens_ref(x) if merge else x
     if ln:
         h = torch.nn.functional.layer_norm(h, (h.shape[-1],), lw, lb, 1e-5)
@@ -113,7 +112,7 @@ def test_merge_layernorm_op(merge, ln, ln_bias):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
     f = lambda *a: torch.ops.megavlm.merge_layernorm(a[0], a[1], a[2], merge, 1e-5)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, lw, lb))
-    g = lambda *a: fused.MergeLayerNormFunction.apply(a[0], a[1], a[2], merge, 1e-5)  # noqa: E731
+    g = lambda *a: projector_op.MergeLayerNormFunction.apply(a[0], a[1], a[2], merge, 1e-5)  # noqa: E731
     assert torch.autograd.gradcheck(g, (x, lw, lb), fast_mode=True)
 
 
@@ -125,13 +124,13 @@ def test_bias_gelu_op(with_bias):
     out = torch.ops.megavlm.bias_gelu(z, b)
     expect = torch.nn.functional.gelu(z + (b if b is not None else 0))
     torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fused.BiasGeluFunction.apply(z, b), expect, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(projector_op.BiasGeluFunction.apply(z, b), expect, rtol=1e-12, atol=1e-12)
     params = [z, b]
     for a, r in zip(_grads(out, params), _grads(expect, params)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda z_, *b_: torch.ops.megavlm.bias_gelu(z_, b_[0] if b_ else None),
                                     (z, b) if with_bias else (z,))
-    assert torch.autograd.gradcheck(lambda z_, *b_: fused.BiasGeluFunction.apply(z_, b_[0] if b_ else None),
+    assert torch.autograd.gradcheck(lambda z_, *b_: projector_op.BiasGeluFunction.apply(z_, b_[0] if b_ else None),
                                     (z, b) if with_bias else (z,))
 
 
@@ -139,7 +138,7 @@ def test_bias_gelu_op(with_bias):
 def test_projector_fused_matches_reference(merge, ln):
     args = make_projector_inputs(merge=merge, ln=ln)
     ref = projector_ref(args[0], args[1], args[2], merge, *args[3:])
-    out = fused.projector_fused(args[0], args[1], args[2], merge, *args[3:])
+    out = projector_op.projector_fused(args[0], args[1], args[2], merge, *args[3:])
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for a, r in zip(_grads(out, args), _grads(ref, args)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
@@ -147,7 +146,7 @@ def test_projector_fused_matches_reference(merge, ln):
 
 def test_projector_fused_gradcheck():
     args = make_projector_inputs(N=1, T=16, Din=3, Dh=5, Dout=4, merge=True, ln=True)
-    f = lambda *a: fused.projector_fused(a[0], a[1], a[2], True, *a[3:])  # noqa: E731
+    f = lambda *a: projector_op.projector_fused(a[0], a[1], a[2], True, *a[3:])  # noqa: E731
     assert torch.autograd.gradcheck(f, args)
 
 
@@ -157,7 +156,7 @@ def test_scatter_rows_fused_inplace_and_autograd():
     src = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([3, 0, 11, 6])
     dst = emb_w * 2.0
-    out = fused.scatter_rows_fused(dst, idx, src)
+    out = scatter_op.scatter_rows_fused(dst, idx, src)
     assert out is dst
     ref = scatter_rows_ref((emb_w * 2.0).detach().clone(), idx, src.detach())
     torch.testing.assert_close(out.detach(), ref)
@@ -168,12 +167,12 @@ def test_scatter_rows_fused_inplace_and_autograd():
     torch.testing.assert_close(g_emb, expect)
     torch.testing.assert_close(g_src, go[idx])
     # gradcheck through the in-place op (dst must be a fresh non-leaf each call)
-    f = lambda e, s: fused.scatter_rows_fused(e * 1.0, idx, s)  # noqa: E731
+    f = lambda e, s: scatter_op.scatter_rows_fused(e * 1.0, idx, s)  # noqa: E731
     assert torch.autograd.gradcheck(f, (emb_w, src))
     # no-grad path
     with torch.no_grad():
         d2 = torch.zeros(12, 5, dtype=torch.float64)
-        fused.scatter_rows_fused(d2, idx, src)
+        scatter_op.scatter_rows_fused(d2, idx, src)
         torch.testing.assert_close(d2[idx], src)
 
 
@@ -183,7 +182,7 @@ def test_opcheck_all_ops():
     pixels, w, b, pos, ce = make_patch_inputs(B=2, H=8, W=12, C=3, p=4, D=8, dtype=torch.float32)
     opcheck(torch.ops.megavlm.patch_embed.default,
             (pixels, w, b, pos, ce, list(CLIP_MEAN), list(CLIP_STD), torch.float32))
-    scale, shift = fused._norm_affine(CLIP_MEAN, CLIP_STD)
+    scale, shift = patch_embed_op._norm_affine(CLIP_MEAN, CLIP_STD)
     opcheck(torch.ops.megavlm.patchify.default, (pixels, scale, shift, 4, 1, 48, torch.float32))
     x, lw, lb, *_ = make_projector_inputs(merge=True, ln=True, dtype=torch.float32)
     opcheck(torch.ops.megavlm.merge_layernorm.default, (x, lw, lb, True, 1e-5))
@@ -202,7 +201,7 @@ def test_torch_compile_sees_custom_ops():
 
     def f(pixels, w, b, pos, ce, x, lw, lb, w1, b1, w2, b2):
         t = torch.ops.megavlm.patch_embed(pixels, w, b, pos, ce, mean, std, torch.float32)
-        p = fused.projector_fused(x, lw, lb, True, w1, b1, w2, b2)
+        p = projector_op.projector_fused(x, lw, lb, True, w1, b1, w2, b2)
         return t.square().sum() + p.square().sum()
 
     torch._dynamo.reset()
@@ -271,3 +270,52 @@ def test_public_ops_route_to_reference_on_cpu():
     if dispatch.fused_unavailable_reason() is not None:
         with pytest.raises(RuntimeError):
             ops.patch_embed(pixels, w, b, pos, ce, kernels="fused")
+
+
+def test_resolved_choice_runs_that_implementation_on_cpu(monkeypatch):
+    """The model passes the kernels it resolved once (resolved=True): 'fused' runs the fused implementation on CPU
+    tensors too (its torch emulation, what the model's CPU tests rely on); a request must still be resolved."""
+    from megavlm import ops
+
+    calls = []
+    inner = patch_embed_op.patch_embed_fused
+    monkeypatch.setattr(patch_embed_op, "patch_embed_fused", lambda *a: (calls.append(1), inner(*a))[1])
+    pixels, w, b, pos, ce = make_patch_inputs(dtype=torch.float64, requires_grad=False)
+    ref = patch_embed_ref(pixels, w, b, pos, ce)
+    torch.testing.assert_close(ops.patch_embed(pixels, w, b, pos, ce, kernels="fused", resolved=True), ref)
+    assert calls == [1]
+    torch.testing.assert_close(ops.patch_embed(pixels, w, b, pos, ce, kernels="reference", resolved=True), ref)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="resolved kernels choice"):
+        ops.patch_embed(pixels, w, b, pos, ce, kernels="auto", resolved=True)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+@pytest.mark.parametrize("into_rows", [False, True])
+def test_projector_reduce_sums_partial_products_before_b2(kernels, into_rows):
+    """Tensor parallelism through ops.projector (the model's call at TP > 1): with fc1 column-split and fc2 row-split
+    over two ranks, each rank's call, whose ``reduce`` adds the other rank's partial product (what the all-reduce
+    gives), equals the unsplit projector on both paths: b2 is added once, after the sum."""
+    from megavlm import ops
+
+    F = torch.nn.functional
+    x, _, _, w1, b1, w2, b2 = make_projector_inputs(N=2, T=4, Din=6, Dh=10, Dout=5)
+    ref = projector_ref(x, None, None, False, w1, b1, w2, b2)
+    shards = [(w1[:5], b1[:5], w2[:, :5]), (w1[5:], b1[5:], w2[:, 5:])]
+    partial = [F.linear(F.gelu(F.linear(x, a, c)), d) for a, c, d in shards]  # each rank's fc2 output before b2
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for rank in (0, 1):
+        other = partial[1 - rank].detach()
+        rows = {}
+        if into_rows:
+            rows = {"dst": torch.zeros(20, 5, dtype=torch.float64), "index": torch.arange(8) * 2 + 1}
+        out = ops.projector(x, None, None, False, *shards[rank], b2, reduce=lambda t, o=other: t + o.view_as(t),
+                            kernels=kernels, resolved=True, **rows)
+        if into_rows:
+            assert out is rows["dst"]
+            out = out[rows["index"]].view_as(ref)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        # b2's gradient is the whole one (added once); x's is this rank's share (the other partial is a constant)
+        g_x, g_b2 = torch.autograd.grad(out, [x, b2], go)
+        torch.testing.assert_close(g_b2, torch.autograd.grad(ref, b2, go, retain_graph=True)[0])
+        torch.testing.assert_close(g_x, torch.autograd.grad(partial[rank], x, go, retain_graph=True)[0])

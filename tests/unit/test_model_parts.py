@@ -110,12 +110,12 @@ def test_fused_model_path_equals_reference(rt, cfg, gemm, layout, monkeypatch):
     gemm=cutlass: the Hopper GEMM path; with one image per sample at one offset ("aligned") its second GEMM writes
     the embedding rows itself (AffineRows), with images at different offsets ("ragged") the rows are scattered."""
     from megavlm.models.vlm import VLM
-    from megavlm.ops import fused
+    from megavlm.ops import projector_op
 
     monkeypatch.setenv("MEGAVLM_FUSED_GEMM", gemm)
     into_calls = []
-    inner = fused._linear_into_impl_
-    monkeypatch.setattr(fused, "_linear_into_impl_", lambda *a: (into_calls.append(a[4:]), inner(*a))[1])
+    inner = projector_op._linear_into_impl_
+    monkeypatch.setattr(projector_op, "_linear_into_impl_", lambda *a: (into_calls.append(a[4:]), inner(*a))[1])
     torch.manual_seed(0)
     model = VLM(cfg, rt, 40, 5, torch.float32, pre_process=True, post_process=True)
     ids, pixels = _image_batch(16, 5)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the fused patch-embedding / projector kernels against the unfused torch path.
 
-    python benchmarks/kernels.py                # ViT-L/14-336 + LLaVA-1.5-7B projector shapes, bf16
-    python benchmarks/kernels.py --quick        # small shapes (smoke)
-    python benchmarks/kernels.py --json out.json
+    python benchmarks/kernel_bench.py                # ViT-L/14-336 + LLaVA-1.5-7B projector shapes, bf16
+    python benchmarks/kernel_bench.py --quick        # small shapes (smoke)
+    python benchmarks/kernel_bench.py --json out.json
 
 Builds megavlm._C for the local GPU if it is missing. For each op: a
 correctness check (max abs error vs an fp32 reference must be <= 2x that of the
@@ -171,7 +171,7 @@ def acc_check(fused_val, torch_val, ref):
 
 
 def bench_patch_embed(cfg, iters, rows, checks):
-    from megavlm.ops import fused
+    from megavlm.ops import gemm, patch_embed_op
     from megavlm.ops.reference import CLIP_MEAN, CLIP_STD, patch_embed_ref
 
     B, S, p, D = cfg["B"], cfg["S"], cfg["p"], cfg["D"]
@@ -198,7 +198,7 @@ def bench_patch_embed(cfg, iters, rows, checks):
         return y + pos
 
     def fused_fn(w=w, b=b, ce=ce, pos=pos):
-        return fused.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=BF16)
+        return patch_embed_op.patch_embed_fused(pixels, w, b, pos, ce, out_dtype=BF16)
 
     # correctness at the benchmark shape
     ref = patch_embed_ref(pixels, w32, b32, pos32, ce32, out_dtype=torch.float32)
@@ -213,9 +213,9 @@ def bench_patch_embed(cfg, iters, rows, checks):
                      unfused_host_ms=t_u[1], fused_host_ms=t_f[1], bytes=bytes_min, flops=flops))
 
     # the Hopper GEMM (MEGAVLM_FUSED_GEMM=cutlass): bias + position table in the GEMM's epilogue
-    sm90_reason = fused.sm90_gemm_unavailable_reason(w)
+    sm90_reason = gemm.sm90_gemm_unavailable_reason(w)
     if sm90_reason is None:
-        fused.set_fused_gemm("cutlass")
+        gemm.set_fused_gemm("cutlass")
         try:
             ref = patch_embed_ref(pixels, w32, b32, pos32, ce32, out_dtype=torch.float32)
             ok, ef, et = acc_check(fused_fn(), unfused(), ref)
@@ -226,7 +226,7 @@ def bench_patch_embed(cfg, iters, rows, checks):
             rows.append(dict(op="patch_embed fwd, cutlass GEMM", unfused_ms=t_u[0], fused_ms=t_c[0],
                              unfused_host_ms=t_u[1], fused_host_ms=t_c[1], bytes=bytes_min, flops=flops))
         finally:
-            fused.set_fused_gemm("cublas")
+            gemm.set_fused_gemm("cublas")
     else:
         print(f"cutlass patch-embedding GEMM not timed: {sm90_reason}")
 
@@ -252,19 +252,19 @@ def bench_patch_embed(cfg, iters, rows, checks):
                      fused_host_ms=t_f[1], bytes=None, flops=3 * flops))
 
     # kernel-level rows (fused pieces alone)
-    scale, shift = fused._norm_affine(CLIP_MEAN, CLIP_STD)
+    scale, shift = patch_embed_op._norm_affine(CLIP_MEAN, CLIP_STD)
     Kp = (K + 7) // 8 * 8
-    t = bench(lambda: fused._patchify_impl(pixels, scale, shift, p, 1, Kp, BF16), iters)
+    t = bench(lambda: patch_embed_op._patchify_impl(pixels, scale, shift, p, 1, Kp, BF16), iters)
     rows.append(dict(op=f"  kernel patchify -> [{B}x{T}x{Kp}] bf16", unfused_ms=None, fused_ms=t[0],
                      unfused_host_ms=None, fused_host_ms=t[1], bytes=B * S * S * C + B * T * Kp * 2, flops=None))
     out2d = torch.empty(B * T, D, device="cuda", dtype=BF16)
-    t = bench(lambda: fused._add_pos_bias_impl_(out2d, T, pos, b, ce, 1), iters)
+    t = bench(lambda: patch_embed_op._add_pos_bias_impl_(out2d, T, pos, b, ce, 1), iters)
     rows.append(dict(op="  kernel add_pos_bias (in place)", unfused_ms=None, fused_ms=t[0], unfused_host_ms=None,
                      fused_host_ms=t[1], bytes=2 * B * T * D * 2, flops=None))
 
 
 def bench_projector(cfg, iters, rows, checks):
-    from megavlm.ops import fused, projector
+    from megavlm.ops import gemm, projector, projector_op, scatter_op
     from megavlm.ops.reference import projector_ref
 
     N, T, Din, Dh, Dout = cfg["N"], cfg["T"], cfg["Din"], cfg["Dh"], cfg["Dout"]
@@ -324,14 +324,14 @@ def bench_projector(cfg, iters, rows, checks):
     # the Hopper GEMM path (MEGAVLM_FUSED_GEMM=cutlass): GELU in the first GEMM's epilogue, the second GEMM's
     # epilogue stores the rows into the buffer itself (the benchmark's rows n*seq + off + t are an AffineRows);
     # the build's default tiles ($MEGAVLM_SM90_{GELU,BIAS}_TILES pick others; benchmarks/sm90_tiles.py compares them)
-    rows_affine = fused.AffineRows(off, seq, 1)
-    sm90_reason = fused.sm90_gemm_unavailable_reason(x)
+    rows_affine = projector_op.AffineRows(off, seq, 1)
+    sm90_reason = gemm.sm90_gemm_unavailable_reason(x)
     if sm90_reason is None:
         def cutlass_fn():
             return projector(x, None, None, False, w1, b1, w2, b2, dst=emb, index=rows_affine, kernels="fused")
 
         y2 = x.view(R, Din)
-        fused.set_fused_gemm("cutlass")
+        gemm.set_fused_gemm("cutlass")
         try:
             check_and_time(", cutlass GEMMs", cutlass_fn)
             t_ref, t = bench_pair(lambda: torch.mm(y2, w1.t()),
@@ -347,7 +347,7 @@ def bench_projector(cfg, iters, rows, checks):
                              flops=2 * R * Dh * Dout))
             del a3
         finally:
-            fused.set_fused_gemm("cublas")
+            gemm.set_fused_gemm("cublas")
     else:
         print(f"cutlass projector GEMMs not timed: {sm90_reason}")
     del ref, low
@@ -361,15 +361,15 @@ def bench_projector(cfg, iters, rows, checks):
         return torch.autograd.grad(mlp_unfused(xs, *ps), [xs, *ps], go)
 
     def fused_fb():
-        out = fused.projector_fused(xs, None, None, False, ps[0], ps[1], ps[2], ps[3])
+        out = projector_op.projector_fused(xs, None, None, False, ps[0], ps[1], ps[2], ps[3])
         return torch.autograd.grad(out, [xs, *ps], go)
 
     def cutlass_fb():
-        fused.set_fused_gemm("cutlass")
+        gemm.set_fused_gemm("cutlass")
         try:
             return fused_fb()
         finally:
-            fused.set_fused_gemm("cublas")
+            gemm.set_fused_gemm("cublas")
 
     xr = x.float().requires_grad_(True)
     pr = [t.clone().requires_grad_(True) for t in (w1_32, b1_32, w2_32, b2_32)]
@@ -388,14 +388,15 @@ def bench_projector(cfg, iters, rows, checks):
     # kernel-level rows
     z = torch.randn(R, Dh, device="cuda", generator=g).to(BF16)
     b1f = b1.float()
-    t_ref, t = bench_pair(lambda: F.gelu(z + b1), lambda: fused._bias_gelu_impl(z, b1f), iters)
+    t_ref, t = bench_pair(lambda: F.gelu(z + b1), lambda: projector_op._bias_gelu_impl(z, b1f), iters)
     rows.append(dict(op=f"  kernel bias_gelu [{R}x{Dh}] vs gelu(z+b)", unfused_ms=t_ref[0], fused_ms=t[0],
                      unfused_host_ms=t_ref[1], fused_host_ms=t[1], bytes=2 * R * Dh * 2, flops=None))
-    t = bench(lambda: fused._bias_gelu_backward_impl(z, z, b1f), iters)
+    t = bench(lambda: projector_op._bias_gelu_backward_impl(z, z, b1f), iters)
     rows.append(dict(op="  kernel bias_gelu_backward", unfused_ms=None, fused_ms=t[0], unfused_host_ms=None,
                      fused_host_ms=t[1], bytes=3 * R * Dh * 2, flops=None))
     o = torch.randn(R, Dout, device="cuda", generator=g).to(BF16)
-    t_ref, t = bench_pair(lambda: emb.index_copy_(0, index, o), lambda: fused._scatter_rows_impl_(emb, index, o), iters)
+    t_ref, t = bench_pair(lambda: emb.index_copy_(0, index, o), lambda: scatter_op._scatter_rows_impl_(emb, index, o),
+                          iters)
     rows.append(dict(op=f"  kernel scatter_rows [{R}x{Dout}] vs index_copy_", unfused_ms=t_ref[0], fused_ms=t[0],
                      unfused_host_ms=t_ref[1], fused_host_ms=t[1], bytes=2 * R * Dout * 2 + R * 8, flops=None))
     del z, o
@@ -408,7 +409,7 @@ def bench_projector(cfg, iters, rows, checks):
     from megavlm.ops.reference import merge_tokens_ref
 
     t_ref, t = bench_pair(lambda: F.layer_norm(merge_tokens_ref(xm), (4 * Dm,), lw, lb, 1e-5),
-                          lambda: fused._merge_layernorm_impl(xm, lw, lb, True, 1e-5), iters)
+                          lambda: projector_op._merge_layernorm_impl(xm, lw, lb, True, 1e-5), iters)
     rows.append(dict(op=f"  kernel merge_layernorm [{Nm}x{Tm}x{Dm}] -> 4x{Dm} vs torch", unfused_ms=t_ref[0],
                      fused_ms=t[0], unfused_host_ms=t_ref[1], fused_host_ms=t[1], bytes=2 * Nm * Tm * Dm * 2,
                      flops=None))
@@ -455,7 +456,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 50, quick 10)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/kernel_bench.py needs a CUDA GPU")
     t0 = time.perf_counter()
     C = ensure_extension()
     torch.backends.cudnn.benchmark = True  # let cuDNN pick its best conv for the baseline
@@ -471,9 +472,9 @@ def main(argv=None):
                 ext_archs=C.compiled_archs, copy_gbs=copy_gbs, matmul_tflops=mm_tflops, quick=args.quick,
                 iters=iters, patch_embed_cfg=pe, projector_cfg=pj)
     rows, checks = [], []
-    from megavlm.ops import fused
+    from megavlm.ops import gemm
 
-    fused.set_fused_gemm("cublas")  # the rows name their GEMMs: cuBLAS unless they say cutlass
+    gemm.set_fused_gemm("cublas")  # the rows name their GEMMs: cuBLAS unless they say cutlass
     bench_patch_embed(pe, iters, rows, checks)
     torch.cuda.empty_cache()
     bench_projector(pj, iters, rows, checks)

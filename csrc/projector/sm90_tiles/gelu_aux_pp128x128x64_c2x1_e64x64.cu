@@ -1,7 +1,0 @@
-// Tuning candidate (MEGAVLM_SM90_GEMM_TUNING=1, benchmarks/sm90_tiles.py); see gemm_sm90.h.
-#include "projector/gemm_sm90.cuh"
-
-namespace sm90 = megavlm::projector::sm90;
-using Gemm = sm90::Gemm<sm90::FusionGeluAux, sm90::Tile<128, 128, 64>,
-                         sm90::Cluster<2, 1>, sm90::WithEpilogueTile<sm90::Pingpong, 64, 64>>;
-MEGAVLM_SM90_GEMM_ENTRY(gelu_aux, pp128x128x64_c2x1_e64x64, Gemm)
