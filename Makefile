@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 #   MEGAVLM_BUILD_KERNELS=0|1, MEGAVLM_CUDA_ARCHS [80;90]: the megavlm._C build, done by the package's own build
 #                 (setup.py's build_ext) when the script installs megavlm
 
-.PHONY: install demo test kernels clean
+.PHONY: install demo lint test kernels clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,11 @@ demo: install
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m megavlm train configs/demo.yaml
 	$(VENV)/bin/megavlm eval configs/demo.yaml
 
-test: install
+# ruff (pyflakes + pycodestyle, pyproject.toml's [tool.ruff]) before the tests: CI runs `make test`.
+lint: install
+	$(PY) -m ruff check megavlm tests benchmarks scripts
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean:

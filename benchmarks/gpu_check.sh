@@ -63,8 +63,8 @@ fi
 
 # The CUTLASS path's correctness first. A kernel fault poisons the CUDA context of the whole pytest process, so after
 # one, the failed tests are re-run one per process (with CUDA_LAUNCH_BLOCKING) to name the faulty one.
-if ! step "GPU tests of the Hopper path (tests/gpu -k sm90)" 150 \
-    'python -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py -k sm90 | tee /tmp/megavlm_sm90.txt' \
+if ! step "GPU tests of the Hopper path (-m gpu -k sm90)" 150 \
+    'python -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests/ops/test_kernels_gpu.py -k sm90 | tee /tmp/megavlm_sm90.txt' \
     && grep -q -e "CUDA error" -e "illegal" -e "cudaError" /tmp/megavlm_sm90.txt; then
   sed -n 's/^FAILED \([^ ]*\).*/\1/p' /tmp/megavlm_sm90.txt | head -4 |
     while read -r t; do
@@ -90,7 +90,7 @@ fi
 
 step "kernel benchmark" 200 'python benchmarks/kernel_bench.py --json "$OUT/kernels.json"'
 
-step "other GPU tests" 150 'python -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu tests/unit/test_cpu_compat.py -k "not sm90" | tail -12'
+step "other GPU tests" 150 'python -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests -k "not sm90" | tail -12'
 
 summary() {
   python - "$1" <<'PY' 2>/dev/null

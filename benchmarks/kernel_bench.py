@@ -142,13 +142,13 @@ def measure_card(quick: bool):
     dst = torch.empty_like(src)
     ms = time_gpu(lambda: dst.copy_(src), 10)
     copy_gbs = 2 * n / (ms * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # free the buffers (the lambdas above close over these names)
     m = 4096 if quick else 8192
     a = torch.randn(m, m, device="cuda", dtype=BF16)
     b = torch.randn(m, m, device="cuda", dtype=BF16)
     ms = time_gpu(lambda: a @ b, 10)
     tflops = 2 * m**3 / (ms * 1e-3) / 1e12
-    del a, b
+    a = b = None  # free the buffers (the lambdas above close over these names)
     torch.cuda.empty_cache()
     return copy_gbs, tflops
 
@@ -204,7 +204,7 @@ def bench_patch_embed(cfg, iters, rows, checks):
     ref = patch_embed_ref(pixels, w32, b32, pos32, ce32, out_dtype=torch.float32)
     ok, ef, et = acc_check(fused_fn(), unfused(), ref)
     checks.append(dict(op="patch_embed fwd", ok=ok, err_fused=ef, err_torch=et))
-    del ref
+    ref = None  # free the buffers (the lambdas above close over these names)
 
     flops = 2 * B * P * K * D
     bytes_min = B * S * S * C + B * T * D * 2 + D * K * 2 + T * D * 2 + 2 * D * 2
@@ -221,7 +221,7 @@ def bench_patch_embed(cfg, iters, rows, checks):
             ok, ef, et = acc_check(fused_fn(), unfused(), ref)
             checks.append(dict(op="patch_embed fwd, cutlass GEMM (table in the epilogue)", ok=ok, err_fused=ef,
                                err_torch=et))
-            del ref
+            ref = None  # free the buffers (the lambdas above close over these names)
             t_u, t_c = bench_pair(unfused, fused_fn, iters)
             rows.append(dict(op="patch_embed fwd, cutlass GEMM", unfused_ms=t_u[0], fused_ms=t_c[0],
                              unfused_host_ms=t_u[1], fused_host_ms=t_c[1], bytes=bytes_min, flops=flops))
@@ -345,12 +345,12 @@ def bench_projector(cfg, iters, rows, checks):
             rows.append(dict(op="  cutlass GEMM2 + bias into the buffer rows vs addmm", unfused_ms=t_ref[0],
                              fused_ms=t[0], unfused_host_ms=t_ref[1], fused_host_ms=t[1], bytes=None,
                              flops=2 * R * Dh * Dout))
-            del a3
+            a3 = None  # free the buffers (the lambdas above close over these names)
         finally:
             gemm.set_fused_gemm("cublas")
     else:
         print(f"cutlass projector GEMMs not timed: {sm90_reason}")
-    del ref, low
+    ref = low = None  # free the buffers (the lambdas above close over these names)
 
     # forward + backward of the MLP (grads for x and all weights)
     xs = x.clone().requires_grad_(True)
@@ -379,7 +379,7 @@ def bench_projector(cfg, iters, rows, checks):
         for name, a, u, r in zip(["x", "w1", "b1", "w2", "b2"], fn(), unfused_fb(), gr):
             ok, ef, et = acc_check(a, u, r)
             checks.append(dict(op=f"projector grad_{name}{label}", ok=ok, err_fused=ef, err_torch=et))
-    del gr, xr, pr
+    gr = xr = pr = None  # free the buffers (the lambdas above close over these names)
     for label, fn in variants:
         t_u, t_f = bench_pair(unfused_fb, fn, iters)
         rows.append(dict(op=f"projector MLP fwd+bwd{label}", unfused_ms=t_u[0], fused_ms=t_f[0],
@@ -399,7 +399,7 @@ def bench_projector(cfg, iters, rows, checks):
                           iters)
     rows.append(dict(op=f"  kernel scatter_rows [{R}x{Dout}] vs index_copy_", unfused_ms=t_ref[0], fused_ms=t[0],
                      unfused_host_ms=t_ref[1], fused_host_ms=t[1], bytes=2 * R * Dout * 2 + R * 8, flops=None))
-    del z, o
+    z = o = None  # free the buffers (the lambdas above close over these names)
 
     # merge + LayerNorm (InternVL-style 2x2 merge of a 32x32 grid), vs the torch formulation
     Nm, Tm, Dm = cfg["merge_N"], cfg["merge_T"], Din
@@ -485,7 +485,8 @@ def main(argv=None):
                                    and "vs index_copy_" in r["op"]]
     for r, target in checked:
         targets.append(dict(op=r["op"], speedup=r["speedup"], target=target, met=r["speedup"] >= target))
-        print(f"target {target:.1f}x for '{r['op']}': {r['speedup']:.2f}x -> {'met' if r['speedup'] >= target else 'NOT met'}")
+        met = "met" if r["speedup"] >= target else "NOT met"
+        print(f"target {target:.1f}x for '{r['op']}': {r['speedup']:.2f}x -> {met}")
     all_ok = all(c["ok"] for c in checks)
     print(f"correctness: {'all PASS' if all_ok else 'FAILURES'}; total {time.perf_counter() - t0:.1f}s")
     if args.json:

@@ -9,7 +9,7 @@ sequence parallelism, PP=2, DP=2 with the distributed optimizer), with every ten
 RSS). It prints, per rank, the planner's figure next to the measured one with their ratio: weights,
 gradient buffers, optimizer state, activations live at the last micro-batch's loss (single stage), the
 forward-backward peak above the static parts (activations + transient: all micro-batches in flight) and the step's
-peak. Nothing here is a test (tests/unit/test_plan.py checks one small case).
+peak. Nothing here is a test (tests/plan/test_plan.py checks one small case).
 """
 
 import argparse

@@ -250,7 +250,9 @@ def sweep(args) -> int:
                   f"{t_base / t_gemm:.2f}x, err {ef:.2e} (torch bf16 {et:.2e}) {'PASS' if ok else 'FAIL'}", flush=True)
     finally:
         gemm.set_fused_gemm(None)
-    del x32, w1_32, a32, w2_32, gelu_ref, gelu_low, out2_ref, out2_low, emb, out1, z1_low, z1_ref, specs, got
+    # free the buffers (rebound, not del: the lambdas above close over these names)
+    x32 = w1_32 = a32 = w2_32 = gelu_ref = gelu_low = out2_ref = out2_low = None
+    emb = out1 = z1_low = z1_ref = specs = got = None
     torch.cuda.empty_cache()
 
     lines = ["| GEMM | tiles | ms | TFLOP/s | cuBLAS ms (no epilogue) | ratio | error vs fp32 (torch bf16) |",

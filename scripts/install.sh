@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one install recipe of megavlm: `make install` runs it into .venv, the Dockerfile into the NGC image's own
-# Python. Keeping both on this script is what stops them drifting (tests/unit/test_dockerfile.py checks it).
+# Python. Keeping both on this script is what stops them drifting (tests/test_dockerfile.py checks it).
 #
 # usage: scripts/install.sh [--dry-run]      (run from anywhere; it installs the checkout it lives in)
 #   --dry-run (or MEGAVLM_DRY_RUN=1): print each step, run nothing.

@@ -38,14 +38,14 @@ kind this file does not know fails ``test_every_readme_command_is_covered``, so 
 - "Quick start" (`make demo`, `make test`) is not run: `make test` is this test suite, and `make demo` takes ~8
   minutes. The Makefile must have the targets, `make -n demo` must be the train (2 ranks) + eval of
   configs/demo.yaml (whose config checks pass for 2 ranks here), and `make -n test` must run pytest on tests/.
-  tests/distributed/test_demo.py trains and evaluates the same model family on 2 ranks (PP=2) for 30 steps.
+  tests/training/test_demo.py trains and evaluates the same model family on 2 ranks (PP=2) for 30 steps.
 - "Many nodes, Slurm": the `launch/torchrun.sh` line runs as written (executable script) with MEGAVLM_DRY_RUN=1, for
   its NODE_RANK and for the other node, and prints the two-node torchrun command; `sbatch` runs launch/slurm.sbatch
-  under a fake srun/scontrol (tests/distributed/test_multinode.py's) as a 2-node allocation, dry run. The real
-  two-"node" training is tests/distributed/test_multinode.py::test_two_nodes_equal_one_node.
+  under a fake srun/scontrol (tests/runtime/test_multinode.py's) as a 2-node allocation, dry run. The real
+  two-"node" training is tests/runtime/test_multinode.py::test_two_nodes_equal_one_node.
 - "Container": no Docker engine. The build context has the Dockerfile; the `docker run` line's inner command parses
   as torchrun + `megavlm train` of a recipe in the image's checkout, and the recipe's absolute paths lie under the
-  mounted volumes. tests/unit/test_dockerfile.py checks the Dockerfile itself.
+  mounted volumes. tests/test_dockerfile.py checks the Dockerfile itself.
 """
 
 from __future__ import annotations
@@ -218,8 +218,9 @@ def test_quick_start_make_targets():
         cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
         validate(cfg, nproc)  # every config check of the demo run, for its world size
     if "test" in targets:
-        (cmd,) = _make_n("test")
+        *before, cmd = _make_n("test")
         assert cmd[1:4] == ["-m", "pytest", "-q"] and cmd[-1] == "tests", cmd
+        assert any(c[1:4] == ["-m", "ruff", "check"] for c in before), before  # the lint runs first
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_quick_start_make_targets():
 
 
 def _multinode():
-    """tests/distributed/test_multinode.py (its clean environment, fake srun/scontrol and flag helper)."""
+    """tests/runtime/test_multinode.py (its clean environment, fake srun/scontrol and flag helper)."""
     path = os.path.join(ROOT, "tests", "distributed", "test_multinode.py")
     spec = importlib.util.spec_from_file_location("_readme_multinode", path)
     mod = importlib.util.module_from_spec(spec)
@@ -553,6 +554,7 @@ class Pipeline:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_llava_run_at_tiny_scale(tmp_path):
     import readme_fixtures
 

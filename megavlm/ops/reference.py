@@ -211,7 +211,8 @@ def fold_normalization(weight: Tensor, bias: Tensor | None, mean: Sequence[float
     return w_f, b_f
 
 
-def patch_embed_folded_ref(pixels, weight, bias=None, pos=None, class_emb=None, mean=CLIP_MEAN, std=CLIP_STD, out_dtype=None):
+def patch_embed_folded_ref(pixels, weight, bias=None, pos=None, class_emb=None, mean=CLIP_MEAN, std=CLIP_STD,
+                           out_dtype=None):
     """Same result as ``patch_embed_ref`` computed with the folded weights on raw 0..255 patches."""
     g = check_patch_embed_args(pixels, weight, bias, pos, class_emb)
     dt = out_dtype or weight.dtype

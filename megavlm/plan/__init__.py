@@ -5,7 +5,7 @@ holds the torch side that checks these numbers against real CPU runs (``benchmar
 
 Parameters are counted from the descriptions the model builds from (the model family's ``ViTArch`` and
 ``ProjectorArch`` and the decoder section, ``megavlm/shapes.py``), per tensor-parallel rank and per pipeline stage;
-``tests/unit/test_plan.py`` holds them equal to ``sum(p.numel())`` of built models.
+``tests/plan/test_plan.py`` holds them equal to ``sum(p.numel())`` of built models.
 
 Memory per GPU (bytes) follows megatron's accounting:
 

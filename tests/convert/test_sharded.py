@@ -11,7 +11,7 @@ from hf_models import make_llava, sample_inputs
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import ROOT, run  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER = os.path.join(ROOT, "tests", "convert", "logits_worker.py")
 
 

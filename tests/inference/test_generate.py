@@ -147,6 +147,7 @@ def test_filter_logits():
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_tp2_under_torchrun_equals_transformers(converted):
     """Two gloo ranks load the TP=1 checkpoint at TP=2 (dist_checkpointing reshards) and decode the same tokens."""
     hf_dir, mv_dir, png = converted

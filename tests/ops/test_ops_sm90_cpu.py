@@ -1,7 +1,7 @@
 """The Hopper GEMM path of the fused ops (MEGAVLM_FUSED_GEMM=cutlass; auto takes it for the projector) on CPU: the
 GEMMs with their epilogues (patch embedding with bias + position table, ``linear_gelu``, ``linear_into_``) run their
 torch emulation here, so these tests check the row layouts, the position table, the autograd formulas and the
-custom-op registrations against the reference; tests/gpu checks the CUTLASS kernels."""
+custom-op registrations against the reference; tests/ops/test_kernels_gpu.py checks the CUTLASS kernels."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_affine_rows_finds_both_layouts(n, t, layout):
 
 
 def test_affine_rows_rejects_other_layouts():
-    # two images in one sample at different offsets, one in the other (what tests/unit's model batch has)
+    # two images in one sample at different offsets, one in the other (what the model test's batch has)
     index = torch.tensor([3, 4, 5, 1 + 48, 2 + 48, 3 + 48, 30 + 48, 31 + 48, 32 + 48])
     assert projector_op.affine_rows(index, 3, 3) is None
     assert projector_op.affine_rows(torch.tensor([5, 5, 5, 5]), 2, 2) is None  # repeated rows are not a layout

@@ -58,7 +58,7 @@ def test_inactive_when_cuda_is_available(compat, monkeypatch):
         cpu.enable()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_enable_refuses_a_machine_with_cuda(compat):
     with pytest.raises(RuntimeError, match="must not be enabled when CUDA is available"):
         cpu.enable()

@@ -106,7 +106,7 @@ def test_uint8_patch_embedding_equals_conv2d_on_normalized_images(rt, cfg):
 def test_fused_model_path_equals_reference(rt, cfg, gemm, layout, monkeypatch):
     """The model's fused wiring (patch embedding, projector with fused bias+GELU, scatter into the embedding
     buffer) against the reference/megatron path, forward and backward. On CPU the fused ops run their torch
-    emulation of the kernels, so this checks the wiring; tests/gpu checks the kernels themselves.
+    emulation of the kernels, so this checks the wiring; tests/ops/test_kernels_gpu.py checks the kernels themselves.
     gemm=cutlass: the Hopper GEMM path; with one image per sample at one offset ("aligned") its second GEMM writes
     the embedding rows itself (AffineRows), with images at different offsets ("ragged") the rows are scattered."""
     from megavlm.models.vlm import VLM

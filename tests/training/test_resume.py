@@ -6,7 +6,7 @@ import pytest
 
 from helpers import metrics, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
     from megavlm.ops import _ext, _launch, dispatch, gemm, patch_embed_op, projector_op, scatter_op
@@ -480,7 +480,8 @@ def test_sm90_projector_forward_backward_into_buffer(sm90):
     bf = torch.bfloat16
     x32 = torch.randn(N, T, Din, device=DEV, generator=g)
     p32 = [torch.randn(Dh, Din, device=DEV, generator=g) * Din ** -0.5, torch.randn(Dh, device=DEV, generator=g) * 0.1,
-           torch.randn(Dout, Dh, device=DEV, generator=g) * Dh ** -0.5, torch.randn(Dout, device=DEV, generator=g) * 0.1]
+           torch.randn(Dout, Dh, device=DEV, generator=g) * Dh ** -0.5,
+           torch.randn(Dout, device=DEV, generator=g) * 0.1]
     table32 = torch.randn(N * seq, Dout, device=DEV, generator=g)
     rows = projector_op.AffineRows(off, seq, 1)
     idx = rows.index(N, T, DEV)

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import metrics, run, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s"}
 

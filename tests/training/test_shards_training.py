@@ -7,7 +7,7 @@ import pytest
 
 from helpers import losses, metrics, run, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 COMMON = ["data.source=shards", "data.image_mode=resize", "train.steps=9", "train.warmup_steps=1",
           "checkpoint.keep=1"]

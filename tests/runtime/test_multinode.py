@@ -207,6 +207,7 @@ def _wait(procs: list[subprocess.Popen], timeout: int = 600) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_nodes_equal_one_node(tmp_path):
     one, two = tmp_path / "one_node", tmp_path / "two_nodes"
     _wait([_launch(one, NPROC_PER_NODE="2")])

@@ -7,7 +7,7 @@ import torch
 
 from helpers import ROOT, checkpoint_tensors, losses, run, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 COMMON = ["train.steps=4", "train.warmup_steps=1", "checkpoint.keep=0"]
 LAYOUTS = {
@@ -15,7 +15,7 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2"]),
     "tp2pp2sp": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
 }
-WORKER = os.path.join(ROOT, "tests", "distributed", "logits_worker.py")
+WORKER = os.path.join(ROOT, "tests", "training", "layouts_worker.py")
 
 
 def ckpt(run_dir, step):

@@ -9,8 +9,8 @@ import torch
 
 from helpers import ROOT, run
 
-pytestmark = pytest.mark.slow
-WORKER = os.path.join(ROOT, "tests", "distributed", "fused_tp_worker.py")
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+WORKER = os.path.join(ROOT, "tests", "ops", "fused_tp_worker.py")
 
 
 def test_fused_projector_at_tp2_equals_megatron_layers(tmp_path):
