@@ -230,7 +230,7 @@ def test_quick_start_make_targets():
 
 def _multinode():
     """tests/runtime/test_multinode.py (its clean environment, fake srun/scontrol and flag helper)."""
-    path = os.path.join(ROOT, "tests", "distributed", "test_multinode.py")
+    path = os.path.join(ROOT, "tests", "runtime", "test_multinode.py")
     spec = importlib.util.spec_from_file_location("_readme_multinode", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
