@@ -229,6 +229,9 @@ class LanguageConfig:
     norm_eps: float = 1e-5
     #: Biases on the q/k/v projections (Qwen2); every other linear layer stays bias-free.
     qkv_bias: bool = False
+    #: The output layer shares the embedding's weights (HF ``tie_word_embeddings``; small Qwen2 models); with PP the
+    #: last stage keeps a copy that megatron keeps equal by all-reducing their gradients.
+    tie_embeddings: bool = False
     #: Embedding/output rows are padded to a multiple of this; independent of TP so
     #: checkpoints can be resharded (must itself be a multiple of ``parallel.tp``).
     vocab_pad_multiple: int = 128
@@ -1027,7 +1030,7 @@ def validate(cfg: Config, world_size: int) -> int:
             f"pp={par.pp}); use a multiple of {step}, e.g. train.global_batch={sugg}"
         )
 
-    n_img, why = fam.image_tokens(cfg), fam.image_tokens_formula(cfg)
+    n_img, why = fam.max_image_tokens(cfg), fam.image_tokens_formula(cfg)
     if data.max_seq_len < n_img + MIN_TEXT_TOKENS:
         raise ConfigError(
             f"data.max_seq_len={data.max_seq_len} is too short: an image takes {n_img} tokens ({why}) and at least "

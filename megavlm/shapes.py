@@ -84,9 +84,11 @@ def resolve_backend(spec: str, on_gpu: bool, packed: bool = False) -> str:
 class ViTArch:
     """A ViT image encoder as ``models/vision.py`` builds it: patch embedding (a conv of ``patch_size``, with a bias
     when ``patch_bias``), an optional class token, learned absolute positions, an optional LayerNorm before the
-    first layer (``pre_norm``), then ``num_layers`` pre-LN transformer layers (LayerNorm, attention with q/k/v/out
-    biases, LayerNorm, ``activation`` MLP with biases). Images are uint8 ``(n, image_size, image_size, c)``,
-    normalized with ``image_mean``/``image_std`` inside the patch embedding."""
+    first layer (``pre_norm``), then ``num_layers`` pre-norm transformer layers (``norm``: LayerNorm or RMSNorm;
+    attention with an output bias, q/k/v biases when ``qkv_bias``, q and k normalized over the full width when
+    ``qk_norm``; ``activation`` MLP with biases; each branch scaled by a learned per-channel vector before its
+    residual add when ``layer_scale``). Images are uint8 ``(n, image_size, image_size, c)``, normalized with
+    ``image_mean``/``image_std`` inside the patch embedding."""
 
     image_size: int
     patch_size: int
@@ -105,6 +107,13 @@ class ViTArch:
     keep_class_token: bool
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
+    #: ``layer_norm`` | ``rms_norm`` (the layers' norms; the pre-norm is a LayerNorm).
+    norm: str = "layer_norm"
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    layer_scale: bool = False
+    #: Initial value of the layer-scale vectors (a fresh model's; converted ones carry theirs).
+    layer_scale_init: float = 0.1
 
     @property
     def patches(self) -> int:
@@ -126,12 +135,15 @@ class ViTArch:
         d, f, c, p = self.hidden_size, self.ffn_hidden_size, self.num_channels, self.patch_size
         emb = (d * c * p * p + (d if self.patch_bias else 0) + (d if self.class_token else 0) + self.positions * d
                + (2 * d if self.pre_norm else 0))
-        layer = (2 * d  # input LayerNorm
-                 + 3 * d // tp * d + 3 * d // tp  # qkv (column-parallel, bias split)
+        norm = d if self.norm == "rms_norm" else 2 * d
+        layer = (norm  # input norm
+                 + 3 * d // tp * d + (3 * d // tp if self.qkv_bias else 0)  # qkv (column-parallel, bias split)
+                 + (2 * d // tp if self.qk_norm else 0)  # q and k norm weights (split like q and k)
                  + d * (d // tp) + d  # proj (row-parallel, bias whole)
-                 + 2 * d  # pre-MLP LayerNorm
+                 + norm  # pre-MLP norm
                  + f // tp * d + f // tp  # fc1
-                 + d * (f // tp) + d)  # fc2
+                 + d * (f // tp) + d  # fc2
+                 + (2 * d if self.layer_scale else 0))  # the two layer-scale vectors
         return emb + self.num_layers * layer
 
     def forward_flops(self, n_images: int) -> float:
@@ -144,19 +156,35 @@ class ViTArch:
 @dataclass(frozen=True)
 class ProjectorArch:
     """The vision→language projector: ``mlp`` (Linear(input, out), GELU, Linear(out, out)) or ``affine`` (one
-    Linear), both with biases, TP-split like megatron's MLP."""
+    Linear), both with biases, TP-split like megatron's MLP. ``merge=2`` first joins each 2×2 block of neighbouring
+    feature tokens into one token of 4× the channels (InternVL's pixel shuffle at ``downsample_ratio`` 0.5), and
+    ``pre_norm`` puts a LayerNorm on the projector's input; ``vision_size`` is the encoder's width, ``input_size``
+    what the first Linear takes."""
 
     kind: str
-    input_size: int
+    vision_size: int
     hidden_size: int
+    merge: int = 1
+    pre_norm: bool = False
+
+    @property
+    def input_size(self) -> int:
+        return self.vision_size * self.merge ** 2
+
+    def tokens(self, vision_tokens: int) -> int:
+        """Tokens out for ``vision_tokens`` feature tokens of one crop."""
+        return vision_tokens // self.merge ** 2
 
     def params(self, tp: int = 1) -> int:
-        """Parameters on one TP rank: fc1 column-parallel; the ``mlp``'s fc2 row-parallel (bias whole)."""
+        """Parameters on one TP rank: the LayerNorm replicated, fc1 column-parallel; the ``mlp``'s fc2 row-parallel
+        (bias whole)."""
         h = self.hidden_size
         fc1 = h // tp * self.input_size + h // tp
-        return fc1 if self.kind == "affine" else fc1 + h * (h // tp) + h
+        norm = 2 * self.input_size if self.pre_norm else 0
+        return norm + (fc1 if self.kind == "affine" else fc1 + h * (h // tp) + h)
 
     def forward_flops(self, tokens: int) -> float:
+        """Model FLOPs over ``tokens`` tokens out of the projector."""
         h = self.hidden_size
         return tokens * 2 * (self.input_size * h + (h * h if self.kind == "mlp" else 0))
 
@@ -173,11 +201,13 @@ def decoder_layer_params(lm, tp: int = 1) -> int:
 def language_params(lm, vocab_size: int, tp: int = 1, layers: int | None = None, first: bool = True,
                     last: bool = True) -> int:
     """Decoder parameters on one TP rank of a stage holding ``layers`` layers (all when None); the embedding is on
-    the first stage, the final norm and the (untied) output layer on the last."""
+    the first stage, the final norm and the output layer on the last (a tied output layer is the embedding itself
+    when both are on one stage, and megatron's copy of it on the last stage otherwise)."""
     h = lm.hidden_size
     vp = padded_vocab(vocab_size, lm.vocab_pad_multiple) // tp
     n = lm.num_layers if layers is None else layers
-    return (vp * h if first else 0) + n * decoder_layer_params(lm, tp) + ((h + vp * h) if last else 0)
+    output = 0 if getattr(lm, "tie_embeddings", False) and first else vp * h
+    return (vp * h if first else 0) + n * decoder_layer_params(lm, tp) + ((h + output) if last else 0)
 
 
 def decoder_forward_flops(lm, tokens: int, seq_len: int, vocab_size: int) -> float:

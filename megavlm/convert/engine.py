@@ -180,7 +180,8 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
     model = stream.meta_model(bcfg, rt, lm.vocab_size, tid)
     shapes = stream.param_shapes(model)
     resolved = expand(fam.parts(cfg), shapes)
-    output = next(r for r in resolved if r.part.name == "language" and r.hf == ("lm_head.weight",))
+    # an HF model with tied embeddings whose output layer the config keeps separate: it starts as their copy
+    output = next((r for r in resolved if r.part.name == "language" and r.hf == ("lm_head.weight",)), None)
     embedding = next(r for r in resolved if r.part.name == "language" and r.hf == ("embed_tokens.weight",))
     recipes: dict[str, object] = {}  # state_dict key → () -> tensor, read from the HF files when it is written
     fresh_cache: dict = {}
@@ -202,7 +203,7 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
             s.claim(r.part.name, name)
         grow = (lm.vocab_size - new_rows, lm.vocab_size) if isinstance(r.mapping, Vocab) and new_rows else None
         recipes[r.ours] = _hf_recipe(s, r, shape, ctx, grow)
-    if imp.tied and not lang.has("language", "lm_head.weight"):
+    if output is not None and imp.tied and not lang.has("language", "lm_head.weight"):
         recipes[output.ours] = recipes[embedding.ours]
     # HF tensors the model does not use: the family keeps some aside (for mcore-to-hf), the rest is an error
     extras: list[tuple[str, str]] = []
@@ -272,7 +273,7 @@ def _fresh(fam, bcfg, rt, seed: int, part, key: str, cache: dict):
         runtime.set_seed(seed, rt)
         dtype = model_dtype(bcfg, host)
         arch = fam.projector_arch(bcfg)
-        proj = build_projector(specs.projector_config(bcfg, host, dtype), arch.kind, arch.input_size).to(dtype)
+        proj = build_projector(specs.projector_config(bcfg, host, dtype), arch).to(dtype)
         cache["sd"] = proj.state_dict()
         return cache["sd"][key].clone()
     return make

@@ -14,6 +14,7 @@ so a mapping covers exactly the layers the model built. The conversion engine (`
 in both directions; the kinds:
 
 * :class:`Direct`   one tensor, same layout (norms, biases, embeddings of the vision tower, ...)
+* :class:`Reshaped` one tensor, same values in another shape
 * :class:`QKV`      HF's separate q, k, v → megatron's fused ``linear_qkv`` (grouped by KV head)
 * :class:`GatedMLP` HF's gate and up projections → megatron's fused SwiGLU ``linear_fc1`` ([gate; up])
 * :class:`Vocab`    embedding / output rows, padded with zero rows to the padded vocabulary
@@ -96,6 +97,20 @@ class Direct(Mapping):
 
     def to_hf(self, t, ctx):
         return [t]
+
+
+@dataclass(frozen=True)
+class Reshaped(Mapping):
+    """Same values, another shape on the HF side (``hf_shape``; e.g. a class token ``(1, 1, d)`` that we keep as
+    ``(d,)``)."""
+
+    hf_shape: tuple[int, ...] = ()
+
+    def to_ours(self, tensors, shape, ctx):
+        return tensors[0].reshape(shape)
+
+    def to_hf(self, t, ctx):
+        return [t.reshape(self.hf_shape)]
 
 
 class QKV(Mapping):

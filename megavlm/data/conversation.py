@@ -113,10 +113,12 @@ def _runs(
 
 
 def _tokenize_runs(tok, runs: list[tuple[str, bool]], image_tokens: Sequence[int],
-                   expand: Callable[[int], list[int]] | None = None) -> tuple[list[int], list[int]]:
+                   expand: Callable[[int], list[int]] | None = None,
+                   image_token: str = IMAGE_TOKEN) -> tuple[list[int], list[int]]:
     """Token ids and (unshifted) labels of the runs; the k-th ``<image>`` becomes ``expand(image_tokens[k])`` (default:
-    that many image-token ids), unsupervised."""
-    img_id = image_token_id(tok) if image_tokens else None
+    that many image-token ids), unsupervised. ``image_token``: the tokenizer's token the placeholder stands for (the
+    model family's; ``<image>`` itself by default)."""
+    img_id = image_token_id(tok, image_token) if image_tokens else None
     if expand is None:
         def expand(n: int) -> list[int]:
             return [img_id] * n
@@ -126,6 +128,8 @@ def _tokenize_runs(tok, runs: list[tuple[str, bool]], image_tokens: Sequence[int
     for text, supervised in runs:
         if not text:
             continue
+        if image_token != IMAGE_TOKEN:
+            text = text.replace(IMAGE_TOKEN, image_token)
         piece = tok(text, add_special_tokens=False)["input_ids"]
         if supervised:
             if img_id is not None and img_id in piece:
@@ -167,14 +171,16 @@ def _image_counts(num_images: int, num_image_tokens: int | Sequence[int]) -> lis
 
 def encode_turns(tok, turns: Sequence[tuple[str, str | None]], num_images: int,
                  num_image_tokens: int | Sequence[int], *, template=DEFAULT_TEMPLATE, with_last_answer: bool = True,
-                 expand: Callable[[int], list[int]] | None = None) -> tuple[list[int], list[int]]:
+                 expand: Callable[[int], list[int]] | None = None,
+                 image_token: str = IMAGE_TOKEN) -> tuple[list[int], list[int]]:
     """Unpadded ``(input_ids, labels)`` lists of a conversation (``labels`` aligned with the ids, -100 where not
     supervised); ``with_last_answer=False`` stops at the last assistant prefix (a prompt). ``num_image_tokens``: the
     tokens of every image, or one count per image; ``expand(n)`` the ids that replace one ``<image>`` of ``n`` tokens
-    (the model family's image text; default: ``n`` image-token ids)."""
+    (the model family's image text; default: ``n`` image-token ids); ``image_token``: the tokenizer's token that
+    ``<image>`` stands for (the family's)."""
     tmpl = get_template(template)
     runs = _runs(tmpl, [(q, a) for q, a in turns], num_images, with_last_answer=with_last_answer)
-    return _tokenize_runs(tok, runs, _image_counts(num_images, num_image_tokens), expand)
+    return _tokenize_runs(tok, runs, _image_counts(num_images, num_image_tokens), expand, image_token)
 
 
 def _pad_id(tok) -> int:
@@ -194,6 +200,7 @@ def encode_conversation(
     *,
     template: Union[str, ConversationTemplate, None] = DEFAULT_TEMPLATE,
     expand: Callable[[int], list[int]] | None = None,
+    image_token: str = IMAGE_TOKEN,
 ) -> dict[str, torch.Tensor]:
     """Encode a full conversation for training.
 
@@ -203,7 +210,8 @@ def encode_conversation(
     ``LongTensor[max_seq_len]``, right-padded with the pad id / -100.  Raises
     :class:`SampleTooLong` if the sequence does not fit (never truncates).
     """
-    ids, labels = encode_turns(tok, turns, num_images, num_image_tokens, template=template, expand=expand)
+    ids, labels = encode_turns(tok, turns, num_images, num_image_tokens, template=template, expand=expand,
+                               image_token=image_token)
     if len(ids) > max_seq_len:
         raise SampleTooLong(len(ids), max_seq_len)
     n_pad = max_seq_len - len(ids)
@@ -221,6 +229,7 @@ def encode_prompt(
     *,
     template: Union[str, ConversationTemplate, None] = DEFAULT_TEMPLATE,
     expand: Callable[[int], list[int]] | None = None,
+    image_token: str = IMAGE_TOKEN,
 ) -> torch.Tensor:
     """Prompt ids for generation, up to and including the assistant prefix.
 
@@ -232,7 +241,7 @@ def encode_prompt(
     if isinstance(turns, str):
         turns = [(turns, None)]
     ids, _ = encode_turns(tok, turns, num_images, num_image_tokens, template=template, with_last_answer=False,
-                          expand=expand)
+                          expand=expand, image_token=image_token)
     if max_seq_len is not None and len(ids) > max_seq_len:
         raise SampleTooLong(len(ids), max_seq_len, what="prompt")
     return torch.tensor(ids, dtype=torch.long)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megavlm.data.batch import collate
-from megavlm.data.constants import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, UNK_TOKEN
+from megavlm.data.constants import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, UNK_TOKEN
 from megavlm.data.conversation import encode_conversation, encode_prompt
 from megavlm.data.templates import TEMPLATES, get_template
 
@@ -437,7 +437,11 @@ class SyntheticVLMDataset(Dataset):
         image_mean: Sequence[float],
         image_std: Sequence[float],
         template: str = "vicuna",
+        expand=None,
+        image_token: str = IMAGE_TOKEN,
     ):
+        """``num_image_tokens``, ``expand`` and ``image_token``: how the model family expands an image (one square crop
+        each: the rendered image is already the encoder's size)."""
         self.tokenizer = tokenizer
         self.num_samples = int(num_samples)
         self.image_size = int(image_size)
@@ -449,6 +453,7 @@ class SyntheticVLMDataset(Dataset):
         self.image_std = tuple(float(v) for v in np.broadcast_to(image_std, (3,)))
         self.template = template
         self.num_images_per_sample = 1
+        self._image_text = {"expand": expand, "image_token": image_token}
 
         self.images, self._meta = generate_split(
             self.num_samples,
@@ -472,6 +477,7 @@ class SyntheticVLMDataset(Dataset):
                     self.num_image_tokens,
                     self.max_seq_len,
                     template=template,
+                    **self._image_text,
                 )
 
     def __len__(self) -> int:
@@ -519,6 +525,7 @@ class SyntheticVLMDataset(Dataset):
                 self.num_image_tokens,
                 self.max_seq_len,
                 template=self.template,
+                **self._image_text,
             )
         return self._prompts[q].clone()
 

@@ -82,9 +82,10 @@ def template(cfg) -> str:
 
 
 def _register_builtin() -> None:
-    from . import llava
+    from . import internvl, llava
 
     register(llava.LlavaFamily())
+    register(internvl.InternVLFamily())
 
 
 _register_builtin()

@@ -108,14 +108,20 @@ class Family:
         return SquareImages(size=v.image_size, mode=cfg.data.image_mode, mean=v.image_mean, std=v.image_std)
 
     def image_tokens(self, cfg) -> int:
-        """Sequence positions one image takes (its features after the projector)."""
-        return self.vision_arch(cfg).tokens
+        """Sequence positions one image crop takes (its features after the projector)."""
+        return self.projector_arch(cfg).tokens(self.vision_arch(cfg).tokens)
+
+    def max_image_tokens(self, cfg) -> int:
+        """The most sequence positions one image can take (every crop, and any text the family puts around them):
+        what ``data.max_seq_len`` must leave room for."""
+        return self.image_tokens(cfg)
 
     def image_tokens_formula(self, cfg) -> str:
         """How :meth:`image_tokens` comes about, for messages (e.g. ``(336/14)² + 1 class token``)."""
-        v = self.vision_arch(cfg)
-        return f"({v.image_size}/{v.patch_size})²" + (" + 1 class token" if v.class_token and v.keep_class_token
+        v, p = self.vision_arch(cfg), self.projector_arch(cfg)
+        text = f"({v.image_size}/{v.patch_size})²" + (" + 1 class token" if v.class_token and v.keep_class_token
                                                       else "")
+        return text if p.merge == 1 else f"{text} / {p.merge ** 2} ({p.merge}×{p.merge} merge)"
 
     def expand_image(self, tok) -> Callable[[int], list[int]] | None:
         """The ids that replace one ``<image>`` of n tokens (None: n copies of the image token id)."""

@@ -113,7 +113,7 @@ def decoder_part(lm):
     maps = [
         Vocab("embedding.word_embeddings.weight", "embed_tokens.weight"),
         Direct("decoder.final_layernorm.weight", "norm.weight"),
-        Vocab("output_layer.weight", "lm_head.weight"),
+        *(() if lm.tie_embeddings else (Vocab("output_layer.weight", "lm_head.weight"),)),  # tied: the embedding
         Direct(a + "input_layernorm.weight", h + "input_layernorm.weight"),
         QKV(a + "self_attention.linear_qkv.weight", tuple(h + f"self_attn.{p}_proj.weight" for p in "qkv")),
         Direct(a + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight"),
@@ -132,7 +132,7 @@ def text_config_fields(lm, vocab_size: int) -> tuple[type, dict]:
 
     text = dict(hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size, num_hidden_layers=lm.num_layers,
                 num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.norm_eps,
-                vocab_size=vocab_size, hidden_act="silu", tie_word_embeddings=False)
+                vocab_size=vocab_size, hidden_act="silu", tie_word_embeddings=lm.tie_embeddings)
     if lm.qkv_bias:  # Qwen2: q/k/v biases are built in; head_dim is derived (not a Qwen2Config field)
         text.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] * lm.num_layers)
         return Qwen2Config, text

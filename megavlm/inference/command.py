@@ -97,7 +97,7 @@ def _prompt_ids(req: Request, cfg, tok, n_images: int) -> torch.Tensor:
     template = req.template or families.template(cfg)
     try:
         return encode_prompt(tok, req.prompt, num_images=n_images, num_image_tokens=n_img, template=template,
-                             expand=fam.expand_image(tok))
+                             expand=fam.expand_image(tok), image_token=fam.image_token)
     except ValueError as e:
         raise UserError(f"--prompt: {e}") from None
 

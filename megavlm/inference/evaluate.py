@@ -38,11 +38,13 @@ def load_for_inference(cfg: Config):
 
 def evaluate(cfg: Config, limit: int | None = None, show: int = 5, batch_size: int = 32) -> dict:
     rt, tok, model, path = load_for_inference(cfg)
-    img = families.of(cfg).image_processor(cfg)
+    fam = families.of(cfg)
+    img = fam.image_processor(cfg)
     ds = SyntheticVLMDataset(
-        tok, num_samples=cfg.data.eval_samples, image_size=img.size, num_image_tokens=families.image_tokens(cfg),
+        tok, num_samples=cfg.data.eval_samples, image_size=img.size, num_image_tokens=fam.image_tokens(cfg),
         max_seq_len=cfg.data.max_seq_len, min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
-        split="eval", seed=cfg.train.seed, image_mean=img.mean, image_std=img.std)
+        split="eval", seed=cfg.train.seed, image_mean=img.mean, image_std=img.std, expand=fam.expand_image(tok),
+        image_token=fam.image_token)
     items = ds.eval_items("color")[:limit]
     if not items:
         raise UserError("no colour questions among the eval samples; raise data.eval_samples")

@@ -17,7 +17,7 @@ def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, 
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=lcfg.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(lcfg.rope_theta),
         # The VLM merges image features into the full sequence first, then scatters for sequence parallelism.

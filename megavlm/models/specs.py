@@ -103,17 +103,108 @@ class SDPAttention(MegatronModule):
         return out.squeeze(0).permute(1, 0, 2).reshape(t, -1)
 
 
-def layer_spec(backend: str, causal: bool) -> ModuleSpec:
-    """A transformer layer spec: causal for the decoder, unmasked for the vision encoder."""
+class LayerScaleBiasDropoutAdd(torch.nn.Module):
+    """bias-dropout-add with layer scale: ``residual + dropout(weight * (x + bias))``, ``weight`` a learned
+    per-channel vector (InternViT's ``lambda_1`` / ``lambda_2``; CaiT's LayerScale). It takes the place of megatron's
+    ``get_bias_dropout_add`` in a layer spec (``self_attn_bda`` / ``mlp_bda``): called as ``bda(training, fused)``, it
+    returns the function the layer applies. ``weight`` is replicated over TP (the branch output is whole there)."""
+
+    def __init__(self, hidden_size: int, init_value: float = 0.1):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((hidden_size,), float(init_value)))
+
+    def forward(self, training: bool, fused: bool):
+        def bda(x_with_bias, residual, prob):
+            x, bias = x_with_bias
+            x = x if bias is None else x + bias
+            out = F.dropout(self.weight.to(x.dtype) * x, p=prob, training=training)
+            return residual + out.to(residual.dtype)
+        return bda
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the TP group in forward and in backward (a statistic every rank's output depends on)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        from megatron.core import parallel_state
+
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=parallel_state.get_tensor_model_parallel_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        from megatron.core import parallel_state
+
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+        return grad
+
+
+class FullWidthRMSNorm(MegatronModule):
+    """RMSNorm of q (or k) over all heads together, as InternViT's ``q_norm``/``k_norm`` (megatron's
+    ``qk_layernorm`` normalizes each head on its own). Used as ``q_layernorm``/``k_layernorm`` of megatron's
+    SelfAttention, which hands it ``(sq, b, heads/tp, hn)``: under TP each rank holds some heads, so the sum of squares
+    is summed over the TP group (forward and backward) before normalizing, and ``weight`` is split with the heads
+    (axis 0, as the q rows of ``linear_qkv``). Statistics in fp32, as HF's."""
+
+    #: HF's ``InternVLVisionRMSNorm(embed_dim)`` keeps its default eps, whatever the encoder's ``layer_norm_eps``.
+    EPS = 1e-6
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, **_unused):
+        super().__init__(config=config)
+        from megatron.core import parallel_state
+
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.full_width = config.num_attention_heads * config.kv_channels
+        self.eps = self.EPS
+        self.weight = torch.nn.Parameter(torch.ones(self.full_width // self.tp, dtype=config.params_dtype))
+        self.weight.tensor_model_parallel = True
+        self.weight.partition_dim = 0
+        self.weight.partition_stride = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        flat = x.reshape(*shape[:-2], shape[-2] * shape[-1]).float()
+        sq = flat.pow(2).sum(-1, keepdim=True)
+        if self.tp > 1:
+            sq = _AllReduceSum.apply(sq)
+        normed = flat * torch.rsqrt(sq / self.full_width + self.eps)
+        return (self.weight * normed.to(dtype)).reshape(shape)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
+                                                   sharded_offsets)
+
+
+def _without_bias(cls: type) -> type:
+    """``cls`` (a linear layer class) always built without a bias: megatron gives ``linear_qkv`` a bias whenever the
+    other linears have one (``add_bias_linear or add_qkv_bias``), which an encoder with biased projections but
+    bias-free q/k/v (InternViT with ``attention_bias=false``) cannot use."""
+    def __init__(self, *args, bias=True, **kwargs):
+        cls.__init__(self, *args, bias=False, **kwargs)
+    return type(cls.__name__ + "NoBias", (cls,), {"__init__": __init__})
+
+
+def layer_spec(backend: str, causal: bool, layer_scale: tuple[int, float] | None = None,
+               qk_norm: bool = False, qkv_bias: bool = True) -> ModuleSpec:
+    """A transformer layer spec: causal for the decoder, unmasked for the vision encoder. ``layer_scale``:
+    ``(hidden_size, initial value)`` of a per-channel scale on both residual branches (None: none); ``qk_norm``: q and
+    k RMS-normalized over their full width (:class:`FullWidthRMSNorm`); ``qkv_bias=False``: no q/k/v bias even where
+    the other linears have one."""
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec()
         spec.submodules.self_attention.params["attn_mask_type"] = mask
+        _customize(spec, layer_scale, qk_norm, qkv_bias)
         return spec
     core = SDPAttention if backend == "sdpa" else DotProductAttention
-    return ModuleSpec(
+    return _customize(ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
@@ -133,12 +224,31 @@ def layer_spec(backend: str, causal: bool) -> ModuleSpec:
                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
             },
         ),
-    )
+    ), layer_scale, qk_norm, qkv_bias)
 
 
-def block_spec(config: TransformerConfig, backend: str, causal: bool):
+def _customize(spec: ModuleSpec, layer_scale: tuple[int, float] | None, qk_norm: bool,
+               qkv_bias: bool = True) -> ModuleSpec:
+    """Layer scale on both residual branches, full-width q/k norms and bias-free q/k/v, where asked for."""
+    sub = spec.submodules
+    if not qkv_bias:
+        sub.self_attention.submodules.linear_qkv = _without_bias(sub.self_attention.submodules.linear_qkv)
+    if layer_scale is not None:
+        params = {"hidden_size": layer_scale[0], "init_value": layer_scale[1]}
+        sub.self_attn_bda = ModuleSpec(module=LayerScaleBiasDropoutAdd, params=params)
+        sub.mlp_bda = ModuleSpec(module=LayerScaleBiasDropoutAdd, params=params)
+    if qk_norm:
+        sub.self_attention.submodules.q_layernorm = FullWidthRMSNorm
+        sub.self_attention.submodules.k_layernorm = FullWidthRMSNorm
+    return spec
+
+
+def block_spec(config: TransformerConfig, backend: str, causal: bool, layer_scale: float | None = None,
+               qk_norm: bool = False, qkv_bias: bool = True):
     """Layer specs for this pipeline stage's share of layers plus the block's final norm (ours, so that sequence
-    parallelism works without TE: megatron's default ``LNImpl`` is the torch wrapper that refuses SP)."""
+    parallelism works without TE: megatron's default ``LNImpl`` is the torch wrapper that refuses SP).
+    ``layer_scale``: the initial value of a per-channel layer scale (None: none); ``qk_norm``: full-width q/k RMS
+    norms; ``qkv_bias=False``: bias-free q/k/v."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if backend == "te":
@@ -148,7 +258,9 @@ def block_spec(config: TransformerConfig, backend: str, causal: bool):
     else:
         final_norm = Norm
     n = get_num_layers_to_build(config)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(backend, causal)] * n, layer_norm=final_norm)
+    scale = None if layer_scale is None else (config.hidden_size, layer_scale)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(backend, causal, scale, qk_norm, qkv_bias)] * n,
+                                      layer_norm=final_norm)
 
 
 def _common(cfg, rt, dtype: torch.dtype) -> dict:
@@ -217,12 +329,13 @@ def vision_config(arch, cfg, rt, dtype: torch.dtype) -> TransformerConfig:
         ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_heads,
         kv_channels=arch.hidden_size // arch.num_heads,
-        normalization="LayerNorm",
+        normalization="RMSNorm" if arch.norm == "rms_norm" else "LayerNorm",
         layernorm_epsilon=arch.norm_eps,
+        qk_layernorm=arch.qk_norm,
         gated_linear_unit=False,
         activation_func=_VIT_ACTIVATIONS[arch.activation],
         add_bias_linear=True,
-        add_qkv_bias=True,
+        add_qkv_bias=arch.qkv_bias,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
         **_common(cfg, rt, dtype),

@@ -35,22 +35,28 @@ class VLM(MegatronModule):
         # The fused projector runs on megatron's own (TP-sharded) fc1/fc2 weights, at any TP.
         self.fused_projector = self.kernels == "fused" and parch.kind == "mlp"
         self.model_type = ModelType.encoder_or_decoder
-        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads with PP
+        # read by finalize_model_grads with PP (it all-reduces the tied embedding's gradient over first and last stage)
+        self.share_embeddings_and_output_weights = cfg.model.language.tie_embeddings
         self.pre_process, self.post_process = pre_process, post_process
         self.image_token_id = image_token_id
         self.vocab_size = vocab_size
         self.sequence_parallel = lang_cfg.sequence_parallel
         if pre_process:
             vcfg = specs.vision_config(varch, cfg, rt, dtype)
-            self.vision_model = VisionEncoder(vcfg, varch, specs.block_spec(vcfg, backend, causal=False),
-                                              kernels=self.kernels)
-            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), parch.kind, parch.input_size)
+            self.vision_model = VisionEncoder(vcfg, varch, specs.block_spec(
+                vcfg, backend, causal=False, layer_scale=varch.layer_scale_init if varch.layer_scale else None,
+                qk_norm=varch.qk_norm, qkv_bias=varch.qkv_bias), kernels=self.kernels)
+            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), parch)
         self.language_model = build_language_model(
             lang_cfg, specs.block_spec(lang_cfg, backend, causal=True), cfg.model.language, vocab_size,
             cfg.data.max_seq_len, pre_process, post_process)
 
     def set_input_tensor(self, input_tensor):
         self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        """The tied word embedding of this stage (finalize_model_grads reduces its gradient)."""
+        return self.language_model.shared_embedding_or_output_weight()
 
     def freeze_for_stage(self, stage: int) -> None:
         prefixes = shapes.TRAINABLE[stage]
@@ -64,9 +70,10 @@ class VLM(MegatronModule):
         n_slots = int(is_image.sum())
         if images is not None and images.shape[0] > 0:
             feats = self.vision_model(images)  # (n, t, d)
-            if feats.shape[0] * feats.shape[1] != n_slots:
+            per_crop = feats.shape[1] // self.projector.merge ** 2  # tokens after the projector's merge
+            if feats.shape[0] * per_crop != n_slots:
                 raise ValueError(
-                    f"batch has {n_slots} image-token positions but {feats.shape[0]} images × {feats.shape[1]} "
+                    f"batch has {n_slots} image-token positions but {feats.shape[0]} image crops × {per_crop} "
                     "features each; every <image> must be expanded to exactly that many image tokens")
             if self.fused_projector:
                 emb = self._fused_project_into(emb, feats, is_image)
@@ -96,9 +103,11 @@ class VLM(MegatronModule):
             # over the group (copy_to_...), the second GEMM's partial output too (reduce_from_...), then + b2.
             feats = tensor_parallel.copy_to_tensor_model_parallel_region(feats)
             reduce = tensor_parallel.reduce_from_tensor_model_parallel_region
-        return ops.projector(feats, None, None, False, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",
-                             dst=emb.view(s * b, h), index=index, reduce=reduce, kernels="fused",
-                             resolved=True).view(s, b, h)
+        ln = self.projector.layer_norm
+        return ops.projector(feats, None if ln is None else ln.weight, None if ln is None else ln.bias,
+                             self.projector.merge == 2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu",
+                             eps=1e-5 if ln is None else ln.eps, dst=emb.view(s * b, h), index=index, reduce=reduce,
+                             kernels="fused", resolved=True).view(s, b, h)
 
     def _project(self, feats: torch.Tensor) -> torch.Tensor:
         """megatron's projector on ``(n, t, d)`` features → ``(n, t, h)`` (it works in ``(t, n, ·)``)."""

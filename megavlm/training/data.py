@@ -65,11 +65,13 @@ class SyntheticTrainData:
         from ..data.synthetic import SyntheticVLMDataset
 
         self.cfg, self.rt = cfg, rt
-        d, img = cfg.data, families.of(cfg).image_processor(cfg)
+        fam = families.of(cfg)
+        d, img = cfg.data, fam.image_processor(cfg)
         self.dataset = SyntheticVLMDataset(
-            tokenizer, num_samples=d.num_samples, image_size=img.size, num_image_tokens=families.image_tokens(cfg),
+            tokenizer, num_samples=d.num_samples, image_size=img.size, num_image_tokens=fam.image_tokens(cfg),
             max_seq_len=d.max_seq_len, min_shapes=d.min_shapes, max_shapes=d.max_shapes, split="train",
-            seed=cfg.train.seed, image_mean=img.mean, image_std=img.std)
+            seed=cfg.train.seed, image_mean=img.mean, image_std=img.std, expand=fam.expand_image(tokenizer),
+            image_token=fam.image_token)
         self.per_dp = cfg.train.global_batch // rt.dp
         self.num_microbatches = self.per_dp // cfg.train.micro_batch
         self._perms: dict[int, np.ndarray] = {}
@@ -127,7 +129,7 @@ class ShardTrainData:
         self.num_microbatches = self.per_dp // cfg.train.micro_batch
         self.n_img_tokens = fam.image_tokens(cfg)
         self.template = families.template(cfg)
-        self.expand = fam.expand_image(tokenizer)
+        self.expand, self.image_token = fam.expand_image(tokenizer), fam.image_token
         self.loader = None
         if rt.is_first_stage:
             from ..data.pipeline import ImageTextLoader
@@ -153,7 +155,8 @@ class ShardTrainData:
             if not turns:
                 raise ValueError("no (question, answer) turn")
             enc = encode_conversation(self.tok, turns, int(sample["images"].shape[0]), self.n_img_tokens,
-                                      self.cfg.data.max_seq_len, template=self.template, expand=self.expand)
+                                      self.cfg.data.max_seq_len, template=self.template, expand=self.expand,
+                                      image_token=self.image_token)
         except SampleTooLong:
             return self._skip("too_long")
         except (KeyError, TypeError, ValueError, AttributeError):

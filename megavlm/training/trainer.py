@@ -117,7 +117,7 @@ def model_flops_per_step(cfg: Config, n_tokens: int, n_images: int) -> float:
     lm_fwd = shapes.decoder_forward_flops(cfg.model.language, n_tokens, cfg.data.max_seq_len,
                                           cfg.model.language.vocab_size)
     return ((3 if stage >= 2 else 2) * lm_fwd + (3 if stage == 3 else 1) * v.forward_flops(n_images)
-            + 3 * proj.forward_flops(n_images * v.tokens))
+            + 3 * proj.forward_flops(n_images * proj.tokens(v.tokens)))
 
 
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GH200": 989e12}

@@ -18,7 +18,7 @@ def main():
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megavlm import runtime
+    from megavlm import families, runtime
     from megavlm.config import load_config, validate
     from megavlm.data.tokenizer import image_token_id, load_tokenizer
     from megavlm.models.vlm import build_model
@@ -30,7 +30,8 @@ def main():
     validate(cfg, runtime.env_world_size())
     rt = runtime.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
     tok = load_tokenizer(cfg.data.tokenizer)
-    model = build_model(cfg, rt, cfg.model.language.vocab_size, image_token_id(tok)).eval()
+    model = build_model(cfg, rt, cfg.model.language.vocab_size,
+                        image_token_id(tok, families.of(cfg).image_token)).eval()
     def step(it, m):
         b = next(it)
         return m(input_ids=b[0], images=b[1], runtime_gather_output=True), (lambda o, non_loss_data=True: o)
