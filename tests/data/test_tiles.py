@@ -5,6 +5,7 @@ corrupt-image fallback, and the token count per image through ShardTrainData. Ti
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -330,3 +331,112 @@ def test_mixed_tiled_pipeline_constructs_and_serializes(tile_shards):
                               max_images=2, device="mixed")
         blob = pipe.serialize()
         assert isinstance(blob, (bytes, str)) and len(blob) > 0
+
+
+# ------------------------------------------------------------------------------------------------ tokens per image
+@pytest.fixture
+def tiling_family():
+    """A throw-away LLaVA variant whose images are tiled (the InternVL family is not needed for the data layer)."""
+    from megavlm import families
+    from megavlm.families.llava import LlavaFamily
+
+    class Tiling(LlavaFamily):
+        name = "tiles_test"
+        model_types = ()
+
+        def image_processor(self, cfg):
+            return TILES
+
+    families.register(Tiling())
+    yield "tiles_test"
+    families.unregister("tiles_test")
+
+
+def test_each_image_takes_its_crops_times_the_tokens_per_crop(tile_shards, tiling_family):
+    """Through ShardTrainData: a sample with two images of different aspect ratios gets crops_i × tokens-per-crop
+    image tokens for each image, in image order."""
+    from megavlm import families, runtime
+    from megavlm.config import load_config
+    from megavlm.data.constants import image_token_id
+    from megavlm.data.shards import iter_shards
+    from megavlm.data.tokenizer import load_tokenizer
+    from megavlm.training.data import ShardTrainData
+
+    cfg = load_config("configs/tiny_cpu.yaml", [f"model.family={tiling_family}", f"data.shards={tile_shards}",
+                                                "data.source=shards", "data.max_images=2", "data.max_seq_len=512"])
+    per_crop = families.image_tokens(cfg)
+    assert per_crop == 16  # the tiny config's 32²/8² patches
+    sizes = {key: [Image.open(io.BytesIO(files[n])).size for n in rec.get("images") or []]
+             for key, rec, files in iter_shards(tile_shards)}
+    rt = runtime.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", tp=1, pp=1,
+                         dp=1, tp_rank=0, pp_rank=0, dp_rank=0, cpu_compat=True)
+    tok = load_tokenizer(None)
+    data = ShardTrainData(cfg, tok, rt, tile_shards)
+    img_id = image_token_id(tok)
+    seen = set()
+    for batch in data.loader:
+        for s in batch:
+            want = [TILES.crops(w, h) for w, h in sizes[s["key"]]]
+            assert s["crops"] == want
+            enc = data._encode(s)
+            ids = enc["input_ids"].tolist()
+            runs, k = [], 0  # lengths of the runs of image-token ids
+            while k < len(ids):
+                j = k
+                while j < len(ids) and ids[j] == img_id:
+                    j += 1
+                if j > k:
+                    runs.append(j - k)
+                k = max(j, k + 1)
+            assert runs == [c * per_crop for c in want], (s["key"], runs, want)
+            assert enc["images"].shape[0] == sum(want)
+            seen.add(tuple(want))
+    assert any(len(w) == 2 and w[0] != w[1] for w in seen)  # two images, different crop counts
+
+
+def test_inspect_counts_the_crops_of_each_image(tile_shards, tiling_family):
+    """``megavlm data inspect`` with a tiling config counts each image's tokens as training does: its crops (from
+    the image's size) × the tokens per crop."""
+    from megavlm.config import load_config
+    from megavlm.data.inspect import inspect
+    from megavlm.data.shards import iter_shards
+
+    cfg = load_config("configs/tiny_cpu.yaml", [f"model.family={tiling_family}", "data.max_seq_len=512"])
+    out = io.StringIO()
+    stats = inspect(tile_shards, n=14, out=out, color=False, config=cfg, config_name="cfg")
+    text = out.getvalue()
+    crops = {key: [TILES.crops(*Image.open(io.BytesIO(files[n])).size) for n in rec.get("images") or []]
+             for key, rec, files in iter_shards(tile_shards)}
+    assert stats["crops"] == sum(sum(c) for c in crops.values())
+    assert stats["image_tokens"] == 16 and "tokens per crop: 16" in text
+    for key, c in crops.items():  # each sample's expanded images, as rendered
+        block = text.split(f"--- {key}")[1].split("--- ")[0]
+        assert [int(re.match(r"\d+", x).group()) for x in block.split("<image>×")[1:]] == [n * 16 for n in c], key
+
+
+def test_generate_tiles_the_image_and_expands_its_tokens(tmp_path, tiling_family):
+    """``generate``'s image: the family's tiles (the PIL reference); its prompt gets crops × tokens-per-crop image
+    tokens, from a template's ``<image>`` or one image-token id in ``--input-ids``."""
+    from megavlm.config import load_config
+    from megavlm.data.constants import image_token_id
+    from megavlm.data.tokenizer import load_tokenizer
+    from megavlm.errors import UserError
+    from megavlm.inference.command import Request, _prompt_ids, load_image
+
+    cfg = load_config("configs/tiny_cpu.yaml", [f"model.family={tiling_family}", "data.max_seq_len=512"])
+    path = str(tmp_path / "wide.png")
+    Image.fromarray(_smooth(5, 50, 16)).save(path)
+    image = load_image(path, cfg)
+    crops = TILES.crops(50, 16)
+    assert crops == 4  # a 3×1 grid + the thumbnail
+    np.testing.assert_array_equal(image.numpy(), TILES.reference(Image.open(path)))
+    tok = load_tokenizer(None)
+    tid = image_token_id(tok)
+    ids = _prompt_ids(Request(ckpt="-", prompt="what is it?"), cfg, tok, [crops]).tolist()
+    assert ids.count(tid) == crops * 16
+    one = _prompt_ids(Request(ckpt="-", input_ids=f"1 {tid} 7 8"), cfg, tok, [crops]).tolist()
+    assert one == [1] + [tid] * (crops * 16) + [7, 8]
+    full = _prompt_ids(Request(ckpt="-", input_ids=" ".join(map(str, one))), cfg, tok, [crops]).tolist()
+    assert full == one
+    with pytest.raises(UserError, match=r"exactly 64, the tokens this image occupies \(4 crops × 16\)"):
+        _prompt_ids(Request(ckpt="-", input_ids=f"1 {tid} {tid} 7"), cfg, tok, [crops])
