@@ -117,6 +117,8 @@ def test_bad_settings_are_refused(bad):
 # ------------------------------------------------------------------------------------------------ DALI pipeline
 pytest.importorskip("nvidia.dali")
 
+from test_pipeline import _smooth  # noqa: E402 - smooth test images: resize differences stay at rounding level
+
 
 def _grid_pipeline(t: TiledImages, shapes):
     from nvidia.dali import fn, pipeline_def, types
@@ -144,17 +146,6 @@ def test_in_graph_grid_equals_the_reference(t):
     if t.size == 448:  # the tie rule at the real tile size: 1.5 aspect around the 2-tile area threshold
         shapes += [(672, 448), (600, 400), (1344, 896), (1500, 1000), (2000, 1)]
     assert _grid_pipeline(t, shapes) == [t.grid(w, h) for w, h in shapes]
-
-
-def _smooth(seed, w, h):
-    """A smooth image (gradients + low-frequency waves): resize differences stay at rounding level."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    chans = []
-    for c in range(3):
-        a, b, p = rng.uniform(0.05, 0.2, 3)
-        chans.append(127 + 60 * np.sin(a * x + p * 6) + 60 * np.cos(b * y + c))
-    return np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8)
 
 
 def _png(arr):
