@@ -1,9 +1,10 @@
 """What an image becomes before the model sees it: the crops of one image, as uint8 ``(n, H, W, 3)``.
 
-A model family describes its image processing with one of the classes here (today: :class:`SquareImages`, one
-square crop per image); the DALI pipeline (:mod:`megavlm.data.pipeline`) implements each on the GPU or CPU, and the
-PIL reference here is what the pipeline is tested against, what its corrupt-image fallback runs and what
-``generate`` uses for a single image. Torch-free (numpy + PIL).
+A model family describes its image processing with one of the classes here — :class:`SquareImages` (one square
+crop per image) or :class:`TiledImages` (dynamic-resolution tiles, InternVL's); the DALI pipeline
+(:mod:`megavlm.data.pipeline`) implements each on the GPU or CPU, and the PIL reference here is what the pipeline is
+tested against, what its corrupt-image fallback runs and what ``generate`` uses for a single image. Torch-free
+(numpy + PIL).
 
 Square modes (``size`` = S):
 
@@ -12,6 +13,11 @@ Square modes (``size`` = S):
   channel (LLaVA's ``expand2square``), then resize to S×S.
 * ``crop``: training: random resized crop (scale 0.08–1, ratio 3/4–4/3) to S×S + random horizontal flip; eval:
   resize the shorter side to S + centre crop S×S.
+
+Tiles (:class:`TiledImages`, as transformers' ``GotOcr2ImageProcessor`` with ``crop_to_patches=True`` does it for
+InternVL): the grid of ``min_tiles``..``max_tiles`` tiles whose aspect ratio is closest to the image's, the image
+resized (bicubic) to ``(cols·S, rows·S)`` and cut into tiles in row-major order, then (``thumbnail``, when there is
+more than one tile) the whole image resized to S×S last. docs/data.md has the rules.
 """
 
 from __future__ import annotations
@@ -40,8 +46,12 @@ class SquareImages:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    #: Crops one image becomes.
-    crops_per_image = 1
+    #: The most crops one image becomes (config checks, ``plan``).
+    max_crops = 1
+
+    def crops(self, width: int, height: int) -> int:
+        """Crops an image of ``width``×``height`` becomes."""
+        return 1
 
     def reference(self, im, train: bool = False, rng=None) -> np.ndarray:
         """A PIL image → uint8 ``(1, size, size, 3)``, as the pipeline's transform."""
@@ -85,3 +95,78 @@ def reference_transform(im, size: int, mode: str, train: bool = False, mean=(0.0
         x, y = (w - m) / 2, (h - m) / 2
         im = im.resize((S, S), Image.BILINEAR, box=(x, y, x + m, y + m))
     return np.asarray(im, dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True)
+class TiledImages:
+    """Dynamic-resolution tiles (InternVL's; transformers' ``GotOcr2ImageProcessor`` with ``crop_to_patches=True``):
+    an image becomes ``cols × rows`` tiles of ``size``×``size`` in row-major order, plus a ``size``×``size``
+    thumbnail of the whole image last when there is more than one tile and ``thumbnail`` is on. ``mean``/``std``
+    normalize the crops inside the model's patch embedding."""
+
+    size: int
+    #: Fewest tiles of a grid (the thumbnail not counted).
+    min_tiles: int = 1
+    #: Most tiles of a grid (the thumbnail not counted).
+    max_tiles: int = 12
+    #: Append the whole image resized to ``size``×``size`` when the grid has more than one tile.
+    thumbnail: bool = True
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self):
+        if int(self.size) < 1:
+            raise ValueError(f"tile size must be >= 1, got {self.size}")
+        if not 1 <= int(self.min_tiles) <= int(self.max_tiles):
+            raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles={self.min_tiles}, "
+                             f"max_tiles={self.max_tiles}")
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """The candidate ``(cols, rows)`` grids in the processor's order: ``cols`` then ``rows`` ascending, stably
+        sorted by tile count (the order decides ties)."""
+        n = int(self.max_tiles)
+        cands = [(c, r) for c in range(1, n + 1) for r in range(1, n + 1) if self.min_tiles <= c * r <= n]
+        return tuple(sorted(cands, key=lambda g: g[0] * g[1]))
+
+    @property
+    def max_crops(self) -> int:
+        """The most crops one image becomes (config checks, ``plan``)."""
+        return max(self._count(c * r) for c, r in self.grids)
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """``(cols, rows)`` for an image of ``width``×``height``: the candidate whose ``cols/rows`` is closest to
+        ``width/height`` (in float64, as the processor compares them); on an exact tie the later candidate (more
+        tiles) wins while the image's area exceeds half the grid's area in pixels."""
+        aspect, area = width / height, width * height
+        best, best_diff = (1, 1), float("inf")
+        for c, r in self.grids:
+            diff = abs(aspect - c / r)
+            if diff < best_diff:
+                best, best_diff = (c, r), diff
+            elif diff == best_diff and 2 * area > self.size * self.size * c * r:
+                best = (c, r)
+        return best
+
+    def crops(self, width: int, height: int) -> int:
+        """Crops an image of ``width``×``height`` becomes: its tiles plus the thumbnail (if any)."""
+        c, r = self.grid(width, height)
+        return self._count(c * r)
+
+    def _count(self, tiles: int) -> int:
+        return tiles + (1 if self.thumbnail and tiles > 1 else 0)
+
+    def reference(self, im, train: bool = False, rng=None) -> np.ndarray:
+        """A PIL image → uint8 ``(n, size, size, 3)``: the tiles in row-major order, then the thumbnail. The
+        processing is the same in training (``train``/``rng`` are for the interface of :class:`SquareImages`)."""
+        from PIL import Image
+
+        im = im.convert("RGB")
+        S = int(self.size)
+        cols, rows = self.grid(*im.size)
+        big = np.asarray(im.resize((cols * S, rows * S), Image.BICUBIC), dtype=np.uint8)
+        crops = big.reshape(rows, S, cols, S, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, S, S, 3)
+        if self._count(cols * rows) > cols * rows:
+            thumb = np.asarray(im.resize((S, S), Image.BICUBIC), dtype=np.uint8)
+            crops = np.concatenate([crops, thumb[None]])
+        return np.array(crops)  # a writable copy (np.asarray of a PIL image is read-only)

@@ -6,9 +6,10 @@ images, text-only samples, a token-length histogram, samples longer than ``--max
 encoded, the share of samples without any supervised token (``check_supervision``'s test), and the samples lost
 to a truncated tar (left out as the training loader leaves them out: :func:`megavlm.data.shards.whole_samples`).
 
-Tokens per image are what training uses (:func:`megavlm.config.num_image_tokens` of the config's
-``model.vision``) when a config is given, ``num_image_tokens`` when that is given, and otherwise
-:data:`DEFAULT_IMAGE_TOKENS` (LLaVA-1.5's CLIP ViT-L/14 at 336²); the output says which and why.
+Tokens per image are what training uses (the model family's tokens per crop, ``Family.image_tokens``) when a config
+is given, ``num_image_tokens`` when that is given, and otherwise :data:`DEFAULT_IMAGE_TOKENS` (LLaVA-1.5's CLIP
+ViT-L/14 at 336²); the output says which and why.  When the config's family tiles its images
+(:class:`megavlm.data.images.TiledImages`), each image takes its crops (read from the image's size) times that.
 
 No megatron import here.
 """
@@ -36,8 +37,9 @@ BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _GREEN, _RESET = "\033[32m", "\033[0m"
 
 
-def encode(tok, record: dict, num_image_tokens: int, template) -> tuple[list[int], list[int]]:
-    """Unpadded ``(ids, labels)`` of a shard record (ValueError if it cannot be encoded)."""
+def encode(tok, record: dict, num_image_tokens: int | list[int], template) -> tuple[list[int], list[int]]:
+    """Unpadded ``(ids, labels)`` of a shard record (ValueError if it cannot be encoded); ``num_image_tokens``: for
+    every image, or one count per image."""
     return encode_turns(tok, record_turns(record), len(record.get("images") or []), num_image_tokens,
                         template=template)
 
@@ -80,6 +82,20 @@ def _image_sizes(files: dict, names: list[str]) -> list[str]:
         except Exception:  # noqa: BLE001
             sizes.append("undecodable")
     return sizes
+
+
+def _crops(files: dict, names: list[str], images) -> list[int]:
+    """Crops of each image (``images``: a ``TiledImages``), from the size in its header; ValueError if unreadable."""
+    from PIL import Image
+
+    out = []
+    for n in names:
+        try:
+            with Image.open(io.BytesIO(files[n])) as im:
+                out.append(images.crops(im.width, im.height))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds; training skips such an image too
+            raise ValueError(f"image {n} is not readable ({type(e).__name__})") from None
+    return out
 
 
 def _bucket(n: int) -> str:
@@ -147,6 +163,13 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
         max_seq_len = max_seq_len if max_seq_len is not None else config.data.max_seq_len
     template = template if template is not None else "vicuna"
     num_image_tokens, img_why = image_tokens(config, num_image_tokens, config_name)
+    tiles = None  # a TiledImages: each image takes its crops × num_image_tokens
+    if config is not None:
+        from megavlm import families
+        from megavlm.data.images import TiledImages
+
+        proc = families.of(config).image_processor(config)
+        tiles = proc if isinstance(proc, TiledImages) else None
     try:
         get_template(template)
     except ValueError as e:
@@ -159,7 +182,8 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
         raise UserError(str(e)) from None
 
     stats = {"samples": 0, "images": 0, "text_only": 0, "unencodable": 0, "too_long": 0, "histogram": {},
-             "first_error": None, "image_tokens": num_image_tokens, "truncated_tar": 0, "truncated_files": {}}
+             "first_error": None, "image_tokens": num_image_tokens, "truncated_tar": 0, "truncated_files": {},
+             "crops": 0}
     encoded, lengths = [], []
     for key, record, files in iter_shards(shards_dir, truncated=stats["truncated_files"]):
         names = record.get("images") or []
@@ -167,7 +191,12 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
         stats["images"] += len(names)
         stats["text_only"] += not names
         try:
-            ids, labels = encode(tok, record, num_image_tokens, template)
+            counts = num_image_tokens
+            if tiles is not None:
+                crops = _crops(files, names, tiles)
+                stats["crops"] += sum(crops)
+                counts = [c * num_image_tokens for c in crops]
+            ids, labels = encode(tok, record, counts, template)
         except ValueError as e:
             stats["unencodable"] += 1
             stats["first_error"] = stats["first_error"] or f"{key}: {e}"
@@ -197,7 +226,13 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
 
     print(f"\n=== {shards_dir}: template {template!r} ({tpl_why}), "
           f"tokenizer {'synthetic' if tokenizer is None else tokenizer} ({tok_why})", file=out)
-    print(f"tokens per image: {num_image_tokens} ({img_why})", file=out)
+    if tiles is None:
+        print(f"tokens per image: {num_image_tokens} ({img_why})", file=out)
+    else:
+        thumb = " + a thumbnail" if tiles.thumbnail else ""
+        print(f"tokens per crop: {num_image_tokens} ({img_why}); an image takes its crops × that: "
+              f"{tiles.min_tiles}-{tiles.max_tiles} tiles of {tiles.size}²{thumb} by its aspect ratio; "
+              f"{stats['crops']} crops in all", file=out)
     print(f"samples {stats['samples']}  images {stats['images']}  text-only samples {stats['text_only']}", file=out)
     print(f"tokens per sample (image tokens included): mean {stats['mean_tokens']:.1f}, max {stats['max_tokens']}",
           file=out)

@@ -7,8 +7,10 @@ shard writer's), split over data-parallel ranks with ``shard_id=dp_rank, num_sha
 a rank always reads the same contiguous split, shuffled per epoch in training).  All TP/PP ranks of one replica pass
 the same ``dp_rank`` and therefore see the same samples.
 
-Image modes: ``resize``, ``pad`` and ``crop`` (:mod:`megavlm.data.images`, whose PIL reference the pipeline is
-tested against).
+Image processing (:mod:`megavlm.data.images`, whose PIL references the pipeline is tested against): a
+:class:`~megavlm.data.images.SquareImages` (modes ``resize``, ``pad`` and ``crop``; one crop per image) or a
+:class:`~megavlm.data.images.TiledImages` (InternVL's dynamic-resolution tiles: the grid is chosen in the graph from
+the decoded shape, :func:`_tiles`; each image slot gives a ragged ``(n, S, S, 3)`` batch, ``n`` per sample).
 
 Output ``uint8`` gives HWC uint8 images (what the model's patch embedding takes; it normalizes itself); ``float``
 gives CHW float32 normalized with ``(x/255 - mean)/std``.
@@ -43,6 +45,7 @@ import torch
 from megavlm.data.images import CROP_RATIO as _CROP_RATIO
 from megavlm.data.images import CROP_SCALE as _CROP_SCALE
 from megavlm.data.images import MODES, fill_values, reference_transform  # noqa: F401 - reference_transform: re-exported
+from megavlm.data.images import SquareImages, TiledImages
 from megavlm.data.shards import shard_paths, whole_samples
 from megavlm.errors import UserError
 
@@ -111,18 +114,39 @@ def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[
     return out, listed, dropped
 
 
-def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_size: int, mode: str = "resize",
-                   output: str = "uint8", mean: Sequence[float] = (0.0, 0.0, 0.0),
+def image_processing(images=None, image_size: int | None = None, mode: str = "resize",
+                     mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)):
+    """The image processing a pipeline runs: ``images`` (a :class:`SquareImages` or :class:`TiledImages`) or else
+    the square one the keywords describe."""
+    if images is None:
+        if image_size is None:
+            raise UserError("give the image processing (images=SquareImages|TiledImages) or image_size")
+        return SquareImages(size=int(image_size), mode=mode, mean=tuple(mean), std=tuple(std))
+    if not isinstance(images, (SquareImages, TiledImages)):
+        raise UserError(f"images must be a SquareImages or TiledImages, got {type(images).__name__}")
+    return images
+
+
+def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_size: int | None = None,
+                   mode: str = "resize", output: str = "uint8", mean: Sequence[float] = (0.0, 0.0, 0.0),
                    std: Sequence[float] = (1.0, 1.0, 1.0), batch_size: int = 8, dp_rank: int = 0, dp_size: int = 1,
                    train: bool = False, seed: int = 1234, max_images: int = 1, num_threads: int = 2,
                    device: str = "cpu", decode: bool = True, initial_fill: int = 1024, checkpoint=None,
-                   prefetch_queue_depth: int = 2):
-    """The DALI pipeline (not built).  ``device``: ``cpu`` or ``mixed`` (constructible and ``serialize()``-able
-    without a GPU).  Outputs: ``json`` (uint8 bytes), ``source_info``, then per image slot ``image_k``, ``has_k``
-    (``decode=False``: the reader-only twin, outputs ``json``, ``source_info``, encoded ``image_k``)."""
+                   prefetch_queue_depth: int = 2, images: SquareImages | TiledImages | None = None):
+    """The DALI pipeline (not built).  ``images``: the image processing (a :class:`SquareImages` or
+    :class:`TiledImages`; when given it replaces ``image_size``/``mode``/``mean``/``std``, which describe a square
+    one).  ``device``: ``cpu`` or ``mixed`` (constructible and ``serialize()``-able without a GPU).  Outputs:
+    ``json`` (uint8 bytes), ``source_info``, then per image slot ``image_k``, ``has_k`` (``decode=False``: the
+    reader-only twin, outputs ``json``, ``source_info``, encoded ``image_k``).  ``image_k`` is ``(S, S, 3)`` per
+    sample for square images and ``(n, S, S, 3)`` (``n`` crops, per sample) for tiles (``float``: CHW / ``(n, 3, S,
+    S)``)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
+    proc = image_processing(images, image_size, mode, mean, std)
+    tiles = proc if isinstance(proc, TiledImages) else None
+    image_size, mean, std = proc.size, proc.mean, proc.std
+    mode = proc.mode if tiles is None else MODES[0]  # (unused with tiles)
     if mode not in MODES:
         raise UserError(f"unknown image mode {mode!r}; known: {', '.join(MODES)}")
     if output not in OUTPUTS:
@@ -153,6 +177,9 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
             else:
                 data = types.Constant(placeholder, device="cpu")
             img = fn.decoders.image(data, device=device, output_type=types.RGB)
+            if tiles is not None:
+                result += [_tiles(img, tiles, output), has]
+                continue
             mirror = 0
             if mode == "resize":
                 img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
@@ -189,30 +216,90 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
                  enable_checkpointing=True, checkpoint=checkpoint, prefetch_queue_depth=prefetch_queue_depth)
 
 
+def _tile_grid(img, tiles: TiledImages):
+    """``(cols, rows)`` (int32 scalars per sample) of :meth:`TiledImages.grid` for the decoded ``img``, computed in
+    the graph over the fixed candidate list at once: the processor's float64 ``|w/h - cols/rows|`` per candidate
+    (every ratio divided in the graph: DALI stores float64 constants as float32; compared as their bit patterns,
+    which order non-negative doubles as their values: DALI's reductions take no float64), the first candidate at
+    the minimum, replaced by a later one at the same minimum while ``2·w·h > size²·cols·rows`` (in int64;
+    :meth:`TiledImages.grid`'s tie rule; the candidates are sorted by tile count, so the last such one wins)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    grids = tiles.grids
+    k = len(grids)
+    col = types.Constant(np.array([c for c, _ in grids], dtype=np.int32))
+    row = types.Constant(np.array([r for _, r in grids], dtype=np.int32))
+    idx = types.Constant(np.arange(k, dtype=np.int32))
+    sh = img.shape()  # int64 (h, w, c)
+    h, w = fn.cast(sh[0], dtype=types.FLOAT64), fn.cast(sh[1], dtype=types.FLOAT64)
+    ratio = fn.cast(col, dtype=types.FLOAT64) / fn.cast(row, dtype=types.FLOAT64)
+    diff = fn.reinterpret(dmath.abs(w / h - ratio), dtype=types.INT64)
+    at_min = diff == fn.reductions.min(diff)
+    first = fn.reductions.min(idx + (1 - fn.cast(at_min, dtype=types.INT32)) * k)
+    bigger = 2 * sh[0] * sh[1] > fn.cast(col * row, dtype=types.INT64) * (int(tiles.size) ** 2)
+    ok = at_min & ((idx == first) | bigger)
+    pick = fn.cast(idx == fn.reductions.max(fn.cast(ok, dtype=types.INT32) * (idx + 1)) - 1, dtype=types.INT32)
+    return (fn.cast(fn.reductions.sum(pick * col), dtype=types.INT32),  # (sums come out int64)
+            fn.cast(fn.reductions.sum(pick * row), dtype=types.INT32))
+
+
+def _tiles(img, tiles: TiledImages, output: str):
+    """The crops of one decoded HWC image (:class:`TiledImages`): resized (cubic, antialiased) to ``(cols·S,
+    rows·S)``, cut into tiles in row-major order by a reshape to ``(rows, S, cols, S, 3)`` and a transpose, then
+    the ``S×S`` thumbnail when there is more than one tile: uint8 ``(n, S, S, 3)`` (``float``: normalized ``(n, 3,
+    S, S)``).  Called inside the pipeline definition, so the ``if`` is a DALI conditional (per sample)."""
+    from nvidia.dali import fn, types
+
+    S = int(tiles.size)
+    cols, rows = _tile_grid(img, tiles)
+    n = cols * rows
+    big = fn.resize(img, resize_x=fn.cast(cols * S, dtype=types.FLOAT), resize_y=fn.cast(rows * S, dtype=types.FLOAT),
+                    interp_type=types.INTERP_CUBIC, antialias=True)
+    crops = fn.transpose(fn.reshape(big, shape=fn.stack(rows, S, cols, S, 3)), perm=[0, 2, 1, 3, 4])
+    crops = fn.reshape(crops, shape=fn.stack(n, S, S, 3))
+    if tiles.thumbnail:
+        if n > 1:
+            thumb = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
+            crops = fn.cat(crops, fn.expand_dims(thumb, axes=[0]), axis=0)
+    crops = fn.reshape(crops, layout="FHWC")
+    if output == "float":
+        return fn.crop_mirror_normalize(crops, dtype=types.FLOAT, output_layout="FCHW",
+                                        mean=[m * 255.0 for m in tiles.mean], std=[s * 255.0 for s in tiles.std])
+    return crops
+
+
 def _shard_range(n: int, shard_id: int, num_shards: int) -> int:
     """Samples of DALI's shard ``shard_id`` of ``n`` (its readers split ``[n*i//k, n*(i+1)//k)``)."""
     return n * (shard_id + 1) // num_shards - n * shard_id // num_shards
 
 
 class ImageTextLoader:
-    """Batches ``[{"key", "record", "images"}, ...]`` of this DP rank's split, one epoch per ``iter()``.
+    """Batches ``[{"key", "record", "images", "crops"}, ...]`` of this DP rank's split, one epoch per ``iter()``.
 
-    ``images``: uint8 ``[n, S, S, 3]`` (``output="uint8"``) or float32 ``[n, 3, S, S]`` (``"float"``), ``n`` = the
-    sample's images (0 for text-only).  On the GPU (``device="mixed"``) images are CUDA tensors.  The last batch of
-    an epoch is smaller when the split does not divide by ``batch_size``; skipped samples make a batch smaller.
-    ``state_dict()`` / ``load_state_dict()`` give a bit-identical continuation.
+    ``images``: the crops of all the sample's images in image order, uint8 ``[n, S, S, 3]`` (``output="uint8"``)
+    or float32 ``[n, 3, S, S]`` (``"float"``), ``n = sum(crops)`` (0 for text-only); ``crops``: the crops of each
+    image (``[1] * images`` for square images, tiles + thumbnail with :class:`TiledImages`).  ``images`` (a
+    :class:`SquareImages` or :class:`TiledImages`) is the image processing; without it ``image_size``/``mode``/
+    ``mean``/``std`` describe a square one.  On the GPU (``device="mixed"``) images are CUDA tensors.  The last
+    batch of an epoch is smaller when the split does not divide by ``batch_size``; skipped samples make a batch
+    smaller.  ``state_dict()`` / ``load_state_dict()`` give a bit-identical continuation.
     """
 
-    def __init__(self, shards_dir: str, *, image_size: int, mode: str = "resize", output: str = "uint8",
-                 mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+    def __init__(self, shards_dir: str, *, image_size: int | None = None, mode: str = "resize",
+                 output: str = "uint8", mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
                  std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711), batch_size: int = 8,
                  dp_rank: int = 0, dp_size: int = 1, train: bool = False, seed: int = 1234, max_images: int = 1,
                  num_threads: int = 2, device: str | None = None, initial_fill: int = 1024,
-                 prefetch_queue_depth: int = 2):
+                 prefetch_queue_depth: int = 2, images: SquareImages | TiledImages | None = None):
         if not 0 <= dp_rank < dp_size:
             raise UserError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
-        if batch_size < 1 or max_images < 1 or image_size < 1:
+        if batch_size < 1 or max_images < 1 or (images is None and (image_size or 0) < 1):
             raise UserError("batch_size, max_images and image_size must be >= 1")
+        self.images = image_processing(images, image_size, mode, mean, std)
+        self.tiled = isinstance(self.images, TiledImages)
+        image_size, mean, std = self.images.size, self.images.mean, self.images.std
+        mode = None if self.tiled else self.images.mode
         self.paths, index_paths = _files(shards_dir)
         self.index_paths, listed, dropped = complete_indices(self.paths, index_paths)
         self.total = sum(listed) - sum(len(d) for d in dropped)
@@ -224,9 +311,9 @@ class ImageTextLoader:
         if self.num_samples == 0:
             raise UserError(f"DP rank {dp_rank} of {dp_size} gets no samples ({self.total} in {shards_dir})")
         self.device = device or ("mixed" if gpu_available() else "cpu")
-        self.kw = dict(image_size=image_size, mode=mode, output=output, mean=tuple(mean), std=tuple(std),
-                       batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, train=train, seed=seed,
-                       max_images=max_images, num_threads=num_threads, initial_fill=initial_fill)
+        self.kw = dict(images=self.images, output=output, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                       train=train, seed=seed, max_images=max_images, num_threads=num_threads,
+                       initial_fill=initial_fill)
         self.prefetch_queue_depth = prefetch_queue_depth
         self.batch_size, self.max_images, self.image_size = batch_size, max_images, image_size
         self.mode, self.output, self.train, self.seed = mode, output, train, seed
@@ -262,10 +349,19 @@ class ImageTextLoader:
         """Reader + RNG state (DALI checkpoints of the pipeline and of its reader-only twin) and the position."""
         raw = self._raw_pipe().checkpoint()
         return {"pipeline": self._pipe.checkpoint(), "raw": raw, "in_epoch": self._in_epoch,
-                "skipped": dict(self.skipped), "config": {k: v for k, v in self.kw.items() if k != "num_threads"}}
+                "skipped": dict(self.skipped), "config": self._state_config()}
+
+    def _state_config(self) -> dict:
+        """The settings a state belongs to, as plain values (square images: the keys states always had)."""
+        img = self.images
+        cfg = {k: v for k, v in self.kw.items() if k not in ("num_threads", "images")}
+        cfg.update(image_size=img.size, mode=self.mode, mean=tuple(img.mean), std=tuple(img.std))
+        if self.tiled:
+            cfg["tiles"] = (img.min_tiles, img.max_tiles, img.thumbnail)
+        return cfg
 
     def load_state_dict(self, state: dict) -> None:
-        cfg = {k: v for k, v in self.kw.items() if k != "num_threads"}
+        cfg = self._state_config()
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state.get("config", cfg).items()}
         if saved != cfg:
             diff = sorted(k for k in cfg if saved.get(k) != cfg[k])
@@ -305,7 +401,9 @@ class ImageTextLoader:
         slots = [(outs[2 + 2 * k], outs[3 + 2 * k]) for k in range(self.max_images)]
         imgs = []
         for img, has in slots:
-            if self.device == "mixed":
+            if self.tiled:  # ragged: (n, S, S, c) with n per sample
+                imgs.append((_samples(img, valid), np.asarray(has.as_array()).reshape(-1)))
+            elif self.device == "mixed":
                 imgs.append((_to_torch_gpu(img), np.asarray(has.as_array()).reshape(-1)))
             else:
                 imgs.append((torch.from_numpy(np.asarray(img.as_array())), np.asarray(has.as_array()).reshape(-1)))
@@ -322,14 +420,15 @@ class ImageTextLoader:
             record = None  # not a record: the consumer skips and counts it (malformed_record)
         src = np.asarray(info[i]).tobytes().decode("utf-8")
         key = src.rsplit(":", 1)[-1].split(".", 1)[0]
+        crops = [int(t.shape[0]) for t in images] if self.tiled else [1] * len(images)
         if images:
-            stacked = torch.stack(images)
+            stacked = torch.cat(images) if self.tiled else torch.stack(images)
         else:
             S = self.image_size
             shape = (0, S, S, 3) if self.output == "uint8" else (0, 3, S, S)
             stacked = torch.empty(shape, dtype=torch.uint8 if self.output == "uint8" else torch.float32,
                                   device="cuda" if self.device == "mixed" else "cpu")
-        return {"key": key, "record": record, "images": stacked}
+        return {"key": key, "record": record, "images": stacked, "crops": crops}
 
     # -------------------------------------------------------------- corrupt-image fallback
     def _fallback(self, valid: int, error: Exception) -> list[dict]:
@@ -364,6 +463,11 @@ class ImageTextLoader:
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
             raise _Undecodable(str(e)) from None
         rng = np.random.default_rng([self.seed, zlib.crc32(source.encode()), slot, self._pos])
+        if self.tiled:  # (n, S, S, 3)
+            from megavlm.data.batch import normalize_images
+
+            t = torch.from_numpy(self.images.reference(im, self.train, rng))
+            return normalize_images(t, self.mean, self.std) if self.output == "float" else t
         arr = reference_transform(im, self.image_size, self.mode, self.train, self.mean, rng)
         t = torch.from_numpy(arr)
         if self.output == "float":
@@ -377,10 +481,19 @@ class _Undecodable(Exception):
     pass
 
 
+def _samples(tl, n: int) -> list[torch.Tensor]:
+    """The first ``n`` samples of a (ragged) DALI TensorList as torch tensors (CUDA ones from a GPU list)."""
+    from nvidia.dali.backend import TensorListGPU
+
+    if isinstance(tl, TensorListGPU):
+        return [_to_torch_gpu(tl[i]) for i in range(n)]
+    return [torch.from_numpy(np.array(tl[i])) for i in range(n)]
+
+
 def _to_torch_gpu(tl) -> torch.Tensor:
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    t = tl.as_tensor()
+    t = tl.as_tensor() if hasattr(tl, "as_tensor") else tl  # a TensorListGPU, or one sample's TensorGPU
     out = torch.empty(t.shape(), dtype=torch.uint8 if t.dtype == _dali_uint8() else torch.float32, device="cuda")
     feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
     return out

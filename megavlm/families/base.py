@@ -101,20 +101,27 @@ class Family:
 
     # ---------------------------------------------------------------------------------------------- data
     def image_processor(self, cfg):
-        """The crops an image becomes (``megavlm.data.images``): what the DALI pipeline and its PIL reference do."""
+        """The crops an image becomes (``megavlm.data.images``: ``SquareImages`` here, ``TiledImages`` for a family
+        that tiles): what the DALI pipeline and its PIL reference do."""
         from ..data.images import SquareImages
 
         v = self.vision_arch(cfg)
         return SquareImages(size=v.image_size, mode=cfg.data.image_mode, mean=v.image_mean, std=v.image_std)
 
     def image_tokens(self, cfg) -> int:
-        """Sequence positions one image crop takes (its features after the projector)."""
+        """Sequence positions one crop takes (its features after the projector); with square images one crop is
+        one image."""
         return self.projector_arch(cfg).tokens(self.vision_arch(cfg).tokens)
 
+    def image_tokens_per_image(self, cfg, crops: int) -> int:
+        """Feature positions an image of ``crops`` crops (``image_processor(cfg).crops(w, h)``) takes: the ``n`` that
+        :meth:`expand_image` gets."""
+        return crops * self.image_tokens(cfg)
+
     def max_image_tokens(self, cfg) -> int:
-        """The most sequence positions one image can take (every crop, and any text the family puts around them):
-        what ``data.max_seq_len`` must leave room for."""
-        return self.image_tokens(cfg)
+        """The most sequence positions one image can take (its most crops, and any text the family puts around
+        them): what ``data.max_seq_len`` must leave room for."""
+        return self.image_tokens_per_image(cfg, self.image_processor(cfg).max_crops)
 
     def image_tokens_formula(self, cfg) -> str:
         """How :meth:`image_tokens` comes about, for messages (e.g. ``(336/14)² + 1 class token``)."""

@@ -115,12 +115,10 @@ class InternVLFamily(Family):
 
     def max_image_tokens(self, cfg) -> int:
         """The most tokens an image can take: every tile and the thumbnail, between ``<img>`` and ``</img>``."""
-        v = cfg.model.vision
-        return self.image_tokens(cfg) * (v.max_tiles + int(v.thumbnail and v.max_tiles > 1)) + 2
+        return super().max_image_tokens(cfg) + 2
 
     def image_tokens_formula(self, cfg) -> str:
-        v = cfg.model.vision
-        crops = v.max_tiles + int(v.thumbnail and v.max_tiles > 1)
+        crops = self.image_processor(cfg).max_crops
         return f"up to {crops} tiles × {super().image_tokens_formula(cfg)} + <img> and </img>"
 
     def expand_image(self, tok):

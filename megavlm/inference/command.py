@@ -69,12 +69,16 @@ def load_image(path: str, cfg) -> torch.Tensor:
     return torch.from_numpy(fam.image_processor(cfg).reference(im, train=False))
 
 
-def _prompt_ids(req: Request, cfg, tok, n_images: int) -> torch.Tensor:
+def _prompt_ids(req: Request, cfg, tok, crops: list[int]) -> torch.Tensor:
+    """The prompt's ids with each image expanded to its tokens; ``crops``: the crops of each image (``load_image``'s
+    first dimension; [] without an image)."""
     from ..data.constants import image_token_id
     from ..data.conversation import encode_prompt
 
     fam = families.of(cfg)
-    n_img = fam.image_tokens(cfg)
+    n_images = len(crops)
+    tokens = [fam.image_tokens_per_image(cfg, int(c)) for c in crops]
+    n_img = tokens[0] if tokens else fam.image_tokens(cfg)  # (generate takes one --image)
     if req.input_ids is not None:
         ids = parse_input_ids(req.input_ids)
         vocab = cfg.model.language.vocab_size or len(tok)
@@ -87,16 +91,18 @@ def _prompt_ids(req: Request, cfg, tok, n_images: int) -> torch.Tensor:
         count = ids.count(tid) if tid is not None else 0
         if count and not n_images:
             raise UserError(f"--input-ids holds {count} image-token ids ({tid}) but no --image was given")
-        if n_images and count == 1 and n_img > 1:  # one <image> id: expand it as the template encoder does
+        if n_images and count == 1 and n_img > 1:  # one image-token id: expand it as the template encoder does
             k = ids.index(tid)
-            ids = ids[:k] + [tid] * n_img + ids[k + 1:]
+            expand = fam.expand_image(tok) or (lambda n: [tid] * n)
+            ids = ids[:k] + expand(n_img) + ids[k + 1:]
         elif n_images and count != n_img:
+            per = f" ({crops[0]} crops × {fam.image_tokens(cfg)})" if crops[0] > 1 else ""
             raise UserError(f"--input-ids holds {count} image-token ids ({tid}); with --image give one (expanded "
-                            f"here) or exactly {n_img}, the tokens one image occupies")
+                            f"here) or exactly {n_img}, the tokens this image occupies{per}")
         return torch.tensor(ids, dtype=torch.long)
     template = req.template or families.template(cfg)
     try:
-        return encode_prompt(tok, req.prompt, num_images=n_images, num_image_tokens=n_img, template=template,
+        return encode_prompt(tok, req.prompt, num_images=n_images, num_image_tokens=tokens, template=template,
                              expand=fam.expand_image(tok), image_token=fam.image_token)
     except ValueError as e:
         raise UserError(f"--prompt: {e}") from None
@@ -149,7 +155,7 @@ def run(req: Request) -> dict:
                         f"{world}")
     image = load_image(req.image, cfg) if req.image is not None else None
     tok, _ = find_tokenizer(path, cfg.data.tokenizer, req.tokenizer)
-    prompt = _prompt_ids(req, cfg, tok, 1 if image is not None else 0)
+    prompt = _prompt_ids(req, cfg, tok, [int(image.shape[0])] if image is not None else [])
 
     cfg = single_layout(cfg, tp)
     rt = runtime.initialize(tp, 1, cfg.train.seed)

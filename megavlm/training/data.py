@@ -2,8 +2,9 @@
 pipeline. Both satisfy :class:`TrainData`, the one protocol the trainer uses.
 
 A micro-batch is a dict on the run's device: ``input_ids`` / ``labels`` (next-token targets, -100 not supervised) /
-``loss_mask`` ``(mb, s)``, ``images`` (uint8 ``(n, H, W, c)`` on the first pipeline stage, else None) and, for packed
-sequences, ``packed_seq_params``.
+``loss_mask`` ``(mb, s)``, ``images`` (uint8 ``(n, H, W, c)``: the crops of the micro-batch's images in token order, on
+the first pipeline stage, else None) and, for packed sequences, ``packed_seq_params``. An image of ``k`` crops (tiles
+and thumbnail with a tiling family, else 1) takes ``k`` × the family's tokens per crop.
 """
 
 from __future__ import annotations
@@ -124,21 +125,18 @@ class ShardTrainData:
 
     def __init__(self, cfg: Config, tokenizer, rt: runtime.Runtime, shards: str):
         self.cfg, self.rt, self.tok = cfg, rt, tokenizer
-        fam = families.of(cfg)
+        fam = self.family = families.of(cfg)
         self.per_dp = cfg.train.global_batch // rt.dp
         self.num_microbatches = self.per_dp // cfg.train.micro_batch
-        self.n_img_tokens = fam.image_tokens(cfg)
         self.template = families.template(cfg)
         self.expand, self.image_token = fam.expand_image(tokenizer), fam.image_token
         self.loader = None
         if rt.is_first_stage:
             from ..data.pipeline import ImageTextLoader
 
-            img = fam.image_processor(cfg)
             self.loader = ImageTextLoader(
-                shards, image_size=img.size, mode=img.mode, output="uint8", mean=img.mean, std=img.std,
-                batch_size=self.per_dp, dp_rank=rt.dp_rank, dp_size=rt.dp, train=True, seed=cfg.train.seed,
-                max_images=cfg.data.max_images)
+                shards, images=fam.image_processor(cfg), output="uint8", batch_size=self.per_dp, dp_rank=rt.dp_rank,
+                dp_size=rt.dp, train=True, seed=cfg.train.seed, max_images=cfg.data.max_images)
         self.shards = shards
         self.ready: list[dict] = []
         self.read = 0
@@ -154,9 +152,11 @@ class ShardTrainData:
             turns = record_turns(sample["record"])
             if not turns:
                 raise ValueError("no (question, answer) turn")
-            enc = encode_conversation(self.tok, turns, int(sample["images"].shape[0]), self.n_img_tokens,
-                                      self.cfg.data.max_seq_len, template=self.template, expand=self.expand,
-                                      image_token=self.image_token)
+            # one count per image: its crops (tiles + thumbnail, or 1) × the tokens of a crop
+            crops = sample.get("crops", [1] * int(sample["images"].shape[0]))
+            tokens = [self.family.image_tokens_per_image(self.cfg, int(c)) for c in crops]
+            enc = encode_conversation(self.tok, turns, len(crops), tokens, self.cfg.data.max_seq_len,
+                                      template=self.template, expand=self.expand, image_token=self.image_token)
         except SampleTooLong:
             return self._skip("too_long")
         except (KeyError, TypeError, ValueError, AttributeError):
