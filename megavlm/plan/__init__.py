@@ -262,8 +262,10 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     sp = layout.sequence_parallel and tp > 1
     T = s * b
     tn = T // tp if sp else T
-    n_img = b * images_per_sample(cfg)
-    t_out = v.tokens
+    # crops through the encoder per micro-batch: every image at its most crops (tiles + thumbnail) for a tiling family
+    n_img = b * images_per_sample(cfg) * fam.image_processor(cfg).max_crops
+    parch = fam.projector_arch(cfg)
+    t_out = parch.tokens(v.tokens)
     h = lm.hidden_size
     vp = padded_vocab(vocab_size, lm.vocab_pad_multiple) // tp
 
@@ -298,8 +300,9 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
                                             + (n_img * t_v * v.hidden_size * e if v.pre_norm else 0))
             # the projector keeps the encoder's output whole (class token included: the slice is a view)
             proj_in = n_img * t_v * v.hidden_size * e
-            per_mb["projector"] = proj_in + (2 * n_img * t_out * h // tp * e
-                                             if fam.projector_arch(cfg).kind == "mlp" else 0)
+            if parch.pre_norm:  # the merged tokens and their LayerNorm output (fc1's input)
+                proj_in += 2 * n_img * t_out * parch.input_size * e
+            per_mb["projector"] = proj_in + (2 * n_img * t_out * h // tp * e if parch.kind == "mlp" else 0)
         if last:
             # final norm: its input and (trained) normalized + output; the loss keeps the fp32 softmax over the
             # vocabulary shard (megatron's cross entropy works in place on the fp32 logits)

@@ -22,13 +22,24 @@ PARAM_CASES = {
 }
 
 
+#: InternVL (no tiny config file: its sections differ): layer scale, q/k norm, RMSNorm, tied embeddings, pixel shuffle.
+INTERNVL = ["model.family=internvl", "data.max_seq_len=128"]
+PARAM_CASES.update({
+    "internvl (layernorm, qkv bias, tied)": INTERNVL + ["model.language.tie_embeddings=true", "train.stage=3"],
+    "internvl (rmsnorm, qk norm, no qkv bias)": INTERNVL + ["model.vision.norm_type=rms_norm",
+                                                            "model.vision.qk_norm=true", "model.vision.qkv_bias=false",
+                                                            "model.vision.feature_layer=-2"],
+})
+
+
 @pytest.mark.parametrize("name", list(PARAM_CASES))
 def test_parameter_counts_equal_built_model(rt, name):
     import torch
 
     from megavlm.models.vlm import VLM
 
-    cfg = load_config(TINY, ["model.language.vocab_size=40"] + PARAM_CASES[name])
+    cfg = load_config(None if name.startswith("internvl") else TINY, ["model.language.vocab_size=40"]
+                      + PARAM_CASES[name])
     model = VLM(cfg, rt, 40, 5, torch.float32, pre_process=True, post_process=True)
     model.freeze_for_stage(cfg.train.stage)
     parts = {"vision": "vision_model.", "projector": "projector.", "language": "language_model."}
