@@ -532,6 +532,35 @@ _Loader.add_implicit_resolver(
 )
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key that appears twice in one YAML mapping (``line``/``first_line``: 1-based)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line, self.first_line = key, line, first_line
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line})")
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML would silently keep the last of two equal keys (so a setting written
+    twice, e.g. after a copy-paste, would take effect from a line the reader may not be looking at). Keys merged in
+    with ``<<: *anchor`` may be overridden: that is what merging is for."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:  # an unhashable key: SafeLoader's own error says so
+            break
+        if first is not key_node:
+            raise DuplicateKeyError(key, key_node.start_mark.line + 1, first.start_mark.line + 1)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
@@ -790,6 +819,9 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
                 data = _yaml_load(f.read())
         except OSError as e:
             raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from e
+        except DuplicateKeyError as e:
+            raise ConfigError(f"config file {path!r}: key {e.key!r} appears twice in the same section, at lines "
+                              f"{e.first_line} and {e.line}; keep one") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
         where = f" (in {path})"

@@ -399,3 +399,18 @@ def test_import_does_not_pull_torch():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word; a config must not (issue 15, item 13)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 3\n  lr: 0.01\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice in the same section, at lines 2 and 4"):
+        load_config(str(p))
+    p.write_text("run_dir: /tmp/a\ntrain: {steps: 3}\nrun_dir: /tmp/b\n")
+    with pytest.raises(ConfigError, match=r"key 'run_dir' appears twice .* at lines 1 and 3"):
+        load_config(str(p))
+    # the same key in two sections, and a merge key overridden, are fine
+    p.write_text("train:\n  <<: {steps: 3, lr: 0.01}\n  steps: 4\ncheckpoint:\n  keep: 1\nlogging:\n  interval: 1\n")
+    cfg = load_config(str(p))
+    assert cfg.train.steps == 4 and cfg.train.lr == 0.01
