@@ -23,7 +23,9 @@ loader catches that error, reads the same batch again undecoded from a reader-on
 same seed, kept in step lazily: it only runs when needed), decodes each sample with PIL and applies the same
 transform in numpy/PIL; samples whose image PIL cannot decode are skipped and counted in ``loader.skipped``
 (``{"undecodable_image": n}``).  In ``crop`` training mode the fallback draws its crop from its own RNG (seeded
-from ``seed`` and the key), not DALI's.
+from ``seed`` and the key), not DALI's.  Every batch the fallback decodes is counted (``loader.fallbacks``, in the
+run's metrics as ``loader_fallback_batches`` and in its closing summary) and the first DALI error is printed once:
+on good data the count stays 0 (the tests hold it there), so a pipeline bug cannot hide behind the slower path.
 
 No megatron import here.
 """
@@ -34,6 +36,7 @@ import io
 import itertools
 import json
 import os
+import sys
 import zlib
 from typing import Iterator, Sequence
 
@@ -157,7 +160,7 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
             if mode == "resize":
                 img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
             elif mode == "pad":
-                sh = img.shape()
+                sh = fn.cast(img.shape(), dtype=types.FLOAT)  # fn.crop takes float crop_h/crop_w, not int64
                 side = dmath.max(sh[0], sh[1])
                 img = fn.crop(img, crop_h=side, crop_w=side, crop_pos_x=0.5, crop_pos_y=0.5,
                               out_of_bounds_policy="pad", fill_values=fill)
@@ -232,6 +235,11 @@ class ImageTextLoader:
         self.mode, self.output, self.train, self.seed = mode, output, train, seed
         self.mean, self.std = tuple(mean), tuple(std)
         self.skipped: dict[str, int] = {"truncated_tar": lost} if lost else {}
+        #: Batches DALI failed on and the PIL fallback decoded instead (a corrupt image, or a pipeline bug: either
+        #: way slower, and reported: ``ShardTrainData`` puts it in the metrics and the run's summary).
+        self.fallbacks = 0
+        #: What DALI said the first time it failed (None until then).
+        self.fallback_error: str | None = None
         self._load(None)
 
     # -------------------------------------------------------------- state
@@ -247,6 +255,7 @@ class ImageTextLoader:
         self._in_epoch = 0 if state is None else int(state["in_epoch"])  # samples of the current epoch consumed
         if state is not None:
             self.skipped = dict(state.get("skipped", {}))
+            self.fallbacks = int(state.get("fallbacks", 0))
 
     def _raw_pipe(self):
         if self._raw is None:
@@ -262,7 +271,8 @@ class ImageTextLoader:
         """Reader + RNG state (DALI checkpoints of the pipeline and of its reader-only twin) and the position."""
         raw = self._raw_pipe().checkpoint()
         return {"pipeline": self._pipe.checkpoint(), "raw": raw, "in_epoch": self._in_epoch,
-                "skipped": dict(self.skipped), "config": {k: v for k, v in self.kw.items() if k != "num_threads"}}
+                "skipped": dict(self.skipped), "fallbacks": self.fallbacks,
+                "config": {k: v for k, v in self.kw.items() if k != "num_threads"}}
 
     def load_state_dict(self, state: dict) -> None:
         cfg = {k: v for k, v in self.kw.items() if k != "num_threads"}
@@ -333,6 +343,11 @@ class ImageTextLoader:
 
     # -------------------------------------------------------------- corrupt-image fallback
     def _fallback(self, valid: int, error: Exception) -> list[dict]:
+        self.fallbacks += 1
+        if self.fallback_error is None:
+            self.fallback_error = dali_error_summary(error)
+            print(f"warning: DALI failed on a batch ({self.fallback_error}); the loader decodes it with PIL instead "
+                  "(slower; counted as loader_fallback_batches in metrics.jsonl)", file=sys.stderr, flush=True)
         self._pos -= 1
         raw = self._raw_pipe()  # now at the failed batch
         outs = raw.run()
@@ -375,6 +390,17 @@ class ImageTextLoader:
 
 class _Undecodable(Exception):
     pass
+
+
+def dali_error_summary(error: Exception) -> str:
+    """DALI's multi-line pipeline error in one line: the operator and what it encountered."""
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    op = next((ln for ln in lines if ln.startswith("Error in") and "operator" in ln), "").rstrip(",")
+    cause = ""
+    if "encountered:" in lines:
+        cause = next((ln for ln in lines[lines.index("encountered:") + 1:] if ln), "")
+    text = ": ".join(x for x in (op, cause) if x) or next((ln for ln in lines if ln), type(error).__name__)
+    return text[:300]
 
 
 def _to_torch_gpu(tl) -> torch.Tensor:
