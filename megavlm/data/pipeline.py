@@ -27,6 +27,9 @@ from ``seed`` and the key), not DALI's.  Every batch the fallback decodes is cou
 run's metrics as ``loader_fallback_batches`` and in its closing summary) and the first DALI error is printed once:
 on good data the count stays 0 (the tests hold it there), so a pipeline bug cannot hide behind the slower path.
 
+Image formats: those of :data:`IMAGE_EXTS` (``megavlm data convert`` stores every other format as PNG).  A record
+naming an image in another format is skipped and counted as ``unsupported_image_format``.
+
 No megatron import here.
 """
 
@@ -50,7 +53,10 @@ from megavlm.data.shards import shard_paths, whole_samples
 from megavlm.errors import UserError
 
 OUTPUTS = ("uint8", "float")
-IMAGE_EXTS = ("jpg", "png", "jpeg")
+#: Image extensions the reader takes (what DALI's decoder reads: ``megavlm data convert`` stores other formats as
+#: PNG). A sample whose record names an image with any other extension (shards written by other means or by an
+#: older converter, e.g. ``.gif``) is skipped and counted as ``unsupported_image_format``, never read as text-only.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
 def _placeholder() -> np.ndarray:
@@ -322,14 +328,22 @@ class ImageTextLoader:
         batch = []
         for i in range(valid):
             chosen = [t[i] for t, h in imgs if h[i]]
-            batch.append(self._sample(js, info, i, chosen))
+            sample = self._sample(js, info, i, chosen)
+            if sample is not None:
+                batch.append(sample)
         return batch
 
-    def _sample(self, js, info, i: int, images: list) -> dict:
+    def _sample(self, js, info, i: int, images: list) -> dict | None:
+        """The sample, or None (counted) when its record names an image the reader does not take."""
         try:
             record = json.loads(np.asarray(js[i]).tobytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             record = None  # not a record: the consumer skips and counts it (malformed_record)
+        names = record.get("images") if isinstance(record, dict) else None
+        if isinstance(names, list) and any(isinstance(n, str) and n.rpartition(".")[2].lower() not in IMAGE_EXTS
+                                           for n in names):
+            self.skipped["unsupported_image_format"] = self.skipped.get("unsupported_image_format", 0) + 1
+            return None
         src = np.asarray(info[i]).tobytes().decode("utf-8")
         key = src.rsplit(":", 1)[-1].split(".", 1)[0]
         if images:
@@ -367,7 +381,9 @@ class ImageTextLoader:
                 continue
             if self.device == "mixed":
                 images = [t.cuda() for t in images]
-            batch.append(self._sample(js, info, i, images))
+            sample = self._sample(js, info, i, images)
+            if sample is not None:
+                batch.append(sample)
         return batch
 
     def _pil_transform(self, data: bytes, source: str, slot: int) -> torch.Tensor:

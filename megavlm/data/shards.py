@@ -2,7 +2,8 @@
 
 Layout (see docs/data.md)::
 
-    OUT/shard-000000.tar   samples KEY.json (normalized record) + KEY.N.<jpg|png|...> (image bytes, unchanged)
+    OUT/shard-000000.tar   samples KEY.json (normalized record) + KEY.N.<jpg|png|webp|bmp|tiff> (image bytes,
+                           unchanged; other formats such as GIF transcoded to PNG)
     OUT/shard-000000.idx   DALI wds2idx v1.2 index of that tar
     OUT/summary.json       kept / skipped by reason
 
@@ -38,7 +39,11 @@ SKIP_REASONS = (
 )
 INDEX_VERSION = "v1.2"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+#: Image formats kept as they are (PIL format → extension in the shards): those the training loader's DALI decoder
+#: reads (:data:`megavlm.data.pipeline.IMAGE_EXTS`). MPO (a camera JPEG with extra frames appended) is a JPEG whose
+#: first frame is the image. Every other format PIL decodes (GIF, PPM, JPEG 2000, ICO, TGA, ...) is transcoded to
+#: PNG (lossless; RGB, first frame: what training makes of it anyway) and counted in ``summary["transcoded"]``.
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 _MAX_EXAMPLES = 5  # skip messages kept per reason in summary.json
 
 
@@ -141,8 +146,10 @@ def normalize_record(raw) -> tuple[dict, list]:
     return out, images
 
 
-def image_extension(data: bytes) -> str:
-    """Verify ``data`` decodes (PIL) and return its extension (``jpg``, ``png``, ...); :class:`Skip` if not."""
+def prepare_image(data: bytes) -> tuple[str, bytes, str | None]:
+    """Verify ``data`` decodes (PIL) and return ``(extension, bytes to store, transcoded from)``: the bytes unchanged
+    for a format the loader decodes (:data:`KEPT_FORMATS`, ``transcoded from`` None), else the image as PNG and its
+    format's name (``"gif"``); :class:`Skip` if it does not decode."""
     from PIL import Image
 
     try:
@@ -150,11 +157,16 @@ def image_extension(data: bytes) -> str:
             fmt = im.format
             im.verify()
         with Image.open(io.BytesIO(data)) as im:  # verify() misses truncated data: decode (JPEG at 1/8 scale)
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
+            if fmt in KEPT_FORMATS:
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+                return KEPT_FORMATS[fmt], data, None
+            rgb = im.convert("RGB")  # the first frame, as training's PIL reference reads it
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds
         raise Skip("undecodable_image", f"cannot decode image: {type(e).__name__}: {e}") from None
-    return _EXT.get(fmt, (fmt or "img").lower())
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return "png", buf.getvalue(), (fmt or "unknown").lower()
 
 
 # ------------------------------------------------------------------ writing
@@ -179,6 +191,7 @@ def _write_shard(task) -> dict:
     tmp_idx = os.path.join(out_dir, f".chunk-{chunk_id:06d}.idx.tmp")
     skipped = {r: 0 for r in SKIP_REASONS}
     examples: dict[str, list[str]] = {}
+    transcoded: dict[str, int] = {}
     index_lines = []
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
         for pos, raw in records:
@@ -197,13 +210,17 @@ def _write_shard(task) -> dict:
                         except OSError:
                             raise Skip("missing_image", f"image not found: {path}") from None
                     blobs.append(data)
-                exts = [image_extension(d) for d in blobs]
+                prepared = [prepare_image(d) for d in blobs]
             except Skip as s:
                 skipped[s.reason] += 1
                 ex = examples.setdefault(s.reason, [])
                 if len(ex) < _MAX_EXAMPLES:
                     ex.append(f"record {pos}: {s}")
                 continue
+            exts, blobs = [e for e, _, _ in prepared], [d for _, d, _ in prepared]
+            for _, _, was in prepared:
+                if was:
+                    transcoded[was] = transcoded.get(was, 0) + 1
             names = [f"{key}.{i}.{e}" for i, e in enumerate(exts)]
             record["images"] = names
             comps = [("json", f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))]
@@ -220,7 +237,7 @@ def _write_shard(task) -> dict:
             f.write("\n".join(index_lines) + "\n")
     else:
         os.remove(tmp_tar)
-    return {"chunk": chunk_id, "kept": kept, "skipped": skipped, "examples": examples,
+    return {"chunk": chunk_id, "kept": kept, "skipped": skipped, "examples": examples, "transcoded": transcoded,
             "tar": tmp_tar if kept else None, "idx": tmp_idx if kept else None, "records": len(records)}
 
 
@@ -266,6 +283,7 @@ def write_shards(
     t0 = time.time()
     skipped = {r: 0 for r in SKIP_REASONS}
     examples: dict[str, list[str]] = {}
+    transcoded: dict[str, int] = {}
     shards: list[str] = []
     kept = n_records = 0
     n_chunks = None if total is None else -(-total // shard_size)
@@ -278,6 +296,8 @@ def write_shards(
             kept += res["kept"]
             for r, n in res["skipped"].items():
                 skipped[r] += n
+            for f, n in res["transcoded"].items():
+                transcoded[f] = transcoded.get(f, 0) + n
             for r, ex in res["examples"].items():
                 examples.setdefault(r, []).extend(ex[: _MAX_EXAMPLES - len(examples.get(r, []))])
             if res["tar"]:
@@ -305,6 +325,7 @@ def write_shards(
         "skipped": skipped,
         "skipped_total": sum(skipped.values()),
         "skip_examples": examples,
+        "transcoded": dict(sorted(transcoded.items())),
         "shards": shards,
         "shard_size": shard_size,
         "seconds": round(time.time() - t0, 3),
@@ -378,6 +399,8 @@ def format_summary(summary: dict) -> str:
         if n:
             ex = summary["skip_examples"].get(r) or []
             lines.append(f"  skipped {n:>8} {r}" + (f"  (e.g. {ex[0]})" if ex else ""))
+    for fmt, n in (summary.get("transcoded") or {}).items():
+        lines.append(f"  {n:>8} {fmt} image(s) stored as PNG (the training loader does not decode {fmt})")
     return "\n".join(lines)
 
 

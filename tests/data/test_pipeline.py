@@ -4,6 +4,7 @@ images, and the mixed (GPU) pipeline's construction.  Tiny images, few samples."
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -242,3 +243,73 @@ def test_mixed_pipeline_constructs_and_serializes(png_shards):
     assert isinstance(blob, (bytes, str)) and len(blob) > 0
     text = blob if isinstance(blob, str) else blob.decode("latin-1")
     assert "ImageDecoder" in text or "decoders__Image" in text or "Decoder" in text
+
+
+def _format_variants():
+    """One smooth image in each format (and a few modes) `megavlm data convert` accepts."""
+    rgb = Image.fromarray(_smooth(11, 40, 24))
+    out = {}
+    for name, im, fmt, kw in [("jpeg", rgb, "JPEG", {"quality": 95}), ("png", rgb, "PNG", {}),
+                              ("png_rgba", rgb.convert("RGBA"), "PNG", {}), ("webp", rgb, "WEBP", {"lossless": True}),
+                              ("webp_lossy", rgb, "WEBP", {"quality": 90}), ("bmp", rgb, "BMP", {}),
+                              ("bmp_palette", rgb.convert("P"), "BMP", {}), ("tiff", rgb, "TIFF", {}),
+                              ("tiff_lzw", rgb, "TIFF", {"compression": "tiff_lzw"}),
+                              ("gif", rgb.convert("P"), "GIF", {}), ("ppm", rgb, "PPM", {}),
+                              ("ico", rgb, "ICO", {})]:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        out[name] = buf.getvalue()
+    return out
+
+
+def test_every_format_the_converter_accepts_is_decoded_by_dali(tmp_path):
+    """webp/bmp/tiff (kept as they are) and gif/ppm/ico (stored as PNG by the converter) all reach training as
+    images, equal to PIL's reading of the original, with no PIL fallback (issue 15, item 7: the loader read only
+    jpg/png, so the others were skipped as malformed or trained as text-only)."""
+    from megavlm.data.shards import convert, iter_shards
+
+    variants = _format_variants()
+    images = tmp_path / "images"
+    images.mkdir()
+    recs = []
+    for name, data in variants.items():
+        (images / f"{name}.img").write_bytes(data)
+        recs.append({"id": name, "image": f"{name}.img", "conversations": _conv(name)})
+        # the same image with no <image> placeholder: it must still come with its image
+        recs.append({"id": name + "-noph", "image": f"{name}.img",
+                     "conversations": [{"from": "human", "value": "describe"}, {"from": "gpt", "value": name}]})
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    out = str(tmp_path / "out")
+    summary = convert("llava-instruct", str(tmp_path / "d.json"), str(images), out, progress=False)
+    assert summary["kept"] == len(recs) and summary["transcoded"] == {"gif": 2, "ico": 2, "ppm": 2}
+    stored = {rec["id"]: rec["images"][0].rpartition(".")[2] for _, rec, _ in iter_shards(out)}
+    assert stored["webp"] == "webp" and stored["bmp"] == "bmp" and stored["tiff_lzw"] == "tiff"
+    assert stored["gif"] == stored["ppm"] == stored["ico"] == "png"
+    for mode in ("resize", "pad"):
+        loader = ImageTextLoader(out, image_size=16, mode=mode, batch_size=5, device="cpu", mean=MEAN, std=STD)
+        got = {s["record"]["id"]: s for s in _all(loader)}
+        assert sorted(got) == sorted(r["id"] for r in recs) and loader.skipped == {}
+        assert loader.fallbacks == 0, loader.fallback_error
+        for rid, s in got.items():
+            assert s["images"].shape == (1, 16, 16, 3), rid
+            ref = reference_transform(Image.open(io.BytesIO(variants[rid.removesuffix("-noph")])).convert("RGB"),
+                                      16, mode, False, MEAN)
+            assert np.abs(s["images"][0].numpy().astype(int) - ref.astype(int)).max() <= TOL, (mode, rid)
+
+
+def test_image_in_a_format_the_reader_does_not_take_is_skipped_and_counted(tmp_path, monkeypatch):
+    """Shards written by other means (here: the converter as it was, storing GIF as `.gif`): the sample is skipped and
+    counted as unsupported_image_format, not read as text-only."""
+    from megavlm.data import shards
+
+    monkeypatch.setitem(shards.KEPT_FORMATS, "GIF", "gif")
+    recs = _records(4, "PNG")
+    recs[2]["images"] = [_encode(_smooth(2, 20, 20), "GIF")]
+    d = str(tmp_path / "old")
+    write_shards(recs, d, 10, progress=False)
+    assert [r["images"] for k, r, _ in shards.iter_shards(d) if k == "000000002"] == [["000000002.0.gif"]]
+    loader = ImageTextLoader(d, image_size=16, batch_size=4, device="cpu")
+    got = _all(loader)
+    assert sorted(s["key"] for s in got) == ["000000000", "000000001", "000000003"]
+    assert loader.skipped == {"unsupported_image_format": 1} and loader.fallbacks == 0
+    assert all(s["images"].shape == (1, 16, 16, 3) for s in got)
