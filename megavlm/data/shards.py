@@ -21,8 +21,10 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from typing import Iterable, Iterator
 
@@ -172,6 +174,23 @@ def prepare_image(data: bytes) -> tuple[str, bytes, str | None]:
 # ------------------------------------------------------------------ writing
 
 
+def _record_json(record: dict) -> bytes:
+    """The record as UTF-8 JSON; :class:`Skip` when its text is not valid Unicode (a byte that is not UTF-8, read as a
+    lone surrogate such as ``\\udc80``, or a lone surrogate written as a JSON escape)."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Skip("malformed_record", f"text is not valid UTF-8 ({e.object[e.start:e.end]!r}: a byte that is not "
+                                       "UTF-8 or a lone surrogate), after "
+                                       f"{_printable(text[max(0, e.start - 30):e.start])!r}") from None
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot hold (surrogates) as backslash escapes: safe to print and to write."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     """Append one member; return (data offset, size) in the tar."""
     info = tarfile.TarInfo(name)
@@ -209,13 +228,16 @@ def _write_shard(task) -> dict:
                                 data = f.read()
                         except OSError:
                             raise Skip("missing_image", f"image not found: {path}") from None
+                        except ValueError as e:  # a NUL or a lone surrogate: no file has that name
+                            raise Skip("malformed_record", f"image path {src!r} is not a file name ({e})") from None
                     blobs.append(data)
                 prepared = [prepare_image(d) for d in blobs]
+                text = _record_json(record)
             except Skip as s:
                 skipped[s.reason] += 1
                 ex = examples.setdefault(s.reason, [])
                 if len(ex) < _MAX_EXAMPLES:
-                    ex.append(f"record {pos}: {s}")
+                    ex.append(_printable(f"record {pos}: {s}"))
                 continue
             exts, blobs = [e for e, _, _ in prepared], [d for _, d, _ in prepared]
             for _, _, was in prepared:
@@ -223,7 +245,7 @@ def _write_shard(task) -> dict:
                     transcoded[was] = transcoded.get(was, 0) + 1
             names = [f"{key}.{i}.{e}" for i, e in enumerate(exts)]
             record["images"] = names
-            comps = [("json", f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))]
+            comps = [("json", f"{key}.json", _record_json(record))]
             comps += [(n.split(".", 1)[1], n, d) for n, d in zip(names, blobs)]
             line = []
             for ext, name, data in comps:
@@ -269,17 +291,57 @@ def write_shards(
     and optional ``image`` / ``images``: paths (relative to ``images_root``) or ``bytes``.  Sample keys
     are the records' positions in ``records_iter`` (``%09d``).  Records that fail a check are skipped
     and counted by reason (:data:`SKIP_REASONS`); skips never stop the run.  Every ``shard_size``
-    input records are one task (``workers`` processes); shards are written under a temporary name and
-    renamed, numbered contiguously in input order (chunks where everything was skipped give no shard).
-    Writes ``out_dir/summary.json``.  Raises :class:`UserError` if ``out_dir`` already holds shards.
+    input records are one task (``workers`` processes); shards are numbered contiguously in input order
+    (chunks where everything was skipped give no shard).  Writes ``out_dir/summary.json``.
+
+    The whole folder is written in a staging folder next to ``out_dir`` (``.NAME.partial-*``, removed on any
+    error) and renamed to ``out_dir`` when complete, so an interrupted run leaves no ``out_dir`` behind, let alone
+    shards without a summary (a run killed with SIGKILL leaves its staging folder, which may be deleted). When
+    ``out_dir`` already exists with other files in it, the shards are moved in and ``summary.json`` last.  Raises
+    :class:`UserError` if ``out_dir`` is a file or already holds shards.
     """
     if shard_size < 1:
         raise UserError(f"shard size must be >= 1, got {shard_size}")
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file; give a new or empty directory for the shards")
     if glob.glob(os.path.join(out_dir, "shard-*.tar")):
         raise UserError(f"{out_dir} already contains shard-*.tar files; write into a new or empty directory")
+    final = os.path.abspath(out_dir)
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=os.path.dirname(final))
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would become out_dir's mode
+        summary = _write_all(records_iter, stage, final, shard_size, images_root, workers, progress, total,
+                             extra_summary)
+        _publish(stage, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _publish(stage: str, final: str) -> None:
+    """Move the complete folder ``stage`` to ``final``: one rename when ``final`` is new or empty (atomic), else its
+    files one by one with ``summary.json`` last."""
+    try:
+        os.rename(stage, final)  # POSIX: replaces an empty directory too
+        return
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+    names = sorted(os.listdir(stage), key=lambda n: n == "summary.json")
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(final, name))
+
+
+def _write_all(records_iter, out_dir, final, shard_size, images_root, workers, progress, total, extra_summary):
+    """:func:`write_shards`'s work, into ``out_dir`` (the staging folder; the summary names ``final``)."""
     t0 = time.time()
     skipped = {r: 0 for r in SKIP_REASONS}
     examples: dict[str, list[str]] = {}
@@ -313,13 +375,11 @@ def write_shards(
         if pool is not None:
             pool.close()
             pool.join()
-        for tmp in glob.glob(os.path.join(out_dir, ".chunk-*.tmp")):  # a failed run leaves no partial shard
-            os.remove(tmp)
     if progress:
         print(file=sys.stderr, flush=True)
     summary = dict(extra_summary or {})
     summary.update({
-        "out": os.path.abspath(out_dir),
+        "out": final,
         "records": n_records,
         "kept": kept,
         "skipped": skipped,
@@ -330,11 +390,9 @@ def write_shards(
         "shard_size": shard_size,
         "seconds": round(time.time() - t0, 3),
     })
-    tmp = os.path.join(out_dir, ".summary.json.tmp")
-    with open(tmp, "w") as f:
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8", errors="backslashreplace") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, "summary.json"))
     return summary
 
 
@@ -344,7 +402,8 @@ def write_shards(
 def read_records(fmt: str, json_path: str) -> list:
     """Raw records of a ``llava-pretrain`` / ``llava-instruct`` JSON list or a ``jsonl`` file.
 
-    Unparseable jsonl lines become ``{"__malformed__": why}`` (counted as malformed, not fatal).
+    Unparseable jsonl lines (invalid JSON, not UTF-8) become ``{"__malformed__": why}`` (counted as malformed, not
+    fatal); in a JSON list, a string with bytes that are not UTF-8 makes its record malformed when it is written.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -352,8 +411,14 @@ def read_records(fmt: str, json_path: str) -> list:
         raise UserError(f"input file not found: {json_path}")
     if fmt == "jsonl":
         out = []
-        with open(json_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(json_path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    out.append({"__malformed__": f"line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                 f"{e.start + 1})"})
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -362,7 +427,9 @@ def read_records(fmt: str, json_path: str) -> list:
                     out.append({"__malformed__": f"line {n}: invalid JSON ({e.msg})"})
         return out
     try:
-        with open(json_path, encoding="utf-8") as f:
+        # A byte that is not UTF-8 becomes a lone surrogate (\udc80-\udcff): inside a string it makes only its own
+        # record malformed (counted when written), anywhere else the JSON is invalid.
+        with open(json_path, encoding="utf-8", errors="surrogateescape") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{json_path} is not valid JSON ({e}); for one record per line use --format jsonl") from None

@@ -228,3 +228,74 @@ def test_cli_exit_codes(tmp_path, images, capsys):
 def test_skip_reasons_complete():
     assert set(SKIP_REASONS) == {"missing_image", "undecodable_image", "malformed_record",
                                  "image_count_mismatch", "empty_conversation"}
+
+
+def _utf8_inputs(tmp_path):
+    """A jsonl and a JSON list, each with good records and records whose text is not UTF-8 (a raw byte, a lone
+    surrogate written as a JSON escape)."""
+    good = {"image": "00000/a.jpg", "conversations": _conv("<image>\nWhat?", "A cat.")}
+    escaped = {"image": "00000/a.jpg", "conversations": _conv("<image>\nWhat?", "A cat\udc80.")}
+    raw_byte = json.dumps(good).encode().replace(b"A cat.", b"A cat\xff.")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b"\n".join([json.dumps(good).encode(), raw_byte, json.dumps(escaped).encode(),
+                                  json.dumps(good).encode()]) + b"\n")
+    lst = tmp_path / "d.json"
+    lst.write_bytes(b"[" + b", ".join([json.dumps(good).encode(), raw_byte, json.dumps(escaped).encode(),
+                                       json.dumps(good).encode()]) + b"]")
+    return jsonl, lst
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "llava-instruct"])
+def test_text_that_is_not_utf8_is_skipped_and_counted(tmp_path, images, capsys, fmt):
+    """A byte that is not UTF-8 or a lone surrogate (issue 15, item 8) aborted the whole convert with a traceback;
+    now its record is skipped as malformed and counted, and the rest is written."""
+    root, _ = images
+    jsonl, lst = _utf8_inputs(tmp_path)
+    out = tmp_path / "out"
+    assert main(["data", "convert", "--format", fmt, "--json", str(jsonl if fmt == "jsonl" else lst), "--images",
+                 str(root), "--out", str(out), "--workers", "1"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped        2 malformed_record" in cap.out and "UTF-8" in cap.out, cap.out
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["kept"] == 2 and summary["skipped"]["malformed_record"] == 2
+    assert all("UTF-8" in ex for ex in summary["skip_examples"]["malformed_record"])
+    assert [k for k, _, _ in iter_shards(str(out))] == ["000000000", "000000003"]
+
+
+def test_convert_writes_its_folder_atomically(tmp_path, images, monkeypatch):
+    """A convert that dies half-way leaves nothing at --out (before: shards without summary.json, which a rerun
+    refused as 'already contains shard-*.tar'); the rerun then writes the whole folder."""
+    from megavlm.data import shards
+
+    root, _ = images
+    js, _ = _pretrain(tmp_path)
+    out = tmp_path / "out"
+    real, calls = shards.prepare_image, []
+
+    def dies_on_the_third_image(data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(data)
+
+    monkeypatch.setattr(shards, "prepare_image", dies_on_the_third_image)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        convert("llava-pretrain", str(js), str(root), str(out), shard_size=1, workers=1, progress=False)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == sorted(["images", js.name])
+    monkeypatch.setattr(shards, "prepare_image", real)
+    s = convert("llava-pretrain", str(js), str(root), str(out), shard_size=1, workers=1, progress=False)
+    assert s["kept"] == 3 and sorted(os.listdir(out)) == sorted(
+        [f"shard-00000{i}.{e}" for i in range(3) for e in ("idx", "tar")] + ["summary.json"])
+    assert s["out"] == str(out) and sorted(os.listdir(tmp_path)) == sorted(["images", js.name, "out"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # a folder as mkdir makes it, not mkdtemp's private 0700
+    # an existing empty folder becomes the output; one with other files keeps them, the shards join them
+    (tmp_path / "empty").mkdir()
+    convert("llava-pretrain", str(js), str(root), str(tmp_path / "empty"), progress=False)
+    assert "summary.json" in os.listdir(tmp_path / "empty")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "README").write_text("mine")
+    convert("llava-pretrain", str(js), str(root), str(tmp_path / "busy"), progress=False)
+    assert sorted(os.listdir(tmp_path / "busy")) == ["README", "shard-000000.idx", "shard-000000.tar", "summary.json"]
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
