@@ -130,7 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl"],
                     help="input format")
     dc.add_argument("--json", required=True, help="input .json (llava-*) or .jsonl file")
-    dc.add_argument("--images", required=True, help="directory the records' image paths are relative to")
+    dc.add_argument("--images", required=True, help="directory the records' image paths are relative to (a path "
+                                                     "that leads outside it is skipped as unsafe_image_path)")
+    dc.add_argument("--allow-absolute-image-paths", action="store_true",
+                    help="read absolute image paths in the records as they are (default: skip them as "
+                         "unsafe_image_path; paths that climb out of --images with .. are skipped either way)")
     dc.add_argument("--out", required=True, help="output directory (new or without shards)")
     dc.add_argument("--shard-size", type=int, default=1000, help="input records per shard (1000)")
     dc.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -236,7 +240,7 @@ def _data(args) -> int:
         return 0
     try:
         summary = shards.convert(args.format, args.json, args.images, args.out, shard_size=args.shard_size,
-                                 workers=args.workers)
+                                 workers=args.workers, allow_absolute=args.allow_absolute_image_paths)
     except UserError as e:
         return _fail(str(e))
     print(f"[megavlm] {shards.format_summary(summary)}", flush=True)

@@ -38,6 +38,7 @@ SKIP_REASONS = (
     "malformed_record",
     "image_count_mismatch",
     "empty_conversation",
+    "unsafe_image_path",
 )
 INDEX_VERSION = "v1.2"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -174,6 +175,27 @@ def prepare_image(data: bytes) -> tuple[str, bytes, str | None]:
 # ------------------------------------------------------------------ writing
 
 
+def image_path(src: str, images_root: str | None, allow_absolute: bool = False) -> str:
+    """Where a record's image path ``src`` points: inside ``images_root`` (``--images``), never outside it.
+
+    The records are data from elsewhere (a downloaded json), the images folder is the user's own: a path that is
+    absolute or climbs out with ``..`` (``../../etc/hostname``) is refused (:class:`Skip` ``unsafe_image_path``),
+    unless ``allow_absolute`` (then absolute paths are read as they are; ``..`` out of the folder is still refused).
+    Symbolic links inside ``images_root`` are followed: where they lead is the owner's choice. Without
+    ``images_root`` (programmatic use) the path is taken as it is."""
+    if images_root is None:
+        return src
+    if os.path.isabs(src):
+        if allow_absolute:
+            return src
+        raise Skip("unsafe_image_path", f"image path {src!r} is absolute; record paths are relative to --images "
+                                        "(--allow-absolute-image-paths reads absolute ones as they are)")
+    norm = os.path.normpath(src)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise Skip("unsafe_image_path", f"image path {src!r} leads outside --images")
+    return os.path.join(images_root, norm)
+
+
 def _record_json(record: dict) -> bytes:
     """The record as UTF-8 JSON; :class:`Skip` when its text is not valid Unicode (a byte that is not UTF-8, read as a
     lone surrogate such as ``\\udc80``, or a lone surrogate written as a JSON escape)."""
@@ -205,7 +227,7 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
 
 def _write_shard(task) -> dict:
     """Worker: validate the records of one shard and write ``.tar.tmp`` / ``.idx.tmp``; skips are counted."""
-    chunk_id, records, images_root, out_dir = task
+    chunk_id, records, images_root, allow_absolute, out_dir = task
     tmp_tar = os.path.join(out_dir, f".chunk-{chunk_id:06d}.tar.tmp")
     tmp_idx = os.path.join(out_dir, f".chunk-{chunk_id:06d}.idx.tmp")
     skipped = {r: 0 for r in SKIP_REASONS}
@@ -222,7 +244,7 @@ def _write_shard(task) -> dict:
                     if isinstance(src, bytes):
                         data = src
                     else:
-                        path = src if images_root is None else os.path.join(images_root, src)
+                        path = image_path(src, images_root, allow_absolute)
                         try:
                             with open(path, "rb") as f:
                                 data = f.read()
@@ -232,6 +254,8 @@ def _write_shard(task) -> dict:
                             raise Skip("malformed_record", f"image path {src!r} is not a file name ({e})") from None
                     blobs.append(data)
                 prepared = [prepare_image(d) for d in blobs]
+                names = [f"{key}.{i}.{e}" for i, (e, _, _) in enumerate(prepared)]
+                record["images"] = names
                 text = _record_json(record)
             except Skip as s:
                 skipped[s.reason] += 1
@@ -239,14 +263,11 @@ def _write_shard(task) -> dict:
                 if len(ex) < _MAX_EXAMPLES:
                     ex.append(_printable(f"record {pos}: {s}"))
                 continue
-            exts, blobs = [e for e, _, _ in prepared], [d for _, d, _ in prepared]
             for _, _, was in prepared:
                 if was:
                     transcoded[was] = transcoded.get(was, 0) + 1
-            names = [f"{key}.{i}.{e}" for i, e in enumerate(exts)]
-            record["images"] = names
-            comps = [("json", f"{key}.json", _record_json(record))]
-            comps += [(n.split(".", 1)[1], n, d) for n, d in zip(names, blobs)]
+            comps = [("json", f"{key}.json", text)]
+            comps += [(n.split(".", 1)[1], n, d) for n, (_, d, _) in zip(names, prepared)]
             line = []
             for ext, name, data in comps:
                 off, size = _add(tf, name, data)
@@ -263,15 +284,15 @@ def _write_shard(task) -> dict:
             "tar": tmp_tar if kept else None, "idx": tmp_idx if kept else None, "records": len(records)}
 
 
-def _chunks(records_iter: Iterable, shard_size: int, images_root, out_dir) -> Iterator[tuple]:
+def _chunks(records_iter: Iterable, shard_size: int, images_root, allow_absolute, out_dir) -> Iterator[tuple]:
     buf, chunk_id = [], 0
     for pos, raw in enumerate(records_iter):
         buf.append((pos, raw))
         if len(buf) == shard_size:
-            yield chunk_id, buf, images_root, out_dir
+            yield chunk_id, buf, images_root, allow_absolute, out_dir
             buf, chunk_id = [], chunk_id + 1
     if buf:
-        yield chunk_id, buf, images_root, out_dir
+        yield chunk_id, buf, images_root, allow_absolute, out_dir
 
 
 def write_shards(
@@ -280,6 +301,7 @@ def write_shards(
     shard_size: int = 1000,
     *,
     images_root: str | None = None,
+    allow_absolute: bool = False,
     workers: int = 1,
     progress: bool = True,
     total: int | None = None,
@@ -288,11 +310,12 @@ def write_shards(
     """Write records as WebDataset shards ``out_dir/shard-{k:06d}.tar`` + DALI ``.idx``; return the summary.
 
     A record is a dict with ``conversations`` (``from``/``value``) or ``messages`` (``role``/``content``)
-    and optional ``image`` / ``images``: paths (relative to ``images_root``) or ``bytes``.  Sample keys
-    are the records' positions in ``records_iter`` (``%09d``).  Records that fail a check are skipped
-    and counted by reason (:data:`SKIP_REASONS`); skips never stop the run.  Every ``shard_size``
-    input records are one task (``workers`` processes); shards are numbered contiguously in input order
-    (chunks where everything was skipped give no shard).  Writes ``out_dir/summary.json``.
+    and optional ``image`` / ``images``: paths (relative to ``images_root``, inside it: :func:`image_path`) or
+    ``bytes``; ``allow_absolute``: absolute paths are read as they are.  Sample keys are the records' positions in
+    ``records_iter`` (``%09d``).  Records that fail a check are skipped and counted by reason (:data:`SKIP_REASONS`);
+    skips never stop the run.  Every ``shard_size`` input records are one task (``workers`` processes); shards are
+    numbered contiguously in input order (chunks where everything was skipped give no shard).  Writes
+    ``out_dir/summary.json``.
 
     The whole folder is written in a staging folder next to ``out_dir`` (``.NAME.partial-*``, removed on any
     error) and renamed to ``out_dir`` when complete, so an interrupted run leaves no ``out_dir`` behind, let alone
@@ -318,8 +341,8 @@ def write_shards(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would become out_dir's mode
-        summary = _write_all(records_iter, stage, final, shard_size, images_root, workers, progress, total,
-                             extra_summary)
+        summary = _write_all(records_iter, stage, final, shard_size, images_root, allow_absolute, workers, progress,
+                             total, extra_summary)
         _publish(stage, final)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -340,7 +363,8 @@ def _publish(stage: str, final: str) -> None:
         os.replace(os.path.join(stage, name), os.path.join(final, name))
 
 
-def _write_all(records_iter, out_dir, final, shard_size, images_root, workers, progress, total, extra_summary):
+def _write_all(records_iter, out_dir, final, shard_size, images_root, allow_absolute, workers, progress, total,
+               extra_summary):
     """:func:`write_shards`'s work, into ``out_dir`` (the staging folder; the summary names ``final``)."""
     t0 = time.time()
     skipped = {r: 0 for r in SKIP_REASONS}
@@ -349,7 +373,7 @@ def _write_all(records_iter, out_dir, final, shard_size, images_root, workers, p
     shards: list[str] = []
     kept = n_records = 0
     n_chunks = None if total is None else -(-total // shard_size)
-    tasks = _chunks(records_iter, shard_size, images_root, out_dir)
+    tasks = _chunks(records_iter, shard_size, images_root, allow_absolute, out_dir)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_write_shard, tasks) if pool is not None else map(_write_shard, tasks)
@@ -439,15 +463,15 @@ def read_records(fmt: str, json_path: str) -> list:
 
 
 def convert(fmt: str, json_path: str, images_dir: str, out_dir: str, shard_size: int = 1000,
-            workers: int = 1, progress: bool = True) -> dict:
+            workers: int = 1, progress: bool = True, allow_absolute: bool = False) -> dict:
     """``megavlm data convert``: LLaVA-Pretrain / LLaVA-Instruct json or jsonl → shards (see :func:`write_shards`).
 
     Raises :class:`UserError` when nothing was written (the summary is still written)."""
     if not os.path.isdir(images_dir):
         raise UserError(f"image directory not found: {images_dir}")
     records = read_records(fmt, json_path)
-    summary = write_shards(records, out_dir, shard_size, images_root=images_dir, workers=workers,
-                           progress=progress, total=len(records),
+    summary = write_shards(records, out_dir, shard_size, images_root=images_dir, allow_absolute=allow_absolute,
+                           workers=workers, progress=progress, total=len(records),
                            extra_summary={"format": fmt, "input": os.path.abspath(json_path),
                                           "images": os.path.abspath(images_dir)})
     if summary["kept"] == 0:

@@ -103,7 +103,7 @@ def test_convert_llava_pretrain(tmp_path, images):
     s = convert("llava-pretrain", str(js), str(root), str(out), shard_size=4, workers=2, progress=False)
     assert s["kept"] == 3 and s["records"] == 9
     assert s["skipped"] == {"missing_image": 1, "undecodable_image": 2, "malformed_record": 1,
-                            "image_count_mismatch": 1, "empty_conversation": 1}
+                            "image_count_mismatch": 1, "empty_conversation": 1, "unsafe_image_path": 0}
     assert json.loads((out / "summary.json").read_text())["skipped"] == s["skipped"]
     # chunks: [p0..p3] -> 2 kept, [p4..p7] -> p7 kept, [p8] -> nothing: 2 shards, contiguous names
     assert s["shards"] == ["shard-000000.tar", "shard-000001.tar"]
@@ -137,7 +137,7 @@ def test_convert_llava_instruct(tmp_path, images):
     s = convert("llava-instruct", str(js), str(root), str(out), shard_size=100, workers=1, progress=False)
     assert s["kept"] == 3
     assert s["skipped"] == {"missing_image": 1, "undecodable_image": 0, "malformed_record": 2,
-                            "image_count_mismatch": 1, "empty_conversation": 0}
+                            "image_count_mismatch": 1, "empty_conversation": 0, "unsafe_image_path": 0}
     got = _check_roundtrip(out, [(0, multi, ["coco/x.jpg"]), (1, recs[1]["conversations"], []),
                                  (2, recs[2]["conversations"], ["gqa/y.png"])], b)
     assert got[1][1]["images"] == [] and got[1][2] == {}
@@ -165,7 +165,7 @@ def test_convert_jsonl(tmp_path, images):
     s = convert("jsonl", str(js), str(root), str(out), shard_size=2, workers=2, progress=False)
     assert s["kept"] == 3
     assert s["skipped"] == {"missing_image": 0, "undecodable_image": 0, "malformed_record": 1,
-                            "image_count_mismatch": 1, "empty_conversation": 2}
+                            "image_count_mismatch": 1, "empty_conversation": 2, "unsafe_image_path": 0}
     conv0 = [{"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Same."}]
     conv3 = [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "Hello."}]
     got = _check_roundtrip(out, [(0, conv0, ["00000/a.jpg", "00000/b.png"]),
@@ -227,7 +227,7 @@ def test_cli_exit_codes(tmp_path, images, capsys):
 
 def test_skip_reasons_complete():
     assert set(SKIP_REASONS) == {"missing_image", "undecodable_image", "malformed_record",
-                                 "image_count_mismatch", "empty_conversation"}
+                                 "image_count_mismatch", "empty_conversation", "unsafe_image_path"}
 
 
 def _utf8_inputs(tmp_path):
@@ -299,3 +299,35 @@ def test_convert_writes_its_folder_atomically(tmp_path, images, monkeypatch):
     convert("llava-pretrain", str(js), str(root), str(tmp_path / "busy"), progress=False)
     assert sorted(os.listdir(tmp_path / "busy")) == ["README", "shard-000000.idx", "shard-000000.tar", "summary.json"]
     assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_image_paths_outside_images_are_refused(tmp_path, images, capsys):
+    """`../..` and absolute image paths read any file into the shards (issue 15, item 9): now skipped and counted as
+    unsafe_image_path, unless --allow-absolute-image-paths (which still refuses `..` out of --images)."""
+    root, b = images
+    outside = tmp_path / "secret.png"
+    _img(str(outside), "PNG", 9)
+    rel_up = os.path.relpath(outside, root / "00000")
+    recs = [{"image": "00000/a.jpg", "conversations": _conv("<image>\nq", "a")},
+            {"image": "00000/" + rel_up, "conversations": _conv("<image>\nq", "up")},
+            {"image": "../secret.png", "conversations": _conv("<image>\nq", "up2")},
+            {"image": str(outside), "conversations": _conv("<image>\nq", "abs")},
+            {"image": "00000/../00001/c.jpg", "conversations": _conv("<image>\nq", "inside")}]
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps(recs))
+    assert main(["data", "convert", "--format", "llava-instruct", "--json", str(js), "--images", str(root),
+                 "--out", str(tmp_path / "o1"), "--workers", "1"]) == 0
+    assert "skipped        3 unsafe_image_path" in capsys.readouterr().out
+    got = {rec["conversations"][1]["value"]: files for _, rec, files in iter_shards(str(tmp_path / "o1"))}
+    assert sorted(got) == ["a", "inside"] and list(got["inside"].values()) == [b["c.jpg"]]
+    s = json.loads((tmp_path / "o1" / "summary.json").read_text())
+    assert s["skipped"]["unsafe_image_path"] == 3
+    assert any("is absolute" in ex for ex in s["skip_examples"]["unsafe_image_path"])
+    assert any("leads outside --images" in ex for ex in s["skip_examples"]["unsafe_image_path"])
+    # the option lets absolute paths in, never `..`
+    assert main(["data", "convert", "--format", "llava-instruct", "--json", str(js), "--images", str(root),
+                 "--out", str(tmp_path / "o2"), "--workers", "1", "--allow-absolute-image-paths"]) == 0
+    capsys.readouterr()
+    got = {rec["conversations"][1]["value"] for _, rec, _ in iter_shards(str(tmp_path / "o2"))}
+    assert got == {"a", "abs", "inside"}
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["skipped"]["unsafe_image_path"] == 2
