@@ -40,6 +40,7 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 import zlib
 from typing import Iterator, Sequence
 
@@ -82,40 +83,36 @@ def _files(shards_dir: str) -> tuple[list[str], list[str]]:
     return paths, idx
 
 
-def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[list[str], list[int], list[list[int]]]:
+def complete_indices(paths: Sequence[str], index_paths: Sequence[str], workdir: str | None = None
+                     ) -> tuple[list[str], list[int], list[list[int]]]:
     """Index files that list only the samples lying wholly inside their tar; per shard the number of samples its
     original index lists and the positions of those dropped.
 
     A truncated tar (a copy cut short, a full disk) makes DALI's reader fail the whole pipeline for good ("offset is
     outside of the archive file"). Each index is checked against its tar's size (:func:`whole_samples`, which
-    ``megavlm data inspect`` uses too); where samples reach past the end, a trimmed copy of the index goes to a
-    temporary folder (named by the shard's path, size and mtime, so all ranks on a node share it) and the reader gets
-    that instead. The dropped samples are counted as ``truncated_tar``."""
-    import hashlib
-    import tempfile
-
+    ``megavlm data inspect`` uses too); where samples reach past the end, a trimmed copy of the index goes to
+    ``workdir`` and the reader gets that instead. ``workdir`` must be private to this process (the loader's own
+    temporary directory): a folder of a fixed name in the shared ``/tmp`` would let another user plant index files
+    there. Without one, a new private directory (``tempfile.mkdtemp``, mode 0700) is made when the first index needs
+    trimming; the caller removes it. The dropped samples are counted as ``truncated_tar``."""
     from megavlm.data.shards import INDEX_VERSION
 
     out, listed, dropped = [], [], []
-    for tar, idx in zip(paths, index_paths):
+    for k, (tar, idx) in enumerate(zip(paths, index_paths)):
         samples, whole = whole_samples(tar, idx)
         listed.append(len(samples))
         dropped.append([i for i, ok in enumerate(whole) if not ok])
         if all(whole):
             out.append(idx)
             continue
-        keep = [s for s, ok in zip(samples, whole) if ok]
-        st = os.stat(tar)
-        tag = hashlib.sha1(f"{os.path.abspath(tar)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        trimmed = os.path.join(tempfile.gettempdir(), "megavlm-trimmed-idx", tag + ".idx")
-        if not os.path.isfile(trimmed):
-            os.makedirs(os.path.dirname(trimmed), exist_ok=True)
-            tmp = f"{trimmed}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{INDEX_VERSION} {len(keep)}\n")
-                for s in keep:
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix="megavlm-idx-")
+        trimmed = os.path.join(workdir, f"{k:06d}-{os.path.basename(idx)}")
+        with open(trimmed, "x") as f:  # "x": never a file that is already there
+            f.write(f"{INDEX_VERSION} {sum(whole)}\n")
+            for s, ok in zip(samples, whole):
+                if ok:
                     f.write(" ".join(f"{e} {off} {n} {name}" for e, off, n, name in s) + "\n")
-            os.replace(tmp, trimmed)
         out.append(trimmed)
     return out, listed, dropped
 
@@ -223,7 +220,9 @@ class ImageTextLoader:
         if batch_size < 1 or max_images < 1 or image_size < 1:
             raise UserError("batch_size, max_images and image_size must be >= 1")
         self.paths, index_paths = _files(shards_dir)
-        self.index_paths, listed, dropped = complete_indices(self.paths, index_paths)
+        # trimmed indexes of truncated tars, if any: private to this loader, removed with it
+        self._workdir = tempfile.TemporaryDirectory(prefix="megavlm-idx-")
+        self.index_paths, listed, dropped = complete_indices(self.paths, index_paths, self._workdir.name)
         self.total = sum(listed) - sum(len(d) for d in dropped)
         self.num_samples = _shard_range(self.total, dp_rank, dp_size)
         # Samples lost to truncated tars count against the DP rank whose split they would have been in.

@@ -313,3 +313,40 @@ def test_image_in_a_format_the_reader_does_not_take_is_skipped_and_counted(tmp_p
     assert sorted(s["key"] for s in got) == ["000000000", "000000001", "000000003"]
     assert loader.skipped == {"unsupported_image_format": 1} and loader.fallbacks == 0
     assert all(s["images"].shape == (1, 16, 16, 3) for s in got)
+
+
+def test_trimmed_indexes_go_to_a_private_directory(tmp_path, monkeypatch):
+    """The trimmed index of a truncated tar went to a fixed-name folder in the shared temporary directory
+    (`/tmp/megavlm-trimmed-idx/`), where another user could plant one (issue 15, item 17): now it goes to the
+    loader's own private directory (mode 0700), removed with the loader, and nothing planted is read."""
+    import gc
+    import hashlib
+    import stat
+    import tempfile
+
+    shared = tmp_path / "shared-tmp"  # stands for /tmp
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    d = str(tmp_path / "cut")
+    write_shards(_records(6, "PNG"), d, 6, progress=False)
+    tar = shard_paths(d)[0]
+    entries = read_index(d + "/shard-000000.idx")
+    with open(tar, "r+b") as f:  # samples 0-3 whole, 4-5 cut off
+        f.truncate(max(off + n for _, off, n, _ in entries[3]) + 700)
+    # what another user could leave where the old code looked: an index of the old fixed name listing sample 0 only
+    st = os.stat(tar)
+    tag = hashlib.sha1(f"{os.path.abspath(tar)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    (shared / "megavlm-trimmed-idx").mkdir()
+    (shared / "megavlm-trimmed-idx" / f"{tag}.idx").write_text(
+        "v1.2 1\n" + " ".join(f"{e} {off} {n} {name}" for e, off, n, name in entries[0]) + "\n")
+
+    loader = ImageTextLoader(d, image_size=16, batch_size=4, device="cpu")
+    assert sorted(s["key"] for s in _all(loader)) == [f"{i:09d}" for i in range(4)]
+    (trimmed,) = loader.index_paths
+    private = os.path.dirname(trimmed)
+    assert "megavlm-trimmed-idx" not in trimmed and os.path.dirname(private) == str(shared)
+    mode = os.stat(private)
+    assert stat.S_IMODE(mode.st_mode) == 0o700 and mode.st_uid == os.getuid()
+    del loader
+    gc.collect()
+    assert not os.path.exists(private)
