@@ -142,8 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     di = dsub.add_parser("inspect", help="show samples as encoded (supervised spans marked) and shard statistics",
                          description="Prints N samples (text, image sizes, supervised tokens marked: green on a "
                                      "terminal, ⟦...⟧ otherwise), then samples, images, text-only samples, a "
-                                     "token-length histogram, the share of samples without supervised tokens and "
-                                     "the samples lost to a truncated tar. With --config CONFIG [KEY=VALUE ...] "
+                                     "token-length histogram, the share of samples without supervised tokens, "
+                                     "the samples lost to a truncated tar and what it could not read (records, "
+                                     "images training would skip, damaged tar headers). Samples are read through "
+                                     "the shard's index, as training reads them. With --config CONFIG [KEY=VALUE ...] "
                                      "each <image> takes as many tokens as training gives it for CONFIG's model "
                                      "(the model family's count, e.g. (image_size/patch_size)², + 1 with "
                                      "select_strategy=full), and data.tokenizer, data.template and data.max_seq_len "

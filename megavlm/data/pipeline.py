@@ -47,6 +47,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from megavlm.data.constants import IMAGE_EXTS
 from megavlm.data.images import CROP_RATIO as _CROP_RATIO
 from megavlm.data.images import CROP_SCALE as _CROP_SCALE
 from megavlm.data.images import MODES, fill_values, reference_transform  # noqa: F401 - reference_transform: re-exported
@@ -54,10 +55,6 @@ from megavlm.data.shards import shard_paths, whole_samples
 from megavlm.errors import UserError
 
 OUTPUTS = ("uint8", "float")
-#: Image extensions the reader takes (what DALI's decoder reads: ``megavlm data convert`` stores other formats as
-#: PNG). A sample whose record names an image with any other extension (shards written by other means or by an
-#: older converter, e.g. ``.gif``) is skipped and counted as ``unsupported_image_format``, never read as text-only.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
 def _placeholder() -> np.ndarray:

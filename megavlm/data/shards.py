@@ -43,7 +43,7 @@ SKIP_REASONS = (
 INDEX_VERSION = "v1.2"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 #: Image formats kept as they are (PIL format → extension in the shards): those the training loader's DALI decoder
-#: reads (:data:`megavlm.data.pipeline.IMAGE_EXTS`). MPO (a camera JPEG with extra frames appended) is a JPEG whose
+#: reads (:data:`megavlm.data.constants.IMAGE_EXTS`). MPO (a camera JPEG with extra frames appended) is a JPEG whose
 #: first frame is the image. Every other format PIL decodes (GIF, PPM, JPEG 2000, ICO, TGA, ...) is transcoded to
 #: PNG (lossless; RGB, first frame: what training makes of it anyway) and counted in ``summary["transcoded"]``.
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
@@ -517,47 +517,113 @@ def whole_samples(tar_path: str, idx_path: str) -> tuple[list[list[tuple[str, in
     return samples, [all(off + n <= size for _, off, n, _ in s) for s in samples]
 
 
-def iter_shards(shard_dir: str, truncated: dict | None = None) -> Iterator[tuple[str, dict, dict[str, bytes]]]:
+def iter_shards(shard_dir: str, truncated: dict | None = None,
+                problems: dict | None = None) -> Iterator[tuple[str, dict | None, dict[str, bytes]]]:
     """Yield ``(key, record, {image name: bytes})`` for every sample of ``shard_dir``'s shards, in order.
 
-    Where a shard's index (``shard-N.idx``) lists samples that reach past the end of its tar (:func:`whole_samples`),
-    those samples are left out, as the training loader leaves them out; ``truncated``, when given, gets
-    ``{tar path: (samples lost, samples listed)}`` for each such tar (filled as the tars are read). A tar that cannot
-    be read and has no index to tell its whole samples is a :class:`UserError`."""
+    A shard with an index (``shard-N.idx``) is read through it, member by member at the index's offsets, as the
+    training loader's reader reads it: a damaged tar header does not hide the samples after it. Where the index lists
+    samples that reach past the end of its tar (:func:`whole_samples`), those samples are left out, as the training
+    loader leaves them out; ``truncated``, when given, gets ``{tar path: (samples lost, samples listed)}`` for each
+    such tar (filled as the tars are read).
+
+    ``record`` is None for a sample whose ``.json`` is not a UTF-8 JSON object (training skips it as
+    ``malformed_record``). ``problems``, when given, collects what could not be read: ``unreadable_records``
+    (``"PATH: KEY: why"`` per such sample), ``damaged_headers`` (``{tar path: members whose tar header is not
+    theirs}``: training is not affected, tar tools are) and ``unread_tail`` (``{tar path: (byte where reading
+    stopped, file size)}`` for a tar without an index whose headers break off before its end: the samples past
+    that byte are not yielded). A tar without an index that cannot be read at all, or that is cut inside a file's
+    bytes, is a :class:`UserError`."""
+    if problems is not None:
+        for k in ("unreadable_records", "damaged_headers", "unread_tail"):
+            problems.setdefault(k, [] if k == "unreadable_records" else {})
     for path in shard_paths(shard_dir):
         idx = path[: -len(".tar")] + ".idx"
-        lost: set[str] = set()
         if os.path.isfile(idx):
             samples, whole = whole_samples(path, idx)
-            lost = {s[0][3].split(".", 1)[0] for s, ok in zip(samples, whole) if not ok and s}
+            lost = sum(not ok for ok in whole)
             if lost and truncated is not None:
-                truncated[path] = (sum(not ok for ok in whole), len(samples))
-        with tarfile.open(path, "r:") as tf:
-            key, record, files = None, None, {}
-            try:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    k = m.name.split(".", 1)[0]
-                    if k in lost:  # cut off by the truncation: its bytes are not all there
-                        continue
-                    if k != key:
-                        if key is not None:
-                            yield key, record, files
-                        key, record, files = k, None, {}
-                    data = tf.extractfile(m).read()
-                    if m.name == f"{k}.json":
-                        record = json.loads(data.decode("utf-8"))
-                    else:
-                        files[m.name] = data
-            except tarfile.TarError as e:
-                if not lost:
-                    raise UserError(f"{path}: cannot read the tar ({e}): it is truncated or corrupt"
-                                    + ("" if os.path.isfile(idx) else f", and without its index {idx} the whole "
-                                       "samples cannot be told from the cut one")) from None
-                # else: the cut the index told of, where tarfile stops; every whole sample has been read
-            if key is not None:
-                yield key, record, files
+                truncated[path] = (lost, len(samples))
+            yield from _iter_indexed(path, [smp for smp, ok in zip(samples, whole) if ok and smp], problems)
+        else:
+            yield from _iter_tar(path, idx, problems)
+
+
+def _record_of(data: bytes, where: str, problems: dict | None) -> dict | None:
+    try:
+        record = json.loads(data.decode("utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        if problems is not None:
+            problems["unreadable_records"].append(f"{where}: {type(e).__name__}: {e}"[:300])
+        return None
+    return record
+
+
+def _iter_indexed(path: str, samples: list, problems: dict | None):
+    """The samples of one tar at its index's offsets; each member's tar header is checked for ``problems``."""
+    damaged = 0
+    with open(path, "rb") as f:
+        for sample in samples:
+            key = sample[0][3].split(".", 1)[0]
+            record, files = None, {}
+            for ext, off, size, name in sample:
+                f.seek(max(0, off - tarfile.BLOCKSIZE))
+                head = f.read(off - f.tell())
+                data = f.read(size)
+                try:
+                    ok = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape").name == name
+                except tarfile.TarError:
+                    ok = False
+                damaged += not ok
+                if ext == "json":
+                    record = _record_of(data, f"{path}: {key}", problems)
+                else:
+                    files[name] = data
+            yield key, record, files
+    if damaged and problems is not None:
+        problems["damaged_headers"][path] = damaged
+
+
+def _iter_tar(path: str, idx: str, problems: dict | None):
+    """The samples of a tar without an index, as ``tarfile`` reads it (it stops at the first damaged header)."""
+    def fail(e: Exception) -> UserError:
+        return UserError(f"{path}: cannot read the tar ({e}): it is truncated or corrupt, and without its index {idx} "
+                         "the whole samples cannot be told from the damaged ones")
+
+    try:
+        tf = tarfile.open(path, "r:")
+    except tarfile.TarError as e:
+        raise fail(e) from None
+    with tf:
+        key, record, files = None, None, {}
+        try:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k = m.name.split(".", 1)[0]
+                if k != key:
+                    if key is not None:
+                        yield key, record, files
+                    key, record, files = k, None, {}
+                data = tf.extractfile(m).read()
+                if m.name == f"{k}.json":
+                    record = _record_of(data, f"{path}: {k}", problems)
+                else:
+                    files[m.name] = data
+        except tarfile.TarError as e:
+            raise fail(e) from None
+        if key is not None:
+            yield key, record, files
+        stop, size = tf.offset, os.path.getsize(path)
+    with open(path, "rb") as f:  # tarfile ends quietly at a damaged header: is there anything past where it stopped?
+        f.seek(stop)
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\0"):
+                if problems is not None:
+                    problems["unread_tail"][path] = (stop, size)
+                break
 
 
 def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:

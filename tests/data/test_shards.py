@@ -331,3 +331,10 @@ def test_image_paths_outside_images_are_refused(tmp_path, images, capsys):
     got = {rec["conversations"][1]["value"] for _, rec, _ in iter_shards(str(tmp_path / "o2"))}
     assert got == {"a", "abs", "inside"}
     assert json.loads((tmp_path / "o2" / "summary.json").read_text())["skipped"]["unsafe_image_path"] == 2
+
+
+def test_every_format_the_converter_keeps_is_one_the_loader_reads():
+    from megavlm.data.constants import IMAGE_EXTS
+    from megavlm.data.shards import KEPT_FORMATS
+
+    assert set(KEPT_FORMATS.values()) <= set(IMAGE_EXTS)
