@@ -1,4 +1,5 @@
-"""``megavlm <command>``: train, eval, convert, data. Each command documents itself with ``--help``.
+"""``megavlm <command>``: train, check, eval, convert, data, generate, plan. Each command documents itself with
+``--help``.
 
 User mistakes (a bad config, a missing path) end with ``error: ...`` and exit status 2, never a traceback; the
 checks run before any process group exists.
@@ -15,6 +16,7 @@ from .errors import UserError
 
 EXAMPLES = """examples:
   megavlm train configs/tiny_cpu.yaml train.steps=10 run_dir=/tmp/run
+  megavlm check configs/demo.yaml parallel.tp=2 --world-size 4   # train's checks, once, before a torchrun launch
   torchrun --nproc-per-node 2 -m megavlm train configs/demo.yaml parallel.tp=2
   megavlm eval configs/demo.yaml                # greedy answers on held-out questions, single process
   megavlm generate --ckpt /tmp/run --image cat.png --prompt "What colour is the circle?"
@@ -36,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
                                    "(parallel.tp=2 train.steps=20 run_dir=/tmp/x).")
     t.add_argument("config", help="YAML config (configs/tiny_cpu.yaml is the embedded default)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    k = sub.add_parser("check", help="run train's checks for a world size, in one process (before launching)",
+                       description="Runs every check `megavlm train CONFIG` runs before any work -- the config for "
+                                   "--world-size processes, the run, checkpoint and data directories, "
+                                   "model.kernels -- in this one process, writes nothing, and prints the layout. "
+                                   "launch/torchrun.sh runs it before torchrun, so a mistake prints once as "
+                                   "`error: ...` (exit status 2) instead of once per rank followed by torchrun's "
+                                   "own traceback.")
+    k.add_argument("config")
+    k.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    k.add_argument("--world-size", type=int, default=1, help="processes the run will have (nodes x processes per "
+                                                              "node; default 1)")
 
     e = sub.add_parser("eval", help="greedy answers to held-out questions, accuracy vs chance",
                        description="Load the run's latest checkpoint (or checkpoint.load=PATH) at TP=1/PP=1 in one "
@@ -311,6 +325,35 @@ def _validate(cfg, world_size: int, show_warnings: bool = True) -> int:
     return dp
 
 
+def _checks_before_work(cfg, command: str, world_size: int, show_warnings: bool) -> int:
+    """What ``train`` / ``eval`` check before any work (``check`` runs the ``train`` ones): the config for
+    ``world_size`` processes, for ``train`` its paths (:func:`check_paths`), and ``model.kernels=fused``. Returns the
+    data-parallel size; raises ConfigError."""
+    dp = _validate(cfg, world_size, show_warnings)
+    if command == "train":
+        check_paths(cfg)
+    if cfg.model.kernels == "fused":  # needs CUDA and a built megavlm._C: say so before any work starts
+        from .ops import fused_unavailable_reason
+
+        reason = fused_unavailable_reason()
+        if reason:
+            raise ConfigError(f"model.kernels=fused cannot run here: {reason}; use model.kernels=auto "
+                              "(fused when available) or reference")
+    return dp
+
+
+def _check(args) -> int:
+    """``megavlm check``: train's checks for ``--world-size`` processes, in this process, before launching them."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dp = _checks_before_work(cfg, "train", args.world_size, True)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(f"[megavlm] {args.config}: ok for {args.world_size} process(es): tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+          f"dp={dp}, run_dir={cfg.run_dir}", flush=True)
+    return 0
+
+
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -351,6 +394,8 @@ def main(argv=None) -> int:
         return _plan(args)
     from . import runtime
 
+    if args.command == "check":
+        return _check(args)
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config, args.overrides)
@@ -358,16 +403,7 @@ def main(argv=None) -> int:
             cfg = single_layout(cfg)
             if runtime.env_world_size() != 1:
                 return _fail("megavlm eval runs in a single process; run it without torchrun")
-        _validate(cfg, runtime.env_world_size(), rank0)
-        if args.command == "train":
-            check_paths(cfg)
-        if cfg.model.kernels == "fused":  # needs CUDA and a built megavlm._C: say so before any work starts
-            from .ops import fused_unavailable_reason
-
-            reason = fused_unavailable_reason()
-            if reason:
-                raise ConfigError(f"model.kernels=fused cannot run here: {reason}; use model.kernels=auto "
-                                  "(fused when available) or reference")
+        _checks_before_work(cfg, args.command, runtime.env_world_size(), rank0)
     except ConfigError as e:  # every rank checks the same config; one message is enough
         return _fail(str(e)) if rank0 else 2
 
