@@ -338,3 +338,13 @@ def test_every_format_the_converter_keeps_is_one_the_loader_reads():
     from megavlm.data.shards import KEPT_FORMATS
 
     assert set(KEPT_FORMATS.values()) <= set(IMAGE_EXTS)
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path, images, capsys):
+    root, _ = images
+    js, _ = _pretrain(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["data", "convert", "--format", "llava-pretrain", "--json", str(js), "--images", str(root),
+                 "--out", str(afile)]) == 2
+    assert f"error: {afile} is a file" in capsys.readouterr().err and afile.read_text() == "mine"
