@@ -19,7 +19,13 @@
 #   RDZV_ID         job id for c10d [SLURM_JOB_ID, else megavlm]
 #   TORCHRUN        the launcher command, split on spaces [torchrun]; e.g. "python -m torch.distributed.run"
 #   TORCHRUN_ARGS   extra torchrun flags, split on spaces (e.g. "--max-restarts 0 --log-dir /logs") []
+#   MEGAVLM         the megavlm command for the check below, split on spaces [TORCHRUN's python -m megavlm when
+#                   TORCHRUN starts with a python, else megavlm, else python3 -m megavlm]
+#   MEGAVLM_CHECK   0 skips that check [1]
 # One node without MASTER_ADDR runs `torchrun --standalone` (a free local port).
+# Before torchrun starts, `megavlm check CONFIG [key=value ...] --world-size NNODES*NPROC_PER_NODE` runs train's
+# checks once (config, run/checkpoint/data directories): a mistake prints one `error: ...` line and exits 2, instead
+# of one message per rank followed by torchrun's ChildFailedError traceback. A dry run skips it.
 set -euo pipefail
 
 die() {
@@ -90,6 +96,25 @@ else
   esac
 fi
 cmd+=("${extra[@]}" -m megavlm train "$CONFIG" "$@")
+
+if [ "$DRY_RUN" != 1 ] && [ "${MEGAVLM_CHECK:-1}" != 0 ]; then
+  if [ -n "${MEGAVLM:-}" ]; then
+    read -r -a megavlm <<<"$MEGAVLM"
+  elif [[ $(basename "${launcher[0]}") == python* ]]; then
+    megavlm=("${launcher[0]}" -m megavlm)  # the interpreter the ranks will run
+  elif command -v megavlm >/dev/null 2>&1; then
+    megavlm=(megavlm)
+  else
+    megavlm=(python3 -m megavlm)
+  fi
+  # Exit status 2 is a mistake the check found (it printed the `error:` line); any other failure means the check
+  # could not run here, and the ranks still check everything themselves. Its stdout (the layout) goes to stderr.
+  status=0
+  "${megavlm[@]}" check "$CONFIG" "$@" --world-size "$((NNODES * NPROC_PER_NODE))" >&2 || status=$?
+  [ "$status" -ne 2 ] || exit 2
+  [ "$status" -eq 0 ] ||
+    echo "warning: '${megavlm[*]} check' could not run (exit status $status); the ranks check the config themselves" >&2
+fi
 
 echo "[launch] node ${NODE_RANK}/${NNODES} on ${HOSTNAME:-$(uname -n)}: ${NPROC_PER_NODE} processes," \
   "rendezvous ${MASTER_ADDR:-standalone}${MASTER_ADDR:+:$MASTER_PORT}" >&2

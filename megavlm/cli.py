@@ -1,4 +1,5 @@
-"""``megavlm <command>``: train, eval, convert, data. Each command documents itself with ``--help``.
+"""``megavlm <command>``: train, check, eval, convert, data, generate, plan. Each command documents itself with
+``--help``.
 
 User mistakes (a bad config, a missing path) end with ``error: ...`` and exit status 2, never a traceback; the
 checks run before any process group exists.
@@ -15,6 +16,7 @@ from .errors import UserError
 
 EXAMPLES = """examples:
   megavlm train configs/tiny_cpu.yaml train.steps=10 run_dir=/tmp/run
+  megavlm check configs/demo.yaml parallel.tp=2 --world-size 4   # train's checks, once, before a torchrun launch
   torchrun --nproc-per-node 2 -m megavlm train configs/demo.yaml parallel.tp=2
   megavlm eval configs/demo.yaml                # greedy answers on held-out questions, single process
   megavlm generate --ckpt /tmp/run --image cat.png --prompt "What colour is the circle?"
@@ -36,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
                                    "(parallel.tp=2 train.steps=20 run_dir=/tmp/x).")
     t.add_argument("config", help="YAML config (configs/tiny_cpu.yaml is the embedded default)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    k = sub.add_parser("check", help="run train's checks for a world size, in one process (before launching)",
+                       description="Runs every check `megavlm train CONFIG` runs before any work -- the config for "
+                                   "--world-size processes, the run, checkpoint and data directories, "
+                                   "model.kernels -- in this one process, writes nothing, and prints the layout. "
+                                   "launch/torchrun.sh runs it before torchrun, so a mistake prints once as "
+                                   "`error: ...` (exit status 2) instead of once per rank followed by torchrun's "
+                                   "own traceback.")
+    k.add_argument("config")
+    k.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    k.add_argument("--world-size", type=int, default=1, help="processes the run will have (nodes x processes per "
+                                                              "node; default 1)")
 
     e = sub.add_parser("eval", help="greedy answers to held-out questions, accuracy vs chance",
                        description="Load the run's latest checkpoint (or checkpoint.load=PATH) at TP=1/PP=1 in one "
@@ -130,7 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl"],
                     help="input format")
     dc.add_argument("--json", required=True, help="input .json (llava-*) or .jsonl file")
-    dc.add_argument("--images", required=True, help="directory the records' image paths are relative to")
+    dc.add_argument("--images", required=True, help="directory the records' image paths are relative to (a path "
+                                                     "that leads outside it is skipped as unsafe_image_path)")
+    dc.add_argument("--allow-absolute-image-paths", action="store_true",
+                    help="read absolute image paths in the records as they are (default: skip them as "
+                         "unsafe_image_path; paths that climb out of --images with .. are skipped either way)")
     dc.add_argument("--out", required=True, help="output directory (new or without shards)")
     dc.add_argument("--shard-size", type=int, default=1000, help="input records per shard (1000)")
     dc.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -138,8 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     di = dsub.add_parser("inspect", help="show samples as encoded (supervised spans marked) and shard statistics",
                          description="Prints N samples (text, image sizes, supervised tokens marked: green on a "
                                      "terminal, ⟦...⟧ otherwise), then samples, images, text-only samples, a "
-                                     "token-length histogram, the share of samples without supervised tokens and "
-                                     "the samples lost to a truncated tar. With --config CONFIG [KEY=VALUE ...] "
+                                     "token-length histogram, the share of samples without supervised tokens, "
+                                     "the samples lost to a truncated tar and what it could not read (records, "
+                                     "images training would skip, damaged tar headers). Samples are read through "
+                                     "the shard's index, as training reads them. With --config CONFIG [KEY=VALUE ...] "
                                      "each <image> takes as many tokens as training gives it for CONFIG's model "
                                      "(the model family's count, e.g. (image_size/patch_size)², + 1 with "
                                      "select_strategy=full), and data.tokenizer, data.template and data.max_seq_len "
@@ -236,7 +256,7 @@ def _data(args) -> int:
         return 0
     try:
         summary = shards.convert(args.format, args.json, args.images, args.out, shard_size=args.shard_size,
-                                 workers=args.workers)
+                                 workers=args.workers, allow_absolute=args.allow_absolute_image_paths)
     except UserError as e:
         return _fail(str(e))
     print(f"[megavlm] {shards.format_summary(summary)}", flush=True)
@@ -305,6 +325,35 @@ def _validate(cfg, world_size: int, show_warnings: bool = True) -> int:
     return dp
 
 
+def _checks_before_work(cfg, command: str, world_size: int, show_warnings: bool) -> int:
+    """What ``train`` / ``eval`` check before any work (``check`` runs the ``train`` ones): the config for
+    ``world_size`` processes, for ``train`` its paths (:func:`check_paths`), and ``model.kernels=fused``. Returns the
+    data-parallel size; raises ConfigError."""
+    dp = _validate(cfg, world_size, show_warnings)
+    if command == "train":
+        check_paths(cfg)
+    if cfg.model.kernels == "fused":  # needs CUDA and a built megavlm._C: say so before any work starts
+        from .ops import fused_unavailable_reason
+
+        reason = fused_unavailable_reason()
+        if reason:
+            raise ConfigError(f"model.kernels=fused cannot run here: {reason}; use model.kernels=auto "
+                              "(fused when available) or reference")
+    return dp
+
+
+def _check(args) -> int:
+    """``megavlm check``: train's checks for ``--world-size`` processes, in this process, before launching them."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dp = _checks_before_work(cfg, "train", args.world_size, True)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(f"[megavlm] {args.config}: ok for {args.world_size} process(es): tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+          f"dp={dp}, run_dir={cfg.run_dir}", flush=True)
+    return 0
+
+
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -345,6 +394,8 @@ def main(argv=None) -> int:
         return _plan(args)
     from . import runtime
 
+    if args.command == "check":
+        return _check(args)
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config, args.overrides)
@@ -352,16 +403,7 @@ def main(argv=None) -> int:
             cfg = single_layout(cfg)
             if runtime.env_world_size() != 1:
                 return _fail("megavlm eval runs in a single process; run it without torchrun")
-        _validate(cfg, runtime.env_world_size(), rank0)
-        if args.command == "train":
-            check_paths(cfg)
-        if cfg.model.kernels == "fused":  # needs CUDA and a built megavlm._C: say so before any work starts
-            from .ops import fused_unavailable_reason
-
-            reason = fused_unavailable_reason()
-            if reason:
-                raise ConfigError(f"model.kernels=fused cannot run here: {reason}; use model.kernels=auto "
-                                  "(fused when available) or reference")
+        _checks_before_work(cfg, args.command, runtime.env_world_size(), rank0)
     except ConfigError as e:  # every rank checks the same config; one message is enough
         return _fail(str(e)) if rank0 else 2
 

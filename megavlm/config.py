@@ -101,6 +101,11 @@ MIN_TEXT_TOKENS = 8
 MAX_SHAPES_LIMIT = 3
 #: The family a config without ``model.family`` (every config written before families existed) belongs to.
 DEFAULT_FAMILY = "llava"
+#: Largest value of any size or count in the config (int32: DALI's batch size, kernel indices, tensor shapes).
+MAX_SIZE = 2**31 - 1
+#: Largest ``train.global_batch``: samples of one optimizer step, each rank's share held in memory at once (LLaVA
+#: trains with 128-256, the largest published LLM runs with a few thousand sequences per step).
+MAX_GLOBAL_BATCH = 2**24
 
 
 # --------------------------------------------------------------------------------------
@@ -117,6 +122,8 @@ def _check_min(key: str, value: Any, minimum: int) -> None:
     if value < minimum:
         what = "positive" if minimum == 1 else f">= {minimum}"
         raise ConfigError(f"{key}={value} must be {what}")
+    if value > MAX_SIZE:  # sizes end up in int32 places (DALI's batch size, kernel indices, tensor shapes)
+        raise ConfigError(f"{key}={value} is too large: at most {MAX_SIZE} (2**31-1)")
 
 
 def _check_nonneg(key: str, value: Any) -> None:
@@ -372,6 +379,9 @@ class TrainConfig:
         _check_choice(f"{key}.recompute", self.recompute, RECOMPUTE_CHOICES)
         for name in ("steps", "global_batch", "micro_batch"):
             _check_min(f"{key}.{name}", getattr(self, name), 1)
+        if self.global_batch > MAX_GLOBAL_BATCH:
+            raise ConfigError(f"{key}.global_batch={self.global_batch} is too large: at most {MAX_GLOBAL_BATCH:,} "
+                              "samples per step (each rank holds its share in memory at once)")
         for name in ("warmup_steps", "exit_interval", "min_lr", "weight_decay", "clip_grad"):
             _check_nonneg(f"{key}.{name}", getattr(self, name))
         if not 0 <= self.seed < 2**32:
@@ -533,6 +543,35 @@ _Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key that appears twice in one YAML mapping (``line``/``first_line``: 1-based)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line, self.first_line = key, line, first_line
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line})")
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML would silently keep the last of two equal keys (so a setting written
+    twice, e.g. after a copy-paste, would take effect from a line the reader may not be looking at). Keys merged in
+    with ``<<: *anchor`` may be overridden: that is what merging is for."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:  # an unhashable key: SafeLoader's own error says so
+            break
+        if first is not key_node:
+            raise DuplicateKeyError(key, key_node.start_mark.line + 1, first.start_mark.line + 1)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _yaml_load(text: str) -> Any:
@@ -793,6 +832,9 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
                 data = _yaml_load(f.read())
         except OSError as e:
             raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from e
+        except DuplicateKeyError as e:
+            raise ConfigError(f"config file {path!r}: key {e.key!r} appears twice in the same section, at lines "
+                              f"{e.first_line} and {e.line}; keep one") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
         where = f" (in {path})"
@@ -1040,7 +1082,42 @@ def validate(cfg: Config, world_size: int) -> int:
 
 
 def check_paths(cfg: Config) -> None:
-    """The files a training run reads: checked by ``megavlm train`` (after :func:`validate`) before any work, and
-    only there (``plan``, ``generate`` and ``eval`` do not need the training data)."""
-    if cfg.data.source == "shards" and not os.path.isdir(cfg.data.shards):
-        raise ConfigError(f"data.shards={cfg.data.shards} is not a directory")
+    """The files and directories a training run reads and writes: checked by ``megavlm train`` (after
+    :func:`validate`) and ``megavlm check`` before any work, and only there (``plan``, ``generate`` and ``eval`` do
+    not need the training data). ``run_dir``, the checkpoint directory and, for ``source=synthetic_shards``, the
+    shard directory must be directories this process can write in, or be creatable (their nearest existing parent a
+    writable directory); ``source=shards`` needs an existing directory. Nothing is left behind by the checks."""
+    _check_writable_dir("run_dir", cfg.run_dir)
+    _check_writable_dir("checkpoint.dir" if cfg.checkpoint.dir is not None else
+                        "checkpoint.dir=null (so {run_dir}/checkpoints)", checkpoint_dir(cfg))
+    if cfg.data.source == "shards":
+        if os.path.exists(cfg.data.shards) and not os.path.isdir(cfg.data.shards):
+            raise ConfigError(f"data.shards={cfg.data.shards} is a file, not a directory; give the directory "
+                              "`megavlm data convert --out` wrote")
+        if not os.path.isdir(cfg.data.shards):
+            raise ConfigError(f"data.shards={cfg.data.shards} is not a directory")
+    elif cfg.data.source == "synthetic_shards":
+        _check_writable_dir("data.shards" if cfg.data.shards else "data.shards=null (so {run_dir}/shards)",
+                            shards_dir(cfg))
+
+
+def _check_writable_dir(key: str, path: str) -> None:
+    """ConfigError unless ``path`` is a directory this process can create entries in, or can be created."""
+    shown = key if "=" in key else f"{key}={path}"
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise ConfigError(f"{shown} is a broken symbolic link")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{shown} is a file, not a directory; give a directory (new or existing)")
+        where = path
+    else:
+        where = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            raise ConfigError(f"{shown} cannot be created: {where} is a file, not a directory")
+    try:  # the one sure test of "can write here" (permissions, read-only mounts, root or not): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".megavlm-check-", dir=where))
+    except OSError as e:
+        what = "in it" if where == path else f"in {where}, where it would be created"
+        raise ConfigError(f"{shown}: cannot write {what} ({e.strerror or e})") from None

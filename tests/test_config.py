@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 from megavlm.config import (
     Config,
     ConfigError,
+    check_paths,
     load_config,
     save_config,
     to_dict,
@@ -399,3 +401,66 @@ def test_import_does_not_pull_torch():
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word; a config must not (issue 15, item 13)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 3\n  lr: 0.01\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice in the same section, at lines 2 and 4"):
+        load_config(str(p))
+    p.write_text("run_dir: /tmp/a\ntrain: {steps: 3}\nrun_dir: /tmp/b\n")
+    with pytest.raises(ConfigError, match=r"key 'run_dir' appears twice .* at lines 1 and 3"):
+        load_config(str(p))
+    # the same key in two sections, and a merge key overridden, are fine
+    p.write_text("train:\n  <<: {steps: 3, lr: 0.01}\n  steps: 4\ncheckpoint:\n  keep: 1\nlogging:\n  interval: 1\n")
+    cfg = load_config(str(p))
+    assert cfg.train.steps == 4 and cfg.train.lr == 0.01
+
+
+# --------------------------------------------------------------------------------------
+# check_paths and size bounds (issue 15, item 11): found before any work, never a traceback mid-run
+# --------------------------------------------------------------------------------------
+
+
+def _paths_error(tmp_path, *overrides):
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ConfigError) as ei:
+        check_paths(cfg)
+    return str(ei.value)
+
+
+def test_check_paths_refuses_directories_that_cannot_be(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    assert "run_dir=" + str(afile) + " is a file, not a directory" in _paths_error(tmp_path, f"run_dir={afile}")
+    assert f"cannot be created: {afile} is a file" in _paths_error(tmp_path, f"run_dir={afile}/sub/run")
+    # a place no one can create a directory in, root included (a chmod 0500 folder would not stop root)
+    assert "run_dir=/proc/megavlm-run: cannot write in /proc" in _paths_error(tmp_path, "run_dir=/proc/megavlm-run")
+    assert f"checkpoint.dir={afile} is a file" in _paths_error(tmp_path, f"checkpoint.dir={afile}")
+    (tmp_path / "checkpoints").write_text("")  # where checkpoint.dir=null puts them, under run_dir
+    assert "checkpoint.dir=null (so {run_dir}/checkpoints) is a file" in _paths_error(tmp_path, f"run_dir={tmp_path}")
+    assert f"data.shards={afile} is a file, not a directory" in _paths_error(
+        tmp_path, "data.source=shards", f"data.shards={afile}")
+    assert f"data.shards={afile} is a file" in _paths_error(
+        tmp_path, "data.source=synthetic_shards", f"data.shards={afile}")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert "is a broken symbolic link" in _paths_error(tmp_path, f"run_dir={tmp_path / 'dangling'}")
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["checkpoints", "dangling"])  # the checks left nothing
+    # what is fine: a new directory under a writable one, an existing directory
+    check_paths(load_config(None, [f"run_dir={tmp_path / 'new' / 'run'}"]))
+    check_paths(load_config(None, [f"run_dir={tmp_path}", f"checkpoint.dir={tmp_path / 'ck'}"]))
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.global_batch=1e11", "train.global_batch=100000000000 is too large: at most 2147483647"),
+    ("train.global_batch=1e8", "train.global_batch=100000000 is too large: at most 16,777,216 samples per step"),
+    ("train.micro_batch=3e9", "train.micro_batch=3000000000 is too large"),
+    ("data.max_seq_len=1e12", "data.max_seq_len=1000000000000 is too large"),
+    ("train.steps=1e20", "train.steps=100000000000000000000 is too large"),
+])
+def test_sizes_have_an_upper_bound(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(load_config(None, [override]), 1)

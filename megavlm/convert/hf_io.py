@@ -30,6 +30,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+#: The safetensors format's own limit on the header (the ``safetensors`` library refuses longer ones).
+MAX_HEADER_BYTES = 100_000_000
 
 
 def parse_size(text: str | int) -> int:
@@ -47,18 +49,47 @@ def parse_size(text: str | int) -> int:
     return n
 
 
+def _check_entry(key: str, info, data_bytes: int) -> None:
+    """ValueError unless ``info`` is a tensor entry (known dtype, shape, byte range inside the ``data_bytes`` after the
+    header), so reading it cannot fail later or read past the file."""
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {key!r}: entry is a {type(info).__name__}, not an object")
+    if info.get("dtype") not in _DTYPES:
+        raise ValueError(f"tensor {key!r}: dtype {info.get('dtype')!r} is not one of {', '.join(_DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {key!r}: shape {shape!r} is not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise ValueError(f"tensor {key!r}: data_offsets {offsets!r} do not lie inside the file's {data_bytes} data "
+                         "bytes")
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file: header parsed on open, each tensor read on demand with ``pread``-style reads."""
 
     def __init__(self, path: str):
         self.path = path
         try:
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                # the length comes from the file: bound it before reading that many bytes (a corrupt one asks for
+                # exabytes)
+                if n > min(size - 8, MAX_HEADER_BYTES):
+                    raise ValueError(f"its header length field says {n} bytes, but "
+                                     + (f"the file has {size - 8} after it" if n > size - 8 else
+                                        f"a safetensors header is at most {MAX_HEADER_BYTES} bytes")
+                                     + ": the file is corrupt or not safetensors")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+            metadata = header.pop("__metadata__", None) or {}
+            for key, info in header.items():
+                _check_entry(key, info, size - 8 - n)
         except (OSError, ValueError, struct.error) as e:
-            raise UserError(f"{path}: not a readable safetensors file ({e})") from e
-        self.metadata = header.pop("__metadata__", None) or {}
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        self.metadata = metadata
         self._start = 8 + n
         self._info = header
 

@@ -6,6 +6,11 @@ family puts in its place in the token ids is the family's business (``Family.exp
 """
 
 IMAGE_TOKEN = "<image>"
+#: Image extensions the training loader reads (what DALI's decoder reads: ``megavlm data convert`` stores other
+#: formats as PNG). A sample whose record names an image with any other extension (shards written by other means or
+#: by an older converter, e.g. ``.gif``) is skipped and counted as ``unsupported_image_format``, never read as
+#: text-only.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 #: Label of a position that is not supervised (torch's ``cross_entropy`` default ``ignore_index``).
 IGNORE_INDEX = -100
 

@@ -3,8 +3,11 @@
 For the first ``n`` samples: key, id, image sizes, and the encoded text with the supervised spans marked (green on
 a terminal, ``⟦...⟧`` otherwise; ``<image>×K`` for the expanded image tokens).  Then over all samples: samples,
 images, text-only samples, a token-length histogram, samples longer than ``--max-seq-len``, samples that cannot be
-encoded, the share of samples without any supervised token (``check_supervision``'s test), and the samples lost
-to a truncated tar (left out as the training loader leaves them out: :func:`megavlm.data.shards.whole_samples`).
+encoded, the share of samples without any supervised token (``check_supervision``'s test), the samples lost
+to a truncated tar (left out as the training loader leaves them out: :func:`megavlm.data.shards.whole_samples`), and
+what could not be read: records that are not UTF-8 JSON, images training could not use (missing, a format the loader
+does not read, bytes PIL cannot verify) and damaged tar headers (samples are read through the index, as training
+reads them, so a damaged header hides nothing).
 
 Tokens per image are what training uses (the model family's tokens per crop, ``Family.image_tokens``) when a config
 is given, ``num_image_tokens`` when that is given, and otherwise :data:`DEFAULT_IMAGE_TOKENS` (LLaVA-1.5's CLIP
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from typing import TextIO
 
 from megavlm.config import ConfigError, validate
-from megavlm.data.constants import IGNORE_INDEX, IMAGE_TOKEN, image_token_id
+from megavlm.data.constants import IGNORE_INDEX, IMAGE_EXTS, IMAGE_TOKEN, image_token_id
 from megavlm.data.conversation import check_supervision, encode_turns, get_template, record_turns
 from megavlm.data.shards import iter_shards, shard_paths
 from megavlm.data.synthetic import build_synthetic_tokenizer
@@ -183,10 +187,15 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
 
     stats = {"samples": 0, "images": 0, "text_only": 0, "unencodable": 0, "too_long": 0, "histogram": {},
              "first_error": None, "image_tokens": num_image_tokens, "truncated_tar": 0, "truncated_files": {},
-             "crops": 0}
+             "crops": 0, "unreadable_records": 0, "undecodable_images": 0, "unsupported_images": 0,
+             "image_problems": [], "damaged_headers": {}, "unread_tail": {}}
+    problems: dict = {}
     encoded, lengths = [], []
-    for key, record, files in iter_shards(shards_dir, truncated=stats["truncated_files"]):
+    for key, record, files in iter_shards(shards_dir, truncated=stats["truncated_files"], problems=problems):
+        if record is None:  # counted in problems["unreadable_records"]; training skips it as malformed_record
+            continue
         names = record.get("images") or []
+        _check_images(key, files, names, stats)
         stats["samples"] += 1
         stats["images"] += len(names)
         stats["text_only"] += not names
@@ -223,6 +232,8 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
     stats["max_tokens"] = max(lengths) if lengths else 0
 
     stats["truncated_tar"] = sum(lost for lost, _ in stats["truncated_files"].values())
+    stats["unreadable_records"] = len(problems["unreadable_records"])
+    stats["damaged_headers"], stats["unread_tail"] = problems["damaged_headers"], problems["unread_tail"]
 
     print(f"\n=== {shards_dir}: template {template!r} ({tpl_why}), "
           f"tokenizer {'synthetic' if tokenizer is None else tokenizer} ({tok_why})", file=out)
@@ -252,4 +263,47 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
               f"end of the file; not in the counts above; training leaves them out too, as truncated_tar)", file=out)
     if len(stats["truncated_files"]) > 1:
         print(f"lost to truncated tars in all: {stats['truncated_tar']} samples", file=out)
+    _report_unread(stats, problems["unreadable_records"], out)
     return stats
+
+
+def _check_images(key: str, files: dict, names: list, stats: dict) -> None:
+    """Count the sample's images that training could not use: missing, in a format the loader does not read, or
+    whose bytes PIL cannot verify (a PNG's checksums, any format's header)."""
+    from PIL import Image
+
+    for name in names:
+        why = None
+        if not isinstance(name, str) or name not in files:
+            why, kind = "listed in the record but not in the tar", "undecodable_images"
+        elif name.rpartition(".")[2].lower() not in IMAGE_EXTS:
+            why, kind = "a format the training loader does not read", "unsupported_images"
+        else:
+            try:
+                with Image.open(io.BytesIO(files[name])) as im:
+                    im.verify()
+            except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+                msg = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+                why, kind = f"{type(e).__name__}: {msg}", "undecodable_images"
+        if why:
+            stats[kind] += 1
+            if len(stats["image_problems"]) < 5:
+                stats["image_problems"].append(f"{key}: {name}: {why}"[:300])
+
+
+def _report_unread(stats: dict, unreadable: list, out: TextIO) -> None:
+    """Say what could not be read (and so is not in the counts above), and what training does with it."""
+    if unreadable:
+        print(f"could not read {len(unreadable)} record(s) (not in the counts above; training skips them as "
+              f"malformed_record), e.g. {unreadable[0]}", file=out)
+    if stats["undecodable_images"] or stats["unsupported_images"]:
+        print(f"images training cannot use: {stats['undecodable_images']} undecodable (skipped as "
+              f"undecodable_image), {stats['unsupported_images']} in a format the loader does not read (skipped as "
+              f"unsupported_image_format; rewrite the shards with `megavlm data convert`), e.g. "
+              f"{stats['image_problems'][0]}", file=out)
+    for path, n in stats["damaged_headers"].items():
+        print(f"damaged tar headers: {n} in {path} (its samples were read through the index, as training reads "
+              "them; tar tools stop at the first one)", file=out)
+    for path, (stop, size) in stats["unread_tail"].items():
+        print(f"could not read {path} past byte {stop} of {size} (a damaged tar header; without an index the "
+              "samples after it cannot be found, and training needs the index: rewrite the shards)", file=out)

@@ -25,7 +25,12 @@ loader catches that error, reads the same batch again undecoded from a reader-on
 same seed, kept in step lazily: it only runs when needed), decodes each sample with PIL and applies the same
 transform in numpy/PIL; samples whose image PIL cannot decode are skipped and counted in ``loader.skipped``
 (``{"undecodable_image": n}``).  In ``crop`` training mode the fallback draws its crop from its own RNG (seeded
-from ``seed`` and the key), not DALI's.
+from ``seed`` and the key), not DALI's.  Every batch the fallback decodes is counted (``loader.fallbacks``, in the
+run's metrics as ``loader_fallback_batches`` and in its closing summary) and the first DALI error is printed once:
+on good data the count stays 0 (the tests hold it there), so a pipeline bug cannot hide behind the slower path.
+
+Image formats: those of :data:`IMAGE_EXTS` (``megavlm data convert`` stores every other format as PNG).  A record
+naming an image in another format is skipped and counted as ``unsupported_image_format``.
 
 No megatron import here.
 """
@@ -36,12 +41,15 @@ import io
 import itertools
 import json
 import os
+import sys
+import tempfile
 import zlib
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from megavlm.data.constants import IMAGE_EXTS
 from megavlm.data.images import CROP_RATIO as _CROP_RATIO
 from megavlm.data.images import CROP_SCALE as _CROP_SCALE
 from megavlm.data.images import MODES, fill_values, reference_transform  # noqa: F401 - reference_transform: re-exported
@@ -50,7 +58,6 @@ from megavlm.data.shards import shard_paths, whole_samples
 from megavlm.errors import UserError
 
 OUTPUTS = ("uint8", "float")
-IMAGE_EXTS = ("jpg", "png", "jpeg")
 
 
 def _placeholder() -> np.ndarray:
@@ -76,40 +83,36 @@ def _files(shards_dir: str) -> tuple[list[str], list[str]]:
     return paths, idx
 
 
-def complete_indices(paths: Sequence[str], index_paths: Sequence[str]) -> tuple[list[str], list[int], list[list[int]]]:
+def complete_indices(paths: Sequence[str], index_paths: Sequence[str], workdir: str | None = None
+                     ) -> tuple[list[str], list[int], list[list[int]]]:
     """Index files that list only the samples lying wholly inside their tar; per shard the number of samples its
     original index lists and the positions of those dropped.
 
     A truncated tar (a copy cut short, a full disk) makes DALI's reader fail the whole pipeline for good ("offset is
     outside of the archive file"). Each index is checked against its tar's size (:func:`whole_samples`, which
-    ``megavlm data inspect`` uses too); where samples reach past the end, a trimmed copy of the index goes to a
-    temporary folder (named by the shard's path, size and mtime, so all ranks on a node share it) and the reader gets
-    that instead. The dropped samples are counted as ``truncated_tar``."""
-    import hashlib
-    import tempfile
-
+    ``megavlm data inspect`` uses too); where samples reach past the end, a trimmed copy of the index goes to
+    ``workdir`` and the reader gets that instead. ``workdir`` must be private to this process (the loader's own
+    temporary directory): a folder of a fixed name in the shared ``/tmp`` would let another user plant index files
+    there. Without one, a new private directory (``tempfile.mkdtemp``, mode 0700) is made when the first index needs
+    trimming; the caller removes it. The dropped samples are counted as ``truncated_tar``."""
     from megavlm.data.shards import INDEX_VERSION
 
     out, listed, dropped = [], [], []
-    for tar, idx in zip(paths, index_paths):
+    for k, (tar, idx) in enumerate(zip(paths, index_paths)):
         samples, whole = whole_samples(tar, idx)
         listed.append(len(samples))
         dropped.append([i for i, ok in enumerate(whole) if not ok])
         if all(whole):
             out.append(idx)
             continue
-        keep = [s for s, ok in zip(samples, whole) if ok]
-        st = os.stat(tar)
-        tag = hashlib.sha1(f"{os.path.abspath(tar)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        trimmed = os.path.join(tempfile.gettempdir(), "megavlm-trimmed-idx", tag + ".idx")
-        if not os.path.isfile(trimmed):
-            os.makedirs(os.path.dirname(trimmed), exist_ok=True)
-            tmp = f"{trimmed}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{INDEX_VERSION} {len(keep)}\n")
-                for s in keep:
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix="megavlm-idx-")
+        trimmed = os.path.join(workdir, f"{k:06d}-{os.path.basename(idx)}")
+        with open(trimmed, "x") as f:  # "x": never a file that is already there
+            f.write(f"{INDEX_VERSION} {sum(whole)}\n")
+            for s, ok in zip(samples, whole):
+                if ok:
                     f.write(" ".join(f"{e} {off} {n} {name}" for e, off, n, name in s) + "\n")
-            os.replace(tmp, trimmed)
         out.append(trimmed)
     return out, listed, dropped
 
@@ -184,7 +187,7 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
             if mode == "resize":
                 img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
             elif mode == "pad":
-                sh = img.shape()
+                sh = fn.cast(img.shape(), dtype=types.FLOAT)  # fn.crop takes float crop_h/crop_w, not int64
                 side = dmath.max(sh[0], sh[1])
                 img = fn.crop(img, crop_h=side, crop_w=side, crop_pos_x=0.5, crop_pos_y=0.5,
                               out_of_bounds_policy="pad", fill_values=fill)
@@ -301,7 +304,9 @@ class ImageTextLoader:
         image_size, mean, std = self.images.size, self.images.mean, self.images.std
         mode = None if self.tiled else self.images.mode
         self.paths, index_paths = _files(shards_dir)
-        self.index_paths, listed, dropped = complete_indices(self.paths, index_paths)
+        # trimmed indexes of truncated tars, if any: private to this loader, removed with it
+        self._workdir = tempfile.TemporaryDirectory(prefix="megavlm-idx-")
+        self.index_paths, listed, dropped = complete_indices(self.paths, index_paths, self._workdir.name)
         self.total = sum(listed) - sum(len(d) for d in dropped)
         self.num_samples = _shard_range(self.total, dp_rank, dp_size)
         # Samples lost to truncated tars count against the DP rank whose split they would have been in.
@@ -319,6 +324,11 @@ class ImageTextLoader:
         self.mode, self.output, self.train, self.seed = mode, output, train, seed
         self.mean, self.std = tuple(mean), tuple(std)
         self.skipped: dict[str, int] = {"truncated_tar": lost} if lost else {}
+        #: Batches DALI failed on and the PIL fallback decoded instead (a corrupt image, or a pipeline bug: either
+        #: way slower, and reported: ``ShardTrainData`` puts it in the metrics and the run's summary).
+        self.fallbacks = 0
+        #: What DALI said the first time it failed (None until then).
+        self.fallback_error: str | None = None
         self._load(None)
 
     # -------------------------------------------------------------- state
@@ -334,6 +344,7 @@ class ImageTextLoader:
         self._in_epoch = 0 if state is None else int(state["in_epoch"])  # samples of the current epoch consumed
         if state is not None:
             self.skipped = dict(state.get("skipped", {}))
+            self.fallbacks = int(state.get("fallbacks", 0))
 
     def _raw_pipe(self):
         if self._raw is None:
@@ -349,7 +360,7 @@ class ImageTextLoader:
         """Reader + RNG state (DALI checkpoints of the pipeline and of its reader-only twin) and the position."""
         raw = self._raw_pipe().checkpoint()
         return {"pipeline": self._pipe.checkpoint(), "raw": raw, "in_epoch": self._in_epoch,
-                "skipped": dict(self.skipped), "config": self._state_config()}
+                "skipped": dict(self.skipped), "fallbacks": self.fallbacks, "config": self._state_config()}
 
     def _state_config(self) -> dict:
         """The settings a state belongs to, as plain values (square images: the keys states always had)."""
@@ -410,14 +421,22 @@ class ImageTextLoader:
         batch = []
         for i in range(valid):
             chosen = [t[i] for t, h in imgs if h[i]]
-            batch.append(self._sample(js, info, i, chosen))
+            sample = self._sample(js, info, i, chosen)
+            if sample is not None:
+                batch.append(sample)
         return batch
 
-    def _sample(self, js, info, i: int, images: list) -> dict:
+    def _sample(self, js, info, i: int, images: list) -> dict | None:
+        """The sample, or None (counted) when its record names an image the reader does not take."""
         try:
             record = json.loads(np.asarray(js[i]).tobytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             record = None  # not a record: the consumer skips and counts it (malformed_record)
+        names = record.get("images") if isinstance(record, dict) else None
+        if isinstance(names, list) and any(isinstance(n, str) and n.rpartition(".")[2].lower() not in IMAGE_EXTS
+                                           for n in names):
+            self.skipped["unsupported_image_format"] = self.skipped.get("unsupported_image_format", 0) + 1
+            return None
         src = np.asarray(info[i]).tobytes().decode("utf-8")
         key = src.rsplit(":", 1)[-1].split(".", 1)[0]
         crops = [int(t.shape[0]) for t in images] if self.tiled else [1] * len(images)
@@ -432,6 +451,11 @@ class ImageTextLoader:
 
     # -------------------------------------------------------------- corrupt-image fallback
     def _fallback(self, valid: int, error: Exception) -> list[dict]:
+        self.fallbacks += 1
+        if self.fallback_error is None:
+            self.fallback_error = dali_error_summary(error)
+            print(f"warning: DALI failed on a batch ({self.fallback_error}); the loader decodes it with PIL instead "
+                  "(slower; counted as loader_fallback_batches in metrics.jsonl)", file=sys.stderr, flush=True)
         self._pos -= 1
         raw = self._raw_pipe()  # now at the failed batch
         outs = raw.run()
@@ -451,7 +475,9 @@ class ImageTextLoader:
                 continue
             if self.device == "mixed":
                 images = [t.cuda() for t in images]
-            batch.append(self._sample(js, info, i, images))
+            sample = self._sample(js, info, i, images)
+            if sample is not None:
+                batch.append(sample)
         return batch
 
     def _pil_transform(self, data: bytes, source: str, slot: int) -> torch.Tensor:
@@ -488,6 +514,17 @@ def _samples(tl, n: int) -> list[torch.Tensor]:
     if isinstance(tl, TensorListGPU):
         return [_to_torch_gpu(tl[i]) for i in range(n)]
     return [torch.from_numpy(np.array(tl[i])) for i in range(n)]
+
+
+def dali_error_summary(error: Exception) -> str:
+    """DALI's multi-line pipeline error in one line: the operator and what it encountered."""
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    op = next((ln for ln in lines if ln.startswith("Error in") and "operator" in ln), "").rstrip(",")
+    cause = ""
+    if "encountered:" in lines:
+        cause = next((ln for ln in lines[lines.index("encountered:") + 1:] if ln), "")
+    text = ": ".join(x for x in (op, cause) if x) or next((ln for ln in lines if ln), type(error).__name__)
+    return text[:300]
 
 
 def _to_torch_gpu(tl) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Layout (see docs/data.md)::
 
-    OUT/shard-000000.tar   samples KEY.json (normalized record) + KEY.N.<jpg|png|...> (image bytes, unchanged)
+    OUT/shard-000000.tar   samples KEY.json (normalized record) + KEY.N.<jpg|png|webp|bmp|tiff> (image bytes,
+                           unchanged; other formats such as GIF transcoded to PNG)
     OUT/shard-000000.idx   DALI wds2idx v1.2 index of that tar
     OUT/summary.json       kept / skipped by reason
 
@@ -20,8 +21,10 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from typing import Iterable, Iterator
 
@@ -35,10 +38,15 @@ SKIP_REASONS = (
     "malformed_record",
     "image_count_mismatch",
     "empty_conversation",
+    "unsafe_image_path",
 )
 INDEX_VERSION = "v1.2"
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+#: Image formats kept as they are (PIL format → extension in the shards): those the training loader's DALI decoder
+#: reads (:data:`megavlm.data.constants.IMAGE_EXTS`). MPO (a camera JPEG with extra frames appended) is a JPEG whose
+#: first frame is the image. Every other format PIL decodes (GIF, PPM, JPEG 2000, ICO, TGA, ...) is transcoded to
+#: PNG (lossless; RGB, first frame: what training makes of it anyway) and counted in ``summary["transcoded"]``.
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 _MAX_EXAMPLES = 5  # skip messages kept per reason in summary.json
 
 
@@ -141,8 +149,10 @@ def normalize_record(raw) -> tuple[dict, list]:
     return out, images
 
 
-def image_extension(data: bytes) -> str:
-    """Verify ``data`` decodes (PIL) and return its extension (``jpg``, ``png``, ...); :class:`Skip` if not."""
+def prepare_image(data: bytes) -> tuple[str, bytes, str | None]:
+    """Verify ``data`` decodes (PIL) and return ``(extension, bytes to store, transcoded from)``: the bytes unchanged
+    for a format the loader decodes (:data:`KEPT_FORMATS`, ``transcoded from`` None), else the image as PNG and its
+    format's name (``"gif"``); :class:`Skip` if it does not decode."""
     from PIL import Image
 
     try:
@@ -150,14 +160,57 @@ def image_extension(data: bytes) -> str:
             fmt = im.format
             im.verify()
         with Image.open(io.BytesIO(data)) as im:  # verify() misses truncated data: decode (JPEG at 1/8 scale)
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
+            if fmt in KEPT_FORMATS:
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+                return KEPT_FORMATS[fmt], data, None
+            rgb = im.convert("RGB")  # the first frame, as training's PIL reference reads it
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds
         raise Skip("undecodable_image", f"cannot decode image: {type(e).__name__}: {e}") from None
-    return _EXT.get(fmt, (fmt or "img").lower())
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return "png", buf.getvalue(), (fmt or "unknown").lower()
 
 
 # ------------------------------------------------------------------ writing
+
+
+def image_path(src: str, images_root: str | None, allow_absolute: bool = False) -> str:
+    """Where a record's image path ``src`` points: inside ``images_root`` (``--images``), never outside it.
+
+    The records are data from elsewhere (a downloaded json), the images folder is the user's own: a path that is
+    absolute or climbs out with ``..`` (``../../etc/hostname``) is refused (:class:`Skip` ``unsafe_image_path``),
+    unless ``allow_absolute`` (then absolute paths are read as they are; ``..`` out of the folder is still refused).
+    Symbolic links inside ``images_root`` are followed: where they lead is the owner's choice. Without
+    ``images_root`` (programmatic use) the path is taken as it is."""
+    if images_root is None:
+        return src
+    if os.path.isabs(src):
+        if allow_absolute:
+            return src
+        raise Skip("unsafe_image_path", f"image path {src!r} is absolute; record paths are relative to --images "
+                                        "(--allow-absolute-image-paths reads absolute ones as they are)")
+    norm = os.path.normpath(src)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise Skip("unsafe_image_path", f"image path {src!r} leads outside --images")
+    return os.path.join(images_root, norm)
+
+
+def _record_json(record: dict) -> bytes:
+    """The record as UTF-8 JSON; :class:`Skip` when its text is not valid Unicode (a byte that is not UTF-8, read as a
+    lone surrogate such as ``\\udc80``, or a lone surrogate written as a JSON escape)."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Skip("malformed_record", f"text is not valid UTF-8 ({e.object[e.start:e.end]!r}: a byte that is not "
+                                       "UTF-8 or a lone surrogate), after "
+                                       f"{_printable(text[max(0, e.start - 30):e.start])!r}") from None
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot hold (surrogates) as backslash escapes: safe to print and to write."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
@@ -174,11 +227,12 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
 
 def _write_shard(task) -> dict:
     """Worker: validate the records of one shard and write ``.tar.tmp`` / ``.idx.tmp``; skips are counted."""
-    chunk_id, records, images_root, out_dir = task
+    chunk_id, records, images_root, allow_absolute, out_dir = task
     tmp_tar = os.path.join(out_dir, f".chunk-{chunk_id:06d}.tar.tmp")
     tmp_idx = os.path.join(out_dir, f".chunk-{chunk_id:06d}.idx.tmp")
     skipped = {r: 0 for r in SKIP_REASONS}
     examples: dict[str, list[str]] = {}
+    transcoded: dict[str, int] = {}
     index_lines = []
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
         for pos, raw in records:
@@ -190,24 +244,30 @@ def _write_shard(task) -> dict:
                     if isinstance(src, bytes):
                         data = src
                     else:
-                        path = src if images_root is None else os.path.join(images_root, src)
+                        path = image_path(src, images_root, allow_absolute)
                         try:
                             with open(path, "rb") as f:
                                 data = f.read()
                         except OSError:
                             raise Skip("missing_image", f"image not found: {path}") from None
+                        except ValueError as e:  # a NUL or a lone surrogate: no file has that name
+                            raise Skip("malformed_record", f"image path {src!r} is not a file name ({e})") from None
                     blobs.append(data)
-                exts = [image_extension(d) for d in blobs]
+                prepared = [prepare_image(d) for d in blobs]
+                names = [f"{key}.{i}.{e}" for i, (e, _, _) in enumerate(prepared)]
+                record["images"] = names
+                text = _record_json(record)
             except Skip as s:
                 skipped[s.reason] += 1
                 ex = examples.setdefault(s.reason, [])
                 if len(ex) < _MAX_EXAMPLES:
-                    ex.append(f"record {pos}: {s}")
+                    ex.append(_printable(f"record {pos}: {s}"))
                 continue
-            names = [f"{key}.{i}.{e}" for i, e in enumerate(exts)]
-            record["images"] = names
-            comps = [("json", f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))]
-            comps += [(n.split(".", 1)[1], n, d) for n, d in zip(names, blobs)]
+            for _, _, was in prepared:
+                if was:
+                    transcoded[was] = transcoded.get(was, 0) + 1
+            comps = [("json", f"{key}.json", text)]
+            comps += [(n.split(".", 1)[1], n, d) for n, (_, d, _) in zip(names, prepared)]
             line = []
             for ext, name, data in comps:
                 off, size = _add(tf, name, data)
@@ -220,19 +280,19 @@ def _write_shard(task) -> dict:
             f.write("\n".join(index_lines) + "\n")
     else:
         os.remove(tmp_tar)
-    return {"chunk": chunk_id, "kept": kept, "skipped": skipped, "examples": examples,
+    return {"chunk": chunk_id, "kept": kept, "skipped": skipped, "examples": examples, "transcoded": transcoded,
             "tar": tmp_tar if kept else None, "idx": tmp_idx if kept else None, "records": len(records)}
 
 
-def _chunks(records_iter: Iterable, shard_size: int, images_root, out_dir) -> Iterator[tuple]:
+def _chunks(records_iter: Iterable, shard_size: int, images_root, allow_absolute, out_dir) -> Iterator[tuple]:
     buf, chunk_id = [], 0
     for pos, raw in enumerate(records_iter):
         buf.append((pos, raw))
         if len(buf) == shard_size:
-            yield chunk_id, buf, images_root, out_dir
+            yield chunk_id, buf, images_root, allow_absolute, out_dir
             buf, chunk_id = [], chunk_id + 1
     if buf:
-        yield chunk_id, buf, images_root, out_dir
+        yield chunk_id, buf, images_root, allow_absolute, out_dir
 
 
 def write_shards(
@@ -241,6 +301,7 @@ def write_shards(
     shard_size: int = 1000,
     *,
     images_root: str | None = None,
+    allow_absolute: bool = False,
     workers: int = 1,
     progress: bool = True,
     total: int | None = None,
@@ -249,27 +310,70 @@ def write_shards(
     """Write records as WebDataset shards ``out_dir/shard-{k:06d}.tar`` + DALI ``.idx``; return the summary.
 
     A record is a dict with ``conversations`` (``from``/``value``) or ``messages`` (``role``/``content``)
-    and optional ``image`` / ``images``: paths (relative to ``images_root``) or ``bytes``.  Sample keys
-    are the records' positions in ``records_iter`` (``%09d``).  Records that fail a check are skipped
-    and counted by reason (:data:`SKIP_REASONS`); skips never stop the run.  Every ``shard_size``
-    input records are one task (``workers`` processes); shards are written under a temporary name and
-    renamed, numbered contiguously in input order (chunks where everything was skipped give no shard).
-    Writes ``out_dir/summary.json``.  Raises :class:`UserError` if ``out_dir`` already holds shards.
+    and optional ``image`` / ``images``: paths (relative to ``images_root``, inside it: :func:`image_path`) or
+    ``bytes``; ``allow_absolute``: absolute paths are read as they are.  Sample keys are the records' positions in
+    ``records_iter`` (``%09d``).  Records that fail a check are skipped and counted by reason (:data:`SKIP_REASONS`);
+    skips never stop the run.  Every ``shard_size`` input records are one task (``workers`` processes); shards are
+    numbered contiguously in input order (chunks where everything was skipped give no shard).  Writes
+    ``out_dir/summary.json``.
+
+    The whole folder is written in a staging folder next to ``out_dir`` (``.NAME.partial-*``, removed on any
+    error) and renamed to ``out_dir`` when complete, so an interrupted run leaves no ``out_dir`` behind, let alone
+    shards without a summary (a run killed with SIGKILL leaves its staging folder, which may be deleted). When
+    ``out_dir`` already exists with other files in it, the shards are moved in and ``summary.json`` last.  Raises
+    :class:`UserError` if ``out_dir`` is a file or already holds shards.
     """
     if shard_size < 1:
         raise UserError(f"shard size must be >= 1, got {shard_size}")
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file; give a new or empty directory for the shards")
     if glob.glob(os.path.join(out_dir, "shard-*.tar")):
         raise UserError(f"{out_dir} already contains shard-*.tar files; write into a new or empty directory")
+    final = os.path.abspath(out_dir)
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=os.path.dirname(final))
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would become out_dir's mode
+        summary = _write_all(records_iter, stage, final, shard_size, images_root, allow_absolute, workers, progress,
+                             total, extra_summary)
+        _publish(stage, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _publish(stage: str, final: str) -> None:
+    """Move the complete folder ``stage`` to ``final``: one rename when ``final`` is new or empty (atomic), else its
+    files one by one with ``summary.json`` last."""
+    try:
+        os.rename(stage, final)  # POSIX: replaces an empty directory too
+        return
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+    names = sorted(os.listdir(stage), key=lambda n: n == "summary.json")
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(final, name))
+
+
+def _write_all(records_iter, out_dir, final, shard_size, images_root, allow_absolute, workers, progress, total,
+               extra_summary):
+    """:func:`write_shards`'s work, into ``out_dir`` (the staging folder; the summary names ``final``)."""
     t0 = time.time()
     skipped = {r: 0 for r in SKIP_REASONS}
     examples: dict[str, list[str]] = {}
+    transcoded: dict[str, int] = {}
     shards: list[str] = []
     kept = n_records = 0
     n_chunks = None if total is None else -(-total // shard_size)
-    tasks = _chunks(records_iter, shard_size, images_root, out_dir)
+    tasks = _chunks(records_iter, shard_size, images_root, allow_absolute, out_dir)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_write_shard, tasks) if pool is not None else map(_write_shard, tasks)
@@ -278,6 +382,8 @@ def write_shards(
             kept += res["kept"]
             for r, n in res["skipped"].items():
                 skipped[r] += n
+            for f, n in res["transcoded"].items():
+                transcoded[f] = transcoded.get(f, 0) + n
             for r, ex in res["examples"].items():
                 examples.setdefault(r, []).extend(ex[: _MAX_EXAMPLES - len(examples.get(r, []))])
             if res["tar"]:
@@ -293,27 +399,24 @@ def write_shards(
         if pool is not None:
             pool.close()
             pool.join()
-        for tmp in glob.glob(os.path.join(out_dir, ".chunk-*.tmp")):  # a failed run leaves no partial shard
-            os.remove(tmp)
     if progress:
         print(file=sys.stderr, flush=True)
     summary = dict(extra_summary or {})
     summary.update({
-        "out": os.path.abspath(out_dir),
+        "out": final,
         "records": n_records,
         "kept": kept,
         "skipped": skipped,
         "skipped_total": sum(skipped.values()),
         "skip_examples": examples,
+        "transcoded": dict(sorted(transcoded.items())),
         "shards": shards,
         "shard_size": shard_size,
         "seconds": round(time.time() - t0, 3),
     })
-    tmp = os.path.join(out_dir, ".summary.json.tmp")
-    with open(tmp, "w") as f:
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8", errors="backslashreplace") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, "summary.json"))
     return summary
 
 
@@ -323,7 +426,8 @@ def write_shards(
 def read_records(fmt: str, json_path: str) -> list:
     """Raw records of a ``llava-pretrain`` / ``llava-instruct`` JSON list or a ``jsonl`` file.
 
-    Unparseable jsonl lines become ``{"__malformed__": why}`` (counted as malformed, not fatal).
+    Unparseable jsonl lines (invalid JSON, not UTF-8) become ``{"__malformed__": why}`` (counted as malformed, not
+    fatal); in a JSON list, a string with bytes that are not UTF-8 makes its record malformed when it is written.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -331,8 +435,14 @@ def read_records(fmt: str, json_path: str) -> list:
         raise UserError(f"input file not found: {json_path}")
     if fmt == "jsonl":
         out = []
-        with open(json_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(json_path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    out.append({"__malformed__": f"line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                 f"{e.start + 1})"})
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -341,7 +451,9 @@ def read_records(fmt: str, json_path: str) -> list:
                     out.append({"__malformed__": f"line {n}: invalid JSON ({e.msg})"})
         return out
     try:
-        with open(json_path, encoding="utf-8") as f:
+        # A byte that is not UTF-8 becomes a lone surrogate (\udc80-\udcff): inside a string it makes only its own
+        # record malformed (counted when written), anywhere else the JSON is invalid.
+        with open(json_path, encoding="utf-8", errors="surrogateescape") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{json_path} is not valid JSON ({e}); for one record per line use --format jsonl") from None
@@ -351,15 +463,15 @@ def read_records(fmt: str, json_path: str) -> list:
 
 
 def convert(fmt: str, json_path: str, images_dir: str, out_dir: str, shard_size: int = 1000,
-            workers: int = 1, progress: bool = True) -> dict:
+            workers: int = 1, progress: bool = True, allow_absolute: bool = False) -> dict:
     """``megavlm data convert``: LLaVA-Pretrain / LLaVA-Instruct json or jsonl → shards (see :func:`write_shards`).
 
     Raises :class:`UserError` when nothing was written (the summary is still written)."""
     if not os.path.isdir(images_dir):
         raise UserError(f"image directory not found: {images_dir}")
     records = read_records(fmt, json_path)
-    summary = write_shards(records, out_dir, shard_size, images_root=images_dir, workers=workers,
-                           progress=progress, total=len(records),
+    summary = write_shards(records, out_dir, shard_size, images_root=images_dir, allow_absolute=allow_absolute,
+                           workers=workers, progress=progress, total=len(records),
                            extra_summary={"format": fmt, "input": os.path.abspath(json_path),
                                           "images": os.path.abspath(images_dir)})
     if summary["kept"] == 0:
@@ -378,6 +490,8 @@ def format_summary(summary: dict) -> str:
         if n:
             ex = summary["skip_examples"].get(r) or []
             lines.append(f"  skipped {n:>8} {r}" + (f"  (e.g. {ex[0]})" if ex else ""))
+    for fmt, n in (summary.get("transcoded") or {}).items():
+        lines.append(f"  {n:>8} {fmt} image(s) stored as PNG (the training loader does not decode {fmt})")
     return "\n".join(lines)
 
 
@@ -403,47 +517,113 @@ def whole_samples(tar_path: str, idx_path: str) -> tuple[list[list[tuple[str, in
     return samples, [all(off + n <= size for _, off, n, _ in s) for s in samples]
 
 
-def iter_shards(shard_dir: str, truncated: dict | None = None) -> Iterator[tuple[str, dict, dict[str, bytes]]]:
+def iter_shards(shard_dir: str, truncated: dict | None = None,
+                problems: dict | None = None) -> Iterator[tuple[str, dict | None, dict[str, bytes]]]:
     """Yield ``(key, record, {image name: bytes})`` for every sample of ``shard_dir``'s shards, in order.
 
-    Where a shard's index (``shard-N.idx``) lists samples that reach past the end of its tar (:func:`whole_samples`),
-    those samples are left out, as the training loader leaves them out; ``truncated``, when given, gets
-    ``{tar path: (samples lost, samples listed)}`` for each such tar (filled as the tars are read). A tar that cannot
-    be read and has no index to tell its whole samples is a :class:`UserError`."""
+    A shard with an index (``shard-N.idx``) is read through it, member by member at the index's offsets, as the
+    training loader's reader reads it: a damaged tar header does not hide the samples after it. Where the index lists
+    samples that reach past the end of its tar (:func:`whole_samples`), those samples are left out, as the training
+    loader leaves them out; ``truncated``, when given, gets ``{tar path: (samples lost, samples listed)}`` for each
+    such tar (filled as the tars are read).
+
+    ``record`` is None for a sample whose ``.json`` is not a UTF-8 JSON object (training skips it as
+    ``malformed_record``). ``problems``, when given, collects what could not be read: ``unreadable_records``
+    (``"PATH: KEY: why"`` per such sample), ``damaged_headers`` (``{tar path: members whose tar header is not
+    theirs}``: training is not affected, tar tools are) and ``unread_tail`` (``{tar path: (byte where reading
+    stopped, file size)}`` for a tar without an index whose headers break off before its end: the samples past
+    that byte are not yielded). A tar without an index that cannot be read at all, or that is cut inside a file's
+    bytes, is a :class:`UserError`."""
+    if problems is not None:
+        for k in ("unreadable_records", "damaged_headers", "unread_tail"):
+            problems.setdefault(k, [] if k == "unreadable_records" else {})
     for path in shard_paths(shard_dir):
         idx = path[: -len(".tar")] + ".idx"
-        lost: set[str] = set()
         if os.path.isfile(idx):
             samples, whole = whole_samples(path, idx)
-            lost = {s[0][3].split(".", 1)[0] for s, ok in zip(samples, whole) if not ok and s}
+            lost = sum(not ok for ok in whole)
             if lost and truncated is not None:
-                truncated[path] = (sum(not ok for ok in whole), len(samples))
-        with tarfile.open(path, "r:") as tf:
-            key, record, files = None, None, {}
-            try:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    k = m.name.split(".", 1)[0]
-                    if k in lost:  # cut off by the truncation: its bytes are not all there
-                        continue
-                    if k != key:
-                        if key is not None:
-                            yield key, record, files
-                        key, record, files = k, None, {}
-                    data = tf.extractfile(m).read()
-                    if m.name == f"{k}.json":
-                        record = json.loads(data.decode("utf-8"))
-                    else:
-                        files[m.name] = data
-            except tarfile.TarError as e:
-                if not lost:
-                    raise UserError(f"{path}: cannot read the tar ({e}): it is truncated or corrupt"
-                                    + ("" if os.path.isfile(idx) else f", and without its index {idx} the whole "
-                                       "samples cannot be told from the cut one")) from None
-                # else: the cut the index told of, where tarfile stops; every whole sample has been read
-            if key is not None:
-                yield key, record, files
+                truncated[path] = (lost, len(samples))
+            yield from _iter_indexed(path, [smp for smp, ok in zip(samples, whole) if ok and smp], problems)
+        else:
+            yield from _iter_tar(path, idx, problems)
+
+
+def _record_of(data: bytes, where: str, problems: dict | None) -> dict | None:
+    try:
+        record = json.loads(data.decode("utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        if problems is not None:
+            problems["unreadable_records"].append(f"{where}: {type(e).__name__}: {e}"[:300])
+        return None
+    return record
+
+
+def _iter_indexed(path: str, samples: list, problems: dict | None):
+    """The samples of one tar at its index's offsets; each member's tar header is checked for ``problems``."""
+    damaged = 0
+    with open(path, "rb") as f:
+        for sample in samples:
+            key = sample[0][3].split(".", 1)[0]
+            record, files = None, {}
+            for ext, off, size, name in sample:
+                f.seek(max(0, off - tarfile.BLOCKSIZE))
+                head = f.read(off - f.tell())
+                data = f.read(size)
+                try:
+                    ok = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape").name == name
+                except tarfile.TarError:
+                    ok = False
+                damaged += not ok
+                if ext == "json":
+                    record = _record_of(data, f"{path}: {key}", problems)
+                else:
+                    files[name] = data
+            yield key, record, files
+    if damaged and problems is not None:
+        problems["damaged_headers"][path] = damaged
+
+
+def _iter_tar(path: str, idx: str, problems: dict | None):
+    """The samples of a tar without an index, as ``tarfile`` reads it (it stops at the first damaged header)."""
+    def fail(e: Exception) -> UserError:
+        return UserError(f"{path}: cannot read the tar ({e}): it is truncated or corrupt, and without its index {idx} "
+                         "the whole samples cannot be told from the damaged ones")
+
+    try:
+        tf = tarfile.open(path, "r:")
+    except tarfile.TarError as e:
+        raise fail(e) from None
+    with tf:
+        key, record, files = None, None, {}
+        try:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k = m.name.split(".", 1)[0]
+                if k != key:
+                    if key is not None:
+                        yield key, record, files
+                    key, record, files = k, None, {}
+                data = tf.extractfile(m).read()
+                if m.name == f"{k}.json":
+                    record = _record_of(data, f"{path}: {k}", problems)
+                else:
+                    files[m.name] = data
+        except tarfile.TarError as e:
+            raise fail(e) from None
+        if key is not None:
+            yield key, record, files
+        stop, size = tf.offset, os.path.getsize(path)
+    with open(path, "rb") as f:  # tarfile ends quietly at a damaged header: is there anything past where it stopped?
+        f.seek(stop)
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\0"):
+                if problems is not None:
+                    problems["unread_tail"][path] = (stop, size)
+                break
 
 
 def read_index(idx_path: str) -> list[list[tuple[str, int, int, str]]]:

@@ -626,6 +626,8 @@ def ensure_synthetic_shards(out_dir: str, num_samples: int, image_size: int, see
     from megavlm.errors import UserError
 
     want = _fingerprint(num_samples, image_size, seed, "train", min_shapes, max_shapes)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file; give data.shards a directory for the synthetic data")
     summary_path = os.path.join(out_dir, "summary.json")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         try:

@@ -108,6 +108,24 @@ def _prompt_ids(req: Request, cfg, tok, crops: list[int]) -> torch.Tensor:
         raise UserError(f"--prompt: {e}") from None
 
 
+def fit_context(prompt_tokens: int, max_new_tokens: int, context: int) -> int:
+    """``max_new_tokens``, capped so that the prompt and the new tokens fit the model's ``context``
+    (``data.max_seq_len`` of its config: the sequence length it was built and trained for), with a note on stderr
+    when it is capped; UserError when the prompt alone leaves no room for a new token."""
+    if prompt_tokens >= context:
+        raise UserError(f"the prompt is {prompt_tokens} tokens (image tokens included), but the model's context is "
+                        f"{context} tokens (data.max_seq_len of its config), which leaves no room for a new token; "
+                        "shorten the prompt")
+    if prompt_tokens + max_new_tokens <= context:
+        return max_new_tokens
+    room = context - prompt_tokens
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: --max-new-tokens {max_new_tokens} capped at {room}: the prompt's {prompt_tokens} tokens and "
+              f"the new ones must fit the model's context of {context} tokens (data.max_seq_len of its config)",
+              file=sys.stderr, flush=True)
+    return room
+
+
 def check(req: Request) -> Sampling:
     if (req.prompt is None) == (req.input_ids is None):
         raise UserError("give exactly one of --prompt TEXT and --input-ids IDS")
@@ -156,12 +174,13 @@ def run(req: Request) -> dict:
     image = load_image(req.image, cfg) if req.image is not None else None
     tok, _ = find_tokenizer(path, cfg.data.tokenizer, req.tokenizer)
     prompt = _prompt_ids(req, cfg, tok, [int(image.shape[0])] if image is not None else [])
+    max_new = fit_context(int(prompt.numel()), req.max_new_tokens, cfg.data.max_seq_len)
 
     cfg = single_layout(cfg, tp)
     rt = runtime.initialize(tp, 1, cfg.train.seed)
     model = build_and_load(cfg, path, tok, rt)
     eos = None if req.ignore_eos else tok.eos_token_id
-    res = generate(model, [prompt], image, req.max_new_tokens, eos, sampling)
+    res = generate(model, [prompt], image, max_new, eos, sampling)
     new = res.tokens[0]
     total = res.prefill_s + res.decode_s
     out = {
@@ -172,6 +191,7 @@ def run(req: Request) -> dict:
         "finish_reason": res.finish[0],
         "prompt_tokens": int(prompt.numel()),
         "new_tokens": len(new),
+        "max_new_tokens": max_new,
         "prefill_s": round(res.prefill_s, 6),
         "decode_s": round(res.decode_s, 6),
         "tokens_per_s": round(len(new) / total, 3) if total > 0 else None,

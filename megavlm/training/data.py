@@ -40,6 +40,9 @@ class TrainData(Protocol):
     def bad_counts(self) -> dict[str, int] | None:
         """Samples skipped so far, by reason (None: this source never skips)."""
 
+    def fallback_batches(self) -> int | None:
+        """Batches the DALI loader failed on and decoded with PIL instead, so far (None: no DALI loader here)."""
+
     def summary(self) -> str | None:
         """A line on what was read, for the end of the run (None: nothing to say)."""
 
@@ -100,6 +103,9 @@ class SyntheticTrainData:
         pass
 
     def bad_counts(self) -> None:
+        return None
+
+    def fallback_batches(self) -> None:
         return None
 
     def summary(self) -> None:
@@ -172,10 +178,17 @@ class ShardTrainData:
     def bad_counts(self) -> dict[str, int]:
         return {**(self.loader.skipped if self.loader else {}), **self.skipped}
 
+    def fallback_batches(self) -> int | None:
+        return self.loader.fallbacks if self.loader else None
+
     def summary(self) -> str:
         bad = self.bad_counts()
-        return (f"data: {self.read} samples read on this data-parallel rank, {sum(bad.values())} skipped"
+        line = (f"data: {self.read} samples read on this data-parallel rank, {sum(bad.values())} skipped"
                 + (f" ({', '.join(f'{k} {v}' for k, v in sorted(bad.items()))})" if bad else ""))
+        if self.loader and self.loader.fallbacks:
+            line += (f"; {self.loader.fallbacks} batch(es) decoded with PIL after DALI failed (slower; first: "
+                     f"{self.loader.fallback_error or 'before this resume'})")
+        return line
 
     def _check_bad_share(self) -> None:
         bad = sum(self.bad_counts().values())

@@ -275,6 +275,9 @@ class Trainer:
         bad = data.bad_counts()
         if bad is not None:
             rec["skipped_samples"] = sum(bad.values())
+        fallbacks = data.fallback_batches()
+        if fallbacks is not None:
+            rec["loader_fallback_batches"] = fallbacks
         if self._flops and self._peak:
             rec["mfu"] = self._flops / dt / (self._peak * rt.world_size)
         return rec

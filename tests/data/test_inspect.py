@@ -165,3 +165,75 @@ def test_inspect_of_whole_shards_reports_no_loss(tmp_path):
     stats = inspect(d, n=0, num_image_tokens=4, out=out, color=False)
     assert stats["samples"] == 6 and stats["truncated_tar"] == 0 and stats["truncated_files"] == {}
     assert "truncated" not in out.getvalue()
+
+
+def _flipped(tmp_path, where):
+    """10 synthetic samples in one shard, with bytes of sample 4 flipped: in its .json's tar header, in the .json
+    itself, or inside its PNG image."""
+    from megavlm.data.shards import read_index
+
+    d = str(tmp_path / where)
+    write_synthetic_shards(d, 10, 16, shard_size=10)
+    tar = d + "/shard-000000.tar"
+    (_, joff, _, _), (_, ioff, isize, _) = read_index(d + "/shard-000000.idx")[4]
+    start, stop = {"header": (joff - 512, joff - 496), "json": (joff, joff + 8),
+                   "image": (ioff + 40, ioff + isize - 20)}[where]
+    raw = bytearray(open(tar, "rb").read())
+    for i in range(start, stop):
+        raw[i] ^= 0x55
+    open(tar, "wb").write(bytes(raw))
+    return d, tar
+
+
+def test_inspect_says_what_it_could_not_read_in_a_tar_with_flipped_bytes(tmp_path):
+    """Flipped bytes (issue 15, item 10): inspect reported fewer samples with no warning (a damaged tar header ended
+    tarfile's reading there) or died with a traceback. It reads the samples through the index, as training does, and
+    says what it could not read."""
+    d, tar = _flipped(tmp_path, "header")
+    out = io.StringIO()
+    stats = inspect(d, n=0, num_image_tokens=4, out=out, color=False)
+    assert stats["samples"] == 10 and stats["damaged_headers"] == {tar: 1}
+    assert f"damaged tar headers: 1 in {tar}" in out.getvalue()
+
+    d, tar = _flipped(tmp_path, "json")
+    out = io.StringIO()
+    stats = inspect(d, n=0, num_image_tokens=4, out=out, color=False)
+    assert stats["samples"] == 9 and stats["unreadable_records"] == 1
+    assert f"could not read 1 record(s) (not in the counts above; training skips them as malformed_record), e.g. " \
+           f"{tar}: 000000004: JSONDecodeError" in out.getvalue()
+
+    d, tar = _flipped(tmp_path, "image")
+    out = io.StringIO()
+    stats = inspect(d, n=0, num_image_tokens=4, out=out, color=False)
+    assert stats["samples"] == 10 and stats["undecodable_images"] == 1
+    assert "images training cannot use: 1 undecodable (skipped as undecodable_image)" in out.getvalue()
+    assert "e.g. 000000004: 000000004.0.png: " in out.getvalue() and "BytesIO" not in out.getvalue()
+
+
+def test_inspect_of_a_tar_without_index_says_where_it_stopped(tmp_path):
+    import os
+
+    d, tar = _flipped(tmp_path, "header")
+    os.remove(d + "/shard-000000.idx")
+    out = io.StringIO()
+    stats = inspect(d, n=0, num_image_tokens=4, out=out, color=False)
+    assert stats["samples"] == 4 and stats["unread_tail"] == {tar: (stats["unread_tail"][tar][0], os.path.getsize(tar))}
+    assert f"could not read {tar} past byte" in out.getvalue()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_inspect_of_randomly_flipped_bytes_accounts_for_every_sample(tmp_path, seed):
+    import random
+
+    d = str(tmp_path / "rand")
+    write_synthetic_shards(d, 10, 16, shard_size=10)
+    tar = d + "/shard-000000.tar"
+    raw = bytearray(open(tar, "rb").read())
+    rng = random.Random(seed)
+    for _ in range(64):
+        raw[rng.randrange(len(raw))] ^= 0xFF
+    open(tar, "wb").write(bytes(raw))
+    out = io.StringIO()
+    stats = inspect(d, n=0, num_image_tokens=4, out=out, color=False)
+    assert stats["samples"] + stats["unreadable_records"] == 10
+    assert stats["damaged_headers"] and "damaged tar headers" in out.getvalue()

@@ -4,6 +4,7 @@ images, and the mixed (GPU) pipeline's construction.  Tiny images, few samples."
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -90,6 +91,8 @@ def test_cpu_matches_pil_reference(png_shards, mode):
         for a, b in zip(s["images"].numpy(), ref[s["key"]]):
             diff = np.abs(a.astype(int) - b.astype(int)).max()
             assert diff <= TOL, (mode, s["key"], diff)
+    # DALI itself decoded every batch: on good data the PIL fallback (which would match the reference too) never runs
+    assert loader.fallbacks == 0 and loader.fallback_error is None, (mode, loader.fallback_error)
 
 
 def test_float_output_is_normalized_uint8(png_shards):
@@ -175,13 +178,14 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, train):
     got = _all(loader)
     assert sorted(s["key"] for s in got) == [f"{i:09d}" for i in range(8) if i != 3]
     assert loader.skipped == {"undecodable_image": 1}
+    assert loader.fallbacks == 1 and "decoders" in loader.fallback_error  # the corrupt image's batch only
     if not train:  # the fallback's samples match the reference too
         ref = _ref_images_skip(d)
         for s in got:
             assert np.abs(s["images"][0].numpy().astype(int) - ref[s["key"]].astype(int)).max() <= TOL
     assert all(s["images"].shape == (1, 16, 16, 3) for s in got)
     _all(loader)  # second epoch: counted again, still no crash
-    assert loader.skipped == {"undecodable_image": 2}
+    assert loader.skipped == {"undecodable_image": 2} and loader.fallbacks == 2
 
 
 def test_truncated_tar_keeps_its_whole_samples_and_counts_the_rest(tmp_path):
@@ -239,3 +243,110 @@ def test_mixed_pipeline_constructs_and_serializes(png_shards):
     assert isinstance(blob, (bytes, str)) and len(blob) > 0
     text = blob if isinstance(blob, str) else blob.decode("latin-1")
     assert "ImageDecoder" in text or "decoders__Image" in text or "Decoder" in text
+
+
+def _format_variants():
+    """One smooth image in each format (and a few modes) `megavlm data convert` accepts."""
+    rgb = Image.fromarray(_smooth(11, 40, 24))
+    out = {}
+    for name, im, fmt, kw in [("jpeg", rgb, "JPEG", {"quality": 95}), ("png", rgb, "PNG", {}),
+                              ("png_rgba", rgb.convert("RGBA"), "PNG", {}), ("webp", rgb, "WEBP", {"lossless": True}),
+                              ("webp_lossy", rgb, "WEBP", {"quality": 90}), ("bmp", rgb, "BMP", {}),
+                              ("bmp_palette", rgb.convert("P"), "BMP", {}), ("tiff", rgb, "TIFF", {}),
+                              ("tiff_lzw", rgb, "TIFF", {"compression": "tiff_lzw"}),
+                              ("gif", rgb.convert("P"), "GIF", {}), ("ppm", rgb, "PPM", {}),
+                              ("ico", rgb, "ICO", {})]:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        out[name] = buf.getvalue()
+    return out
+
+
+def test_every_format_the_converter_accepts_is_decoded_by_dali(tmp_path):
+    """webp/bmp/tiff (kept as they are) and gif/ppm/ico (stored as PNG by the converter) all reach training as
+    images, equal to PIL's reading of the original, with no PIL fallback (issue 15, item 7: the loader read only
+    jpg/png, so the others were skipped as malformed or trained as text-only)."""
+    from megavlm.data.shards import convert, iter_shards
+
+    variants = _format_variants()
+    images = tmp_path / "images"
+    images.mkdir()
+    recs = []
+    for name, data in variants.items():
+        (images / f"{name}.img").write_bytes(data)
+        recs.append({"id": name, "image": f"{name}.img", "conversations": _conv(name)})
+        # the same image with no <image> placeholder: it must still come with its image
+        recs.append({"id": name + "-noph", "image": f"{name}.img",
+                     "conversations": [{"from": "human", "value": "describe"}, {"from": "gpt", "value": name}]})
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    out = str(tmp_path / "out")
+    summary = convert("llava-instruct", str(tmp_path / "d.json"), str(images), out, progress=False)
+    assert summary["kept"] == len(recs) and summary["transcoded"] == {"gif": 2, "ico": 2, "ppm": 2}
+    stored = {rec["id"]: rec["images"][0].rpartition(".")[2] for _, rec, _ in iter_shards(out)}
+    assert stored["webp"] == "webp" and stored["bmp"] == "bmp" and stored["tiff_lzw"] == "tiff"
+    assert stored["gif"] == stored["ppm"] == stored["ico"] == "png"
+    for mode in ("resize", "pad"):
+        loader = ImageTextLoader(out, image_size=16, mode=mode, batch_size=5, device="cpu", mean=MEAN, std=STD)
+        got = {s["record"]["id"]: s for s in _all(loader)}
+        assert sorted(got) == sorted(r["id"] for r in recs) and loader.skipped == {}
+        assert loader.fallbacks == 0, loader.fallback_error
+        for rid, s in got.items():
+            assert s["images"].shape == (1, 16, 16, 3), rid
+            ref = reference_transform(Image.open(io.BytesIO(variants[rid.removesuffix("-noph")])).convert("RGB"),
+                                      16, mode, False, MEAN)
+            assert np.abs(s["images"][0].numpy().astype(int) - ref.astype(int)).max() <= TOL, (mode, rid)
+
+
+def test_image_in_a_format_the_reader_does_not_take_is_skipped_and_counted(tmp_path, monkeypatch):
+    """Shards written by other means (here: the converter as it was, storing GIF as `.gif`): the sample is skipped and
+    counted as unsupported_image_format, not read as text-only."""
+    from megavlm.data import shards
+
+    monkeypatch.setitem(shards.KEPT_FORMATS, "GIF", "gif")
+    recs = _records(4, "PNG")
+    recs[2]["images"] = [_encode(_smooth(2, 20, 20), "GIF")]
+    d = str(tmp_path / "old")
+    write_shards(recs, d, 10, progress=False)
+    assert [r["images"] for k, r, _ in shards.iter_shards(d) if k == "000000002"] == [["000000002.0.gif"]]
+    loader = ImageTextLoader(d, image_size=16, batch_size=4, device="cpu")
+    got = _all(loader)
+    assert sorted(s["key"] for s in got) == ["000000000", "000000001", "000000003"]
+    assert loader.skipped == {"unsupported_image_format": 1} and loader.fallbacks == 0
+    assert all(s["images"].shape == (1, 16, 16, 3) for s in got)
+
+
+def test_trimmed_indexes_go_to_a_private_directory(tmp_path, monkeypatch):
+    """The trimmed index of a truncated tar went to a fixed-name folder in the shared temporary directory
+    (`/tmp/megavlm-trimmed-idx/`), where another user could plant one (issue 15, item 17): now it goes to the
+    loader's own private directory (mode 0700), removed with the loader, and nothing planted is read."""
+    import gc
+    import hashlib
+    import stat
+    import tempfile
+
+    shared = tmp_path / "shared-tmp"  # stands for /tmp
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    d = str(tmp_path / "cut")
+    write_shards(_records(6, "PNG"), d, 6, progress=False)
+    tar = shard_paths(d)[0]
+    entries = read_index(d + "/shard-000000.idx")
+    with open(tar, "r+b") as f:  # samples 0-3 whole, 4-5 cut off
+        f.truncate(max(off + n for _, off, n, _ in entries[3]) + 700)
+    # what another user could leave where the old code looked: an index of the old fixed name listing sample 0 only
+    st = os.stat(tar)
+    tag = hashlib.sha1(f"{os.path.abspath(tar)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    (shared / "megavlm-trimmed-idx").mkdir()
+    (shared / "megavlm-trimmed-idx" / f"{tag}.idx").write_text(
+        "v1.2 1\n" + " ".join(f"{e} {off} {n} {name}" for e, off, n, name in entries[0]) + "\n")
+
+    loader = ImageTextLoader(d, image_size=16, batch_size=4, device="cpu")
+    assert sorted(s["key"] for s in _all(loader)) == [f"{i:09d}" for i in range(4)]
+    (trimmed,) = loader.index_paths
+    private = os.path.dirname(trimmed)
+    assert "megavlm-trimmed-idx" not in trimmed and os.path.dirname(private) == str(shared)
+    mode = os.stat(private)
+    assert stat.S_IMODE(mode.st_mode) == 0o700 and mode.st_uid == os.getuid()
+    del loader
+    gc.collect()
+    assert not os.path.exists(private)

@@ -103,7 +103,7 @@ def test_convert_llava_pretrain(tmp_path, images):
     s = convert("llava-pretrain", str(js), str(root), str(out), shard_size=4, workers=2, progress=False)
     assert s["kept"] == 3 and s["records"] == 9
     assert s["skipped"] == {"missing_image": 1, "undecodable_image": 2, "malformed_record": 1,
-                            "image_count_mismatch": 1, "empty_conversation": 1}
+                            "image_count_mismatch": 1, "empty_conversation": 1, "unsafe_image_path": 0}
     assert json.loads((out / "summary.json").read_text())["skipped"] == s["skipped"]
     # chunks: [p0..p3] -> 2 kept, [p4..p7] -> p7 kept, [p8] -> nothing: 2 shards, contiguous names
     assert s["shards"] == ["shard-000000.tar", "shard-000001.tar"]
@@ -137,7 +137,7 @@ def test_convert_llava_instruct(tmp_path, images):
     s = convert("llava-instruct", str(js), str(root), str(out), shard_size=100, workers=1, progress=False)
     assert s["kept"] == 3
     assert s["skipped"] == {"missing_image": 1, "undecodable_image": 0, "malformed_record": 2,
-                            "image_count_mismatch": 1, "empty_conversation": 0}
+                            "image_count_mismatch": 1, "empty_conversation": 0, "unsafe_image_path": 0}
     got = _check_roundtrip(out, [(0, multi, ["coco/x.jpg"]), (1, recs[1]["conversations"], []),
                                  (2, recs[2]["conversations"], ["gqa/y.png"])], b)
     assert got[1][1]["images"] == [] and got[1][2] == {}
@@ -165,7 +165,7 @@ def test_convert_jsonl(tmp_path, images):
     s = convert("jsonl", str(js), str(root), str(out), shard_size=2, workers=2, progress=False)
     assert s["kept"] == 3
     assert s["skipped"] == {"missing_image": 0, "undecodable_image": 0, "malformed_record": 1,
-                            "image_count_mismatch": 1, "empty_conversation": 2}
+                            "image_count_mismatch": 1, "empty_conversation": 2, "unsafe_image_path": 0}
     conv0 = [{"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Same."}]
     conv3 = [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "Hello."}]
     got = _check_roundtrip(out, [(0, conv0, ["00000/a.jpg", "00000/b.png"]),
@@ -227,4 +227,124 @@ def test_cli_exit_codes(tmp_path, images, capsys):
 
 def test_skip_reasons_complete():
     assert set(SKIP_REASONS) == {"missing_image", "undecodable_image", "malformed_record",
-                                 "image_count_mismatch", "empty_conversation"}
+                                 "image_count_mismatch", "empty_conversation", "unsafe_image_path"}
+
+
+def _utf8_inputs(tmp_path):
+    """A jsonl and a JSON list, each with good records and records whose text is not UTF-8 (a raw byte, a lone
+    surrogate written as a JSON escape)."""
+    good = {"image": "00000/a.jpg", "conversations": _conv("<image>\nWhat?", "A cat.")}
+    escaped = {"image": "00000/a.jpg", "conversations": _conv("<image>\nWhat?", "A cat\udc80.")}
+    raw_byte = json.dumps(good).encode().replace(b"A cat.", b"A cat\xff.")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b"\n".join([json.dumps(good).encode(), raw_byte, json.dumps(escaped).encode(),
+                                  json.dumps(good).encode()]) + b"\n")
+    lst = tmp_path / "d.json"
+    lst.write_bytes(b"[" + b", ".join([json.dumps(good).encode(), raw_byte, json.dumps(escaped).encode(),
+                                       json.dumps(good).encode()]) + b"]")
+    return jsonl, lst
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "llava-instruct"])
+def test_text_that_is_not_utf8_is_skipped_and_counted(tmp_path, images, capsys, fmt):
+    """A byte that is not UTF-8 or a lone surrogate (issue 15, item 8) aborted the whole convert with a traceback;
+    now its record is skipped as malformed and counted, and the rest is written."""
+    root, _ = images
+    jsonl, lst = _utf8_inputs(tmp_path)
+    out = tmp_path / "out"
+    assert main(["data", "convert", "--format", fmt, "--json", str(jsonl if fmt == "jsonl" else lst), "--images",
+                 str(root), "--out", str(out), "--workers", "1"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped        2 malformed_record" in cap.out and "UTF-8" in cap.out, cap.out
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["kept"] == 2 and summary["skipped"]["malformed_record"] == 2
+    assert all("UTF-8" in ex for ex in summary["skip_examples"]["malformed_record"])
+    assert [k for k, _, _ in iter_shards(str(out))] == ["000000000", "000000003"]
+
+
+def test_convert_writes_its_folder_atomically(tmp_path, images, monkeypatch):
+    """A convert that dies half-way leaves nothing at --out (before: shards without summary.json, which a rerun
+    refused as 'already contains shard-*.tar'); the rerun then writes the whole folder."""
+    from megavlm.data import shards
+
+    root, _ = images
+    js, _ = _pretrain(tmp_path)
+    out = tmp_path / "out"
+    real, calls = shards.prepare_image, []
+
+    def dies_on_the_third_image(data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(data)
+
+    monkeypatch.setattr(shards, "prepare_image", dies_on_the_third_image)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        convert("llava-pretrain", str(js), str(root), str(out), shard_size=1, workers=1, progress=False)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == sorted(["images", js.name])
+    monkeypatch.setattr(shards, "prepare_image", real)
+    s = convert("llava-pretrain", str(js), str(root), str(out), shard_size=1, workers=1, progress=False)
+    assert s["kept"] == 3 and sorted(os.listdir(out)) == sorted(
+        [f"shard-00000{i}.{e}" for i in range(3) for e in ("idx", "tar")] + ["summary.json"])
+    assert s["out"] == str(out) and sorted(os.listdir(tmp_path)) == sorted(["images", js.name, "out"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # a folder as mkdir makes it, not mkdtemp's private 0700
+    # an existing empty folder becomes the output; one with other files keeps them, the shards join them
+    (tmp_path / "empty").mkdir()
+    convert("llava-pretrain", str(js), str(root), str(tmp_path / "empty"), progress=False)
+    assert "summary.json" in os.listdir(tmp_path / "empty")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "README").write_text("mine")
+    convert("llava-pretrain", str(js), str(root), str(tmp_path / "busy"), progress=False)
+    assert sorted(os.listdir(tmp_path / "busy")) == ["README", "shard-000000.idx", "shard-000000.tar", "summary.json"]
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_image_paths_outside_images_are_refused(tmp_path, images, capsys):
+    """`../..` and absolute image paths read any file into the shards (issue 15, item 9): now skipped and counted as
+    unsafe_image_path, unless --allow-absolute-image-paths (which still refuses `..` out of --images)."""
+    root, b = images
+    outside = tmp_path / "secret.png"
+    _img(str(outside), "PNG", 9)
+    rel_up = os.path.relpath(outside, root / "00000")
+    recs = [{"image": "00000/a.jpg", "conversations": _conv("<image>\nq", "a")},
+            {"image": "00000/" + rel_up, "conversations": _conv("<image>\nq", "up")},
+            {"image": "../secret.png", "conversations": _conv("<image>\nq", "up2")},
+            {"image": str(outside), "conversations": _conv("<image>\nq", "abs")},
+            {"image": "00000/../00001/c.jpg", "conversations": _conv("<image>\nq", "inside")}]
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps(recs))
+    assert main(["data", "convert", "--format", "llava-instruct", "--json", str(js), "--images", str(root),
+                 "--out", str(tmp_path / "o1"), "--workers", "1"]) == 0
+    assert "skipped        3 unsafe_image_path" in capsys.readouterr().out
+    got = {rec["conversations"][1]["value"]: files for _, rec, files in iter_shards(str(tmp_path / "o1"))}
+    assert sorted(got) == ["a", "inside"] and list(got["inside"].values()) == [b["c.jpg"]]
+    s = json.loads((tmp_path / "o1" / "summary.json").read_text())
+    assert s["skipped"]["unsafe_image_path"] == 3
+    assert any("is absolute" in ex for ex in s["skip_examples"]["unsafe_image_path"])
+    assert any("leads outside --images" in ex for ex in s["skip_examples"]["unsafe_image_path"])
+    # the option lets absolute paths in, never `..`
+    assert main(["data", "convert", "--format", "llava-instruct", "--json", str(js), "--images", str(root),
+                 "--out", str(tmp_path / "o2"), "--workers", "1", "--allow-absolute-image-paths"]) == 0
+    capsys.readouterr()
+    got = {rec["conversations"][1]["value"] for _, rec, _ in iter_shards(str(tmp_path / "o2"))}
+    assert got == {"a", "abs", "inside"}
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["skipped"]["unsafe_image_path"] == 2
+
+
+def test_every_format_the_converter_keeps_is_one_the_loader_reads():
+    from megavlm.data.constants import IMAGE_EXTS
+    from megavlm.data.shards import KEPT_FORMATS
+
+    assert set(KEPT_FORMATS.values()) <= set(IMAGE_EXTS)
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path, images, capsys):
+    root, _ = images
+    js, _ = _pretrain(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["data", "convert", "--format", "llava-pretrain", "--json", str(js), "--images", str(root),
+                 "--out", str(afile)]) == 2
+    assert f"error: {afile} is a file" in capsys.readouterr().err and afile.read_text() == "mine"

@@ -1,6 +1,7 @@
 """`megavlm data synthetic CONFIG`: the embedded data set as shards, read back as written; a second run keeps them."""
 
 import json
+import os
 
 from helpers import run
 
@@ -37,3 +38,12 @@ def test_default_folder_and_foreign_content(tmp_path):
     bad = run(["data", "synthetic", "configs/tiny_cpu.yaml", f"data.shards={mine}", "data.num_samples=8"], check=False)
     assert bad.returncode == 2 and "holds no synthetic shard set" in bad.stderr and "Traceback" not in bad.stderr
     assert (mine / "notes.txt").read_text() == "precious" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_shards_that_is_a_file_is_an_error(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    bad = run(["data", "synthetic", "configs/tiny_cpu.yaml", f"data.shards={afile}", "data.num_samples=8"],
+              check=False)
+    assert bad.returncode == 2 and f"{afile} is a file" in bad.stderr and "Traceback" not in bad.stderr
+    assert afile.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]

@@ -57,3 +57,21 @@ def test_argparse_mistakes(capsys):
             main(["generate", *argv])
         assert e.value.code == 2
         assert "error:" in capsys.readouterr().err
+
+
+def test_generation_fits_the_models_context(converted, capsys):
+    """A prompt longer than the model's context was accepted silently, and --max-new-tokens ran without bound
+    (issue 15, item 16): the prompt must leave room for a token, and the new tokens are capped at the context
+    (data.max_seq_len of the checkpoint's config: 128 for this model), with a note."""
+    import json
+
+    _, mv_dir, png = converted
+    _fails(capsys, ["--ckpt", mv_dir, "--input-ids", " ".join(["7"] * 128)],
+           "the prompt is 128 tokens", "context is 128 tokens (data.max_seq_len of its config)")
+    proc = run(["generate", "--ckpt", mv_dir, "--image", png, "--prompt", "what colour is the circle ?",
+                "--max-new-tokens", "120", "--ignore-eos", "--output", "json"])
+    out = json.loads(proc.stdout)
+    assert out["prompt_tokens"] == 15 and out["new_tokens"] == out["max_new_tokens"] == 128 - 15
+    assert out["finish_reason"] == "length"
+    assert "note: --max-new-tokens 120 capped at 113: the prompt's 15 tokens and the new ones must fit the model's " \
+           "context of 128 tokens" in proc.stderr

@@ -34,8 +34,11 @@ def test_trains_from_shards_and_counts_bad_samples(shards, tmp_path):
     assert [m["step"] for m in ms] == list(range(1, 10))
     assert all(m["loss"] == m["loss"] and m["loss"] < 10 for m in ms)  # finite
     assert ms[-1]["skipped_samples"] == 1, ms[-1]  # 72 samples read (an epoch is 64): the corrupt one once
+    assert ms[-1]["loader_fallback_batches"] == 1, ms[-1]  # the corrupt image's batch, decoded with PIL
+    assert all(m["loader_fallback_batches"] == 0 for m in ms if m["skipped_samples"] == 0)  # good data: DALI only
     assert ms[-1]["loss"] < ms[0]["loss"]
     assert "1 skipped (undecodable_image 1)" in proc.stdout  # the end-of-run summary
+    assert "1 batch(es) decoded with PIL after DALI failed" in proc.stdout
 
 
 def test_resume_continues_at_the_exact_sample(shards, tmp_path):
