@@ -22,6 +22,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from .data import build_train_data
 from .metrics import MetricsWriter
+from .optim import install_foreach_fallbacks, use_foreach
 from .schedule import build_scheduler
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -98,6 +99,8 @@ def build_training_objects(cfg: Config, rt: runtime.Runtime, vocab_size: int, im
     )
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
+    install_foreach_fallbacks()  # megatron's per-tensor norm/clip fallbacks → multi-tensor ops (training/optim.py)
+    use_foreach(optimizer)
     scheduler = build_scheduler(optimizer, t)
     return ddp, optimizer, scheduler
 
