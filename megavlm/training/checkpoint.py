@@ -484,11 +484,12 @@ def load(path: str, model, optimizer=None, same_layout: bool = True, data_state:
     common = load_common(path)
     with_opt = optimizer is not None and common.get("has_optimizer", False)
     state = _sharded_state(model, optimizer, include_optimizer=with_opt, is_loading=True)
-    blobs = common.get("state_blobs", {}) if common.get("format_version", 1) >= 2 else {}
-    with_rng = same_layout and (RNG_BLOB in blobs if blobs else _has_item(path, _legacy_object("rng_state").unique_key))
+    v2 = common.get("format_version", 1) >= 2
+    blobs = common.get("state_blobs", {}) if v2 else {}
+    with_rng = same_layout and (RNG_BLOB in blobs if v2 else _has_item(path, _legacy_object("rng_state").unique_key))
     with_data = data_state and common.get("has_data_state", False)
     for name, wanted in ((RNG_BLOB, with_rng), (DATA_BLOB, with_data)):
-        if wanted and name in blobs:
+        if wanted and v2:
             state[name] = _blob_tensor(name, blobs[name])
     with megatron_reads_safely():
         loaded = dist_checkpointing.load(state, path)
@@ -497,7 +498,7 @@ def load(path: str, model, optimizer=None, same_layout: bool = True, data_state:
         optimizer.load_state_dict(loaded["optimizer"])
 
     def own(blob: str, legacy: str):  # format 2: a tensor blob; format 1: a pickled object, read weights-only
-        if blob in blobs:
+        if v2:
             return unpack(loaded[blob].numpy().tobytes())
         return _read_bytes_item(path, _legacy_object(legacy).unique_key)
 
