@@ -172,8 +172,6 @@ def _check_same_model(saved: dict, current: dict, path: str) -> None:
                         all_ranks=True)
 
 
-
-
 def _vocab_size(cfg: Config, tokenizer) -> int:
     """The embedding rows: ``model.language.vocab_size``, or the tokenizer's length when it is 0. Fewer rows than
     the tokenizer has tokens would leave token ids past the embedding: refused."""
@@ -193,15 +191,14 @@ class _Start:
         self.notes: list[str] = []
         self.path = ckpt.resolve_load_path(cfg.checkpoint.load, ckpt_dir, self.notes)
         self.common: dict = {}
-        self.checked = False
         run_id = None
         if self.path is not None:
-            self.checked = ckpt.verify(self.path)  # complete, unchanged, safe: before anything is written
+            checked = ckpt.verify(self.path)  # complete, unchanged, safe: before anything is written
             self.common = ckpt.load_common(self.path)
             _check_same_model(self.common.get("config", {}).get("model", {}), to_dict(cfg)["model"], self.path)
             if not cfg.checkpoint.finetune:
                 run_id = ckpt_integrity.run_id(self.path)
-            if not self.checked:
+            if not checked:
                 self.notes.append(f"{self.path} was written before checkpoints carried checksums: its bytes are not "
                                   "verified")
         self.run_id = run_id or ckpt.new_run_id()
@@ -343,8 +340,9 @@ class Trainer:
         return rec
 
     def _check_finite(self, step: int, what: str, value: float) -> None:
-        """Stop on a non-finite loss or gradient norm, before the optimizer applies it and before any save: every rank
-        holds the same value (all-reduced loss; the optimizer's global norm), so every rank stops here.
+        """Stop on a non-finite loss (checked before the optimizer step) or gradient norm (computed by the step), before
+        any save: every rank holds the same value (the all-reduced loss; the optimizer's global norm), so every rank
+        stops here.
 
         megatron-core 0.19.2's own check, ``DistributedDataParallelConfig.check_for_nan_in_grad`` (Megatron-LM's
         ``--check-for-nan-in-loss-and-grad`` sets it), tests each gradient bucket on its own rank before the
