@@ -28,6 +28,11 @@ EXAMPLES = """examples:
 """
 
 
+#: What every command that reads a megatron checkpoint says in its --help (docs/reliability.md has the details).
+TRUST = ("A megatron checkpoint, like any torch checkpoint, must come from a trusted source: parts of it are unpickled "
+         "when it is loaded (docs/reliability.md).")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megavlm", description="Megatron-style trainer for vision-language models.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -35,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a VLM (single process, or under torchrun)",
                        description="Train as CONFIG says; KEY=VALUE overrides use dotted keys "
-                                   "(parallel.tp=2 train.steps=20 run_dir=/tmp/x).")
+                                   "(parallel.tp=2 train.steps=20 run_dir=/tmp/x). " + TRUST)
     t.add_argument("config", help="YAML config (configs/tiny_cpu.yaml is the embedded default)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -53,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="greedy answers to held-out questions, accuracy vs chance",
                        description="Load the run's latest checkpoint (or checkpoint.load=PATH) at TP=1/PP=1 in one "
-                                   "process and answer the held-out colour questions greedily.")
+                                   "process and answer the held-out colour questions greedily. " + TRUST)
     e.add_argument("config")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     e.add_argument("--limit", type=int, default=None, help="evaluate at most this many questions")
@@ -62,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="Hugging Face <-> megatron checkpoint conversion (single process)",
                        description="Convert between HF folders of a model family (today: llava, "
                                    "LlavaForConditionalGeneration with a CLIP/SigLIP tower and a LLaMA/Mistral/Qwen2 "
-                                   "decoder) and megavlm dist checkpoints; see docs/convert.md.")
+                                   "decoder) and megavlm dist checkpoints; see docs/convert.md. HF folders are read "
+                                   "from safetensors only. " + TRUST)
     csub = c.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     h = csub.add_parser("hf-to-mcore", help="HF VLM folder (or vision + language folders) -> dist checkpoint",
                         description="Writes OUT/checkpoints (step 0, weights only), OUT/tokenizer, OUT/config.yaml "
@@ -80,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=1234, help="seed of a freshly initialised projector")
     m = csub.add_parser("mcore-to-hf", help="dist checkpoint (any TP/PP) -> the family's HF folder",
                         description="Loads the checkpoint at TP=1/PP=1 and writes safetensors, config.json, "
-                                    "tokenizer and preprocessor files.")
+                                    "tokenizer and preprocessor files. " + TRUST)
     m.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir or hf-to-mcore output)")
     m.add_argument("--out", required=True, help="new output directory")
     m.add_argument("--tokenizer", help="tokenizer folder (default: data.tokenizer of the checkpoint's config, "
@@ -96,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "config stored in it) at TP=1/PP=1, or at TP=N under torchrun --nproc-per-node "
                                    "N, and decode with megatron's KV cache. The image goes through the training "
                                    "transform (data.image_mode at the model's image size); the prompt through "
-                                   "the config's template and tokenizer. See docs/generate.md.")
+                                   "the config's template and tokenizer. See docs/generate.md. " + TRUST)
     g.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir, run dir or hf-to-mcore "
                                                  "output)")
     g.add_argument("--image", help="image file (jpg/png/...); omit for text only")
@@ -420,6 +426,8 @@ def main(argv=None) -> int:
         # Raised by our own checks after start-up (a checkpoint path without a checkpoint, a tokenizer that does
         # not fit): the message says what to do.
         world = runtime.env_world_size()
+        if e.all_ranks:  # every rank found the same: one line
+            return _fail(str(e)) if rank0 else 2
         return _fail(str(e) if world == 1 else f"[rank {os.environ.get('RANK', '0')}] {e}")
     finally:
         runtime.shutdown()

@@ -3,4 +3,9 @@ their message and exits with status 2; anything else is a bug and keeps its trac
 
 
 class UserError(ValueError):
-    pass
+    """``all_ranks=True``: every rank meets the same error at the same point (a check all ranks make alike, or one
+    after a collective), so the CLI prints it once, from rank 0; every rank still exits with status 2."""
+
+    def __init__(self, *args, all_ranks: bool = False):
+        super().__init__(*args)
+        self.all_ranks = all_ranks

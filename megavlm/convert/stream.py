@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from ..training import checkpoint as ckpt
+from ..training import ckpt_integrity as integrity
 
 
 def meta_model(cfg, rt, vocab_size: int, image_token_id: int):
@@ -123,11 +124,11 @@ def _lazy_planner_cls():
 
 
 def save(ckpt_dir: str, model, common: dict, materialize: Callable[[str], torch.Tensor], step: int = 0):
-    """Write ``{ckpt_dir}/iter_{step}`` and ``latest`` as ``training.checkpoint.save(ckpt_dir, step, model, None,
-    common, rng=False)`` would for the real model, where ``model`` is a :func:`meta_model` and
-    ``materialize(key)`` returns the real tensor of its ``state_dict`` entry ``key``. Returns the planner (its
-    ``materialized`` list says in which order parameters were made). Call it inside a staging directory: a
-    failure leaves a partial checkpoint behind."""
+    """Write ``{ckpt_dir}/iter_{step}`` (with its checksum manifest) and ``latest`` as
+    ``training.checkpoint.save(ckpt_dir, step, model, None, common, rng=False)`` would for the real model, where
+    ``model`` is a :func:`meta_model` and ``materialize(key)`` returns the real tensor of its ``state_dict`` entry
+    ``key``. Returns the planner (its ``materialized`` list says in which order parameters were made). Call it inside a
+    staging directory: a failure leaves a partial checkpoint behind."""
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -148,7 +149,7 @@ def save(ckpt_dir: str, model, common: dict, materialize: Callable[[str], torch.
     # the state ckpt.save builds (weights only, no RNG, no data state)
     state = {"model": model.sharded_state_dict(),
              "common": dict(common, format_version=ckpt.FORMAT_VERSION, step=step, has_optimizer=False,
-                            has_data_state=False)}
+                            has_data_state=False, state_blobs={})}
     # dist_checkpointing.save → TorchDistSaveShardedStrategy.async_save, minus the staging writer
     sharded, common_state = save_preprocess(state, validate_access_integrity=True)
     sharded["common_state"] = ShardedObject(key="common_state", data=common_state, global_shape=(1,),
@@ -162,6 +163,8 @@ def save(ckpt_dir: str, model, common: dict, materialize: Callable[[str], torch.
     dcp.save(pyt_state, storage_writer=writer, planner=planner)
     planner.release()
     save_config(CheckpointingConfig("torch_dist", 1), path)
+    integrity.write_manifest(path, {n: integrity.hash_file(os.path.join(path, n)) for n in os.listdir(path)},
+                             ckpt.new_run_id(), step)
     with open(os.path.join(ckpt_dir, ckpt.LATEST), "w") as f:
         f.write(ckpt._iter_name(step) + "\n")
     return planner
@@ -177,6 +180,7 @@ class Reader:
     (saved at any TP/PP), as megatron loads them at TP=1/PP=1, allocating only what is asked for."""
 
     def __init__(self, path: str, model):
+        ckpt.verify(path)  # complete, unchanged (checksums), safe to read
         self.path = path
         self.sharded = model.sharded_state_dict()
 
@@ -212,5 +216,6 @@ class Reader:
             return x
 
         # a part of the model covers only some layers of each stacked tensor: integrity is the full save's business
-        dist_checkpointing.load(dict_list_map_outplace(explicit, sub), self.path, validate_access_integrity=False)
+        with ckpt.megatron_reads_safely():
+            dist_checkpointing.load(dict_list_map_outplace(explicit, sub), self.path, validate_access_integrity=False)
         return apply_factory_merges(targets, factories)  # the loads went into ``targets``' storage

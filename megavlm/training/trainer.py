@@ -7,6 +7,7 @@ resumes (:meth:`Trainer.resume`), steps (:meth:`Trainer.step`) and saves (:meth:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -20,6 +21,7 @@ from ..data.constants import image_token_id
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from . import checkpoint as ckpt
+from . import ckpt_integrity
 from .data import build_train_data
 from .metrics import MetricsWriter
 from .optim import install_foreach_fallbacks, use_foreach
@@ -169,31 +171,85 @@ def _check_same_model(saved: dict, current: dict, path: str) -> None:
         walk(with_defaults(dflt, saved), current, "model")
     if diffs:
         raise UserError(f"checkpoint {path} holds another model than the config describes ({'; '.join(diffs[:4])}"
-                        f"{'; ...' if len(diffs) > 4 else ''}); load it with the config it was trained with")
+                        f"{'; ...' if len(diffs) > 4 else ''}); load it with the config it was trained with",
+                        all_ranks=True)
 
 
+def _vocab_size(cfg: Config, tokenizer) -> int:
+    """The embedding rows: ``model.language.vocab_size``, or the tokenizer's length when it is 0. Fewer rows than
+    the tokenizer has tokens would leave token ids past the embedding: refused."""
+    size = cfg.model.language.vocab_size
+    if size and size < len(tokenizer):
+        raise UserError(f"model.language.vocab_size={size} is smaller than the tokenizer's {len(tokenizer)} tokens "
+                        f"(data.tokenizer={cfg.data.tokenizer or 'the synthetic tokenizer'}); set it to at least "
+                        f"{len(tokenizer)}, or 0 to take the tokenizer's size", all_ranks=True)
+    return size or len(tokenizer)
+
+
+class _Start:
+    """What a run starts from, decided (and checked) before anything is written: the checkpoint to load (None: a
+    fresh start), its common state, the run id to write into new checkpoints, and what to tell the user first."""
+
+    def __init__(self, cfg: Config, ckpt_dir: str):
+        self.notes: list[str] = []
+        self.path = ckpt.resolve_load_path(cfg.checkpoint.load, ckpt_dir, self.notes)
+        self.common: dict = {}
+        run_id = None
+        if self.path is not None:
+            checked = ckpt.verify(self.path)  # complete, unchanged, safe: before anything is written
+            self.common = ckpt.load_common(self.path)
+            _check_same_model(self.common.get("config", {}).get("model", {}), to_dict(cfg)["model"], self.path)
+            if not cfg.checkpoint.finetune:
+                run_id = ckpt_integrity.run_id(self.path)
+            if not checked:
+                self.notes.append(f"{self.path} was written before checkpoints carried checksums: its bytes are not "
+                                  "verified")
+        self.run_id = run_id or ckpt.new_run_id()
+        existing = ckpt_integrity.list_checkpoints(ckpt_dir)
+        if (self.path is None or cfg.checkpoint.finetune) and existing:
+            names = [os.path.basename(p) for _, p in existing]
+            latest = ckpt.latest_checkpoint(ckpt_dir)
+            self.notes.append(
+                f"checkpoint.load={cfg.checkpoint.load}{' with checkpoint.finetune' if cfg.checkpoint.finetune else ''}"
+                f": a new run starts at step 1 in {ckpt_dir}, which holds {len(names)} checkpoint(s) of an earlier run "
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                f"{'; latest ' + os.path.basename(latest) if latest else ''}). This run moves 'latest' to its own "
+                "checkpoints, replaces one saved at the same step, prunes (checkpoint.keep) only its own and starts "
+                f"{os.path.join(cfg.run_dir, 'metrics.jsonl')} anew; to continue the earlier run use "
+                "checkpoint.load=auto")
+        elif self.path is None and _nonempty(os.path.join(cfg.run_dir, "metrics.jsonl")):
+            self.notes.append(f"no checkpoint to resume in {ckpt_dir}: the run starts at step 1 and "
+                              f"{os.path.join(cfg.run_dir, 'metrics.jsonl')} starts anew")
+
+
+def _nonempty(path: str) -> bool:
+    return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
 class Trainer:
     """One training run as ``cfg`` says: every rank builds one; rank 0 writes the run directory. ``run()`` resumes
     (:meth:`resume`), then steps (:meth:`step`) and saves (:meth:`save`) until ``train.steps`` or
-    ``train.exit_interval``."""
+    ``train.exit_interval``. Everything that can refuse the run (tokenizer, vocabulary, the checkpoint to load, its
+    checksums and model) is checked before the first write."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.rt = rt = runtime.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
         self.rank0 = rt.rank == 0
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        vocab_size = cfg.model.language.vocab_size or len(self.tokenizer)
-        cfg.model.language.vocab_size = vocab_size
+        vocab_size = cfg.model.language.vocab_size = _vocab_size(cfg, self.tokenizer)
+        self.ckpt_dir = checkpoint_dir(cfg)
+        self.start = _Start(cfg, self.ckpt_dir)
+        if self.rank0:
+            for note in self.start.notes:
+                print(f"[megavlm] {note}", flush=True)
+        self.model, self.optimizer, self.scheduler = build_training_objects(
+            cfg, rt, vocab_size, image_token_id(self.tokenizer, families.of(cfg).image_token))
+        self.data = build_train_data(cfg, self.tokenizer, rt)
         if self.rank0:
             os.makedirs(cfg.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             self.tokenizer.save_pretrained(os.path.join(cfg.run_dir, "tokenizer"))
-        self.model, self.optimizer, self.scheduler = build_training_objects(
-            cfg, rt, vocab_size, image_token_id(self.tokenizer, families.of(cfg).image_token))
-        self.data = build_train_data(cfg, self.tokenizer, rt)
-        self.ckpt_dir = checkpoint_dir(cfg)
         self.load_path: str | None = None
         self.writer: MetricsWriter | None = None
         peak = _peak_flops()
@@ -202,14 +258,14 @@ class Trainer:
         self._flops = model_flops_per_step(cfg, gb * seq, gb) if peak else None
 
     def resume(self) -> int:
-        """Load ``checkpoint.load`` (if any) and return the step to continue after (0 for a fresh start)."""
+        """Load the checkpoint chosen at start-up (if any) and return the step to continue after (0 for a fresh
+        start)."""
         cfg, rt = self.cfg, self.rt
         start_step = 0
-        self.load_path = load_path = ckpt.resolve_load_path(cfg.checkpoint.load, self.ckpt_dir)
+        self.load_path = load_path = self.start.path
         if load_path is None:
             return 0
-        common = ckpt.load_common(load_path)
-        _check_same_model(common.get("config", {}).get("model", {}), to_dict(cfg)["model"], load_path)
+        common = self.start.common
         layout = common.get("layout") or {}
         same = layout == _layout(cfg, rt)
         # The optimizer state reshards over TP/PP, but not between the plain and the distributed optimizer.
@@ -219,7 +275,7 @@ class Trainer:
             rt.dp, cfg.train.global_batch)
         keeps_position = self.data.keeps_position
         loaded = ckpt.load(load_path, self.model, self.optimizer if with_opt else None, same_layout=same,
-                           data_state=keeps_position and not cfg.checkpoint.finetune and same_dp)
+                           data_state=keeps_position and not cfg.checkpoint.finetune and same_dp, verified=True)
         if not cfg.checkpoint.finetune:
             if "scheduler" in common:
                 self.scheduler.load_state_dict(common["scheduler"])
@@ -260,18 +316,22 @@ class Trainer:
             num_microbatches=data.num_microbatches, seq_length=seq, micro_batch_size=cfg.train.micro_batch,
             decoder_seq_length=seq, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
         # Loss over the global batch: the last stage's TP-rank-0 of each replica contributes, everyone learns it.
         tot = torch.zeros(2, dtype=torch.float64, device=rt.device)
         if rt.is_last_stage and rt.tp_rank == 0:
             for r in reduced:
                 tot += r["lm loss"].to(torch.float64)
         torch.distributed.all_reduce(tot)
+        loss = (tot[0] / tot[1].clamp(min=1)).item()
+        self._check_finite(step, "loss", loss)
+        _, grad_norm, _ = self.optimizer.step()
+        if grad_norm is not None:
+            self._check_finite(step, "gradient norm", float(grad_norm))
+        self.scheduler.step(increment=1)
         if rt.on_gpu:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": (tot[0] / tot[1].clamp(min=1)).item(), "lr": lr,
+        rec = {"step": step, "loss": loss, "lr": lr,
                "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                "tokens_per_s": gb * seq / dt, "samples_per_s": gb / dt, "step_time_s": dt,
                "supervised_tokens": int(tot[1].item())}
@@ -285,11 +345,29 @@ class Trainer:
             rec["mfu"] = self._flops / dt / (self._peak * rt.world_size)
         return rec
 
+    def _check_finite(self, step: int, what: str, value: float) -> None:
+        """Stop on a non-finite loss (checked before the optimizer step) or gradient norm (computed by the step), before
+        any save: every rank holds the same value (the all-reduced loss; the optimizer's global norm), so every rank
+        stops here.
+
+        megatron-core 0.19.2's own check, ``DistributedDataParallelConfig.check_for_nan_in_grad`` (Megatron-LM's
+        ``--check-for-nan-in-loss-and-grad`` sets it), tests each gradient bucket on its own rank before the
+        data-parallel reduction (param_and_grad_buffer.py:649) and raises a RuntimeError there: a traceback on the
+        ranks that see it while the others wait in the collective. The values checked here are already global."""
+        if math.isfinite(value):
+            return
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        raise UserError(
+            f"step {step}: the {what} is {value}: training diverged (train.lr={self.cfg.train.lr}); stopped before "
+            f"saving. {'The last checkpoint is ' + last if last else 'No checkpoint was saved'}"
+            "; lower train.lr (or raise train.warmup_steps, set train.clip_grad) and check the data", all_ranks=True)
+
     def save(self, step: int) -> None:
         common = {"scheduler": self.scheduler.state_dict(), "consumed_samples": step * self.cfg.train.global_batch,
                   "layout": _layout(self.cfg, self.rt), "config": to_dict(self.cfg)}
         path = ckpt.save(self.ckpt_dir, step, self.model, self.optimizer, common, keep=self.cfg.checkpoint.keep,
-                         data_state=self.data.state_dict() if self.data.keeps_position else None)
+                         data_state=self.data.state_dict() if self.data.keeps_position else None,
+                         run_id=self.start.run_id)
         if self.rank0:
             print(f"[megavlm] saved checkpoint {path}", flush=True)
 
