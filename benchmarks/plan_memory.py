@@ -2,8 +2,8 @@
 
     python benchmarks/plan_memory.py [--steps 3] [--only NAME ...] [--json OUT]
 
-Each case trains a 14M-parameter VLM (fp32 unless bf16 is asked for; megatron's local attention, what
-``model.spec=auto`` picks on CPU) for a few steps, in one process or as 2 torchrun ranks (TP=2 with and without
+Each case trains a 14M-parameter VLM (fp32 unless bf16 is asked for; megatron's local attention, ``model.spec=local``,
+as when these figures were first measured) for a few steps, in one process or as 2 torchrun ranks (TP=2 with and without
 sequence parallelism, PP=2, DP=2 with the distributed optimizer), with every tensor storage counted by
 ``megavlm.plan.measure.TensorMemory`` (a TorchDispatchMode with weakref finalizers: live tensor bytes op by op, not
 RSS). It prints, per rank, the planner's figure next to the measured one with their ratio: weights,
@@ -30,7 +30,7 @@ BASE = [
     "model.language.num_kv_heads=4", "model.language.ffn_hidden_size=1408",
     "data.source=synthetic", "data.max_seq_len=96", "data.num_samples=64", "data.eval_samples=0",
     "train.global_batch=16", "train.micro_batch=4", "train.warmup_steps=0", "train.stage=2",
-    "logging.tensorboard=false",
+    "logging.tensorboard=false", "model.spec=local",
 ]
 
 CASES = {

@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--reserve", type=float, default=None, help="GiB per GPU left for the CUDA context, allocator "
                                                                 "and NCCL (default 4)")
     pl.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
-                    help="gpu: model.dtype=auto is bf16, attention SDPA/TE; cpu: fp32, megatron's local attention")
+                    help="gpu: model.dtype=auto is bf16, attention SDPA/TE; cpu: fp32, SDPA "
+                         "(model.spec=local: megatron's)")
     pl.add_argument("--top", type=int, default=5, help="layouts to list (5)")
     pl.add_argument("--output", choices=["text", "json"], default="text")
 

@@ -283,7 +283,7 @@ class ModelConfig:
     #: Language model (the family's section).
     language: Any = None
     #: Attention/layer implementation: ``auto|local|sdpa|te``. ``auto`` = te if
-    #: importable on GPU, else sdpa on GPU, local on CPU.
+    #: importable on GPU, else sdpa (on CPU too); ``local`` is megatron's own unfused attention.
     spec: str = "auto"
     #: Parameter/compute dtype: ``auto|fp32|bf16``. ``auto`` = bf16 on GPU, fp32 on CPU.
     dtype: str = "auto"

@@ -64,14 +64,14 @@ def dtype_name(setting: str, on_gpu: bool) -> str:
 
 def resolve_backend(spec: str, on_gpu: bool, packed: bool = False) -> str:
     """``model.spec`` → the layer implementation: ``auto`` is ``te`` when Transformer Engine imports on GPU, ``sdpa``
-    on GPU otherwise, ``local`` on CPU (``sdpa`` there too for packed sequences, which megatron's local attention
-    cannot mask); ``te`` without a GPU falls back like ``auto``."""
+    otherwise (on CPU too: torch's SDPA keeps no s² attention probabilities and runs fewer ops per step than
+    megatron's local attention; docs/perf.md); ``te`` without a GPU falls back to ``sdpa``; ``local`` is megatron's
+    own attention (not for packed sequences, which it cannot mask)."""
+    del packed  # every choice but local takes packed sequences; the config check refuses local with packing
     if spec != "auto":
-        if spec in ("sdpa", "te") and not on_gpu:
-            return "sdpa" if packed else ("local" if spec == "te" else spec)
-        return spec
+        return "sdpa" if spec == "te" and not on_gpu else spec
     if not on_gpu:
-        return "sdpa" if packed else "local"
+        return "sdpa"
     try:
         import transformer_engine  # noqa: F401
 

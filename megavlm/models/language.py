@@ -1,15 +1,33 @@
-"""The LLaMA-family decoder (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings) as megatron-core's GPTModel."""
+"""The LLaMA-family decoder (RMSNorm, SwiGLU, RoPE, GQA; tied or untied embeddings) as megatron-core's GPTModel."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from ..shapes import padded_vocab
 
 
+class LanguageModel(GPTModel):
+    """GPTModel whose per-token loss, when the vocabulary is not split over TP ranks, is torch's cross entropy:
+    megatron's ``vocab_parallel_cross_entropy`` (language_module.py ``compute_language_model_loss``) runs three
+    all-reduces and about fifteen element-wise ops per micro-batch to combine vocabulary shards there are none of.
+    Same math (log-sum-exp over the padded vocabulary, fp32), so TP=1 and TP>1 losses agree to rounding."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``labels`` (b, s), ``logits`` (s, b, v) → loss (b, s)."""
+        if self.config.cross_entropy_loss_fusion or torch.distributed.get_world_size(self.tp_group) > 1:
+            return super().compute_language_model_loss(labels, logits)
+        s, b, v = logits.shape
+        loss = F.cross_entropy(logits.float().reshape(s * b, v), labels.transpose(0, 1).reshape(s * b),
+                               reduction="none")
+        return loss.view(s, b).transpose(0, 1).contiguous()
+
+
 def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, pre_process: bool,
-                         post_process: bool) -> GPTModel:
-    return GPTModel(
+                         post_process: bool) -> LanguageModel:
+    return LanguageModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=padded_vocab(vocab_size, lcfg.vocab_pad_multiple),

@@ -225,9 +225,10 @@ class Env:
         return 2 if d == "bf16" or (d == "auto" and self.device == "gpu") else 4
 
     def backend(self, cfg) -> str:
+        """As ``shapes.resolve_backend`` would choose (which of TE and SDPA imports on a GPU is ``gpu_attention``)."""
         spec = cfg.model.spec
         if self.device == "cpu":
-            return "local" if spec in ("auto", "te") else spec
+            return "local" if spec == "local" else "sdpa"
         return self.gpu_attention if spec == "auto" else spec
 
 
