@@ -17,6 +17,9 @@ from typing import Sequence
 
 #: Parameter-name prefixes trained in each ``train.stage`` (1: projector; 2: + LLM; 3: everything).
 TRAINABLE: dict[int, tuple[str, ...]] = {1: ("projector.",), 2: ("projector.", "language_model."), 3: ("",)}
+#: The parts ``train.trainable`` names, in model order, and the parameter-name prefix of each in the VLM.
+PARTS: tuple[str, ...] = ("vision", "projector", "language")
+PART_PREFIXES: dict[str, str] = {"vision": "vision_model.", "projector": "projector.", "language": "language_model."}
 
 #: Activation functions a ViT may use (the model maps each to its torch function).
 VIT_ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu")
@@ -52,9 +55,27 @@ def decoder_layers_per_stage(num_layers: int, pp: int, first_stage_layers: int |
     return [first_stage_layers] + [rest] * (pp - 1)
 
 
-def trainable_parts(stage: int) -> tuple[bool, bool, bool]:
-    """(vision, projector, language) trained in ``train.stage`` (the prefixes of :data:`TRAINABLE`)."""
+def trainable_parts(stage: int, trainable: Sequence[str] | None = None) -> tuple[bool, bool, bool]:
+    """(vision, projector, language) trained: the parts ``trainable`` names (``train.trainable``) when it is given,
+    else ``train.stage``'s preset (the prefixes of :data:`TRAINABLE`)."""
+    if trainable is not None:
+        return tuple(p in trainable for p in PARTS)  # type: ignore[return-value]
     return stage == 3, True, stage >= 2
+
+
+def trainable_prefixes(stage: int, trainable: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Parameter-name prefixes of the VLM that train (see :func:`trainable_parts`)."""
+    if trainable is None:
+        return TRAINABLE[stage]
+    return tuple(PART_PREFIXES[p] for p in PARTS if p in trainable)
+
+
+def trained_label(stage: int, trainable: Sequence[str] | None = None) -> str:
+    """What trains, for the start-up line and ``plan``: ``vision+projector (train.trainable)`` or ``projector+language
+    (train.stage=2)``."""
+    parts = [p for p, on in zip(PARTS, trainable_parts(stage, trainable)) if on]
+    why = "train.trainable" if trainable is not None else f"train.stage={stage}"
+    return f"{'+'.join(parts) or 'nothing'} ({why})"
 
 
 def dtype_name(setting: str, on_gpu: bool) -> str:

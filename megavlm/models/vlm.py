@@ -58,8 +58,9 @@ class VLM(MegatronModule):
         """The tied word embedding of this stage (finalize_model_grads reduces its gradient)."""
         return self.language_model.shared_embedding_or_output_weight()
 
-    def freeze_for_stage(self, stage: int) -> None:
-        prefixes = shapes.TRAINABLE[stage]
+    def freeze_for_stage(self, stage: int, trainable=None) -> None:
+        """Only the parts ``train.trainable`` names train (when given), else those of ``train.stage``'s preset."""
+        prefixes = shapes.trainable_prefixes(stage, trainable)
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith(prefixes))
 
@@ -133,13 +134,13 @@ class VLM(MegatronModule):
 
 def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
     """The local model chunk of this pipeline stage (as the config's model family builds it), on the run's device
-    and dtype, frozen for ``train.stage``."""
+    and dtype, frozen but for the parts that train (``train.trainable``, else ``train.stage``)."""
     dtype = model_dtype(cfg, rt)
     model = families.of(cfg).build_model(cfg, rt, vocab_size, image_token_id, dtype,
                                          pre_process=parallel_state.is_pipeline_first_stage(),
                                          post_process=parallel_state.is_pipeline_last_stage())
     model.to(device=rt.device, dtype=dtype)  # norms too (Megatron-LM does this with Float16Module)
-    model.freeze_for_stage(cfg.train.stage)
+    model.freeze_for_stage(cfg.train.stage, cfg.train.trainable)
     return model
 
 
