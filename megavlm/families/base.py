@@ -134,6 +134,12 @@ class Family:
         """The ids that replace one ``<image>`` of n tokens (None: n copies of the image token id)."""
         return None
 
+    def position_ids(self, cfg, input_ids, grids, image_token_id: int):
+        """The decoder's position ids of one sample's ids ``(s,)`` whose images have the patch ``grids`` ``(t, h,
+        w)``: ``(3, s)`` for a family with multimodal rotary positions (M-RoPE, ``data/mrope.py``), None for plain
+        RoPE (megatron counts the positions itself)."""
+        return None
+
     # ---------------------------------------------------------------------------------------------- model
     def build_model(self, cfg, rt, vocab_size: int, image_token_id: int, dtype, pre_process: bool,
                     post_process: bool):

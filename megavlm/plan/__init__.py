@@ -264,7 +264,9 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     T = s * b
     tn = T // tp if sp else T
     # crops through the encoder per micro-batch: every image at its most crops (tiles + thumbnail) for a tiling family
-    n_img = b * images_per_sample(cfg) * fam.image_processor(cfg).max_crops
+    # (native resolution: an image is one sequence of up to v.patches patches, its "crops" being those patches)
+    crops = 1 if v.position_embedding == "rope_2d" else fam.image_processor(cfg).max_crops
+    n_img = b * images_per_sample(cfg) * crops
     parch = fam.projector_arch(cfg)
     t_out = parch.tokens(v.tokens)
     h = lm.hidden_size
@@ -285,7 +287,7 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     if sp:
         workspace = max(workspace, T * max(h, lm.ffn_hidden_size // tp) * e)  # all-gather buffer
     # the trainer builds all micro-batches of a step up front: ids and labels (int64), loss mask (fp32), images
-    batch = m * (b * s * 20 + (n_img * v.image_size ** 2 * v.num_channels if first else 0))
+    batch = m * (b * s * 20 + (n_img * v.patches * v.patch_size ** 2 * v.num_channels if first else 0))
 
     acts = {}
     for mode in RECOMPUTE_MODES:

@@ -34,8 +34,9 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
+    extra = {k: batch[k] for k in ("position_ids", "image_grid") if batch.get(k) is not None}  # (Qwen2-VL's)
     out = model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
-                packed_seq_params=batch.get("packed_seq_params"))
+                packed_seq_params=batch.get("packed_seq_params"), **extra)
     return out, partial(_loss_func, batch["loss_mask"])
 
 
