@@ -1,0 +1,113 @@
+"""Qwen2.5-VL end to end through the CLI (torchrun-spawned gloo ranks on CPU): one converted checkpoint trains on
+shards of images of many sizes (native resolution: each image its own number of patches and tokens, one or two per
+sample) with TP=2 and PP=2 losses equal to the TP=1 run's, and `megavlm generate` resizes an image itself and decodes
+what transformers' generate decodes from its own processor."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from helpers import losses, run, train  # noqa: E402
+from test_qwen2_vl import SPECIALS, make_qwen  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+COMMON = ["train.steps=4", "train.warmup_steps=1", "checkpoint.keep=0", "train.stage=3", "train.global_batch=4",
+          "train.micro_batch=2", "train.lr=1e-2", "data.source=shards", "data.max_images=2", "data.max_seq_len=96",
+          "logging.tensorboard=false"]
+#: (width, height): wide, tall, square, tiny (scaled up), large (scaled down), odd sizes
+SIZES = [(40, 20), (16, 48), (30, 30), (3, 2), (300, 170), (20, 20), (50, 35), (18, 60), (33, 17)]
+QUESTIONS = [("what color is the square ?", "red"), ("what shape is blue ?", "circle"),
+             ("describe the image .", "a green triangle")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(converted dir, shards dir, HF dir, an image): shards of 16 records, every third with a second image."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("qwen_train")
+    hf = str(root / "hf")
+    make_qwen(hf, "qwen2_5_vl", seed=7)
+    out = str(root / "mcore")
+    run(["convert", "hf-to-mcore", "--hf", hf, "--out", out])
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    with open(root / "records.jsonl", "w") as f:
+        for i in range(16):
+            names = []
+            for j in range(1 + (i % 3 == 0)):
+                w, h = SIZES[(i + 4 * j) % len(SIZES)]
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i}_{j}.png")
+                names.append(f"{i}_{j}.png")
+            q, a = QUESTIONS[i % len(QUESTIONS)]
+            rec = {"conversations": [{"from": "human", "value": "<image>\n" * len(names) + q},
+                                     {"from": "gpt", "value": a}]}
+            rec.update({"image": names[0]} if len(names) == 1 else {"images": names})
+            f.write(json.dumps(rec) + "\n")
+    shards = str(root / "shards")
+    run(["data", "convert", "--format", "jsonl", "--json", str(root / "records.jsonl"), "--images", str(images),
+         "--out", shards, "--workers", "1"])
+    return out, shards, hf, str(images / "0_0.png")
+
+
+def test_tp2_and_pp2_losses_equal_tp1(setup, tmp_path):
+    out, shards, _, _ = setup
+    config = os.path.join(out, "config.yaml")
+    ref = tmp_path / "ref"
+    proc = train(ref, *COMMON, f"data.shards={shards}", "checkpoint.save_interval=2", config=config)
+    assert "samples read on this data-parallel rank, 0 skipped" in proc.stdout  # every size was usable
+    want = losses(ref)
+    assert len(want) == 4 and want[4] != want[1]
+    resume = os.path.join(str(ref), "checkpoints", "iter_0000002")
+    for name, overrides in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
+        d = tmp_path / name
+        train(d, *COMMON, f"data.shards={shards}", f"checkpoint.load={resume}", *overrides, nproc=2, config=config)
+        got = losses(d)
+        assert sorted(got) == [3, 4], name
+        for step in (3, 4):
+            assert abs(got[step] - want[step]) <= 1e-5, (name, step, got[step], want[step])
+
+
+def test_generate_resizes_the_image_as_transformers(setup):
+    """`--input-ids` with `<|vision_start|><|image_pad|><|vision_end|>`: megavlm resizes the 40×20 image itself (to
+    40×16: a grid of 4×10 patches, 10 tokens) and expands the pad token between the two it was given; transformers
+    gets the same ids, its processor's pixel values and grid."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from megavlm.data.tokenizer import load_tokenizer
+
+    out, _, hf, png = setup
+    tok = load_tokenizer(hf)
+    start, end, pad = (tok.convert_tokens_to_ids(t) for t in SPECIALS)
+    prompt = [1, 5, 6, start, pad, end, 7, 8, 9]
+    n = 6
+    proc = run(["generate", "--ckpt", out, "--image", png, "--input-ids", ",".join(map(str, prompt)),
+                "--max-new-tokens", str(n), "--ignore-eos", "--output", "json"])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    processor = AutoImageProcessor.from_pretrained(hf)
+    inputs = processor(images=[Image.open(png).convert("RGB")], return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    tokens = int(grid.prod()) // 4
+    expanded = [1, 5, 6, start] + [pad] * tokens + [end, 7, 8, 9]
+    assert res["prompt_ids"] == expanded and grid.tolist() == [[1, 4, 10]]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([expanded])
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, pixel_values=inputs["pixel_values"], image_grid_thw=grid,
+                             mm_token_type_ids=(ids == pad).int(), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in gen.scores]
+    assert min(margins) > 1e-3, margins
+    assert res["generated_ids"] == gen.sequences[0, len(expanded):].tolist()
