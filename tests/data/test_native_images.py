@@ -246,3 +246,26 @@ def test_fallback_gives_the_reference_and_skips_the_same(native_shards, monkeypa
         assert s["grids"].shape == (len(s["crops"]), 3) and s["images"].shape[0] == sum(s["crops"])
         for g, c in zip(s["grids"].tolist(), s["crops"]):
             assert g[0] * g[1] * g[2] == c
+
+
+def test_inspect_reports_the_tokens_of_each_image(native_shards):
+    """`megavlm data inspect` with a native-resolution config counts each image's own tokens (from its size, as
+    training does), reports their distribution and names the image it refuses."""
+    from megavlm.config import load_config
+    from megavlm.data.inspect import inspect
+    from megavlm.data.shards import iter_shards
+
+    cfg = load_config(None, ["model.family=qwen2_vl", "data.source=synthetic_shards", "model.vision.patch_size=4",
+                             f"model.vision.min_pixels={NATIVE.min_pixels}", f"model.vision.max_pixels="
+                             f"{NATIVE.max_pixels}", "data.max_seq_len=256"])
+    out = io.StringIO()
+    stats = inspect(native_shards, n=0, out=out, color=False, config=cfg, template="vicuna")
+    want = []
+    for _, rec, files in iter_shards(native_shards):
+        sizes = [Image.open(io.BytesIO(files[name])).size for name in rec.get("images") or []]
+        if all(NATIVE.check(*s) is None for s in sizes):
+            want += [NATIVE.tokens(NATIVE.crops(*s)) for s in sizes]
+    assert sorted(stats["tokens_per_image"]) == sorted(want) and len(set(want)) > 3
+    assert stats["unencodable"] == 1 and "is refused: image_aspect_ratio" in stats["first_error"]
+    text = out.getvalue()
+    assert f"min {min(want)}, mean {sum(want) / len(want):.1f}, max {max(want)}" in text

@@ -68,6 +68,9 @@ def test_tp2_and_pp2_losses_equal_tp1(setup, tmp_path):
     assert "samples read on this data-parallel rank, 0 skipped" in proc.stdout  # every size was usable
     want = losses(ref)
     assert len(want) == 4 and want[4] != want[1]
+    # eval answers the synthetic colour questions from the run's checkpoint (square images at native resolution)
+    ev = run(["eval", config, f"run_dir={ref}", "--limit", "4"])
+    assert "accuracy" in ev.stdout and json.load(open(ref / "eval.json"))["questions"] == 4
     resume = os.path.join(str(ref), "checkpoints", "iter_0000002")
     for name, overrides in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
         d = tmp_path / name
