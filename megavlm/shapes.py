@@ -23,8 +23,9 @@ PART_PREFIXES: dict[str, str] = {"vision": "vision_model.", "projector": "projec
 
 #: Activation functions a ViT may use (the model maps each to its torch function).
 VIT_ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu", "silu")
-#: Projector kinds the shared blocks build: ``mlp`` (Linear, GELU, Linear), ``affine`` (one Linear).
-PROJECTOR_KINDS = ("mlp", "affine")
+#: Projector kinds the shared blocks build: ``mlp`` (Linear, GELU, Linear), ``affine`` (one Linear), ``resampler``
+#: (Qwen-VL's cross-attention of learned queries to the features).
+PROJECTOR_KINDS = ("mlp", "affine", "resampler")
 
 
 def divisors(n: int) -> list[int]:
@@ -201,10 +202,11 @@ class ViTArch:
 @dataclass(frozen=True)
 class ProjectorArch:
     """The vision→language projector: ``mlp`` (Linear(input, out), GELU, Linear(out, out)) or ``affine`` (one
-    Linear), both with biases, TP-split like megatron's MLP. ``merge=2`` first joins each 2×2 block of neighbouring
-    feature tokens into one token of 4× the channels (InternVL's pixel shuffle at ``downsample_ratio`` 0.5), and
-    ``pre_norm`` puts a LayerNorm on the projector's input; ``vision_size`` is the encoder's width, ``input_size``
-    what the first Linear takes."""
+    Linear), both with biases, TP-split like megatron's MLP; or ``resampler`` (``queries`` learned queries
+    cross-attending with ``heads`` heads, ``models/projector.py``). ``merge=2`` first joins each 2×2 block of
+    neighbouring feature tokens into one token of 4× the channels (InternVL's pixel shuffle at ``downsample_ratio``
+    0.5), and ``pre_norm`` puts a LayerNorm on the projector's input; ``vision_size`` is the encoder's width,
+    ``input_size`` what the first Linear takes."""
 
     kind: str
     vision_size: int
@@ -220,6 +222,11 @@ class ProjectorArch:
     norm_eps: float = 1e-5
     #: Inner width of the ``mlp`` (0: ``hidden_size``; Qwen2-VL's merger keeps ``input_size``).
     ffn_size: int = 0
+    #: ``resampler``: learned queries (the tokens out per image; a square number) and attention heads.
+    queries: int = 0
+    heads: int = 0
+    #: ``resampler``: feature tokens in per image (for the FLOP count).
+    input_tokens: int = 0
 
     @property
     def input_size(self) -> int:
@@ -232,12 +239,17 @@ class ProjectorArch:
 
     def tokens(self, vision_tokens: int) -> int:
         """Tokens out for ``vision_tokens`` feature tokens of one crop."""
+        if self.kind == "resampler":
+            return self.queries
         return vision_tokens // self.merge ** 2
 
     def params(self, tp: int = 1) -> int:
         """Parameters on one TP rank: the LayerNorm replicated, fc1 column-parallel; the ``mlp``'s fc2 row-parallel
         (bias whole)."""
         h = self.hidden_size
+        if self.kind == "resampler":  # queries, input Linear, two LayerNorms (replicated); q/k/v, out (TP-split)
+            return (self.queries * h + (self.vision_size * h if self.vision_size != h else 0) + 4 * h
+                    + 3 * (h // tp * h + h // tp) + h * (h // tp) + h)
         f = h if self.kind == "affine" else self.inner_size
         fc1 = f // tp * self.input_size + f // tp
         norm = 2 * self.input_size if self.pre_norm else 0
@@ -249,6 +261,11 @@ class ProjectorArch:
         h = self.hidden_size
         if self.kind == "affine":
             return tokens * 2 * self.input_size * h
+        if self.kind == "resampler":  # per image: the input Linear, k and v over its features; q, scores, out
+            images, t = tokens / self.queries, self.input_tokens
+            per_image = (2 * t * h * ((self.vision_size if self.vision_size != h else 0) + 2 * h)
+                         + 2 * self.queries * h * (2 * h + 2 * t))
+            return images * per_image
         return tokens * 2 * self.inner_size * (self.input_size + h)
 
 

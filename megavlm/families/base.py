@@ -126,6 +126,8 @@ class Family:
     def image_tokens_formula(self, cfg) -> str:
         """How :meth:`image_tokens` comes about, for messages (e.g. ``(336/14)² + 1 class token``)."""
         v, p = self.vision_arch(cfg), self.projector_arch(cfg)
+        if p.kind == "resampler":
+            return f"{p.queries} resampler queries"
         text = f"({v.image_size}/{v.patch_size})²" + (" + 1 class token" if v.class_token and v.keep_class_token
                                                       else "")
         return text if p.merge == 1 else f"{text} / {p.merge ** 2} ({p.merge}×{p.merge} merge)"

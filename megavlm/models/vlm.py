@@ -91,7 +91,7 @@ class VLM(MegatronModule):
             emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
         elif images is not None and images.shape[0] > 0:
             feats = self.vision_model(images)  # (n, t, d)
-            per_crop = feats.shape[1] // self.projector.merge ** 2  # tokens after the projector's merge
+            per_crop = self.projector.tokens(feats.shape[1])  # tokens after the projector's merge (or queries)
             if feats.shape[0] * per_crop != n_slots:
                 raise ValueError(
                     f"batch has {n_slots} image-token positions but {feats.shape[0]} image crops × {per_crop} "

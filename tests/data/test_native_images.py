@@ -126,6 +126,7 @@ def test_bad_settings_are_refused():
 pytest.importorskip("nvidia.dali")
 
 from test_pipeline import _smooth  # noqa: E402 - smooth test images: resize differences stay at rounding level
+from test_tiles import _png, _tile_records  # noqa: E402
 
 #: uint8 levels between DALI's cubic resize and PIL's BICUBIC (as for the tiles: test_tiles.py, docs/data.md)
 TOL, TOL_BORDER = 1, 3
@@ -153,32 +154,16 @@ def test_in_graph_size_equals_smart_resize(n):
     assert got == [n.resized(w, h) for w, h in shapes]
 
 
-def _png(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 NATIVE = NativeImages(4, 2, 2, 64, 1024, MEAN, STD)
 #: Image sizes of the shards: wide, tall, square, tiny (scaled up), large (scaled down), a rounding tie.
 SIZES = [(40, 24), (24, 40), (32, 32), (3, 2), (300, 170), (12, 20), (61, 23), (9, 90)]
 
 
 def _records(n):
-    recs = []
-    for i in range(n):
-        conv = [{"from": "human", "value": f"<image>\nq{i}"}, {"from": "gpt", "value": f"a{i}"}]
-        if i % 5 == 4:  # text-only
-            recs.append({"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]})
-            continue
-        imgs = [_png(_smooth(i, *SIZES[i % len(SIZES)]))]
-        if i % 3 == 0:  # a second image of another size
-            conv[0]["value"] += " <image>"
-            imgs.append(_png(_smooth(100 + i, *SIZES[(i + 3) % len(SIZES)])))
-        recs.append({"conversations": conv, "images": imgs})
-    recs.append({"conversations": [{"from": "human", "value": "<image>\nthin"}, {"from": "gpt", "value": "no"}],
-                 "images": [_png(_smooth(7, 250, 1))]})  # aspect ratio 250: refused
-    return recs
+    """test_tiles' records over these sizes, and one more whose image has an aspect ratio of 250 (refused)."""
+    return _tile_records(n, SIZES) + [{"conversations": [{"from": "human", "value": "<image>\nthin"},
+                                                         {"from": "gpt", "value": "no"}],
+                                       "images": [_png(_smooth(7, 250, 1))]}]
 
 
 @pytest.fixture(scope="module")

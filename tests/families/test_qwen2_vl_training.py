@@ -9,14 +9,13 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers import losses, run, train  # noqa: E402
+from helpers import assert_layouts_resume_equal, losses, run, train, write_image_shards  # noqa: E402
 from test_qwen2_vl import SPECIALS, make_qwen  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -25,39 +24,18 @@ COMMON = ["train.steps=4", "train.warmup_steps=1", "checkpoint.keep=0", "train.s
           "logging.tensorboard=false"]
 #: (width, height): wide, tall, square, tiny (scaled up), large (scaled down), odd sizes
 SIZES = [(40, 20), (16, 48), (30, 30), (3, 2), (300, 170), (20, 20), (50, 35), (18, 60), (33, 17)]
-QUESTIONS = [("what color is the square ?", "red"), ("what shape is blue ?", "circle"),
-             ("describe the image .", "a green triangle")]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(converted dir, shards dir, HF dir, an image): shards of 16 records, every third with a second image."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("qwen_train")
     hf = str(root / "hf")
     make_qwen(hf, "qwen2_5_vl", seed=7)
     out = str(root / "mcore")
     run(["convert", "hf-to-mcore", "--hf", hf, "--out", out])
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    with open(root / "records.jsonl", "w") as f:
-        for i in range(16):
-            names = []
-            for j in range(1 + (i % 3 == 0)):
-                w, h = SIZES[(i + 4 * j) % len(SIZES)]
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i}_{j}.png")
-                names.append(f"{i}_{j}.png")
-            q, a = QUESTIONS[i % len(QUESTIONS)]
-            rec = {"conversations": [{"from": "human", "value": "<image>\n" * len(names) + q},
-                                     {"from": "gpt", "value": a}]}
-            rec.update({"image": names[0]} if len(names) == 1 else {"images": names})
-            f.write(json.dumps(rec) + "\n")
-    shards = str(root / "shards")
-    run(["data", "convert", "--format", "jsonl", "--json", str(root / "records.jsonl"), "--images", str(images),
-         "--out", shards, "--workers", "1"])
-    return out, shards, hf, str(images / "0_0.png")
+    shards, png = write_image_shards(str(root), SIZES, second_image_every=3)
+    return out, shards, hf, png
 
 
 def test_tp2_and_pp2_losses_equal_tp1(setup, tmp_path):
@@ -71,14 +49,8 @@ def test_tp2_and_pp2_losses_equal_tp1(setup, tmp_path):
     # eval answers the synthetic colour questions from the run's checkpoint (square images at native resolution)
     ev = run(["eval", config, f"run_dir={ref}", "--limit", "4"])
     assert "accuracy" in ev.stdout and json.load(open(ref / "eval.json"))["questions"] == 4
-    resume = os.path.join(str(ref), "checkpoints", "iter_0000002")
-    for name, overrides in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
-        d = tmp_path / name
-        train(d, *COMMON, f"data.shards={shards}", f"checkpoint.load={resume}", *overrides, nproc=2, config=config)
-        got = losses(d)
-        assert sorted(got) == [3, 4], name
-        for step in (3, 4):
-            assert abs(got[step] - want[step]) <= 1e-5, (name, step, got[step], want[step])
+    assert_layouts_resume_equal(tmp_path, ref, os.path.join(str(ref), "checkpoints", "iter_0000002"),
+                                [*COMMON, f"data.shards={shards}"], config)
 
 
 def test_generate_resizes_the_image_as_transformers(setup):

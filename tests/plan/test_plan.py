@@ -17,6 +17,8 @@ PARAM_CASES = {
     "siglip, linear projector": ["model.vision.flavour=siglip", "model.projector.type=linear"],
     "clip penultimate, full select, mqa": ["model.vision.feature_layer=-2", "model.vision.select_strategy=full",
                                            "model.language.num_kv_heads=1", "model.language.num_layers=3"],
+    "resampler (queries, heads)": ["model.projector.type=resampler", "model.projector.queries=9",
+                                   "model.projector.heads=2"],
     "stage 1": ["train.stage=1"],
     "stage 3": ["train.stage=3"],
 }
