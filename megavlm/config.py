@@ -337,6 +337,9 @@ class TrainConfig:
 
     #: Which parameters train: 1 = projector only; 2 = projector + LLM; 3 = everything.
     stage: int = 2
+    #: The parts that train, any of ``vision``, ``projector``, ``language`` (e.g. ``[vision, projector]`` for
+    #: Qwen-VL's first stage, the LLM frozen); when set it replaces ``stage``'s preset; null = ``stage`` decides.
+    trainable: Optional[list[str]] = None
     #: Number of optimizer steps.
     steps: int = 30
     #: Base random seed (model init and data).
@@ -376,6 +379,16 @@ class TrainConfig:
     def check(self, key: str) -> None:
         _check_choice(f"{key}.lr_schedule", self.lr_schedule, LR_SCHEDULE_CHOICES)
         _check_choice(f"{key}.stage", self.stage, STAGE_CHOICES)
+        if self.trainable is not None:
+            from .shapes import PARTS
+
+            if not self.trainable:
+                raise ConfigError(f"{key}.trainable=[] trains nothing; name parts from: {fmt(PARTS)} (or null: "
+                                  f"{key}.stage decides)")
+            for i, part in enumerate(self.trainable):
+                _check_choice(f"{key}.trainable[{i}]", part, PARTS)
+            if len(set(self.trainable)) != len(self.trainable):
+                raise ConfigError(f"{key}.trainable={self.trainable} names a part twice")
         _check_choice(f"{key}.recompute", self.recompute, RECOMPUTE_CHOICES)
         for name in ("steps", "global_batch", "micro_batch"):
             _check_min(f"{key}.{name}", getattr(self, name), 1)

@@ -17,11 +17,15 @@ from typing import Sequence
 
 #: Parameter-name prefixes trained in each ``train.stage`` (1: projector; 2: + LLM; 3: everything).
 TRAINABLE: dict[int, tuple[str, ...]] = {1: ("projector.",), 2: ("projector.", "language_model."), 3: ("",)}
+#: The parts ``train.trainable`` names, in model order, and the parameter-name prefix of each in the VLM.
+PARTS: tuple[str, ...] = ("vision", "projector", "language")
+PART_PREFIXES: dict[str, str] = {"vision": "vision_model.", "projector": "projector.", "language": "language_model."}
 
 #: Activation functions a ViT may use (the model maps each to its torch function).
-VIT_ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu")
-#: Projector kinds the shared blocks build: ``mlp`` (Linear, GELU, Linear), ``affine`` (one Linear).
-PROJECTOR_KINDS = ("mlp", "affine")
+VIT_ACTIVATIONS = ("quick_gelu", "gelu_tanh", "gelu", "silu")
+#: Projector kinds the shared blocks build: ``mlp`` (Linear, GELU, Linear), ``affine`` (one Linear), ``resampler``
+#: (Qwen-VL's cross-attention of learned queries to the features).
+PROJECTOR_KINDS = ("mlp", "affine", "resampler")
 
 
 def divisors(n: int) -> list[int]:
@@ -52,9 +56,27 @@ def decoder_layers_per_stage(num_layers: int, pp: int, first_stage_layers: int |
     return [first_stage_layers] + [rest] * (pp - 1)
 
 
-def trainable_parts(stage: int) -> tuple[bool, bool, bool]:
-    """(vision, projector, language) trained in ``train.stage`` (the prefixes of :data:`TRAINABLE`)."""
+def trainable_parts(stage: int, trainable: Sequence[str] | None = None) -> tuple[bool, bool, bool]:
+    """(vision, projector, language) trained: the parts ``trainable`` names (``train.trainable``) when it is given,
+    else ``train.stage``'s preset (the prefixes of :data:`TRAINABLE`)."""
+    if trainable is not None:
+        return tuple(p in trainable for p in PARTS)  # type: ignore[return-value]
     return stage == 3, True, stage >= 2
+
+
+def trainable_prefixes(stage: int, trainable: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Parameter-name prefixes of the VLM that train (see :func:`trainable_parts`)."""
+    if trainable is None:
+        return TRAINABLE[stage]
+    return tuple(PART_PREFIXES[p] for p in PARTS if p in trainable)
+
+
+def trained_label(stage: int, trainable: Sequence[str] | None = None) -> str:
+    """What trains, for the start-up line and ``plan``: ``vision+projector (train.trainable)`` or ``projector+language
+    (train.stage=2)``."""
+    parts = [p for p, on in zip(PARTS, trainable_parts(stage, trainable)) if on]
+    why = "train.trainable" if trainable is not None else f"train.stage={stage}"
+    return f"{'+'.join(parts) or 'nothing'} ({why})"
 
 
 def dtype_name(setting: str, on_gpu: bool) -> str:
@@ -114,11 +136,31 @@ class ViTArch:
     layer_scale: bool = False
     #: Initial value of the layer-scale vectors (a fresh model's; converted ones carry theirs).
     layer_scale_init: float = 0.1
+    #: ``learned``: absolute positions of a fixed square image; ``rope_2d``: native resolution (Qwen2-VL) — images of
+    #: any size as one packed sequence of patches (attention within each image), rotary positions over each image's
+    #: (row, column) patch grid, no position parameters.
+    position_embedding: str = "learned"
+    #: Frames one patch spans (Qwen2-VL's Conv3d patch embedding; a still image is repeated over them).
+    temporal_patch_size: int = 1
+    #: ``rope_2d``: the patches of each image come in blocks of ``spatial_merge``² (the projector's merge), the
+    #: order the rotary positions and windows follow (``data.images.patchify``).
+    spatial_merge: int = 1
+    #: ``rope_2d``: the most patches one image has (its pixels at the processor's ``max_pixels``): ``plan``'s and the
+    #: MFU's worst case (``image_size`` is then the side of the largest square image).
+    max_patches: int = 0
+    #: Base of the rotary positions (``rope_2d``).
+    rope_theta: float = 10000.0
+    #: A gated (SwiGLU-style: ``activation(gate) · up``) MLP with biases instead of the plain one.
+    gated_mlp: bool = False
+    #: Window attention (Qwen2.5-VL): windows of ``window_size`` pixels per side (0: none), every layer but those in
+    #: ``full_attention_layers`` attends within its window.
+    window_size: int = 0
+    full_attention_layers: tuple[int, ...] = ()
 
     @property
     def patches(self) -> int:
-        """Patch tokens of one image."""
-        return (self.image_size // self.patch_size) ** 2
+        """Patch tokens of one image (the most one image has, with native resolution)."""
+        return self.max_patches or (self.image_size // self.patch_size) ** 2
 
     @property
     def positions(self) -> int:
@@ -133,15 +175,18 @@ class ViTArch:
     def params(self, tp: int = 1) -> int:
         """Parameters on one TP rank (embeddings and norms replicated, layers split like megatron's)."""
         d, f, c, p = self.hidden_size, self.ffn_hidden_size, self.num_channels, self.patch_size
-        emb = (d * c * p * p + (d if self.patch_bias else 0) + (d if self.class_token else 0) + self.positions * d
+        learned = self.position_embedding == "learned"
+        emb = (d * c * self.temporal_patch_size * p * p + (d if self.patch_bias else 0)
+               + (d if self.class_token else 0) + (self.positions * d if learned else 0)
                + (2 * d if self.pre_norm else 0))
+        g = 2 if self.gated_mlp else 1
         norm = d if self.norm == "rms_norm" else 2 * d
         layer = (norm  # input norm
                  + 3 * d // tp * d + (3 * d // tp if self.qkv_bias else 0)  # qkv (column-parallel, bias split)
                  + (2 * d // tp if self.qk_norm else 0)  # q and k norm weights (split like q and k)
                  + d * (d // tp) + d  # proj (row-parallel, bias whole)
                  + norm  # pre-MLP norm
-                 + f // tp * d + f // tp  # fc1
+                 + g * (f // tp * d + f // tp)  # fc1 (gate and up when gated)
                  + d * (f // tp) + d  # fc2
                  + (2 * d if self.layer_scale else 0))  # the two layer-scale vectors
         return emb + self.num_layers * layer
@@ -149,44 +194,79 @@ class ViTArch:
     def forward_flops(self, n_images: int) -> float:
         """Model FLOPs of one forward pass over ``n_images`` images (GEMMs, attention scores, patch embedding)."""
         t, d = self.positions, self.hidden_size
-        layer = 2 * 4 * d * d + 2 * 2 * d * self.ffn_hidden_size + 2 * 2 * t * d
-        return n_images * t * (self.num_layers * layer + 2 * self.num_channels * self.patch_size ** 2 * d)
+        layer = 2 * 4 * d * d + 2 * (3 if self.gated_mlp else 2) * d * self.ffn_hidden_size + 2 * 2 * t * d
+        patch = 2 * self.num_channels * self.temporal_patch_size * self.patch_size ** 2 * d
+        return n_images * t * (self.num_layers * layer + patch)
 
 
 @dataclass(frozen=True)
 class ProjectorArch:
     """The vision→language projector: ``mlp`` (Linear(input, out), GELU, Linear(out, out)) or ``affine`` (one
-    Linear), both with biases, TP-split like megatron's MLP. ``merge=2`` first joins each 2×2 block of neighbouring
-    feature tokens into one token of 4× the channels (InternVL's pixel shuffle at ``downsample_ratio`` 0.5), and
-    ``pre_norm`` puts a LayerNorm on the projector's input; ``vision_size`` is the encoder's width, ``input_size``
-    what the first Linear takes."""
+    Linear), both with biases, TP-split like megatron's MLP; or ``resampler`` (``queries`` learned queries
+    cross-attending with ``heads`` heads, ``models/projector.py``). ``merge=2`` first joins each 2×2 block of
+    neighbouring feature tokens into one token of 4× the channels (InternVL's pixel shuffle at ``downsample_ratio``
+    0.5), and ``pre_norm`` puts a LayerNorm on the projector's input; ``vision_size`` is the encoder's width,
+    ``input_size`` what the first Linear takes."""
 
     kind: str
     vision_size: int
     hidden_size: int
     merge: int = 1
     pre_norm: bool = False
+    #: How ``merge`` joins tokens: ``grid`` (InternVL's pixel shuffle of the square token grid) or ``blocks`` (each run
+    #: of merge² consecutive tokens, the encoder having ordered its patches block by block: Qwen2-VL's PatchMerger).
+    merge_layout: str = "grid"
+    #: A norm on each feature token before the merge (Qwen2-VL's ``ln_q``): ``layer_norm`` | ``rms_norm`` | None.
+    token_norm: str | None = None
+    #: Epsilon of ``token_norm``.
+    norm_eps: float = 1e-5
+    #: Inner width of the ``mlp`` (0: ``hidden_size``; Qwen2-VL's merger keeps ``input_size``).
+    ffn_size: int = 0
+    #: ``resampler``: learned queries (the tokens out per image; a square number) and attention heads.
+    queries: int = 0
+    heads: int = 0
+    #: ``resampler``: feature tokens in per image (for the FLOP count).
+    input_tokens: int = 0
 
     @property
     def input_size(self) -> int:
         return self.vision_size * self.merge ** 2
 
+    @property
+    def inner_size(self) -> int:
+        """Width between the ``mlp``'s two Linears."""
+        return self.ffn_size or self.hidden_size
+
     def tokens(self, vision_tokens: int) -> int:
         """Tokens out for ``vision_tokens`` feature tokens of one crop."""
+        if self.kind == "resampler":
+            return self.queries
         return vision_tokens // self.merge ** 2
 
     def params(self, tp: int = 1) -> int:
         """Parameters on one TP rank: the LayerNorm replicated, fc1 column-parallel; the ``mlp``'s fc2 row-parallel
         (bias whole)."""
         h = self.hidden_size
-        fc1 = h // tp * self.input_size + h // tp
+        if self.kind == "resampler":  # queries, input Linear, two LayerNorms (replicated); q/k/v, out (TP-split)
+            return (self.queries * h + (self.vision_size * h if self.vision_size != h else 0) + 4 * h
+                    + 3 * (h // tp * h + h // tp) + h * (h // tp) + h)
+        f = h if self.kind == "affine" else self.inner_size
+        fc1 = f // tp * self.input_size + f // tp
         norm = 2 * self.input_size if self.pre_norm else 0
-        return norm + (fc1 if self.kind == "affine" else fc1 + h * (h // tp) + h)
+        norm += {"layer_norm": 2, "rms_norm": 1}.get(self.token_norm, 0) * self.vision_size
+        return norm + (fc1 if self.kind == "affine" else fc1 + h * (f // tp) + h)
 
     def forward_flops(self, tokens: int) -> float:
         """Model FLOPs over ``tokens`` tokens out of the projector."""
         h = self.hidden_size
-        return tokens * 2 * (self.input_size * h + (h * h if self.kind == "mlp" else 0))
+        if self.kind == "affine":
+            return tokens * 2 * self.input_size * h
+        if self.kind == "resampler":  # per image: the input Linear, k and v over its features; q, scores, out
+            images, t = tokens / self.queries, self.input_tokens
+            per_image = (2 * t * h * ((self.vision_size if self.vision_size != h else 0) + 2 * h)
+                         + 2 * self.queries * h * (2 * h + 2 * t))
+            return images * per_image
+        return tokens * 2 * self.inner_size * (self.input_size + h)
 
 
 def decoder_layer_params(lm, tp: int = 1) -> int:

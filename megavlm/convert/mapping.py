@@ -16,6 +16,7 @@ in both directions; the kinds:
 * :class:`Direct`   one tensor, same layout (norms, biases, embeddings of the vision tower, ...)
 * :class:`Reshaped` one tensor, same values in another shape
 * :class:`QKV`      HF's separate q, k, v → megatron's fused ``linear_qkv`` (grouped by KV head)
+* :class:`StackedQKV` HF's one ``[q; k; v]`` tensor → the same
 * :class:`GatedMLP` HF's gate and up projections → megatron's fused SwiGLU ``linear_fc1`` ([gate; up])
 * :class:`Vocab`    embedding / output rows, padded with zero rows to the padded vocabulary
 
@@ -121,6 +122,22 @@ class QKV(Mapping):
 
     def to_hf(self, t, ctx):
         return list(split_qkv(t, *ctx.heads))
+
+
+class StackedQKV(Mapping):
+    """``hf`` = one tensor holding q, k and v stacked (``[q; k; v]`` rows, weights or biases: Qwen2-VL's vision
+    ``attn.qkv``, Phi-3's ``qkv_proj``) → megatron's fused, head-grouped ``linear_qkv``."""
+
+    def _split(self, t, ctx):
+        heads, groups = ctx.heads
+        hn = t.shape[0] // (heads + 2 * groups)
+        return t.split([heads * hn, groups * hn, groups * hn], dim=0)
+
+    def to_ours(self, tensors, shape, ctx):
+        return fuse_qkv(*self._split(tensors[0], ctx), *ctx.heads)
+
+    def to_hf(self, t, ctx):
+        return [torch.cat(split_qkv(t, *ctx.heads), dim=0)]
 
 
 class GatedMLP(Mapping):

@@ -96,9 +96,13 @@ def _crops(files: dict, names: list[str], images) -> list[int]:
     for n in names:
         try:
             with Image.open(io.BytesIO(files[n])) as im:
-                out.append(images.crops(im.width, im.height))
+                size = im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds; training skips such an image too
             raise ValueError(f"image {n} is not readable ({type(e).__name__})") from None
+        refused = images.check(*size) if hasattr(images, "check") else None  # (NativeImages)
+        if refused:
+            raise ValueError(f"image {n} ({size[0]}x{size[1]}) is refused: {refused}")
+        out.append(images.crops(*size))
     return out
 
 
@@ -168,12 +172,14 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
     template = template if template is not None else "vicuna"
     num_image_tokens, img_why = image_tokens(config, num_image_tokens, config_name)
     tiles = None  # a TiledImages: each image takes its crops × num_image_tokens
+    native = None  # a NativeImages: each image takes its patches / merge² tokens
     if config is not None:
         from megavlm import families
-        from megavlm.data.images import TiledImages
+        from megavlm.data.images import NativeImages, TiledImages
 
         proc = families.of(config).image_processor(config)
         tiles = proc if isinstance(proc, TiledImages) else None
+        native = proc if isinstance(proc, NativeImages) else None
     try:
         get_template(template)
     except ValueError as e:
@@ -187,8 +193,8 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
 
     stats = {"samples": 0, "images": 0, "text_only": 0, "unencodable": 0, "too_long": 0, "histogram": {},
              "first_error": None, "image_tokens": num_image_tokens, "truncated_tar": 0, "truncated_files": {},
-             "crops": 0, "unreadable_records": 0, "undecodable_images": 0, "unsupported_images": 0,
-             "image_problems": [], "damaged_headers": {}, "unread_tail": {}}
+             "crops": 0, "tokens_per_image": [], "unreadable_records": 0, "undecodable_images": 0,
+             "unsupported_images": 0, "image_problems": [], "damaged_headers": {}, "unread_tail": {}}
     problems: dict = {}
     encoded, lengths = [], []
     for key, record, files in iter_shards(shards_dir, truncated=stats["truncated_files"], problems=problems):
@@ -205,6 +211,11 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
                 crops = _crops(files, names, tiles)
                 stats["crops"] += sum(crops)
                 counts = [c * num_image_tokens for c in crops]
+            elif native is not None:  # the tokens of each image follow from its size
+                crops = _crops(files, names, native)
+                stats["crops"] += sum(crops)
+                counts = [native.tokens(c) for c in crops]
+                stats["tokens_per_image"] += counts
             ids, labels = encode(tok, record, counts, template)
         except ValueError as e:
             stats["unencodable"] += 1
@@ -237,7 +248,13 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
 
     print(f"\n=== {shards_dir}: template {template!r} ({tpl_why}), "
           f"tokenizer {'synthetic' if tokenizer is None else tokenizer} ({tok_why})", file=out)
-    if tiles is None:
+    if native is not None:
+        t = stats["tokens_per_image"] or [0]
+        print(f"tokens per image by its size (native resolution: patches of {native.patch_size}² / "
+              f"{native.merge}², {native.min_pixels}-{native.max_pixels} pixels): min {min(t)}, mean "
+              f"{sum(t) / len(t):.1f}, max {max(t)} (at most {num_image_tokens}); {stats['crops']} patches in all",
+              file=out)
+    elif tiles is None:
         print(f"tokens per image: {num_image_tokens} ({img_why})", file=out)
     else:
         thumb = " + a thumbnail" if tiles.thumbnail else ""

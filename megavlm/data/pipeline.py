@@ -8,9 +8,11 @@ a rank always reads the same contiguous split, shuffled per epoch in training). 
 the same ``dp_rank`` and therefore see the same samples.
 
 Image processing (:mod:`megavlm.data.images`, whose PIL references the pipeline is tested against): a
-:class:`~megavlm.data.images.SquareImages` (modes ``resize``, ``pad`` and ``crop``; one crop per image) or a
+:class:`~megavlm.data.images.SquareImages` (modes ``resize``, ``pad`` and ``crop``; one crop per image), a
 :class:`~megavlm.data.images.TiledImages` (InternVL's dynamic-resolution tiles: the grid is chosen in the graph from
-the decoded shape, :func:`_tiles`; each image slot gives a ragged ``(n, S, S, 3)`` batch, ``n`` per sample).
+the decoded shape, :func:`_tiles`; each image slot gives a ragged ``(n, S, S, 3)`` batch, ``n`` per sample) or a
+:class:`~megavlm.data.images.NativeImages` (Qwen2-VL's native resolution: ``smart_resize``'s size computed in the graph,
+:func:`_native_size`; each slot gives the ragged resized image, which the loader cuts into patches with their grid).
 
 Output ``uint8`` gives HWC uint8 images (what the model's patch embedding takes; it normalizes itself); ``float``
 gives CHW float32 normalized with ``(x/255 - mean)/std``.
@@ -53,7 +55,7 @@ from megavlm.data.constants import IMAGE_EXTS
 from megavlm.data.images import CROP_RATIO as _CROP_RATIO
 from megavlm.data.images import CROP_SCALE as _CROP_SCALE
 from megavlm.data.images import MODES, fill_values, reference_transform  # noqa: F401 - reference_transform: re-exported
-from megavlm.data.images import SquareImages, TiledImages
+from megavlm.data.images import NativeImages, SquareImages, TiledImages, patchify
 from megavlm.data.shards import shard_paths, whole_samples
 from megavlm.errors import UserError
 
@@ -119,14 +121,14 @@ def complete_indices(paths: Sequence[str], index_paths: Sequence[str], workdir: 
 
 def image_processing(images=None, image_size: int | None = None, mode: str = "resize",
                      mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)):
-    """The image processing a pipeline runs: ``images`` (a :class:`SquareImages` or :class:`TiledImages`) or else
-    the square one the keywords describe."""
+    """The image processing a pipeline runs: ``images`` (a :class:`SquareImages`, :class:`TiledImages` or
+    :class:`NativeImages`) or else the square one the keywords describe."""
     if images is None:
         if image_size is None:
-            raise UserError("give the image processing (images=SquareImages|TiledImages) or image_size")
+            raise UserError("give the image processing (images=SquareImages|TiledImages|NativeImages) or image_size")
         return SquareImages(size=int(image_size), mode=mode, mean=tuple(mean), std=tuple(std))
-    if not isinstance(images, (SquareImages, TiledImages)):
-        raise UserError(f"images must be a SquareImages or TiledImages, got {type(images).__name__}")
+    if not isinstance(images, (SquareImages, TiledImages, NativeImages)):
+        raise UserError(f"images must be a SquareImages, TiledImages or NativeImages, got {type(images).__name__}")
     return images
 
 
@@ -148,8 +150,12 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
 
     proc = image_processing(images, image_size, mode, mean, std)
     tiles = proc if isinstance(proc, TiledImages) else None
+    native = proc if isinstance(proc, NativeImages) else None
     image_size, mean, std = proc.size, proc.mean, proc.std
-    mode = proc.mode if tiles is None else MODES[0]  # (unused with tiles)
+    mode = proc.mode if tiles is None and native is None else MODES[0]  # (unused with tiles / native resolution)
+    if native is not None and output != "uint8":
+        raise UserError("native-resolution images come out as uint8 (the model normalizes their patches): "
+                        "output='uint8'")
     if mode not in MODES:
         raise UserError(f"unknown image mode {mode!r}; known: {', '.join(MODES)}")
     if output not in OUTPUTS:
@@ -182,6 +188,9 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
             img = fn.decoders.image(data, device=device, output_type=types.RGB)
             if tiles is not None:
                 result += [_tiles(img, tiles, output), has]
+                continue
+            if native is not None:  # the resized image, its presence, its decoded (h, w, c) for the checks
+                result += [_native(img, native), has, img.shape()]
                 continue
             mirror = 0
             if mode == "resize":
@@ -272,6 +281,60 @@ def _tiles(img, tiles: TiledImages, output: str):
     return crops
 
 
+def _native_size(img, native: NativeImages):
+    """``(height, width)`` (int64 scalars per sample) of :func:`megavlm.data.images.smart_resize` for the decoded
+    ``img``, in the graph: the rounding (half to even) in integers, the scaling into ``[min_pixels, max_pixels]`` in
+    float64 in the processor's order of operations (so the same IEEE results), the three cases selected
+    arithmetically."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    f = int(native.factor)
+    sh = img.shape()  # int64 (h, w, c)
+
+    def i64(v):
+        return fn.cast(v, dtype=types.INT64)
+
+    def f64(v):
+        return fn.cast(v, dtype=types.FLOAT64)
+
+    def const(v: int):
+        return types.Constant(np.int32(v))
+
+    def rounded(x):  # round(x / f) * f, ties to even
+        q = x // f
+        r2 = 2 * (x - q * f)
+        odd = q - (q // 2) * 2
+        return (q + i64(r2 > f) + i64(r2 == f) * odd) * f
+
+    h, w = sh[0], sh[1]
+    hb, wb = rounded(h), rounded(w)
+    fh, fw, ff = f64(h), f64(w), f64(const(f))
+    beta_max = dmath.sqrt(fh * fw / f64(const(native.max_pixels)))
+    beta_min = dmath.sqrt(f64(const(native.min_pixels)) / (fh * fw))
+
+    def down(x):
+        return dmath.max(i64(const(f)), i64(dmath.floor(x / beta_max / ff)) * f)
+
+    def up(x):
+        return i64(dmath.ceil(x * beta_min / ff)) * f
+
+    big = i64(hb * wb > i64(const(native.max_pixels)))
+    small = i64(hb * wb < i64(const(native.min_pixels)))
+    keep = 1 - big - small
+    return big * down(fh) + small * up(fh) + keep * hb, big * down(fw) + small * up(fw) + keep * wb
+
+
+def _native(img, native: NativeImages):
+    """One decoded HWC image resized (cubic, antialiased) to :func:`_native_size`: uint8 ``(H, W, 3)``; the loader
+    cuts it into patches (:func:`megavlm.data.images.patchify`)."""
+    from nvidia.dali import fn, types
+
+    H, W = _native_size(img, native)
+    return fn.resize(img, resize_x=fn.cast(W, dtype=types.FLOAT), resize_y=fn.cast(H, dtype=types.FLOAT),
+                     interp_type=types.INTERP_CUBIC, antialias=True)
+
+
 def _shard_range(n: int, shard_id: int, num_shards: int) -> int:
     """Samples of DALI's shard ``shard_id`` of ``n`` (its readers split ``[n*i//k, n*(i+1)//k)``)."""
     return n * (shard_id + 1) // num_shards - n * shard_id // num_shards
@@ -283,10 +346,14 @@ class ImageTextLoader:
     ``images``: the crops of all the sample's images in image order, uint8 ``[n, S, S, 3]`` (``output="uint8"``)
     or float32 ``[n, 3, S, S]`` (``"float"``), ``n = sum(crops)`` (0 for text-only); ``crops``: the crops of each
     image (``[1] * images`` for square images, tiles + thumbnail with :class:`TiledImages`).  ``images`` (a
-    :class:`SquareImages` or :class:`TiledImages`) is the image processing; without it ``image_size``/``mode``/
-    ``mean``/``std`` describe a square one.  On the GPU (``device="mixed"``) images are CUDA tensors.  The last
-    batch of an epoch is smaller when the split does not divide by ``batch_size``; skipped samples make a batch
-    smaller.  ``state_dict()`` / ``load_state_dict()`` give a bit-identical continuation.
+    :class:`SquareImages`, :class:`TiledImages` or :class:`NativeImages`) is the image processing; without it
+    ``image_size``/``mode``/``mean``/``std`` describe a square one.  Native resolution (:class:`NativeImages`, uint8
+    only): ``images`` are the patches of the sample's images ``[n, p, p, 3]`` (:func:`patchify`'s order, image after
+    image), ``crops`` each image's patch count and ``grids`` their ``(t, h, w)`` ``LongTensor[images, 3]``; a sample
+    with an image the processor refuses (an aspect ratio past 200) is skipped and counted (``image_aspect_ratio``).
+    On the GPU (``device="mixed"``) images are CUDA tensors.  The last batch of an epoch is smaller when the split
+    does not divide by ``batch_size``; skipped samples make a batch smaller.  ``state_dict()`` /
+    ``load_state_dict()`` give a bit-identical continuation.
     """
 
     def __init__(self, shards_dir: str, *, image_size: int | None = None, mode: str = "resize",
@@ -301,8 +368,9 @@ class ImageTextLoader:
             raise UserError("batch_size, max_images and image_size must be >= 1")
         self.images = image_processing(images, image_size, mode, mean, std)
         self.tiled = isinstance(self.images, TiledImages)
+        self.native = isinstance(self.images, NativeImages)
         image_size, mean, std = self.images.size, self.images.mean, self.images.std
-        mode = None if self.tiled else self.images.mode
+        mode = None if self.tiled or self.native else self.images.mode
         self.paths, index_paths = _files(shards_dir)
         # trimmed indexes of truncated tars, if any: private to this loader, removed with it
         self._workdir = tempfile.TemporaryDirectory(prefix="megavlm-idx-")
@@ -369,6 +437,8 @@ class ImageTextLoader:
         cfg.update(image_size=img.size, mode=self.mode, mean=tuple(img.mean), std=tuple(img.std))
         if self.tiled:
             cfg["tiles"] = (img.min_tiles, img.max_tiles, img.thumbnail)
+        if self.native:
+            cfg["native"] = (img.patch_size, img.merge, img.min_pixels, img.max_pixels)
         return cfg
 
     def load_state_dict(self, state: dict) -> None:
@@ -409,6 +479,8 @@ class ImageTextLoader:
 
     def _convert(self, outs, valid: int) -> list[dict]:
         js, info = outs[0], outs[1]
+        if self.native:
+            return self._convert_native(outs, valid)
         slots = [(outs[2 + 2 * k], outs[3 + 2 * k]) for k in range(self.max_images)]
         imgs = []
         for img, has in slots:
@@ -426,6 +498,31 @@ class ImageTextLoader:
                 batch.append(sample)
         return batch
 
+    def _convert_native(self, outs, valid: int) -> list[dict]:
+        """Native resolution: per image slot the resized ``(H, W, 3)`` image (ragged), its presence and its decoded
+        shape; each image is cut into patches here, its grid read off its size, and a sample with an image the
+        processor refuses (:meth:`NativeImages.check`) is skipped and counted."""
+        js, info = outs[0], outs[1]
+        slots = [(_samples(outs[2 + 3 * k], valid), np.asarray(outs[3 + 3 * k].as_array()).reshape(-1), outs[4 + 3 * k])
+                 for k in range(self.max_images)]
+        batch = []
+        for i in range(valid):
+            present = [(img[i], np.asarray(shape[i])) for img, has, shape in slots if has[i]]
+            reason = next((r for _, sh in present for r in [self.images.check(int(sh[1]), int(sh[0]))] if r), None)
+            if reason is not None:
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+                continue
+            sample = self._sample(js, info, i, [self._patches(img) for img, _ in present])
+            if sample is not None:
+                batch.append(sample)
+        return batch
+
+    def _patches(self, img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A resized ``(H, W, 3)`` image → (its patches ``(h·w, p, p, 3)``, its grid ``(1, h, w)``)."""
+        p = self.images.patch_size
+        H, W = int(img.shape[0]), int(img.shape[1])
+        return patchify(img, p, self.images.merge).contiguous(), (1, H // p, W // p)
+
     def _sample(self, js, info, i: int, images: list) -> dict | None:
         """The sample, or None (counted) when its record names an image the reader does not take."""
         try:
@@ -439,6 +536,14 @@ class ImageTextLoader:
             return None
         src = np.asarray(info[i]).tobytes().decode("utf-8")
         key = src.rsplit(":", 1)[-1].split(".", 1)[0]
+        if self.native:  # (patches, grid) per image
+            grids = torch.tensor([g for _, g in images], dtype=torch.long).reshape(-1, 3)
+            images = [t for t, _ in images]
+            p = self.images.patch_size
+            stacked = torch.cat(images) if images else torch.empty(
+                (0, p, p, 3), dtype=torch.uint8, device="cuda" if self.device == "mixed" else "cpu")
+            return {"key": key, "record": record, "images": stacked, "crops": [int(t.shape[0]) for t in images],
+                    "grids": grids}
         crops = [int(t.shape[0]) for t in images] if self.tiled else [1] * len(images)
         if images:
             stacked = torch.cat(images) if self.tiled else torch.stack(images)
@@ -473,14 +578,17 @@ class ImageTextLoader:
             except _Undecodable:
                 self.skipped["undecodable_image"] = self.skipped.get("undecodable_image", 0) + 1
                 continue
+            except _Refused as e:
+                self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+                continue
             if self.device == "mixed":
-                images = [t.cuda() for t in images]
+                images = [(t[0].cuda(), t[1]) if self.native else t.cuda() for t in images]
             sample = self._sample(js, info, i, images)
             if sample is not None:
                 batch.append(sample)
         return batch
 
-    def _pil_transform(self, data: bytes, source: str, slot: int) -> torch.Tensor:
+    def _pil_transform(self, data: bytes, source: str, slot: int):
         from PIL import Image
 
         try:
@@ -489,6 +597,11 @@ class ImageTextLoader:
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
             raise _Undecodable(str(e)) from None
         rng = np.random.default_rng([self.seed, zlib.crc32(source.encode()), slot, self._pos])
+        if self.native:  # (patches, grid)
+            reason = self.images.check(*im.size)
+            if reason is not None:
+                raise _Refused(reason)
+            return torch.from_numpy(self.images.reference(im)), self.images.grid(*im.size)
         if self.tiled:  # (n, S, S, 3)
             from megavlm.data.batch import normalize_images
 
@@ -505,6 +618,14 @@ class ImageTextLoader:
 
 class _Undecodable(Exception):
     pass
+
+
+class _Refused(Exception):
+    """An image the image processing refuses (``reason``: the skip counter's key)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _samples(tl, n: int) -> list[torch.Tensor]:

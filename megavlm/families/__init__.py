@@ -82,10 +82,12 @@ def template(cfg) -> str:
 
 
 def _register_builtin() -> None:
-    from . import internvl, llava
+    from . import internvl, llava, qwen2_vl
 
     register(llava.LlavaFamily())
     register(internvl.InternVLFamily())
+    register(qwen2_vl.Qwen2VLFamily())
+    register(qwen2_vl.Qwen25VLFamily())
 
 
 _register_builtin()

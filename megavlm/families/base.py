@@ -126,12 +126,20 @@ class Family:
     def image_tokens_formula(self, cfg) -> str:
         """How :meth:`image_tokens` comes about, for messages (e.g. ``(336/14)² + 1 class token``)."""
         v, p = self.vision_arch(cfg), self.projector_arch(cfg)
+        if p.kind == "resampler":
+            return f"{p.queries} resampler queries"
         text = f"({v.image_size}/{v.patch_size})²" + (" + 1 class token" if v.class_token and v.keep_class_token
                                                       else "")
         return text if p.merge == 1 else f"{text} / {p.merge ** 2} ({p.merge}×{p.merge} merge)"
 
     def expand_image(self, tok) -> Callable[[int], list[int]] | None:
         """The ids that replace one ``<image>`` of n tokens (None: n copies of the image token id)."""
+        return None
+
+    def position_ids(self, cfg, input_ids, grids, image_token_id: int):
+        """The decoder's position ids of one sample's ids ``(s,)`` whose images have the patch ``grids`` ``(t, h,
+        w)``: ``(3, s)`` for a family with multimodal rotary positions (M-RoPE, ``data/mrope.py``), None for plain
+        RoPE (megatron counts the positions itself)."""
         return None
 
     # ---------------------------------------------------------------------------------------------- model

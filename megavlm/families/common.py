@@ -78,11 +78,12 @@ def rope_theta(tc) -> float:
     return float(theta)
 
 
-def language_fields(tc, where: str) -> dict:
-    """``model.language`` keys of an HF LLaMA / Mistral / Qwen2 config; UserError for what megavlm cannot build."""
+def language_fields(tc, where: str, types: tuple[str, ...] = TEXT_TYPES) -> dict:
+    """``model.language`` keys of an HF LLaMA / Mistral / Qwen2 config (``types``: the ``model_type`` values
+    accepted, e.g. a VLM's own name for its Qwen2 decoder); UserError for what megavlm cannot build."""
     mt = getattr(tc, "model_type", None)
-    check(mt in TEXT_TYPES, f"{where}: model_type={mt!r} is not supported; supported language models: "
-                            f"{', '.join(TEXT_TYPES)} (LlamaForCausalLM layout, Qwen2 with q/k/v biases)")
+    check(mt in types, f"{where}: model_type={mt!r} is not supported; supported language models: "
+                       f"{', '.join(types)} (LlamaForCausalLM layout, Qwen2 with q/k/v biases)")
     heads = tc.num_attention_heads
     kv = getattr(tc, "num_key_value_heads", None) or heads
     head_dim = getattr(tc, "head_dim", None)
@@ -95,13 +96,14 @@ def language_fields(tc, where: str) -> dict:
     if mt == "mistral":
         check(getattr(tc, "sliding_window", None) is None,
               f"{where}: sliding_window={tc.sliding_window} is not supported (full causal attention only)")
-    if mt == "qwen2":
+    qwen2 = mt.startswith("qwen2")  # (qwen2, and the Qwen2 decoders of Qwen2-VL / Qwen2.5-VL)
+    if qwen2:
         sliding = getattr(tc, "use_sliding_window", False) or "sliding_attention" in (getattr(tc, "layer_types", None)
                                                                                       or ())
         check(not sliding, f"{where}: use_sliding_window=true is not supported (full causal attention only)")
     return dict(hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_heads=heads, num_kv_heads=kv,
                 ffn_hidden_size=tc.intermediate_size, rope_theta=rope_theta(tc), norm_eps=float(tc.rms_norm_eps),
-                vocab_size=tc.vocab_size, qkv_bias=mt == "qwen2")
+                vocab_size=tc.vocab_size, qkv_bias=qwen2)
 
 
 def decoder_part(lm):

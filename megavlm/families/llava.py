@@ -22,12 +22,12 @@ from .base import ExportExtras, Family, HFImport
 
 FLAVOUR_CHOICES = ("clip", "siglip")
 SELECT_STRATEGY_CHOICES = ("default", "full")
-PROJECTOR_CHOICES = ("linear", "mlp2x_gelu")
+PROJECTOR_CHOICES = ("linear", "mlp2x_gelu", "resampler")
 #: transformers' vision model_type → (flavour, HF activation, class name).
 _VISION_TYPES = {"clip_vision_model": ("clip", "quick_gelu", "CLIPVisionModel"),
                  "siglip_vision_model": ("siglip", "gelu_pytorch_tanh", "SiglipVisionModel")}
 #: Our projector type → the shared block's kind.
-_PROJECTOR_KINDS = {"mlp2x_gelu": "mlp", "linear": "affine"}
+_PROJECTOR_KINDS = {"mlp2x_gelu": "mlp", "linear": "affine", "resampler": "resampler"}
 
 # HF file prefixes → (part, canonical prefix); the first match wins, so longer prefixes come first.
 _LLAVA_PREFIXES = (
@@ -73,11 +73,25 @@ class VisionConfig(ViTConfig):
 class ProjectorConfig:
     """Vision-to-language projector."""
 
-    #: ``linear`` (one Linear) or ``mlp2x_gelu`` (Linear, GELU, Linear as in LLaVA-1.5).
+    #: ``linear`` (one Linear), ``mlp2x_gelu`` (Linear, GELU, Linear as in LLaVA-1.5) or ``resampler`` (Qwen-VL's
+    #: cross-attention resampler: ``queries`` learned queries attend to the image's features, so every image gives
+    #: ``queries`` tokens).
     type: str = "mlp2x_gelu"
+    #: ``resampler``: learned queries, the tokens of one image (a square number: their 2D sin-cos grid).
+    queries: int = 256
+    #: ``resampler``: attention heads (0: the language model's ``num_heads``); TP must divide them.
+    heads: int = 0
 
     def check(self, key: str) -> None:
+        import math
+
         _check_choice(f"{key}.type", self.type, PROJECTOR_CHOICES)
+        if self.type == "resampler":
+            if self.queries < 1 or math.isqrt(self.queries) ** 2 != self.queries:
+                raise ConfigError(f"{key}.queries={self.queries} must be a square number (the queries' 2D grid), "
+                                  "e.g. 64, 144, 256")
+            if self.heads < 0:
+                raise ConfigError(f"{key}.heads={self.heads} must be >= 0 (0: the language model's num_heads)")
 
 
 def siglip_head_shape(name: str, hidden: int, ffn: int) -> tuple[int, ...]:
@@ -115,6 +129,17 @@ class LlavaFamily(Family):
             raise ConfigError(
                 "model.vision.select_strategy='full' keeps the class token, but model.vision.flavour='siglip' has "
                 "none; use select_strategy=default with siglip")
+        p, lm = cfg.model.projector, cfg.model.language
+        if p.type == "resampler":
+            heads = p.heads or lm.num_heads
+            if lm.hidden_size % heads or lm.hidden_size % 4:
+                raise ConfigError(f"model.projector.heads={heads} must divide model.language.hidden_size="
+                                  f"{lm.hidden_size}, itself a multiple of 4 (the 2D sin-cos positions)")
+            import math
+
+            t = self.vision_arch(cfg).tokens
+            if math.isqrt(t) ** 2 != t and math.isqrt(t - 1) ** 2 != t - 1:
+                raise ConfigError(f"model.projector.type=resampler needs a square grid of feature tokens, got {t}")
 
     # ---------------------------------------------------------------------------------------------- shapes
     def vision_arch(self, cfg) -> ViTArch:
@@ -128,8 +153,19 @@ class LlavaFamily(Family):
                        image_mean=tuple(v.image_mean), image_std=tuple(v.image_std))
 
     def projector_arch(self, cfg) -> ProjectorArch:
-        return ProjectorArch(_PROJECTOR_KINDS[cfg.model.projector.type], cfg.model.vision.hidden_size,
-                             cfg.model.language.hidden_size)
+        p, lm = cfg.model.projector, cfg.model.language
+        if p.type == "resampler":
+            return ProjectorArch("resampler", cfg.model.vision.hidden_size, lm.hidden_size, queries=p.queries,
+                                 heads=p.heads or lm.num_heads, norm_eps=1e-6,
+                                 input_tokens=self.vision_arch(cfg).tokens)
+        return ProjectorArch(_PROJECTOR_KINDS[p.type], cfg.model.vision.hidden_size, lm.hidden_size)
+
+    def tp_split(self, cfg):
+        heads, widths = super().tp_split(cfg)
+        p = cfg.model.projector
+        if p.type == "resampler":
+            heads.append(("model.projector.heads", p.heads or cfg.model.language.num_heads))
+        return heads, widths
 
     # ---------------------------------------------------------------------------------------------- import
     def read_hf(self, inputs: dict[str, str | None], options: dict, tp: int, pp: int) -> HFImport:
@@ -223,6 +259,12 @@ class LlavaFamily(Family):
             ]
         if cfg.model.projector.type == "linear":  # megatron's affine projector is the Linear itself
             projector = [Direct(f"encoder.{wb}", f"linear_1.{wb}") for wb in ("weight", "bias")]
+        elif cfg.model.projector.type == "resampler":  # (no HF LLaVA has one: it only starts fresh)
+            names = ["query", "ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias"]
+            names += [f"linear_{x}.{wb}" for x in ("q", "k", "v", "proj") for wb in ("weight", "bias")]
+            if cfg.model.vision.hidden_size != cfg.model.language.hidden_size:
+                names.append("kv_proj.weight")
+            projector = [Direct(n, n) for n in names]
         else:
             projector = [Direct(f"encoder.linear_fc{i}.{wb}", f"linear_{i}.{wb}") for i in (1, 2)
                          for wb in ("weight", "bias")]

@@ -66,7 +66,25 @@ def load_image(path: str, cfg) -> torch.Tensor:
     channels = fam.vision_arch(cfg).num_channels
     if channels != 3:
         raise UserError(f"the model takes {channels}-channel images; --image gives RGB")
-    return torch.from_numpy(fam.image_processor(cfg).reference(im, train=False))
+    proc = fam.image_processor(cfg)
+    refused = proc.check(*im.size) if hasattr(proc, "check") else None  # (native resolution: see NativeImages)
+    if refused:
+        raise UserError(f"--image {path}: {im.size[0]}x{im.size[1]} cannot be used ({refused.replace('_', ' ')})")
+    return torch.from_numpy(proc.reference(im, train=False))
+
+
+def image_grid(path: str, cfg) -> torch.Tensor | None:
+    """The ``(1, 3)`` patch grid of ``--image`` for a native-resolution family (what ``load_image``'s patches come
+    from), else None."""
+    from PIL import Image
+
+    from ..data.images import NativeImages
+
+    proc = families.of(cfg).image_processor(cfg)
+    if not isinstance(proc, NativeImages):
+        return None
+    with Image.open(path) as im:
+        return torch.tensor([proc.grid(*im.size)])
 
 
 def _prompt_ids(req: Request, cfg, tok, crops: list[int]) -> torch.Tensor:
@@ -94,9 +112,15 @@ def _prompt_ids(req: Request, cfg, tok, crops: list[int]) -> torch.Tensor:
         if n_images and count == 1 and n_img > 1:  # one image-token id: expand it as the template encoder does
             k = ids.index(tid)
             expand = fam.expand_image(tok) or (lambda n: [tid] * n)
-            ids = ids[:k] + expand(n_img) + ids[k + 1:]
+            full = expand(n_img)
+            first, last = full.index(tid), len(full) - 1 - full[::-1].index(tid)
+            before, after = full[:first], full[last + 1:]  # e.g. <|vision_start|> ... <|vision_end|>
+            if before and ids[max(0, k - len(before)):k] == before and ids[k + 1:k + 1 + len(after)] == after:
+                full = full[first:last + 1]  # the prompt has them around its one image token already
+            ids = ids[:k] + full + ids[k + 1:]
         elif n_images and count != n_img:
-            per = f" ({crops[0]} crops × {fam.image_tokens(cfg)})" if crops[0] > 1 else ""
+            tiled = crops[0] > 1 and n_img == crops[0] * fam.image_tokens(cfg)  # (not native-resolution patches)
+            per = f" ({crops[0]} crops × {fam.image_tokens(cfg)})" if tiled else ""
             raise UserError(f"--input-ids holds {count} image-token ids ({tid}); with --image give one (expanded "
                             f"here) or exactly {n_img}, the tokens this image occupies{per}")
         return torch.tensor(ids, dtype=torch.long)
@@ -172,6 +196,7 @@ def run(req: Request) -> dict:
         raise UserError(f"--tp {tp} needs exactly {tp} processes (torchrun --nproc-per-node {tp}); this run has "
                         f"{world}")
     image = load_image(req.image, cfg) if req.image is not None else None
+    grid = image_grid(req.image, cfg) if req.image is not None else None
     tok, _ = find_tokenizer(path, cfg.data.tokenizer, req.tokenizer)
     prompt = _prompt_ids(req, cfg, tok, [int(image.shape[0])] if image is not None else [])
     max_new = fit_context(int(prompt.numel()), req.max_new_tokens, cfg.data.max_seq_len)
@@ -180,7 +205,8 @@ def run(req: Request) -> dict:
     rt = runtime.initialize(tp, 1, cfg.train.seed)
     model = build_and_load(cfg, path, tok, rt)
     eos = None if req.ignore_eos else tok.eos_token_id
-    res = generate(model, [prompt], image, max_new, eos, sampling)
+    res = generate(model, [prompt], image, max_new, eos, sampling,
+                   **({"image_grid": grid} if grid is not None else {}))
     new = res.tokens[0]
     total = res.prefill_s + res.decode_s
     out = {

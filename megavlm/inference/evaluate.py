@@ -37,11 +37,16 @@ def load_for_inference(cfg: Config):
 
 
 def evaluate(cfg: Config, limit: int | None = None, show: int = 5, batch_size: int = 32) -> dict:
+    from ..data.images import NativeImages, patchify
+
     rt, tok, model, path = load_for_inference(cfg)
     fam = families.of(cfg)
     img = fam.image_processor(cfg)
+    native = isinstance(img, NativeImages)  # the square images as patches of their own size, with their grid
+    n_tokens = (fam.image_tokens_per_image(cfg, img.crops(img.size, img.size)) if native
+                else fam.image_tokens(cfg))
     ds = SyntheticVLMDataset(
-        tok, num_samples=cfg.data.eval_samples, image_size=img.size, num_image_tokens=fam.image_tokens(cfg),
+        tok, num_samples=cfg.data.eval_samples, image_size=img.size, num_image_tokens=n_tokens,
         max_seq_len=cfg.data.max_seq_len, min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
         split="eval", seed=cfg.train.seed, image_mean=img.mean, image_std=img.std, expand=fam.expand_image(tok),
         image_token=fam.image_token)
@@ -52,8 +57,13 @@ def evaluate(cfg: Config, limit: int | None = None, show: int = 5, batch_size: i
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         images = torch.stack([it["image"] for it in chunk])  # uint8 (n, H, W, 3)
+        extra = {}
+        if native:
+            grid = img.grid(img.size, img.size)
+            images = torch.cat([patchify(im, img.patch_size, img.merge) for im in images])
+            extra["image_grid"] = torch.tensor([grid] * len(chunk))
         answers = generate(model, [it["prompt_ids"] for it in chunk], images.to(rt.device), max_new_tokens=8,
-                           eos_id=tok.eos_token_id, vocab_size=len(tok), pad_id=tok.pad_token_id).tokens
+                           eos_id=tok.eos_token_id, vocab_size=len(tok), pad_id=tok.pad_token_id, **extra).tokens
         for it, ans in zip(chunk, answers):
             text = tok.decode(ans, skip_special_tokens=True).strip()
             ok = text == it["answer"]

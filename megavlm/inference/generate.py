@@ -107,13 +107,19 @@ def _tp_broadcast(tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompts: list[torch.Tensor], images: torch.Tensor | None, max_new_tokens: int,
              eos_id: int | None, sampling: Sampling | None = None, vocab_size: int | None = None,
-             pad_id: int = 0, return_logits: bool = False) -> Generation:
+             pad_id: int = 0, return_logits: bool = False, image_grid: torch.Tensor | None = None) -> Generation:
     """Decode up to ``max_new_tokens`` new tokens after each prompt, stopping a row at ``eos_id`` (None: never).
 
     ``model``: the VLM (TP any, PP=1), in eval mode. ``prompts``: unpadded id tensors with every ``<image>`` already
     expanded to the image-token count; ``images``: uint8 ``(n, H, W, c)`` or normalized ``(n, c, H, W)``, one per
-    image in prompt order (None for text only). ``vocab_size``: logits past it (vocabulary padding) are never
-    chosen (default: the model's embedding rows).
+    image in prompt order (None for text only); native resolution: the images' patches, with their grids
+    ``image_grid`` ``(n, 3)``. ``vocab_size``: logits past it (vocabulary padding) are never chosen (default: the
+    model's embedding rows).
+
+    With multimodal rotary positions (M-RoPE) every forward gets the position ids of the whole prefix so far:
+    megatron's static-batching attention keeps keys un-rotated in its cache and rotates ``k[:end]`` and
+    ``q[start:end]`` with slices of the rotary table it is given; a row's new tokens continue one past its prompt's
+    largest position (``data/mrope.py``).
     """
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.utils import InferenceMode
@@ -150,15 +156,24 @@ def generate(model, prompts: list[torch.Tensor], images: torch.Tensor | None, ma
     step_logits: list[torch.Tensor] = []
     lens = torch.tensor(lengths, device=device)
 
+    positions = None
+    if getattr(vlm, "mrope", False):
+        from ..data.mrope import continue_positions
+
+        positions = continue_positions(vlm.position_ids(ids, image_grid), lengths, width + max_new_tokens)
+
     def forward(decoder_input: torch.Tensor) -> torch.Tensor:
-        logits = lm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input,
-                    inference_context=ctx, runtime_gather_output=True)  # (b, 1, padded vocab)
+        end = ctx.sequence_len_offset + decoder_input.shape[0]
+        logits = lm(input_ids=None, position_ids=None if positions is None else positions[:, :, :end],
+                    attention_mask=None, decoder_input=decoder_input, inference_context=ctx,
+                    runtime_gather_output=True)  # (b, 1, padded vocab)
         ctx.increment_sequence_len_offset(decoder_input.shape[0])
         return logits[:, -1, :vocab].float()
 
     with InferenceMode.active():
         t0 = time.perf_counter()
-        prompt_emb = vlm.embed(ids, images)  # (width, b, h): image features in place
+        prompt_emb = (vlm.embed(ids, images, image_grid) if image_grid is not None
+                      else vlm.embed(ids, images))  # (width, b, h): image features in place
         pos = min(lengths)
         logits = forward(prompt_emb[:pos])
         if logits.is_cuda:

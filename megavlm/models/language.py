@@ -1,4 +1,6 @@
-"""The LLaMA-family decoder (RMSNorm, SwiGLU, RoPE, GQA; tied or untied embeddings) as megatron-core's GPTModel."""
+"""The LLaMA-family decoder (RMSNorm, SwiGLU, RoPE, GQA; tied or untied embeddings) as megatron-core's GPTModel;
+with ``mrope_section`` in the language section, Qwen2-VL's multimodal RoPE (megatron's ``mrope``: position ids
+``(3, b, s)``, see ``data/mrope.py``)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, 
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=lcfg.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="mrope" if getattr(lcfg, "mrope_section", None) else "rope",
         rotary_base=int(lcfg.rope_theta),
         # The VLM merges image features into the full sequence first, then scatters for sequence parallelism.
         scatter_embedding_sequence_parallel=False,

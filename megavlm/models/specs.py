@@ -310,6 +310,7 @@ def language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=getattr(lm, "qkv_bias", False),
+        mrope_section=list(lm.mrope_section) if getattr(lm, "mrope_section", None) else None,
         pipeline_model_parallel_size=p.pp,
         num_layers_in_first_pipeline_stage=p.first_stage_layers if p.pp > 1 else None,
         sequence_parallel=p.sequence_parallel,
@@ -317,7 +318,7 @@ def language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
     )
 
 
-_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh, "gelu": F.gelu}
+_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh, "gelu": F.gelu, "silu": F.silu}
 
 
 def vision_config(arch, cfg, rt, dtype: torch.dtype) -> TransformerConfig:
@@ -332,7 +333,7 @@ def vision_config(arch, cfg, rt, dtype: torch.dtype) -> TransformerConfig:
         normalization="RMSNorm" if arch.norm == "rms_norm" else "LayerNorm",
         layernorm_epsilon=arch.norm_eps,
         qk_layernorm=arch.qk_norm,
-        gated_linear_unit=False,
+        gated_linear_unit=arch.gated_mlp,
         activation_func=_VIT_ACTIVATIONS[arch.activation],
         add_bias_linear=True,
         add_qkv_bias=arch.qkv_bias,

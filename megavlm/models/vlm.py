@@ -17,7 +17,7 @@ from .. import families, ops, shapes
 from . import specs
 from .language import build_language_model
 from .projector import build_projector
-from .vision import VisionEncoder
+from .vision import NativeVisionEncoder, VisionEncoder
 
 class VLM(MegatronModule):
     """Inputs (first stage): ``input_ids`` (b, s), ``images`` (n, c, H, W). Last stage: ``labels`` (b, s) give the
@@ -32,8 +32,15 @@ class VLM(MegatronModule):
         backend = shapes.resolve_backend(cfg.model.spec, rt.on_gpu, packed=cfg.data.packing)
         self.backend = backend
         self.kernels = ops.resolve_kernels(cfg.model.kernels)
-        # The fused projector runs on megatron's own (TP-sharded) fc1/fc2 weights, at any TP.
-        self.fused_projector = self.kernels == "fused" and parch.kind == "mlp"
+        # The fused projector runs on megatron's own (TP-sharded) fc1/fc2 weights, at any TP (its merge is the grid
+        # one, its inner width the output's, no token norm).
+        self.fused_projector = (self.kernels == "fused" and parch.kind == "mlp" and parch.merge_layout == "grid"
+                                and parch.token_norm is None and parch.inner_size == parch.hidden_size)
+        # native resolution: the images of a micro-batch are one packed sequence of patches (models/vision.py)
+        self.native = varch.position_embedding == "rope_2d"
+        # multimodal rotary positions (the decoder's position ids are (3, b, s), data/mrope.py)
+        self.mrope = bool(getattr(cfg.model.language, "mrope_section", None))
+        self.merge = parch.merge
         self.model_type = ModelType.encoder_or_decoder
         # read by finalize_model_grads with PP (it all-reduces the tied embedding's gradient over first and last stage)
         self.share_embeddings_and_output_weights = cfg.model.language.tie_embeddings
@@ -43,9 +50,13 @@ class VLM(MegatronModule):
         self.sequence_parallel = lang_cfg.sequence_parallel
         if pre_process:
             vcfg = specs.vision_config(varch, cfg, rt, dtype)
-            self.vision_model = VisionEncoder(vcfg, varch, specs.block_spec(
-                vcfg, backend, causal=False, layer_scale=varch.layer_scale_init if varch.layer_scale else None,
-                qk_norm=varch.qk_norm, qkv_bias=varch.qkv_bias), kernels=self.kernels)
+            if self.native:  # packed images: megatron's local attention takes none, our SDPA one does (same weights)
+                self.vision_model = NativeVisionEncoder(vcfg, varch, specs.block_spec(
+                    vcfg, "sdpa" if backend == "local" else backend, causal=False, qkv_bias=varch.qkv_bias))
+            else:
+                self.vision_model = VisionEncoder(vcfg, varch, specs.block_spec(
+                    vcfg, backend, causal=False, layer_scale=varch.layer_scale_init if varch.layer_scale else None,
+                    qk_norm=varch.qk_norm, qkv_bias=varch.qkv_bias), kernels=self.kernels)
             self.projector = build_projector(specs.projector_config(cfg, rt, dtype), parch)
         self.language_model = build_language_model(
             lang_cfg, specs.block_spec(lang_cfg, backend, causal=True), cfg.model.language, vocab_size,
@@ -58,19 +69,29 @@ class VLM(MegatronModule):
         """The tied word embedding of this stage (finalize_model_grads reduces its gradient)."""
         return self.language_model.shared_embedding_or_output_weight()
 
-    def freeze_for_stage(self, stage: int) -> None:
-        prefixes = shapes.TRAINABLE[stage]
+    def freeze_for_stage(self, stage: int, trainable=None) -> None:
+        """Only the parts ``train.trainable`` names train (when given), else those of ``train.stage``'s preset."""
+        prefixes = shapes.trainable_prefixes(stage, trainable)
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith(prefixes))
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features at the image tokens, ``(s, b, h)`` (or SP-scattered)."""
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None, image_grid=None) -> torch.Tensor:
+        """Token embeddings with image features at the image tokens, ``(s, b, h)`` (or SP-scattered). Native
+        resolution: ``images`` are the patches of the images of ``image_grid`` ``(n, 3)``."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # (s, b, h)
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
-        if images is not None and images.shape[0] > 0:
+        if self.native and images is not None and images.shape[0] > 0:
+            if image_grid is None:
+                raise ValueError("native-resolution images need their grids (image_grid)")
+            proj = self.projector(self.vision_model(images, image_grid).unsqueeze(1)).squeeze(1)  # (N / merge², h)
+            if proj.shape[0] != n_slots:
+                raise ValueError(f"batch has {n_slots} image-token positions but its images give {proj.shape[0]} "
+                                 "tokens (grids t·h·w / merge²); every image must be expanded to exactly that many")
+            emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
+        elif images is not None and images.shape[0] > 0:
             feats = self.vision_model(images)  # (n, t, d)
-            per_crop = feats.shape[1] // self.projector.merge ** 2  # tokens after the projector's merge
+            per_crop = self.projector.tokens(feats.shape[1])  # tokens after the projector's merge (or queries)
             if feats.shape[0] * per_crop != n_slots:
                 raise ValueError(
                     f"batch has {n_slots} image-token positions but {feats.shape[0]} image crops × {per_crop} "
@@ -113,33 +134,44 @@ class VLM(MegatronModule):
         """megatron's projector on ``(n, t, d)`` features → ``(n, t, h)`` (it works in ``(t, n, ·)``)."""
         return self.projector(feats.transpose(0, 1).contiguous()).transpose(0, 1)
 
+    def position_ids(self, input_ids: torch.Tensor, image_grid=None) -> torch.Tensor | None:
+        """The decoder's M-RoPE position ids ``(3, b, s)`` of ``input_ids`` ``(b, s)`` whose images have the patch
+        grids ``image_grid`` (``(n, 3)``, in token order), or None when the decoder counts positions itself."""
+        if not self.mrope:
+            return None
+        from ..data.mrope import batch_rope_index
+
+        return batch_rope_index(input_ids, image_grid, self.image_token_id, self.merge)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` → projected features ``(n, t, h)`` (the unfused path; for inspection and tests)."""
         return self._project(self.vision_model(images))
 
     def forward(self, input_ids=None, images=None, labels=None, attention_mask=None, runtime_gather_output=None,
-                packed_seq_params=None):
+                packed_seq_params=None, position_ids=None, image_grid=None):
         """``packed_seq_params`` (megatron's ``thd`` layout, batch 1): several samples in one sequence, see
         data/packing.py; needs the SDPA or TE attention spec. ``labels`` may hold -100 (not supervised, the HF
         convention): megatron's cross entropy takes only real ids, so those positions are read as id 0 and their
-        loss is the caller's to mask (``loss_mask``)."""
-        decoder_input = self.embed(input_ids, images) if self.pre_process else None
+        loss is the caller's to mask (``loss_mask``). ``position_ids`` ``(3, b, s)``: M-RoPE positions (every
+        pipeline stage needs them; data/mrope.py); ``image_grid`` ``(n, 3)``: the grids of native-resolution
+        images."""
+        decoder_input = self.embed(input_ids, images, image_grid) if self.pre_process else None
         if labels is not None:
             labels = labels.clamp(min=0)
         return self.language_model(
-            input_ids=None, position_ids=None, attention_mask=attention_mask, decoder_input=decoder_input,
+            input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input,
             labels=labels, runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)
 
 
 def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
     """The local model chunk of this pipeline stage (as the config's model family builds it), on the run's device
-    and dtype, frozen for ``train.stage``."""
+    and dtype, frozen but for the parts that train (``train.trainable``, else ``train.stage``)."""
     dtype = model_dtype(cfg, rt)
     model = families.of(cfg).build_model(cfg, rt, vocab_size, image_token_id, dtype,
                                          pre_process=parallel_state.is_pipeline_first_stage(),
                                          post_process=parallel_state.is_pipeline_last_stage())
     model.to(device=rt.device, dtype=dtype)  # norms too (Megatron-LM does this with Float16Module)
-    model.freeze_for_stage(cfg.train.stage)
+    model.freeze_for_stage(cfg.train.stage, cfg.train.trainable)
     return model
 
 

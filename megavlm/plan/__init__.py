@@ -39,7 +39,8 @@ import warnings
 from dataclasses import dataclass
 
 from .. import families
-from ..shapes import decoder_layers_per_stage, divisors, language_params, padded_vocab, trainable_parts
+from ..shapes import (decoder_layers_per_stage, divisors, language_params, padded_vocab, trainable_parts,
+                      trained_label)
 
 GIB = 2 ** 30
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -74,7 +75,7 @@ def stage_params(cfg, vocab_size: int, tp: int, pp: int, rank: int, first_stage_
         projector=fam.projector_arch(cfg).params(tp) if first else 0,
         language=language_params(lm, vocab_size, tp, layers, first, last),
     )
-    tv, tproj, tlang = trainable_parts(cfg.train.stage)
+    tv, tproj, tlang = trainable_parts(cfg.train.stage, cfg.train.trainable)
     sp.trainable = sp.vision * tv + sp.projector * tproj + sp.language * tlang
     return sp
 
@@ -259,12 +260,14 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     in_flight = min(pp - rank, m)
     first, last = rank == 0, rank == pp - 1
     layers = decoder_layers_per_stage(lm.num_layers, pp, layout.first_stage_layers)[rank]
-    tv, _, tlang = trainable_parts(tr.stage)
+    tv, _, tlang = trainable_parts(tr.stage, tr.trainable)
     sp = layout.sequence_parallel and tp > 1
     T = s * b
     tn = T // tp if sp else T
     # crops through the encoder per micro-batch: every image at its most crops (tiles + thumbnail) for a tiling family
-    n_img = b * images_per_sample(cfg) * fam.image_processor(cfg).max_crops
+    # (native resolution: an image is one sequence of up to v.patches patches, its "crops" being those patches)
+    crops = 1 if v.position_embedding == "rope_2d" else fam.image_processor(cfg).max_crops
+    n_img = b * images_per_sample(cfg) * crops
     parch = fam.projector_arch(cfg)
     t_out = parch.tokens(v.tokens)
     h = lm.hidden_size
@@ -285,7 +288,7 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     if sp:
         workspace = max(workspace, T * max(h, lm.ffn_hidden_size // tp) * e)  # all-gather buffer
     # the trainer builds all micro-batches of a step up front: ids and labels (int64), loss mask (fp32), images
-    batch = m * (b * s * 20 + (n_img * v.image_size ** 2 * v.num_channels if first else 0))
+    batch = m * (b * s * 20 + (n_img * v.patches * v.patch_size ** 2 * v.num_channels if first else 0))
 
     acts = {}
     for mode in RECOMPUTE_MODES:
@@ -459,7 +462,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
     fam = families.of(cfg)
     whole = StageParams(vision=fam.vision_arch(cfg).params(), language=language_params(cfg.model.language, vocab),
                         projector=fam.projector_arch(cfg).params())
-    tv, tproj, tlang = trainable_parts(cfg.train.stage)
+    tv, tproj, tlang = trainable_parts(cfg.train.stage, cfg.train.trainable)
     whole.trainable = whole.vision * tv + whole.projector * tproj + whole.language * tlang
     p = cfg.parallel
     layout = Layout(p.tp, p.pp, dp, cfg.train.micro_batch, p.sequence_parallel, p.distributed_optimizer,
@@ -472,7 +475,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
     return {
         "gpus": gpus, "gpu_memory_gib": gpu_memory_gib, "reserve_gib": reserve_gib, "device": device,
         "dtype": "bf16" if env.dtype_bytes(cfg) == 2 else "fp32", "attention": env.backend(cfg),
-        "vocab_size": vocab, "stage": cfg.train.stage,
+        "vocab_size": vocab, "stage": cfg.train.stage, "trainable": cfg.train.trainable,
         "parameters": dataclasses.asdict(whole) | {"total": whole.total},
         "config_layout": mem | {"fits": mem["peak"] is not None and mem["peak"] <= budget},
         "suggestions": suggestions,
@@ -499,10 +502,10 @@ def format_plan(plan: dict) -> str:
     _UNIT[:] = ["GiB", GIB] if max(peaks) >= GIB else ["MiB", 2 ** 20]
     P = plan["parameters"]
     lines = [(f"model: {plan['dtype']} on {plan['device']}, attention {plan['attention']}, "
-              f"vocab {plan['vocab_size']}, train.stage={plan['stage']}"), "",
+              f"vocab {plan['vocab_size']}, trains {trained_label(plan['stage'], plan.get('trainable'))}"), "",
              "parameters        total          trained",
              ]
-    tv, tproj, tlang = trainable_parts(plan["stage"])
+    tv, tproj, tlang = trainable_parts(plan["stage"], plan.get("trainable"))
     for name, on in (("vision", tv), ("projector", tproj), ("language", tlang)):
         lines.append(f"  {name:<10} {P[name]:>14,} ({_n(P[name]):>7})  {P[name] if on else 0:>14,}")
     lines.append(f"  {'total':<10} {P['total']:>14,} ({_n(P['total']):>7})  {P['trainable']:>14,}")

@@ -4,7 +4,9 @@ pipeline. Both satisfy :class:`TrainData`, the one protocol the trainer uses.
 A micro-batch is a dict on the run's device: ``input_ids`` / ``labels`` (next-token targets, -100 not supervised) /
 ``loss_mask`` ``(mb, s)``, ``images`` (uint8 ``(n, H, W, c)``: the crops of the micro-batch's images in token order, on
 the first pipeline stage, else None) and, for packed sequences, ``packed_seq_params``. An image of ``k`` crops (tiles
-and thumbnail with a tiling family, else 1) takes ``k`` × the family's tokens per crop.
+and thumbnail with a tiling family, else 1) takes ``k`` × the family's tokens per crop. Native resolution (Qwen2-VL):
+``images`` are the patches ``(n, p, p, c)`` of the images, ``image_grid`` ``(images, 3)`` their grids, and a family
+with multimodal rotary positions adds ``position_ids`` ``(3, mb, s)`` (every pipeline stage gets them).
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ class ShardTrainData:
         self.num_microbatches = self.per_dp // cfg.train.micro_batch
         self.template = families.template(cfg)
         self.expand, self.image_token = fam.expand_image(tokenizer), fam.image_token
+        from ..data.constants import image_token_id
+
+        self.image_token_id = image_token_id(tokenizer, fam.image_token)
         self.loader = None
         if rt.is_first_stage:
             from ..data.pipeline import ImageTextLoader
@@ -169,7 +174,13 @@ class ShardTrainData:
             return self._skip("malformed_record")
         if not bool((enc["labels"] != IGNORE_INDEX).any()):
             return self._skip("no_supervised_tokens")
-        return {"input_ids": enc["input_ids"], "labels": enc["labels"], "images": sample["images"].cpu()}
+        out = {"input_ids": enc["input_ids"], "labels": enc["labels"], "images": sample["images"].cpu()}
+        if "grids" in sample:  # native resolution: the grids ride along, and M-RoPE positions follow from them
+            out["image_grid"] = sample["grids"].cpu()
+            pos = self.family.position_ids(self.cfg, enc["input_ids"], out["image_grid"], self.image_token_id)
+            if pos is not None:
+                out["position_ids"] = pos
+        return out
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -223,14 +234,16 @@ class ShardTrainData:
                     break
                 self._read_more()
             take = packed[:n_mb]
+            out = [{"input_ids": p.input_ids, "labels": p.labels, "loss_mask": p.loss_mask, "images": p.images,
+                    "cu_seqlens": p.cu_seqlens, **_packed_extras([self.ready[i] for i in p.samples], p)}
+                   for p in take]
             self.ready = self.ready[sum(len(p.samples) for p in take):]
-            return [{"input_ids": p.input_ids, "labels": p.labels, "loss_mask": p.loss_mask, "images": p.images,
-                     "cu_seqlens": p.cu_seqlens} for p in take]
+            return out
         while len(self.ready) < self.per_dp:
             self._read_more()
         take, self.ready = self.ready[: self.per_dp], self.ready[self.per_dp:]
         mb = self.cfg.train.micro_batch
-        return [collate(take[j * mb:(j + 1) * mb]) for j in range(n_mb)]
+        return [_collate(take[j * mb:(j + 1) * mb]) for j in range(n_mb)]
 
     def microbatches(self, step_index: int) -> list[dict]:
         if self.rt.pp == 1:
@@ -258,6 +271,32 @@ class ShardTrainData:
             return
         self.loader.load_state_dict(state["loader"])
         self.ready, self.read, self.skipped = list(state["ready"]), int(state["read"]), dict(state["skipped"])
+
+
+def _collate(samples: list[dict]) -> dict:
+    """``collate`` plus what native-resolution samples carry: their images' grids (concatenated, token order) and
+    M-RoPE position ids (stacked to ``(3, mb, s)``)."""
+    batch = collate(samples)
+    if "image_grid" in samples[0]:
+        batch["image_grid"] = torch.cat([s["image_grid"] for s in samples])
+    if "position_ids" in samples[0]:
+        batch["position_ids"] = torch.stack([s["position_ids"] for s in samples], dim=1)
+    return batch
+
+
+def _packed_extras(samples: list[dict], packed) -> dict:
+    """The grids and the M-RoPE position ids ``(3, 1, max_len)`` of a packed sequence of ``samples``: each sample's
+    own positions (from 0), the padding tail counting from 0 (data/mrope.py)."""
+    out = {}
+    if samples and "image_grid" in samples[0]:
+        out["image_grid"] = torch.cat([s["image_grid"] for s in samples])
+    if samples and "position_ids" in samples[0]:
+        from ..data.mrope import packed_rope_index
+
+        bounds = packed.cu_seqlens.tolist()
+        segs = [s["position_ids"][:, :b - a] for s, a, b in zip(samples, bounds, bounds[1:])]
+        out["position_ids"] = packed_rope_index(segs, packed.input_ids.shape[1]).unsqueeze(1)
+    return out
 
 
 def build_train_data(cfg: Config, tokenizer, rt: runtime.Runtime) -> TrainData:

@@ -1,6 +1,6 @@
 """The text of a step, from the first pipeline stage (which alone reads data: it needs the images) to the later
-stages of its pipeline: a header object (an error message, or the sample boundaries of packed sequences), then
-ids / labels / loss mask as one tensor.
+stages of its pipeline: a header object (an error message, or the sample boundaries of packed sequences, and whether
+M-RoPE position ids come along), then ids / labels / loss mask (and the three position rows) as one tensor.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ def _group():
 
 
 def send(microbatches: list[dict] | None, error: str | None, device) -> None:
-    """First stage: broadcast this step's ``microbatches`` (``input_ids``/``labels``/``loss_mask`` ``(mb, s)``, and
-    ``cu_seqlens`` when packed), or ``error`` (the later stages raise it too)."""
+    """First stage: broadcast this step's ``microbatches`` (``input_ids``/``labels``/``loss_mask`` ``(mb, s)``,
+    ``cu_seqlens`` when packed, ``position_ids`` ``(3, mb, s)`` with M-RoPE), or ``error`` (the later stages raise it
+    too)."""
     group, src = _group()
     out = microbatches
+    positions = out is not None and "position_ids" in out[0]
     header = [{"error": error, "cu_seqlens": None if out is None or "cu_seqlens" not in out[0]
-               else [b["cu_seqlens"].tolist() for b in out]}]
+               else [b["cu_seqlens"].tolist() for b in out], "positions": positions}]
     torch.distributed.broadcast_object_list(header, src=src, group=group, device=device)
     if error is None:
-        text = torch.stack([torch.stack([b["input_ids"], b["labels"], b["loss_mask"].to(torch.long)])
+        text = torch.stack([torch.cat([torch.stack([b["input_ids"], b["labels"], b["loss_mask"].to(torch.long)]),
+                                       *([b["position_ids"]] if positions else [])])
                             for b in out]).to(device)
         torch.distributed.broadcast(text, src=src, group=group)
 
@@ -37,9 +40,12 @@ def receive(num_microbatches: int, micro_batch: int, seq_len: int, device) -> li
     torch.distributed.broadcast_object_list(header, src=src, group=group, device=device)
     if header[0]["error"] is not None:
         raise UserError(f"the data loader of the first pipeline stage stopped the run: {header[0]['error']}")
-    text = torch.empty((num_microbatches, 3, micro_batch, seq_len), dtype=torch.long, device=device)
+    positions = header[0].get("positions", False)
+    text = torch.empty((num_microbatches, 6 if positions else 3, micro_batch, seq_len), dtype=torch.long,
+                       device=device)
     torch.distributed.broadcast(text, src=src, group=group)
     cus = header[0]["cu_seqlens"]
     return [{"input_ids": t[0], "labels": t[1], "loss_mask": t[2].to(torch.float32),
-             "cu_seqlens": None if cus is None else torch.tensor(cus[j], dtype=torch.int32)}
+             "cu_seqlens": None if cus is None else torch.tensor(cus[j], dtype=torch.int32),
+             **({"position_ids": t[3:6]} if positions else {})}
             for j, t in enumerate(text)]

@@ -37,8 +37,9 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
+    extra = {k: batch[k] for k in ("position_ids", "image_grid") if batch.get(k) is not None}  # (Qwen2-VL's)
     out = model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
-                packed_seq_params=batch.get("packed_seq_params"))
+                packed_seq_params=batch.get("packed_seq_params"), **extra)
     return out, partial(_loss_func, batch["loss_mask"])
 
 
@@ -114,15 +115,21 @@ def _layout(cfg: Config, rt: runtime.Runtime) -> dict:
 
 def model_flops_per_step(cfg: Config, n_tokens: int, n_images: int) -> float:
     """Model FLOPs of one optimizer step: 2·N per token forward (+ attention scores), times 3 where weights train
-    (forward, data grad, weight grad), 2 for a frozen LLM that still back-propagates to the projector (stage 1),
-    1 for a frozen vision encoder (nothing flows back into it). The encoder counts the layers it builds and its
-    own sequence (class token only where it has one): ``shapes.ViTArch``."""
+    (forward, data grad, weight grad), 2 for a frozen part that still back-propagates to a trained part before it
+    (the LLM in stage 1), 1 for a frozen part with nothing trained before it (the vision encoder in stages 1-2).
+    The encoder counts the layers it builds and its own sequence (class token only where it has one):
+    ``shapes.ViTArch``."""
     fam = families.of(cfg)
-    v, proj, stage = fam.vision_arch(cfg), fam.projector_arch(cfg), cfg.train.stage
+    v, proj = fam.vision_arch(cfg), fam.projector_arch(cfg)
+    tv, tproj, tlang = shapes.trainable_parts(cfg.train.stage, cfg.train.trainable)
+
+    def factor(trained: bool, before: bool) -> int:
+        return 3 if trained else (2 if before else 1)
+
     lm_fwd = shapes.decoder_forward_flops(cfg.model.language, n_tokens, cfg.data.max_seq_len,
                                           cfg.model.language.vocab_size)
-    return ((3 if stage >= 2 else 2) * lm_fwd + (3 if stage == 3 else 1) * v.forward_flops(n_images)
-            + 3 * proj.forward_flops(n_images * proj.tokens(v.tokens)))
+    return (factor(tlang, tv or tproj) * lm_fwd + factor(tv, False) * v.forward_flops(n_images)
+            + factor(tproj, tv) * proj.forward_flops(n_images * proj.tokens(v.tokens)))
 
 
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GH200": 989e12}
@@ -298,8 +305,9 @@ class Trainer:
         return (f"[megavlm] world {rt.world_size} (tp {rt.tp} pp {rt.pp} dp {rt.dp}) on {rt.device} "
                 f"({'cpu-compat' if rt.cpu_compat else rt.backend}), family {self.cfg.model.family}, layers "
                 f"{model.module.backend}, kernels "
-                f"{_kernels_label(model.module.kernels, next(model.module.parameters()).dtype)}, stage "
-                f"{self.cfg.train.stage}; rank-0 chunk {n_params:,} params ({n_train:,} trained, "
+                f"{_kernels_label(model.module.kernels, next(model.module.parameters()).dtype)}, trains "
+                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable)}; rank-0 chunk "
+                f"{n_params:,} params ({n_train:,} trained, "
                 f"{len(model.module.language_model.decoder.layers)} decoder layers); "
                 f"{self.data.num_microbatches} micro-batches/step")
 

@@ -2,7 +2,8 @@
 logits (gathered over TP, from the last pipeline stage) of a fixed batch of ids and float pixel_values.
 
 usage: torchrun ... logits_worker.py CONFIG.yaml INPUT.pt OUT.pt CKPT [CKPT ...] [-- config overrides]
-OUT.pt holds {CKPT: logits}.
+OUT.pt holds {CKPT: logits}. INPUT.pt may also hold ``image_grid`` and ``position_ids`` (Qwen2-VL's native-resolution
+images and M-RoPE positions).
 """
 
 import sys
@@ -32,9 +33,12 @@ def main():
     tok = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, rt, cfg.model.language.vocab_size,
                         image_token_id(tok, families.of(cfg).image_token)).eval()
+    extra = {k: batch[k] for k in ("image_grid", "position_ids") if k in batch}  # native resolution, M-RoPE
+
     def step(it, m):
         b = next(it)
-        return m(input_ids=b[0], images=b[1], runtime_gather_output=True), (lambda o, non_loss_data=True: o)
+        return m(input_ids=b[0], images=b[1], runtime_gather_output=True, **extra), (
+            lambda o, non_loss_data=True: o)
 
     results = {}
     for path in ckpts:

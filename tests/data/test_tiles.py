@@ -159,17 +159,20 @@ TILE_SIZES = [(40, 24), (24, 40), (32, 32), (48, 32), (90, 10), (10, 70), (12, 1
 TILES = TiledImages(16, 1, 6, True, MEAN, STD)
 
 
-def _tile_records(n):
+def _tile_records(n, sizes=None):
+    """n records over smooth images of ``sizes`` (default TILE_SIZES): every fifth text-only, every third with a
+    second image of another size."""
+    sizes = sizes or TILE_SIZES
     recs = []
     for i in range(n):
         conv = [{"from": "human", "value": f"<image>\nq{i}"}, {"from": "gpt", "value": f"a{i}"}]
         if i % 5 == 4:  # text-only
             recs.append({"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]})
             continue
-        imgs = [_png(_smooth(i, *TILE_SIZES[i % len(TILE_SIZES)]))]
+        imgs = [_png(_smooth(i, *sizes[i % len(sizes)]))]
         if i % 3 == 0:  # a second image of another aspect ratio
             conv[0]["value"] += " <image>"
-            imgs.append(_png(_smooth(100 + i, *TILE_SIZES[(i + 3) % len(TILE_SIZES)])))
+            imgs.append(_png(_smooth(100 + i, *sizes[(i + 3) % len(sizes)])))
         recs.append({"conversations": conv, "images": imgs})
     return recs
 

@@ -8,49 +8,32 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers import losses, run, train  # noqa: E402
+from helpers import assert_layouts_resume_equal, losses, run, train, write_image_shards  # noqa: E402
 from test_internvl import make_internvl  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 COMMON = ["train.steps=4", "train.warmup_steps=1", "checkpoint.keep=0", "train.stage=3", "train.global_batch=4",
           "train.micro_batch=2", "train.lr=1e-2", "data.source=shards", "logging.tensorboard=false"]
 SIZES = [(40, 20), (16, 48), (30, 30), (70, 18), (20, 20), (50, 35), (18, 60), (33, 17)]
-QUESTIONS = [("what color is the square ?", "red"), ("what shape is blue ?", "circle"),
-             ("describe the image .", "a green triangle")]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(converted dir, shards dir, HF dir, a non-square image): shards of 16 records whose images have the sizes
     above (so 1 to 4 tiles, a thumbnail when more than one)."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("internvl_train")
     hf = str(root / "hf")
     make_internvl(hf, seed=7)
     out = str(root / "mcore")
     run(["convert", "hf-to-mcore", "--hf", hf, "--out", out])
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    with open(root / "records.jsonl", "w") as f:
-        for i in range(16):
-            w, h = SIZES[i % len(SIZES)]
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
-            q, a = QUESTIONS[i % len(QUESTIONS)]
-            f.write(json.dumps({"image": f"{i}.png", "conversations": [
-                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}) + "\n")
-    shards = str(root / "shards")
-    run(["data", "convert", "--format", "jsonl", "--json", str(root / "records.jsonl"), "--images", str(images),
-         "--out", shards, "--workers", "1"])
-    return out, shards, hf, str(images / "0.png")
+    shards, png = write_image_shards(str(root), SIZES)
+    return out, shards, hf, png
 
 
 def test_tp2_and_pp2_losses_equal_tp1(setup, tmp_path):
@@ -60,14 +43,8 @@ def test_tp2_and_pp2_losses_equal_tp1(setup, tmp_path):
     train(ref, *COMMON, f"data.shards={shards}", "checkpoint.save_interval=2", config=config)
     want = losses(ref)
     assert len(want) == 4 and want[4] != want[1]
-    resume = os.path.join(str(ref), "checkpoints", "iter_0000002")
-    for name, overrides in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
-        d = tmp_path / name
-        train(d, *COMMON, f"data.shards={shards}", f"checkpoint.load={resume}", *overrides, nproc=2, config=config)
-        got = losses(d)
-        assert sorted(got) == [3, 4], name
-        for step in (3, 4):
-            assert abs(got[step] - want[step]) <= 1e-5, (name, step, got[step], want[step])
+    assert_layouts_resume_equal(tmp_path, ref, os.path.join(str(ref), "checkpoints", "iter_0000002"),
+                                [*COMMON, f"data.shards={shards}"], config)
 
 
 def test_generate_tiles_the_image_as_transformers(setup):

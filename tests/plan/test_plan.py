@@ -17,6 +17,8 @@ PARAM_CASES = {
     "siglip, linear projector": ["model.vision.flavour=siglip", "model.projector.type=linear"],
     "clip penultimate, full select, mqa": ["model.vision.feature_layer=-2", "model.vision.select_strategy=full",
                                            "model.language.num_kv_heads=1", "model.language.num_layers=3"],
+    "resampler (queries, heads)": ["model.projector.type=resampler", "model.projector.queries=9",
+                                   "model.projector.heads=2"],
     "stage 1": ["train.stage=1"],
     "stage 3": ["train.stage=3"],
 }
@@ -32,16 +34,25 @@ PARAM_CASES.update({
 })
 
 
+#: Qwen2-VL / Qwen2.5-VL: Conv3d patch embedding, no positions, gated MLP, the merger's token norm and 4d inner width.
+QWEN = ["data.source=synthetic_shards", "data.max_seq_len=128"]
+PARAM_CASES.update({
+    "qwen2_vl (layernorm, quick_gelu)": ["model.family=qwen2_vl", *QWEN, "train.trainable=[vision, projector]"],
+    "qwen2_5_vl (rmsnorm, gated, windows, tied)": ["model.family=qwen2_5_vl", *QWEN, "train.stage=3",
+                                                   "model.language.tie_embeddings=true"],
+})
+
+
 @pytest.mark.parametrize("name", list(PARAM_CASES))
 def test_parameter_counts_equal_built_model(rt, name):
     import torch
 
     from megavlm.models.vlm import VLM
 
-    cfg = load_config(None if name.startswith("internvl") else TINY, ["model.language.vocab_size=40"]
+    cfg = load_config(None if name.startswith(("internvl", "qwen")) else TINY, ["model.language.vocab_size=40"]
                       + PARAM_CASES[name])
     model = VLM(cfg, rt, 40, 5, torch.float32, pre_process=True, post_process=True)
-    model.freeze_for_stage(cfg.train.stage)
+    model.freeze_for_stage(cfg.train.stage, cfg.train.trainable)
     parts = {"vision": "vision_model.", "projector": "projector.", "language": "language_model."}
     built = {k: sum(p.numel() for n, p in model.named_parameters() if n.startswith(pre))
              for k, pre in parts.items()}
