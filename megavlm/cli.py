@@ -101,6 +101,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--output", choices=["text", "json"], default="text",
                    help="text: the answer on stdout; json: one object with ids, text and timing")
 
+    x = sub.add_parser("export", help="deployment exports: the vision side as ONNX (+ the LLM as an HF folder)",
+                       description="See docs/deploy.md.")
+    xsub = x.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    xo = xsub.add_parser("onnx", help="vision encoder + projector -> OUT/vision.onnx, OUT/vision.json, OUT/hf",
+                         description="Loads the checkpoint at TP=1 (SDPA attention, reference ops) and writes "
+                                     "OUT/vision.onnx (input uint8 crops (n, H, W, 3), normalized in the graph; "
+                                     "output the projected image embeddings (n, tokens, hidden); n dynamic), "
+                                     "OUT/vision.json (inputs, outputs, image processing, image-token ids, tokens "
+                                     "per image) and OUT/hf (the HF folder `convert mcore-to-hf` writes, for the "
+                                     "LLM). The graph is checked with onnx.checker and, for fp32/fp16, run with "
+                                     "onnxruntime against the PyTorch model.")
+    xo.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir, run dir or hf-to-mcore "
+                                                  "output)")
+    xo.add_argument("--out", required=True, help="new output directory")
+    xo.add_argument("--dtype", default="fp32", help="fp32|fp16|bf16: the graph's weights and output (fp32)")
+    xo.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 18 and newer)")
+
     pl = sub.add_parser("plan", help="parameters, memory per GPU and layouts that fit N GPUs (no GPU needed)",
                         description="Count the config's parameters (vision / projector / language, total and trained "
                                     "in train.stage) and estimate memory per GPU for its layout on --gpus GPUs: "
@@ -196,6 +213,26 @@ def _convert(args) -> int:
         return _fail(str(e))
     finally:
         runtime.shutdown()
+    return 0
+
+
+def _export(args) -> int:
+    from . import runtime
+    from .export import onnx
+
+    try:
+        info = onnx.export_onnx(args.ckpt, args.out, dtype=args.dtype,
+                                opset=onnx.DEFAULT_OPSET if args.opset is None else args.opset)
+    except UserError as e:
+        return _fail(str(e))
+    finally:
+        runtime.shutdown()
+    ver = info["verified"]
+    checked = (f"onnxruntime max |diff| {ver['max_abs_diff']:.2e} at batch {ver['batches']}" if "max_abs_diff" in ver
+               else ver.get("note"))
+    print(f"[megavlm] wrote {args.out}: {onnx.GRAPH_FILE} ({info['inputs'][0]['shape']} uint8 -> "
+          f"{info['outputs'][0]['shape']} {info['outputs'][0]['dtype']}), {onnx.SIDECAR_FILE}, {onnx.HF_DIR}/; "
+          f"{checked}", flush=True)
     return 0
 
 
@@ -341,6 +378,8 @@ def main(argv=None) -> int:
         return _data(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "plan":
         return _plan(args)
     from . import runtime
