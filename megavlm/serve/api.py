@@ -257,6 +257,9 @@ def build_app(sc: ServeConfig, engine: Engine):
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return JSONResponse(ApiError(503, "the decoding worker is not running", kind="server_error").body(),
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")

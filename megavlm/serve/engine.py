@@ -34,7 +34,7 @@ from ..inference.generate import Sampling, generate
 _STOP = "stop"
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, whatever it holds (its crops are tensors)
 class Job:
     """One chat completion: the prompt, its crops, how to decode it, and where its tokens go.
 
@@ -181,6 +181,10 @@ class Engine:
         if stop:
             self._queue.put(None)  # seen again once the waiting jobs are done
         return batch
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:

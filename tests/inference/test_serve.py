@@ -166,8 +166,20 @@ def test_concurrent_requests_return_their_single_answers(server, converted):
     for t in threads:
         t.join()
     assert together == alone
+    # and 6 copies of one request at once (jobs alike in every field are still six jobs)
+    same: list = [None] * 6
+
+    def ask_same(k):
+        same[k] = _ask(client, reqs[0][0], reqs[0][1]).choices[0].message.content
+
+    threads = [threading.Thread(target=ask_same, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert same == [alone[0]] * 6
     after = _http(port, "/stats")[1]
-    assert after["requests"] - before["requests"] == 6 and after["batches"] - before["batches"] < 6, (before, after)
+    assert after["requests"] - before["requests"] == 12 and after["batches"] - before["batches"] < 12, (before, after)
     assert after["largest_batch"] > 1
 
 
