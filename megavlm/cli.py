@@ -107,14 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="deployment exports: the vision side as ONNX (+ the LLM as an HF folder)",
                        description="See docs/deploy.md.")
     xsub = x.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    onnx_about = ("Loads the checkpoint at TP=1 (SDPA attention, reference ops) and writes OUT/vision.onnx (input "
+                  "uint8 crops (n, H, W, 3), normalized in the graph; output the projected image embeddings (n, "
+                  "tokens, hidden); n dynamic), OUT/vision.json (inputs, outputs, image processing, image-token ids, "
+                  "tokens per image) and OUT/hf (the HF folder `convert mcore-to-hf` writes, for the LLM). The graph "
+                  "is checked with onnx.checker and, for fp32/fp16, run with onnxruntime against the PyTorch model.")
     xo = xsub.add_parser("onnx", help="vision encoder + projector -> OUT/vision.onnx, OUT/vision.json, OUT/hf",
-                         description="Loads the checkpoint at TP=1 (SDPA attention, reference ops) and writes "
-                                     "OUT/vision.onnx (input uint8 crops (n, H, W, 3), normalized in the graph; "
-                                     "output the projected image embeddings (n, tokens, hidden); n dynamic), "
-                                     "OUT/vision.json (inputs, outputs, image processing, image-token ids, tokens "
-                                     "per image) and OUT/hf (the HF folder `convert mcore-to-hf` writes, for the "
-                                     "LLM). The graph is checked with onnx.checker and, for fp32/fp16, run with "
-                                     "onnxruntime against the PyTorch model.")
+                         description=onnx_about)
     xo.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir, run dir or hf-to-mcore "
                                                   "output)")
     xo.add_argument("--out", required=True, help="new output directory")

@@ -51,8 +51,6 @@ def _check(o: ServeOptions) -> None:
         raise UserError("--batch-wait-ms must be >= 0 and --max-request-mb > 0")
     if o.tp is not None and o.tp < 1:
         raise UserError(f"--tp {o.tp}: must be >= 1")
-    if not os.path.exists(o.ckpt):
-        raise UserError(f"--ckpt {o.ckpt}: no such file or directory")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -74,26 +72,13 @@ def serve(o: ServeOptions) -> None:
     """Load, then serve until SIGTERM / Ctrl-C (rank 0) or until rank 0 says stop (the other TP ranks)."""
     from .. import families, runtime
     from ..config import single_layout
-    from ..data.templates import get_template
     from ..data.tokenizer import find_tokenizer
-    from ..inference.load import build_and_load
-    from ..training.checkpoint import find_checkpoint, saved_config
+    from ..inference.load import build_and_load, open_checkpoint
     from .api import ServeConfig, build_app
     from .engine import Engine, follow
 
     _check(o)
-    path = find_checkpoint(o.ckpt)
-    cfg = saved_config(path)
-    if o.template is not None:
-        try:
-            get_template(o.template)
-        except ValueError as e:
-            raise UserError(f"--template: {e}") from None
-    world = runtime.env_world_size()
-    tp = o.tp or world
-    if tp != world:
-        raise UserError(f"--tp {tp} needs exactly {tp} processes (torchrun --nproc-per-node {tp}); this run has "
-                        f"{world}")
+    path, cfg, tp = open_checkpoint(o.ckpt, o.template, o.tp)
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         _check_port(o.host, o.port)
