@@ -188,7 +188,13 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
+            try:
+                batch = self._next_batch()
+            except Exception as e:  # noqa: BLE001 - never leave requests waiting on a dead worker
+                for j in self._waiting:
+                    j.emit("error", f"{type(e).__name__}: {e}")
+                self._waiting = []
+                continue
             if batch is None:
                 if self._waiting:
                     continue

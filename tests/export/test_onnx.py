@@ -84,6 +84,19 @@ def test_llava_graph_equals_transformers_image_features(rt, llava):
     assert torch.equal(hf_back.lm_head.weight, model.lm_head.weight)
 
 
+def test_siglip_tower_graph(rt, tmp_path):
+    """SigLIP: patch bias, no class token, tanh GELU."""
+    from megavlm.convert import engine
+    from megavlm.export.onnx import export_onnx
+
+    model, _ = make_llava(str(tmp_path / "hf"), seed=1, vision="siglip")
+    engine.hf_to_mcore(str(tmp_path / "mv"), hf=str(tmp_path / "hf"))
+    export_onnx(str(tmp_path / "mv"), str(tmp_path / "onnx"), hf=False)
+    crops = np.random.default_rng(3).integers(0, 256, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    got, want = _ort(str(tmp_path / "onnx" / "vision.onnx"), crops), _hf_features(model, _normalized(crops))
+    assert got.shape == want.shape == (3, 4, 64) and np.abs(got - want).max() <= 1e-4
+
+
 def test_llava_fp16_and_bf16(rt, llava):
     import onnx
 

@@ -61,9 +61,10 @@ def _start(ckpt: str, *flags: str, nproc: int = 1):
     port = _free_port()
     cmd = [sys.executable, "-m", "megavlm"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "megavlm"]
+    env = {k: v for k, v in _env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}  # rt's
     proc = subprocess.Popen(cmd + ["serve", "--ckpt", ckpt, "--port", str(port), "--model-name", "tiny",
                                    "--log-level", "warning", *flags],
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_healthy(proc, port)
     except BaseException:
@@ -117,7 +118,7 @@ def generated(rt, converted):
                                ignore_eos=True, output="json")) for image in (True, False)}
 
 
-def test_answers_equal_megavlm_generate(server, converted, generated):
+def test_answers_equal_megavlm_generate(rt, server, converted, generated):
     _, port = server
     png = converted[2]
     client = _client(port)
@@ -138,7 +139,16 @@ def test_answers_equal_megavlm_generate(server, converted, generated):
                 usage = ch.usage
         assert "".join(deltas) == want["text"] and finish == "length" and usage.completion_tokens == 8
         assert sum(bool(d) for d in deltas) > 1  # it did stream, token by token
-    # a stop string cuts the answer before it; end of sequence is honoured without ignore_eos
+    # sampled with a seed: the tokens `megavlm generate` samples with that seed
+    from megavlm.inference.command import Request, run
+
+    sampled = run(Request(ckpt=converted[1], image=png, prompt=QUESTION, max_new_tokens=8, ignore_eos=True,
+                          temperature=0.9, top_p=0.95, seed=7, output="json"))
+    content = [_image_part(png), {"type": "text", "text": QUESTION}]
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=8,
+                                       temperature=0.9, top_p=0.95, seed=7, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == sampled["text"]
+    # a stop string cuts the answer before it
     word = generated[True]["text"].split()[1]
     r = _ask(_client(port), [_image_part(png), {"type": "text", "text": QUESTION}], stop=[word])
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == generated[True]["text"].split(
