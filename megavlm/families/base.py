@@ -184,3 +184,11 @@ class Family:
 
     def export_processor(self, cfg, folder: str, tok) -> None:
         """Write the HF image processor (and processor) files of the exported model into ``folder``."""
+
+    def chat_template(self, cfg, image_text: str | None = None) -> str:
+        """The Jinja chat template of the config's conversation template (``data.template``, else the family's), an
+        image written as ``image_text`` (default: the family's image token, the placeholder its HF processor
+        expands); ``export_processor`` writes it beside the export (``megavlm/export/chat_template.py``)."""
+        from ..export.chat_template import jinja_template
+
+        return jinja_template(cfg.data.template or self.default_template, image_text or self.image_token)

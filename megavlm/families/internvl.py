@@ -21,6 +21,8 @@ from .base import ExportExtras, Family, HFImport
 NORM_TYPES = ("layer_norm", "rms_norm")
 #: The text an image becomes: ``<img>``, the context token once per image token, ``</img>`` (InternVLProcessor).
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+#: The video placeholder transformers' InternVLProcessor reads (megavlm feeds no videos).
+VIDEO_TOKEN = "<video>"
 
 # HF file prefixes → (part, canonical prefix); transformers 5 saves the first of each pair, older layouts the second
 _PREFIXES = (
@@ -299,13 +301,36 @@ class InternVLFamily(Family):
 
     def export_processor(self, cfg, folder: str, tok) -> None:
         """The tiling image processor (``GotOcr2ImageProcessorPil`` with ``crop_to_patches``: transformers' PIL backend
-        needs no torchvision)."""
+        needs no torchvision) and the ``InternVLProcessor`` over it: processor_config.json (tokens per tile), the chat
+        template, and the tokenizer's named image tokens the processor reads (``start_image_token``,
+        ``end_image_token``, ``context_image_token``, ``video_token``).
+
+        The processor files are written as transformers 5 writes them rather than through ``InternVLProcessor``,
+        whose constructor needs torchvision (for its video processor) even when no video is used."""
+        import json
+        import os
+
         from transformers import GotOcr2ImageProcessorPil
 
         v = cfg.model.vision
         GotOcr2ImageProcessorPil(size={"height": v.image_size, "width": v.image_size}, crop_to_patches=True,
                                  min_patches=v.min_tiles, max_patches=v.max_tiles, image_mean=v.image_mean,
                                  image_std=v.image_std).save_pretrained(folder)
+        # InternVLProcessor needs a video token distinct from the image tokens. A tokenizer without <video> gets it
+        # (the loaded tokenizer adds it after its last token) when the embeddings have a spare row for it; else
+        # </img> stands in: the processor looks for the video token only in the text before it expands the images,
+        # where </img> never is, so the exported processor reads no videos but everything else works.
+        vocab = tok.get_vocab()
+        spare = (cfg.model.language.vocab_size or 0) > len(tok)
+        video = VIDEO_TOKEN if VIDEO_TOKEN in vocab or spare else IMG_END
+        tok._set_model_specific_special_tokens({"start_image_token": IMG_START, "end_image_token": IMG_END,
+                                                "context_image_token": IMG_CONTEXT, "video_token": video})
+        tok.save_pretrained(folder)
+        with open(os.path.join(folder, "processor_config.json"), "w") as f:
+            json.dump({"image_seq_length": self.image_tokens(cfg), "processor_class": "InternVLProcessor"}, f,
+                      indent=2)
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(self.chat_template(cfg))
 
 
 def _layer0_names(fam: InternVLFamily, cfg) -> list[tuple[str, str]]:

@@ -371,7 +371,9 @@ class LlavaFamily(Family):
         return hcfg
 
     def export_processor(self, cfg, folder: str, tok) -> None:
-        """CLIP: resize the shortest edge + center crop; SigLIP: resize to a square (as their HF processors do)."""
+        """CLIP: resize the shortest edge + center crop; SigLIP: resize to a square (as their HF processors do); and
+        the ``LlavaProcessor`` over it (processor_config.json: patch size, select strategy, the class token as an
+        additional image token, the image token) with the chat template of the conversation template."""
         v = cfg.model.vision
         if v.flavour == "siglip":
             from transformers import SiglipImageProcessor
@@ -384,3 +386,12 @@ class LlavaFamily(Family):
             proc = CLIPImageProcessor(size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size,
                                       "width": v.image_size}, image_mean=v.image_mean, image_std=v.image_std)
         proc.save_pretrained(folder)
+        from transformers import LlavaProcessor
+
+        # HF counts (size/patch)² + num_additional_image_tokens, less one for 'default': our image_tokens(cfg) both
+        # ways (SigLIP: no class token, HF 'full'), which tests/export/test_hf_processor.py checks
+        clip = v.flavour == "clip"
+        LlavaProcessor(image_processor=proc, tokenizer=tok, patch_size=v.patch_size,
+                       vision_feature_select_strategy=v.select_strategy if clip else "full",
+                       num_additional_image_tokens=1 if clip else 0, image_token=self.image_token,
+                       chat_template=self.chat_template(cfg)).save_pretrained(folder)

@@ -402,13 +402,18 @@ class Qwen2VLFamily(Family):
 
     def export_processor(self, cfg, folder: str, tok) -> None:
         """``Qwen2VLImageProcessorPil`` (transformers' PIL backend: no torchvision needed) with the config's
-        ``min_pixels``/``max_pixels``."""
+        ``min_pixels``/``max_pixels``, and the chat template of the conversation template, an image written as
+        ``<|vision_start|><|image_pad|><|vision_end|>`` (what Qwen's processor expands)."""
+        import os
+
         from transformers import Qwen2VLImageProcessorPil
 
         v = cfg.model.vision
         Qwen2VLImageProcessorPil(min_pixels=v.min_pixels, max_pixels=v.max_pixels, patch_size=v.patch_size,
                                  temporal_patch_size=v.temporal_patch_size, merge_size=v.merge_size,
                                  image_mean=v.image_mean, image_std=v.image_std).save_pretrained(folder)
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(self.chat_template(cfg, VISION_START + self.image_token + VISION_END))
 
 
 class Qwen25VLFamily(Qwen2VLFamily):

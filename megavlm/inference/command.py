@@ -174,27 +174,12 @@ def run(req: Request) -> dict:
     """Load, decode, print (on rank 0); returns the result dict that ``--output json`` prints."""
     from .. import runtime
     from ..config import single_layout
-    from ..data.templates import get_template
     from ..data.tokenizer import find_tokenizer
-    from ..training.checkpoint import find_checkpoint, saved_config
     from .generate import generate
-    from .load import build_and_load
+    from .load import build_and_load, open_checkpoint
 
     sampling = check(req)
-    if not os.path.exists(req.ckpt):
-        raise UserError(f"--ckpt {req.ckpt}: no such file or directory")
-    path = find_checkpoint(req.ckpt)
-    cfg = saved_config(path)
-    if req.template is not None:
-        try:
-            get_template(req.template)
-        except ValueError as e:
-            raise UserError(f"--template: {e}") from None
-    world = runtime.env_world_size()
-    tp = req.tp or world
-    if tp != world:
-        raise UserError(f"--tp {tp} needs exactly {tp} processes (torchrun --nproc-per-node {tp}); this run has "
-                        f"{world}")
+    path, cfg, tp = open_checkpoint(req.ckpt, req.template, req.tp)
     image = load_image(req.image, cfg) if req.image is not None else None
     grid = image_grid(req.image, cfg) if req.image is not None else None
     tok, _ = find_tokenizer(path, cfg.data.tokenizer, req.tokenizer)

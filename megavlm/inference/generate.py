@@ -107,7 +107,8 @@ def _tp_broadcast(tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompts: list[torch.Tensor], images: torch.Tensor | None, max_new_tokens: int,
              eos_id: int | None, sampling: Sampling | None = None, vocab_size: int | None = None,
-             pad_id: int = 0, return_logits: bool = False, image_grid: torch.Tensor | None = None) -> Generation:
+             pad_id: int = 0, return_logits: bool = False, image_grid: torch.Tensor | None = None,
+             on_token=None) -> Generation:
     """Decode up to ``max_new_tokens`` new tokens after each prompt, stopping a row at ``eos_id`` (None: never).
 
     ``model``: the VLM (TP any, PP=1), in eval mode. ``prompts``: unpadded id tensors with every ``<image>`` already
@@ -120,6 +121,8 @@ def generate(model, prompts: list[torch.Tensor], images: torch.Tensor | None, ma
     megatron's static-batching attention keeps keys un-rotated in its cache and rotates ``k[:end]`` and
     ``q[start:end]`` with slices of the rotary table it is given; a row's new tokens continue one past its prompt's
     largest position (``data/mrope.py``).
+    ``on_token(row, token)``: called with each new token of a row as it is chosen (streaming); returning True ends
+    that row there (finish ``"stop"``), e.g. at a stop string or the row's own token limit.
     """
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.utils import InferenceMode
@@ -194,7 +197,9 @@ def generate(model, prompts: list[torch.Tensor], images: torch.Tensor | None, ma
                     done[i], finish[i] = True, "eos"
                     continue
                 out[i].append(t)
-                if len(out[i]) >= max_new_tokens:
+                if on_token is not None and on_token(i, t):
+                    done[i], finish[i] = True, "stop"
+                elif len(out[i]) >= max_new_tokens:
                     done[i] = True
             if all(done):
                 break

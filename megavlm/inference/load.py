@@ -34,3 +34,29 @@ def build_and_load(cfg: Config, path: str, tok, rt: runtime.Runtime):
     ckpt.load(path, model, optimizer=None, same_layout=False)
     model.eval()
     return model
+
+
+
+def open_checkpoint(given: str, template: str | None, tp: int | None) -> tuple[str, Config, int]:
+    """What ``generate`` and ``serve`` check before anything loads: the checkpoint ``--ckpt`` names (``given``) and
+    its stored config, the ``--template`` named, the TP size (``--tp``; default and only allowed value: the number of
+    processes). Returns ``(checkpoint dir, config, tp)``."""
+    import os
+
+    from ..data.templates import get_template
+
+    if not os.path.exists(given):
+        raise UserError(f"--ckpt {given}: no such file or directory")
+    path = ckpt.find_checkpoint(given)
+    cfg = ckpt.saved_config(path)
+    if template is not None:
+        try:
+            get_template(template)
+        except ValueError as e:
+            raise UserError(f"--template: {e}") from None
+    world = runtime.env_world_size()
+    tp = tp or world
+    if tp != world:
+        raise UserError(f"--tp {tp} needs exactly {tp} processes (torchrun --nproc-per-node {tp}); this run has "
+                        f"{world}")
+    return path, cfg, tp
