@@ -135,14 +135,16 @@ def _family_of_hf(hf: str | None, family: str | None):
 
 def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, language: str | None = None,
                 tp: int = 1, pp: int = 1, feature_layer: int = -2, select_strategy: str = "default",
-                seed: int = 1234, family: str | None = None) -> str:
+                seed: int = 1234, family: str | None = None, projector: str = "mlp2x_gelu", pool: str = "none") -> str:
     """Convert and return the path of the written checkpoint (``OUT/checkpoints/iter_0000000``). ``hf``: one HF
     folder of the whole VLM (its family found by ``model_type``); ``vision`` + ``language``: separate parts that the
-    family (``family``, default llava) assembles, with ``feature_layer`` / ``select_strategy`` for the tower."""
+    family (``family``, default llava) assembles, with ``feature_layer`` / ``select_strategy`` for the tower and the
+    fresh projector's ``projector`` type and ``pool`` (``model.projector.pool``)."""
     fam = _family_of_hf(hf, family)
     stage = _Staging(out)
     imp = fam.read_hf({"hf": hf, "vision": vision, "language": language},
-                      {"feature_layer": feature_layer, "select_strategy": select_strategy}, tp, pp)
+                      {"feature_layer": feature_layer, "select_strategy": select_strategy, "projector": projector,
+                       "pool": pool}, tp, pp)
     cfg = imp.cfg
     opened: dict = {}  # one reader per (folder, prefixes): the parts of one HF folder share it
     for s in imp.sources.values():
