@@ -24,7 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 COMMON = ["train.steps=3", "train.warmup_steps=1", "checkpoint.keep=0", "checkpoint.save_interval=0",
           "train.stage=2", "train.global_batch=2", "train.micro_batch=1", "train.lr=1e-2", "data.source=shards",
           "data.packing=true", "data.max_images=3", "data.max_seq_len=96", "logging.tensorboard=false"]
-WORDS = "the red square . a blue circle . what shape is green ? the triangle is red .".split(" . ")
 
 
 def _tower_and_decoder(root):
