@@ -146,6 +146,11 @@ def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, lang
                       {"feature_layer": feature_layer, "select_strategy": select_strategy, "projector": projector,
                        "pool": pool}, tp, pp)
     cfg = imp.cfg
+    for flag, key, given, default in (("--pool", "pool", pool, "none"), ("--projector", "type", projector,
+                                                                          "mlp2x_gelu")):
+        if given != default and getattr(cfg.model.projector, key, default) != given:
+            raise UserError(f"{flag} {given}: model family {fam.name} does not take it on conversion (the fresh "
+                            "projector of llava's --vision/--language does)")
     opened: dict = {}  # one reader per (folder, prefixes): the parts of one HF folder share it
     for s in imp.sources.values():
         if s is not None and s not in opened:
