@@ -1,4 +1,5 @@
-"""VILA-style interleaved pretraining end to end through the CLI: a SigLIP tower and a LLaMA decoder (tiny, random,
+"""VILA-style interleaved pretraining end to end (conversion and data convert in process, training through the CLI):
+a SigLIP tower and a LLaMA decoder (tiny, random,
 saved by transformers) are converted with a fresh linear projector (`convert hf-to-mcore --projector linear`) once per
 `--pool` (a checkpoint holds its pool: shuffle2x2's projector takes 4× the width), MMC4 documents with 2-3 images
 each become shards (`data convert --format mmc4 --config`), and 3 steps with the LLM unfrozen and packing give:
@@ -18,7 +19,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import losses, run, train
+from helpers import losses, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 COMMON = ["train.steps=3", "train.warmup_steps=1", "checkpoint.keep=0", "checkpoint.save_interval=0",
@@ -76,16 +77,26 @@ def setup(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("vila"))
     vision, language = _tower_and_decoder(root)
     outs = {}
-    for pool in ("none", "avg2x2", "shuffle2x2"):
-        outs[pool] = os.path.join(root, f"mcore_{pool}")
-        run(["convert", "hf-to-mcore", "--vision", vision, "--language", language, "--out", outs[pool],
-             "--projector", "linear", "--pool", pool, "--feature-layer", "-1"])
+    from megavlm import cli, runtime
+    from megavlm.convert import engine
+    from megavlm.runtime import cpu
+
+    try:  # in process: `convert hf-to-mcore --projector linear --pool POOL` and `data convert` without 4 interpreters
+        for pool in ("none", "avg2x2", "shuffle2x2"):
+            outs[pool] = os.path.join(root, f"mcore_{pool}")
+            engine.hf_to_mcore(outs[pool], vision=vision, language=language, feature_layer=-1, projector="linear",
+                               pool=pool)
+    finally:
+        runtime.shutdown()
+        cpu.disable()
     docs, images = _documents(root)
     shards = os.path.join(root, "shards")
-    proc = run(["data", "convert", "--format", "mmc4", "--json", docs, "--images", images, "--out", shards,
-                "--config", os.path.join(outs["none"], "config.yaml"), "data.max_images=3", "data.max_seq_len=96",
-                "--workers", "1"])
-    assert "12 documents → 12 samples" in proc.stdout, proc.stdout
+    assert cli.main(["data", "convert", "--format", "mmc4", "--json", docs, "--images", images, "--out", shards,
+                     "--config", os.path.join(outs["none"], "config.yaml"), "data.max_images=3",
+                     "data.max_seq_len=96", "--workers", "1"]) == 0
+    with open(os.path.join(shards, "summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["documents"], summary["kept"], summary["max_images"]) == (12, 12, 3), summary
     return outs, shards
 
 
