@@ -1,8 +1,8 @@
 """VILA-style interleaved pretraining end to end (conversion and data convert in process, training through the CLI):
-a SigLIP tower and a LLaMA decoder (tiny, random,
-saved by transformers) are converted with a fresh linear projector (`convert hf-to-mcore --projector linear`) once per
-`--pool` (a checkpoint holds its pool: shuffle2x2's projector takes 4× the width), MMC4 documents with 2-3 images
-each become shards (`data convert --format mmc4 --config`), and 3 steps with the LLM unfrozen and packing give:
+a SigLIP tower and a LLaMA decoder (tiny, random, saved by transformers) are converted with a fresh linear projector
+(`convert hf-to-mcore --projector linear`) once per `--pool` (a checkpoint holds its pool: shuffle2x2's projector
+takes 4× the width), MMC4 documents with 2-3 images each become shards (`data convert --format mmc4 --config`), and
+3 steps with the LLM unfrozen and packing give:
 
 - at TP=1 (one process each): pool none, avg2x2 and shuffle2x2 — three different losses (the pool is applied;
   the pooling itself is checked against a plain-PyTorch reference in tests/models/test_pool.py);
