@@ -71,10 +71,26 @@ def trainable_prefixes(stage: int, trainable: Sequence[str] | None = None) -> tu
     return tuple(PART_PREFIXES[p] for p in PARTS if p in trainable)
 
 
-def trained_label(stage: int, trainable: Sequence[str] | None = None) -> str:
-    """What trains, for the start-up line and ``plan``: ``vision+projector (train.trainable)`` or ``projector+language
-    (train.stage=2)``."""
-    parts = [p for p, on in zip(PARTS, trainable_parts(stage, trainable)) if on]
+def lora_parts(lora) -> tuple[str, ...]:
+    """The parts (of :data:`PARTS`) that carry LoRA adapters (``model.lora``; none when its rank is 0): the language
+    model, and the vision encoder with ``lora.vision``. Such a part trains its adapters only."""
+    if lora is None or not lora.rank:
+        return ()
+    return ("vision", "language") if lora.vision else ("language",)
+
+
+def lora_prefixes(lora) -> tuple[str, ...]:
+    """Parameter-name prefixes of the parts of :func:`lora_parts`."""
+    return tuple(PART_PREFIXES[p] for p in lora_parts(lora))
+
+
+def trained_label(stage: int, trainable: Sequence[str] | None = None, lora=None) -> str:
+    """What trains, for the start-up line and ``plan``: ``vision+projector (train.trainable)``, ``projector+language
+    (train.stage=2)`` or, with LoRA, ``projector+language[LoRA r=8: qkv,proj,fc1,fc2] (train.stage=2)``."""
+    adapted = lora_parts(lora)
+    on = trainable_parts(stage, trainable)
+    parts = [p + (f"[LoRA r={lora.rank}: {','.join(lora.targets)}]" if p in adapted else "")
+             for p, t in zip(PARTS, on) if t or p in adapted]
     why = "train.trainable" if trainable is not None else f"train.stage={stage}"
     return f"{'+'.join(parts) or 'nothing'} ({why})"
 

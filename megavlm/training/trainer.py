@@ -306,7 +306,8 @@ class Trainer:
                 f"({'cpu-compat' if rt.cpu_compat else rt.backend}), family {self.cfg.model.family}, layers "
                 f"{model.module.backend}, kernels "
                 f"{_kernels_label(model.module.kernels, next(model.module.parameters()).dtype)}, trains "
-                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable)}; rank-0 chunk "
+                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable, self.cfg.model.lora)}; "
+                f"rank-0 chunk "
                 f"{n_params:,} params ({n_train:,} trained, "
                 f"{len(model.module.language_model.decoder.layers)} decoder layers); "
                 f"{self.data.num_microbatches} micro-batches/step")
