@@ -137,6 +137,8 @@ def init_adapters(model: torch.nn.Module, seed: int) -> None:
             continue
         part = name.split(".")[0]
         for sub, lin in adapted(layer):
+            if lin.lora_a.is_meta:  # the converter's shape-only model
+                continue
             key = f"{seed}:{part}:{layer.layer_number}:{sub}".encode()
             gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
             lin.reset_adapter(gen)

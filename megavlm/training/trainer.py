@@ -156,7 +156,7 @@ def _check_same_model(saved: dict, current: dict, path: str) -> None:
     def walk(a, b, prefix):
         for k in sorted(set(a) | set(b)):
             key = f"{prefix}.{k}"
-            if prefix == "model" and k in _FREE_MODEL_KEYS:
+            if prefix == "model" and k in free:
                 continue
             x, y = a.get(k), b.get(k)
             if isinstance(x, dict) and isinstance(y, dict):
@@ -168,6 +168,9 @@ def _check_same_model(saved: dict, current: dict, path: str) -> None:
         return {k: with_defaults(v, got.get(k, {})) if isinstance(v, dict) else got.get(k, v)
                 for k, v in dflt.items()} | {k: v for k, v in got.items() if k not in dflt}
 
+    # LoRA on a model trained without it: the adapters start fresh (the caller asks for checkpoint.finetune)
+    free = _FREE_MODEL_KEYS | ({"lora"} if not (saved.get("lora") or {}).get("rank")
+                               and (current.get("lora") or {}).get("rank") else set())
     if saved:
         from ..config import DEFAULT_FAMILY, ConfigError, ModelConfig
 
@@ -206,6 +209,11 @@ class _Start:
             checked = ckpt.verify(self.path)  # complete, unchanged, safe: before anything is written
             self.common = ckpt.load_common(self.path)
             _check_same_model(self.common.get("config", {}).get("model", {}), to_dict(cfg)["model"], self.path)
+            saved_lora = (self.common.get("config", {}).get("model", {}).get("lora") or {}).get("rank")
+            if cfg.model.lora.rank and not saved_lora and not cfg.checkpoint.finetune:
+                raise UserError(f"checkpoint {self.path} has no LoRA adapters but model.lora.rank="
+                                f"{cfg.model.lora.rank}: start LoRA from it with checkpoint.finetune=true (fresh "
+                                "adapters and optimizer, step 0)", all_ranks=True)
             if not cfg.checkpoint.finetune:
                 run_id = ckpt_integrity.run_id(self.path)
             if not checked:

@@ -1,0 +1,104 @@
+"""LoRA in one process (TP=1/PP=1) against transformers and peft on a tiny random LLaVA: a fresh adapter leaves the
+model unchanged; `convert mcore-to-hf` merges the adapters (transformers on the merged folder gives megavlm's logits
+on the LoRA checkpoint); the PEFT adapter folder loaded with peft onto the base export gives them too."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from hf_models import make_llava, sample_inputs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(rt, tmp_path_factory):
+    """A converted tiny LLaVA, loaded into a LoRA model (adapters on the LLM and the vision tower), the adapters given
+    random values (as training would), saved as a megavlm checkpoint. Returns (hf model, tokenizer, converted dir,
+    LoRA checkpoint, our model, vocab)."""
+    from megavlm.config import load_config, to_dict
+    from megavlm.convert import engine as conv
+    from megavlm.data.tokenizer import image_token_id
+    from megavlm.models import lora
+    from megavlm.models.vlm import build_model
+    from megavlm.training import checkpoint as ckpt
+
+    root = tmp_path_factory.mktemp("lora")
+    hf_dir = str(root / "hf")
+    hf_model, tok = make_llava(hf_dir)
+    out = str(root / "mcore")
+    base = conv.hf_to_mcore(out, hf=hf_dir)
+    cfg = load_config(os.path.join(out, "config.yaml"),
+                      ["model.spec=local", "model.kernels=reference", "model.lora.rank=4", "model.lora.alpha=8",
+                       "model.lora.vision=true", "model.lora.targets=[qkv,proj,fc1,fc2]"])
+    model = build_model(cfg, rt, cfg.model.language.vocab_size, image_token_id(tok))
+    ckpt.load(base, model, None, same_layout=False)
+    model.eval()
+    vocab = cfg.model.language.vocab_size
+    ids, pixels = sample_inputs(len(tok), 4)
+    with torch.no_grad():
+        fresh = model(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab]
+        want = hf_model(input_ids=ids, pixel_values=pixels).logits
+    # B = 0 at the start: the adapted model computes the base model's logits
+    assert (fresh - want).abs().max().item() <= 1e-4
+    adapted = lora.adapted(model)
+    assert len(adapted) == 4 * (cfg.model.language.num_layers + 2)  # 4 targets × (LLM layers + 2 built ViT layers)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, lin in adapted:
+            assert torch.count_nonzero(lin.lora_b) == 0 and lin.lora_a.abs().max() > 0
+            lin.lora_b.copy_(0.05 * torch.randn(lin.lora_b.shape, generator=g))
+    common = dict(ckpt.load_common(base), config=to_dict(cfg))
+    for k in ("format_version", "step", "has_optimizer", "has_data_state", "state_blobs"):
+        common.pop(k, None)
+    path = ckpt.save(os.path.join(out, "lora_checkpoints"), 1, model, None, common, rng=False)
+    return hf_model, tok, out, path, model, vocab
+
+
+def _logits(model, ids, pixels):
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels).logits
+
+
+def test_merged_export_and_peft_adapter_match_megavlm(rt, lora_ckpt, tmp_path):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    from megavlm.convert import engine as conv
+
+    hf_model, tok, _, path, model, vocab = lora_ckpt
+    ids, pixels = sample_inputs(len(tok), 4, seed=1)
+    with torch.no_grad():
+        ours = model(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab]
+    base_logits = _logits(hf_model, ids, pixels)
+    assert (ours - base_logits).abs().max() > 1e-2  # the adapters change the model: not a degenerate comparison
+
+    merged_dir = conv.mcore_to_hf(path, str(tmp_path / "merged"))
+    merged = LlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
+    diff = (_logits(merged, ids, pixels) - ours).abs().max().item()
+    assert diff <= 1e-4, diff
+
+    base_dir = conv.mcore_to_hf(path, str(tmp_path / "base"), merge_lora=False,
+                                lora_adapter=str(tmp_path / "adapter"))
+    adapter = str(tmp_path / "adapter")
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        acfg = json.load(f)
+    assert (acfg["peft_type"], acfg["r"], acfg["lora_alpha"]) == ("LORA", 4, 8.0)
+    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # the fused qkv / fc1 adapters as HF's separate projections, the LLM's and the vision tower's
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1"):
+        assert any(f".{name}.lora_A.weight" in k for k in keys) and any(f".{name}.lora_B.weight" in k for k in keys)
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
+    diff_base = (_logits(base, ids, pixels) - base_logits).abs().max().item()
+    assert diff_base <= 1e-4, diff_base  # --no-merge: the base weights
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    n_text = hf_model.config.text_config.num_hidden_layers  # q k v o gate up down; CLIP: q k v out fc1 fc2 (2 built)
+    assert n_lora == len(acfg["target_modules"]) == 7 * n_text + 6 * 2
+    diff_peft = (_logits(peft_model, ids, pixels) - ours).abs().max().item()
+    assert diff_peft <= 1e-4, diff_peft
