@@ -294,6 +294,22 @@ def decoder_layer_params(lm, tp: int = 1) -> int:
             + h + 2 * f // tp * h + h * (f // tp))
 
 
+def lora_layer_params(lora, hidden: int, heads: int, kv_heads: int, ffn: int, gated: bool, tp: int = 1) -> int:
+    """LoRA parameters (``lora``: a ``config.LoRAConfig``) of one transformer layer on one TP rank: a column-parallel
+    target (qkv, fc1) keeps ``A`` ``(r, in)`` whole and a ``1/tp`` share of ``B`` ``(out, r)``, a row-parallel one
+    (proj, fc2) a ``1/tp`` share of ``A`` and ``B`` whole (``models/lora.py``)."""
+    if lora is None or not lora.rank:
+        return 0
+    r, dh = lora.rank, hidden // heads
+    shapes = {"qkv": (hidden, (heads + 2 * kv_heads) * dh, True), "proj": (heads * dh, hidden, False),
+              "fc1": (hidden, (2 if gated else 1) * ffn, True), "fc2": (ffn, hidden, False)}
+    total = 0
+    for t in lora.targets:
+        fan_in, fan_out, column = shapes[t]
+        total += r * fan_in + r * fan_out // tp if column else r * fan_in // tp + r * fan_out
+    return total
+
+
 def language_params(lm, vocab_size: int, tp: int = 1, layers: int | None = None, first: bool = True,
                     last: bool = True) -> int:
     """Decoder parameters on one TP rank of a stage holding ``layers`` layers (all when None); the embedding is on
