@@ -102,3 +102,34 @@ def test_merged_export_and_peft_adapter_match_megavlm(rt, lora_ckpt, tmp_path):
     assert n_lora == len(acfg["target_modules"]) == 7 * n_text + 6 * 2
     diff_peft = (_logits(peft_model, ids, pixels) - ours).abs().max().item()
     assert diff_peft <= 1e-4, diff_peft
+
+
+def test_generate_and_eval_load_the_adapters(rt, lora_ckpt, tmp_path):
+    """The inference loader (generate, eval, serve) on the LoRA checkpoint, given a config that does not mention LoRA
+    (eval's run config), builds the adapters: greedy tokens equal transformers' generate on the merged export."""
+    from transformers import LlavaForConditionalGeneration
+
+    from megavlm.config import load_config, single_layout
+    from megavlm.convert import engine as conv
+    from megavlm.inference.generate import generate
+    from megavlm.inference.load import build_and_load
+
+    _, tok, out, path, ours, vocab = lora_ckpt
+    cfg = load_config(os.path.join(out, "config.yaml"), ["model.spec=local", "model.kernels=reference"])
+    assert cfg.model.lora.rank == 0
+    icfg = single_layout(cfg)
+    model = build_and_load(icfg, path, tok, rt)
+    assert icfg.model.lora.rank == 4
+    ids, pixels = sample_inputs(len(tok), 4, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab],
+                                   ours(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab],
+                                   rtol=0, atol=1e-6)
+    n = 8
+    got = generate(model, [ids[0]], pixels[:1], n, None).tokens[0]
+    merged = LlavaForConditionalGeneration.from_pretrained(conv.mcore_to_hf(path, str(tmp_path / "m"))).eval()
+    merged.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = merged.generate(input_ids=ids[:1], pixel_values=pixels[:1], do_sample=False, max_new_tokens=n,
+                               min_new_tokens=n, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert got == want, (got, want)
