@@ -41,6 +41,7 @@ class _LoRAMixin:
 
     _lora = None
     _column = True
+    _swiglu = False
 
     def _add_adapter(self, in_features: int, out_features: int) -> None:
         """Create ``lora_a`` / ``lora_b`` (this rank's share) for a base of full size ``out_features × in_features``;
@@ -101,24 +102,35 @@ class _LoRAMixin:
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         axes = {"weight": 0, "bias": 0, B: 0} if self._column else {"weight": 1, A: 1}
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axes,
-                                                   sharded_offsets, tp_group=self.tp_group)
+        sd = make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axes,
+                                                 sharded_offsets, tp_group=self.tp_group)
+        if self._swiglu and self.config.gated_linear_unit:
+            # a rank's rows of a SwiGLU fc1 are [its gate rows; its up rows]: saved as megatron saves the weight (the
+            # MLP's own sharded_state_dict), so the global B is [gate; up] at any TP
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+            from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+            metadata = ensure_metadata_has_dp_cp_group(metadata)
+            sd[prefix + B] = apply_swiglu_sharded_factory(
+                sd[prefix + B], sharded_offsets, (metadata or {}).get("singleton_local_shards", False),
+                tp_group=self.tp_group, dp_group=metadata["dp_cp_group"])
+        return sd
 
 
 _CLASSES: dict = {}
 
 
-def lora_linear(base: type, lora, column: bool) -> type:
+def lora_linear(base: type, lora, column: bool, swiglu: bool = False) -> type:
     """``base`` (a ColumnParallelLinear (``column``) or RowParallelLinear class) with a LoRA adapter of ``lora`` (a
-    LoRAConfig)."""
-    key = (base, column, lora.rank, lora.alpha, lora.dropout)
+    LoRAConfig); ``swiglu``: the base is an MLP's ``linear_fc1``, [gate; up] when the MLP is gated."""
+    key = (base, column, swiglu, lora.rank, lora.alpha, lora.dropout)
     if key not in _CLASSES:
         def __init__(self, input_size, output_size, *args, **kwargs):
             base.__init__(self, input_size, output_size, *args, **kwargs)
             self._add_adapter(input_size, output_size)
 
         _CLASSES[key] = type("LoRA" + base.__name__, (_LoRAMixin, base),
-                             {"__init__": __init__, "_lora": lora, "_column": column})
+                             {"__init__": __init__, "_lora": lora, "_column": column, "_swiglu": swiglu})
     return _CLASSES[key]
 
 

@@ -245,7 +245,7 @@ def _customize(spec: ModuleSpec, layer_scale: tuple[int, float] | None, qk_norm:
         from .lora import lora_linear
 
         def wrap(cls, target, column):
-            return lora_linear(cls, lora, column) if target in lora.targets else cls
+            return lora_linear(cls, lora, column, swiglu=target == "fc1") if target in lora.targets else cls
 
         attn.linear_qkv = wrap(attn.linear_qkv, "qkv", True)
         attn.linear_proj = wrap(attn.linear_proj, "proj", False)
