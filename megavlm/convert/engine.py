@@ -403,7 +403,8 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
             peft = {f"base_model.model.{live[key].removesuffix('.weight')}.lora_{ab}.weight": t
                     for (key, ab), t in peft.items()}
             with adapter_stage as atmp:
-                _write_peft_adapter(atmp, peft, lora_cfg, base=stage.out)
+                # the adapter goes onto the base weights: the --no-merge export (a merged one already holds it)
+                _write_peft_adapter(atmp, peft, lora_cfg, base=None if merge_lora else stage.out)
     return stage.out
 
 
@@ -435,7 +436,7 @@ def _hf_module_names(folder: str, keys) -> dict[str, str]:
     return out
 
 
-def _write_peft_adapter(folder: str, tensors: dict[str, torch.Tensor], lora_cfg, base: str) -> None:
+def _write_peft_adapter(folder: str, tensors: dict[str, torch.Tensor], lora_cfg, base: str | None) -> None:
     """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
     ``peft.PeftModel.from_pretrained(<HF model>, folder)`` loads: the factors under the HF module names (a fused
     ``linear_qkv``'s B split into q/k/v rows, ``linear_fc1``'s into gate/up, A shared), ``target_modules`` the exact

@@ -88,6 +88,7 @@ def test_merged_export_and_peft_adapter_match_megavlm(rt, lora_ckpt, tmp_path):
     with open(os.path.join(adapter, "adapter_config.json")) as f:
         acfg = json.load(f)
     assert (acfg["peft_type"], acfg["r"], acfg["lora_alpha"]) == ("LORA", 4, 8.0)
+    assert acfg["base_model_name_or_path"] == base_dir
     with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
     # the fused qkv / fc1 adapters as HF's separate projections, the LLM's and the vision tower's

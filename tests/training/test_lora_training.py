@@ -1,6 +1,6 @@
-"""LoRA training (model.lora) from one checkpoint without adapters: TP=2 (with sequence parallelism) and PP=2 (with
-full recompute, resuming the TP=1 run's LoRA checkpoint) against the TP=1 run; only the adapters and what the stage
-trains change; start-up line and the config errors."""
+"""LoRA training (model.lora) from one checkpoint without adapters: TP=2 (with sequence parallelism and the
+distributed optimizer) and PP=2 (with full recompute, resuming the TP=1 run's LoRA checkpoint) against the TP=1 run;
+only the adapters and what the stage trains change; the start-up line; LoRA on a checkpoint without adapters."""
 
 import os
 
@@ -69,11 +69,11 @@ def _merged(state):
 
 @pytest.mark.distributed
 def test_tp2_sp_and_pp2_resume_equal_tp1(base, ref, tmp_path):
-    """TP=2 + SP from the base checkpoint (fresh adapters: the split of one full-size init) and PP=2 + full recompute
-    resuming the TP=1 LoRA checkpoint of step 2 give the TP=1 losses and merged weights."""
+    """TP=2 + SP + the distributed optimizer from the base checkpoint (fresh adapters: the split of one full-size init)
+    and PP=2 + full recompute resuming the TP=1 LoRA checkpoint of step 2 give the TP=1 losses and merged weights."""
     tp2, pp2 = tmp_path / "tp2", tmp_path / "pp2"
     train(tp2, *LORA, f"checkpoint.load={base}", "train.steps=3", "parallel.tp=2",
-          "parallel.sequence_parallel=true", nproc=2)
+          "parallel.sequence_parallel=true", "parallel.distributed_optimizer=true", nproc=2)
     train(pp2, *[o for o in LORA if o != "checkpoint.finetune=true"], f"checkpoint.load={ckpt(ref[0], 2)}",
           "train.steps=3", "parallel.pp=2", "train.recompute=full", nproc=2)
     want = losses(ref[0])
