@@ -122,14 +122,19 @@ def model_flops_per_step(cfg: Config, n_tokens: int, n_images: int) -> float:
     fam = families.of(cfg)
     v, proj = fam.vision_arch(cfg), fam.projector_arch(cfg)
     tv, tproj, tlang = shapes.trainable_parts(cfg.train.stage, cfg.train.trainable)
+    # LoRA: an adapted part computes no weight gradients of its own (its adapters' are negligible), but backward runs
+    # through it: factor 2
+    adapted = shapes.lora_parts(cfg.model.lora)
+    lora_v, lora_lang = "vision" in adapted, "language" in adapted
+    tv, tlang = tv and not lora_v, tlang and not lora_lang
 
     def factor(trained: bool, before: bool) -> int:
         return 3 if trained else (2 if before else 1)
 
     lm_fwd = shapes.decoder_forward_flops(cfg.model.language, n_tokens, cfg.data.max_seq_len,
                                           cfg.model.language.vocab_size)
-    return (factor(tlang, tv or tproj) * lm_fwd + factor(tv, False) * v.forward_flops(n_images)
-            + factor(tproj, tv) * proj.forward_flops(n_images * proj.tokens(v.tokens)))
+    return (factor(tlang, tv or tproj or lora_v or lora_lang) * lm_fwd + factor(tv, lora_v) * v.forward_flops(n_images)
+            + factor(tproj, tv or lora_v) * proj.forward_flops(n_images * proj.tokens(v.tokens)))
 
 
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GH200": 989e12}

@@ -125,3 +125,17 @@ def test_plan_output_reports_lora(capsys):
     out = capsys.readouterr().out
     assert "trains projector+language[LoRA r=4: qkv,proj,fc1,fc2] (train.stage=2)" in out
     assert "(LoRA adapters; the" in out
+
+
+def test_mfu_flops_count_no_weight_gradients_of_the_frozen_llm():
+    """With LoRA on the LLM the decoder does forward + input gradients only (2·fwd, like stage 1's frozen LLM); the
+    projector still trains in full."""
+    from megavlm.shapes import decoder_forward_flops
+    from megavlm.training.trainer import model_flops_per_step
+
+    base = ["model.language.vocab_size=40"]
+    full, lora, stage1 = (model_flops_per_step(load_config(TINY, base + ov), 100, 2)
+                          for ov in ([], ["model.lora.rank=4"], ["train.stage=1"]))
+    assert lora == stage1
+    lm = load_config(TINY, base).model.language
+    assert full - lora == decoder_forward_flops(lm, 100, load_config(TINY, base).data.max_seq_len, 40)
