@@ -36,8 +36,8 @@ A, B = "lora_a", "lora_b"
 
 
 class _LoRAMixin:
-    """Mixed into ColumnParallelLinear / RowParallelLinear (``lora_linear``); ``_lora`` (the LoRAConfig) and
-    ``_column`` are class attributes set by the factory."""
+    """Mixed into ColumnParallelLinear / RowParallelLinear (``lora_linear``); ``_lora`` (the LoRAConfig), ``_column``
+    and ``_swiglu`` are class attributes set by the factory."""
 
     _lora = None
     _column = True
@@ -45,22 +45,21 @@ class _LoRAMixin:
 
     def _add_adapter(self, in_features: int, out_features: int) -> None:
         """Create ``lora_a`` / ``lora_b`` (this rank's share) for a base of full size ``out_features × in_features``;
-        values come from :func:`init_adapters`."""
+        ``A`` is zero until :func:`init_adapters` gives it its start values."""
         cfg = self._lora
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.lora_rank, self.lora_scale, self.lora_full = cfg.rank, cfg.alpha / cfg.rank, (out_features, in_features)
         dtype, device = self.weight.dtype, self.weight.device
         if self._column:
-            a = torch.empty(cfg.rank, in_features, dtype=dtype, device=device)
+            a = torch.zeros(cfg.rank, in_features, dtype=dtype, device=device)
             b = torch.zeros(out_features // tp, cfg.rank, dtype=dtype, device=device)
         else:
-            a = torch.empty(cfg.rank, in_features // tp, dtype=dtype, device=device)
+            a = torch.zeros(cfg.rank, in_features // tp, dtype=dtype, device=device)
             b = torch.zeros(out_features, cfg.rank, dtype=dtype, device=device)
         self.lora_a, self.lora_b = torch.nn.Parameter(a), torch.nn.Parameter(b)
         split = self.lora_b if self._column else self.lora_a
         tensor_parallel.set_tensor_model_parallel_attributes(split, True, 0 if self._column else 1, 1)
         self.lora_dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout else torch.nn.Identity()
-        self.lora_a.data.zero_()  # until init_adapters: a deterministic placeholder, never uninitialised memory
 
     def reset_adapter(self, generator: torch.Generator) -> None:
         """``A`` = kaiming-uniform(a=√5) of the full-size ``(rank, in)`` factor (this rank's slice), ``B`` = 0."""

@@ -493,16 +493,15 @@ def load(path: str, model, optimizer=None, same_layout: bool = True, data_state:
             state[name] = _blob_tensor(name, blobs[name])
     # A checkpoint without LoRA adapters (a converted model, stage 1) loaded into a model with them: the adapters keep
     # their fresh start values (B = 0: the model computes what the checkpoint's does).
-    fresh_adapters = not (common.get("config", {}).get("model", {}).get("lora") or {}).get("rank")
-    if fresh_adapters:
-        from ..models.lora import is_adapter_key
+    from ..models.lora import is_adapter_key
 
+    fresh_adapters = (not (common.get("config", {}).get("model", {}).get("lora") or {}).get("rank")
+                      and any(is_adapter_key(k) for k in state["model"]))
+    if fresh_adapters:
         state["model"] = {k: v for k, v in state["model"].items() if not is_adapter_key(k)}
     with megatron_reads_safely():
         loaded = dist_checkpointing.load(state, path)
     if fresh_adapters:
-        from ..models.lora import is_adapter_key
-
         missing, unexpected = _unwrap(model).load_state_dict(loaded["model"], strict=False)
         if unexpected or any(not is_adapter_key(k) for k in missing):
             raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
