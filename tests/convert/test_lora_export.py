@@ -1,50 +1,85 @@
-"""LoRA in one process (TP=1/PP=1) against transformers and peft on a tiny random LLaVA: a fresh adapter leaves the
-model unchanged; `convert mcore-to-hf` merges the adapters (transformers on the merged folder gives megavlm's logits
-on the LoRA checkpoint); the PEFT adapter folder loaded with peft onto the base export gives them too."""
+"""LoRA in one process (TP=1/PP=1) against transformers and peft on tiny random LLaVA (CLIP + LLaMA) and InternVL
+(InternViT + Qwen2) models: a fresh adapter leaves the model unchanged; `convert mcore-to-hf` merges the adapters
+(transformers on the merged folder gives megavlm's logits on the LoRA checkpoint); the PEFT adapter folder loaded with
+peft onto the base export gives them too; generate/eval load the adapters."""
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 
-from hf_models import make_llava, sample_inputs
+import hf_models
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "families"))
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def lora_ckpt(rt, tmp_path_factory):
-    """A converted tiny LLaVA, loaded into a LoRA model (adapters on the LLM and the vision tower), the adapters given
-    random values (as training would), saved as a megavlm checkpoint. Returns (hf model, tokenizer, converted dir,
-    LoRA checkpoint, our model, vocab)."""
+def _llava(folder):
+    from transformers import LlavaForConditionalGeneration
+
+    model, tok = hf_models.make_llava(folder)
+    # two prompts, one image each: (ids, pixels, crops of the first prompt's image)
+    return model, tok, LlavaForConditionalGeneration, lambda seed: (*hf_models.sample_inputs(len(tok), 4, seed=seed), 1)
+
+
+def _internvl(folder):
+    from transformers import InternVLForConditionalGeneration
+
+    import test_internvl
+
+    model, tok = test_internvl.make_internvl(folder, seed=2)
+
+    def inputs(seed):  # the first prompt's image is 3 tiles (2×1 + thumbnail), the second's 1
+        return (*test_internvl.sample_inputs(tok, seed=seed), 3)
+    return model, tok, InternVLForConditionalGeneration, inputs
+
+
+#: family → (HF model maker, HF module names of one decoder layer and one vision layer that get an adapter)
+FAMILIES = {
+    "llava": (_llava, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+              ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    "internvl": (_internvl, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                 ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def lora_ckpt(rt, request, tmp_path_factory):
+    """A converted tiny model, loaded into a LoRA model (adapters on the LLM and the vision tower), the adapters given
+    random values (as training would), saved as a megavlm checkpoint. Returns a dict."""
+    from megavlm import families
     from megavlm.config import load_config, to_dict
     from megavlm.convert import engine as conv
-    from megavlm.data.tokenizer import image_token_id
+    from megavlm.data.constants import image_token_id
     from megavlm.models import lora
     from megavlm.models.vlm import build_model
     from megavlm.training import checkpoint as ckpt
 
-    root = tmp_path_factory.mktemp("lora")
+    root = tmp_path_factory.mktemp(f"lora_{request.param}")
     hf_dir = str(root / "hf")
-    hf_model, tok = make_llava(hf_dir)
+    hf_model, tok, hf_cls, inputs = FAMILIES[request.param][0](hf_dir)
     out = str(root / "mcore")
     base = conv.hf_to_mcore(out, hf=hf_dir)
     cfg = load_config(os.path.join(out, "config.yaml"),
                       ["model.spec=local", "model.kernels=reference", "model.lora.rank=4", "model.lora.alpha=8",
                        "model.lora.vision=true", "model.lora.targets=[qkv,proj,fc1,fc2]"])
-    model = build_model(cfg, rt, cfg.model.language.vocab_size, image_token_id(tok))
+    model = build_model(cfg, rt, cfg.model.language.vocab_size,
+                        image_token_id(tok, families.of(cfg).image_token))
     ckpt.load(base, model, None, same_layout=False)
     model.eval()
     vocab = cfg.model.language.vocab_size
-    ids, pixels = sample_inputs(len(tok), 4)
+    ids, pixels, _ = inputs(0)
     with torch.no_grad():
         fresh = model(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab]
         want = hf_model(input_ids=ids, pixel_values=pixels).logits
     # B = 0 at the start: the adapted model computes the base model's logits
     assert (fresh - want).abs().max().item() <= 1e-4
     adapted = lora.adapted(model)
-    assert len(adapted) == 4 * (cfg.model.language.num_layers + 2)  # 4 targets × (LLM layers + 2 built ViT layers)
+    n_vision = families.of(cfg).vision_arch(cfg).num_layers  # layers built
+    assert len(adapted) == 4 * (cfg.model.language.num_layers + n_vision)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for _, lin in adapted:
@@ -54,7 +89,8 @@ def lora_ckpt(rt, tmp_path_factory):
     for k in ("format_version", "step", "has_optimizer", "has_data_state", "state_blobs"):
         common.pop(k, None)
     path = ckpt.save(os.path.join(out, "lora_checkpoints"), 1, model, None, common, rng=False)
-    return hf_model, tok, out, path, model, vocab
+    return dict(family=request.param, hf_model=hf_model, hf_cls=hf_cls, tok=tok, inputs=inputs, out=out, path=path,
+                model=model, vocab=vocab, n_text=cfg.model.language.num_layers, n_vision=n_vision)
 
 
 def _logits(model, ids, pixels):
@@ -65,25 +101,23 @@ def _logits(model, ids, pixels):
 def test_merged_export_and_peft_adapter_match_megavlm(rt, lora_ckpt, tmp_path):
     from peft import PeftModel
     from safetensors import safe_open
-    from transformers import LlavaForConditionalGeneration
 
     from megavlm.convert import engine as conv
 
-    hf_model, tok, _, path, model, vocab = lora_ckpt
-    ids, pixels = sample_inputs(len(tok), 4, seed=1)
+    c = lora_ckpt
+    ids, pixels, _ = c["inputs"](1)
     with torch.no_grad():
-        ours = model(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab]
-    base_logits = _logits(hf_model, ids, pixels)
+        ours = c["model"](input_ids=ids, images=pixels, runtime_gather_output=True)[..., :c["vocab"]]
+    base_logits = _logits(c["hf_model"], ids, pixels)
     assert (ours - base_logits).abs().max() > 1e-2  # the adapters change the model: not a degenerate comparison
 
-    merged_dir = conv.mcore_to_hf(path, str(tmp_path / "merged"))
-    merged = LlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
+    merged_dir = conv.mcore_to_hf(c["path"], str(tmp_path / "merged"))
+    merged = c["hf_cls"].from_pretrained(merged_dir).eval()
     diff = (_logits(merged, ids, pixels) - ours).abs().max().item()
     assert diff <= 1e-4, diff
 
-    base_dir = conv.mcore_to_hf(path, str(tmp_path / "base"), merge_lora=False,
-                                lora_adapter=str(tmp_path / "adapter"))
     adapter = str(tmp_path / "adapter")
+    base_dir = conv.mcore_to_hf(c["path"], str(tmp_path / "base"), merge_lora=False, lora_adapter=adapter)
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
     with open(os.path.join(adapter, "adapter_config.json")) as f:
         acfg = json.load(f)
@@ -92,15 +126,15 @@ def test_merged_export_and_peft_adapter_match_megavlm(rt, lora_ckpt, tmp_path):
     with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
     # the fused qkv / fc1 adapters as HF's separate projections, the LLM's and the vision tower's
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1"):
+    _, text_names, vision_names = FAMILIES[c["family"]]
+    for name in text_names + vision_names:
         assert any(f".{name}.lora_A.weight" in k for k in keys) and any(f".{name}.lora_B.weight" in k for k in keys)
-    base = LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
+    base = c["hf_cls"].from_pretrained(base_dir).eval()
     diff_base = (_logits(base, ids, pixels) - base_logits).abs().max().item()
     assert diff_base <= 1e-4, diff_base  # --no-merge: the base weights
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     n_lora = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
-    n_text = hf_model.config.text_config.num_hidden_layers  # q k v o gate up down; CLIP: q k v out fc1 fc2 (2 built)
-    assert n_lora == len(acfg["target_modules"]) == 7 * n_text + 6 * 2
+    assert n_lora == len(acfg["target_modules"]) == len(text_names) * c["n_text"] + len(vision_names) * c["n_vision"]
     diff_peft = (_logits(peft_model, ids, pixels) - ours).abs().max().item()
     assert diff_peft <= 1e-4, diff_peft
 
@@ -108,29 +142,29 @@ def test_merged_export_and_peft_adapter_match_megavlm(rt, lora_ckpt, tmp_path):
 def test_generate_and_eval_load_the_adapters(rt, lora_ckpt, tmp_path):
     """The inference loader (generate, eval, serve) on the LoRA checkpoint, given a config that does not mention LoRA
     (eval's run config), builds the adapters: greedy tokens equal transformers' generate on the merged export."""
-    from transformers import LlavaForConditionalGeneration
-
     from megavlm.config import load_config, single_layout
     from megavlm.convert import engine as conv
     from megavlm.inference.generate import generate
     from megavlm.inference.load import build_and_load
 
-    _, tok, out, path, ours, vocab = lora_ckpt
-    cfg = load_config(os.path.join(out, "config.yaml"), ["model.spec=local", "model.kernels=reference"])
+    c = lora_ckpt
+    cfg = load_config(os.path.join(c["out"], "config.yaml"), ["model.spec=local", "model.kernels=reference"])
     assert cfg.model.lora.rank == 0
     icfg = single_layout(cfg)
-    model = build_and_load(icfg, path, tok, rt)
+    model = build_and_load(icfg, c["path"], c["tok"], rt)
     assert icfg.model.lora.rank == 4
-    ids, pixels = sample_inputs(len(tok), 4, seed=2)
+    ids, pixels, n_first = c["inputs"](2)
+    vocab = c["vocab"]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab],
-                                   ours(input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab],
+                                   c["model"](input_ids=ids, images=pixels, runtime_gather_output=True)[..., :vocab],
                                    rtol=0, atol=1e-6)
     n = 8
-    got = generate(model, [ids[0]], pixels[:1], n, None).tokens[0]
-    merged = LlavaForConditionalGeneration.from_pretrained(conv.mcore_to_hf(path, str(tmp_path / "m"))).eval()
+    first, images = ids[:1], pixels[:n_first]
+    got = generate(model, [ids[0]], images, n, None, vocab_size=vocab).tokens[0]
+    merged = c["hf_cls"].from_pretrained(conv.mcore_to_hf(c["path"], str(tmp_path / "m"))).eval()
     merged.generation_config.eos_token_id = None
     with torch.no_grad():
-        want = merged.generate(input_ids=ids[:1], pixel_values=pixels[:1], do_sample=False, max_new_tokens=n,
+        want = merged.generate(input_ids=first, pixel_values=images, do_sample=False, max_new_tokens=n,
                                min_new_tokens=n, pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert got == want, (got, want)
