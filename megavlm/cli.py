@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: the original HF dtype)")
     m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, whole layers per shard "
                    "(5GB; e.g. 500MB, 2GiB); several shards get model.safetensors.index.json")
+    m.add_argument("--lora-adapter", metavar="DIR", help="a checkpoint with LoRA adapters (model.lora): also write "
+                   "them to DIR as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that "
+                   "peft.PeftModel.from_pretrained loads onto the HF model (docs/lora.md)")
+    m.add_argument("--no-merge", action="store_true", help="a checkpoint with LoRA adapters: write the base weights "
+                   "without the adapters merged in (default: W + (alpha/rank)·B·A); with --lora-adapter, OUT is the "
+                   "base model the adapter folder goes onto")
 
     g = sub.add_parser("generate", help="decode from a checkpoint (KV cache; greedy or sampled)",
                        description="Load a checkpoint (a run dir, checkpoints dir, iter_* dir or convert output; the "
@@ -280,7 +286,8 @@ def _convert(args) -> int:
                   " run_dir=...", flush=True)
         else:
             out = engine.mcore_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, hf_extra=args.hf_extra,
-                                     dtype=args.dtype, max_shard_size=args.max_shard_size)
+                                     dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                     merge_lora=not args.no_merge, lora_adapter=args.lora_adapter)
             print(f"[megavlm] wrote {out}", flush=True)
     except UserError as e:
         return _fail(str(e))
