@@ -190,9 +190,10 @@ def _parser() -> argparse.ArgumentParser:
                                      "a DALI index OUT/shard-NNNNNN.idx per shard and OUT/summary.json. Records "
                                      "that fail a check are skipped and counted by reason; exit status 2 when "
                                      "nothing was written.")
-    dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl"],
-                    help="input format")
-    dc.add_argument("--json", required=True, help="input .json (llava-*) or .jsonl file")
+    dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl", "preference"],
+                    help="input format; preference: records {image, conversations: [human turn(s)], chosen, "
+                         "rejected} (a JSON list or JSONL) for train.objective=dpo (docs/data.md)")
+    dc.add_argument("--json", required=True, help="input .json (llava-*, preference) or .jsonl file")
     dc.add_argument("--images", required=True, help="directory the records' image paths are relative to (a path "
                                                      "that leads outside it is skipped as unsafe_image_path)")
     dc.add_argument("--allow-absolute-image-paths", action="store_true",
@@ -363,7 +364,9 @@ def _data_synthetic(args) -> int:
         size = families.of(cfg).image_processor(cfg).size
         summary = ensure_synthetic_shards(out, cfg.data.num_samples, size, cfg.train.seed,
                                           min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
-                                          workers=os.cpu_count() or 1, progress=True)
+                                          workers=os.cpu_count() or 1, progress=True,
+                                          exist_share=cfg.data.existence_share,
+                                          preference=cfg.train.objective == "dpo")
     except UserError as e:
         return _fail(str(e))
     if summary is None:
