@@ -58,12 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--world-size", type=int, default=1, help="processes the run will have (nodes x processes per "
                                                               "node; default 1)")
 
-    e = sub.add_parser("eval", help="greedy answers to held-out questions, accuracy vs chance",
+    e = sub.add_parser("eval", help="greedy answers to held-out questions (colour accuracy, or POPE)",
                        description="Load the run's latest checkpoint (or checkpoint.load=PATH) at TP=1/PP=1 in one "
-                                   "process and answer the held-out colour questions greedily. " + TRUST)
+                                   "process and answer greedily: --task color, the held-out colour questions "
+                                   "(accuracy vs chance); --task pope, yes/no questions about present and absent "
+                                   "objects with POPE's random, popular and adversarial negatives (accuracy, "
+                                   "precision, recall, F1, yes-ratio per setting; docs/eval.md). " + TRUST)
     e.add_argument("config")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    e.add_argument("--limit", type=int, default=None, help="evaluate at most this many questions")
+    e.add_argument("--task", choices=["color", "pope"], default="color", help="what to evaluate (default color)")
+    e.add_argument("--shards", default=None, help="--task pope: shards whose records carry 'objects' (default: the "
+                                                  "synthetic eval split of data.eval_samples images)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate at most this many questions (pope: images)")
     e.add_argument("--show", type=int, default=5, help="print this many example answers")
 
     c = sub.add_parser("convert", help="Hugging Face <-> megatron checkpoint conversion (single process)",
@@ -507,7 +513,7 @@ def main(argv=None) -> int:
         elif args.command == "eval":
             from .inference.evaluate import evaluate
 
-            evaluate(cfg, limit=args.limit, show=args.show)
+            evaluate(cfg, limit=args.limit, show=args.show, task=args.task, shards=args.shards)
     except UserError as e:
         # Raised by our own checks after start-up (a checkpoint path without a checkpoint, a tokenizer that does
         # not fit): the message says what to do.

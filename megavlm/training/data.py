@@ -92,8 +92,7 @@ class SyntheticTrainData:
             tokenizer, num_samples=d.num_samples, image_size=img.size, num_image_tokens=fam.image_tokens(cfg),
             max_seq_len=d.max_seq_len, min_shapes=d.min_shapes, max_shapes=d.max_shapes, split="train",
             seed=cfg.train.seed, image_mean=img.mean, image_std=img.std, expand=fam.expand_image(tokenizer),
-            image_token=fam.image_token, exist_share=d.existence_share,
-                                       preference=cfg.train.objective == "dpo")
+            image_token=fam.image_token, exist_share=d.existence_share)
         self.per_dp = cfg.train.global_batch // rt.dp
         self.num_microbatches = self.per_dp // cfg.train.micro_batch
         self._perms: dict[int, np.ndarray] = {}
