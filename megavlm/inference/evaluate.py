@@ -206,7 +206,7 @@ def evaluate_pope(cfg: Config, limit: int | None = None, show: int = 5, batch_si
                 cache[(i, o)] = text
         results[setting] = pope_metrics([parse_answer(cache[(i, o)]) for i, o, _ in qs], [t for _, _, t in qs])
         examples[setting] = [{"image": i, "object": o, "truth": "yes" if t else "no", "answer": cache[(i, o)]}
-                             for i, o, t in qs[:50]]
+                             for i, o, t in qs]
     where = shards or f"the synthetic eval split ({len(images)} images)"
     print(f"[megavlm] POPE of {ans.path} on {where}, {len(vocabulary)} object names (greedy):")
     for ex in examples["adversarial"][:show]:
@@ -215,6 +215,6 @@ def evaluate_pope(cfg: Config, limit: int | None = None, show: int = 5, batch_si
     print(format_table(results), flush=True)
     out = {"checkpoint": ans.path, "data": where, "images": len(images), "objects": len(vocabulary), **results}
     os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "eval_pope.json"), "w") as f:
-        json.dump(dict(out, examples=examples), f, indent=1)
+    with open(os.path.join(cfg.run_dir, "eval_pope.json"), "w") as f:  # every question and answer, per setting
+        json.dump(dict(out, vocabulary=vocabulary, answers=examples), f)
     return out
