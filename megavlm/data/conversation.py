@@ -290,7 +290,10 @@ def check_supervision(
 
 def record_turns(record: dict) -> list[tuple[str, str]]:
     """A shard record's ``conversations`` (human/gpt alternating, as ``data convert`` writes them) as
-    ``(question, answer)`` pairs."""
+    ``(question, answer)`` pairs; for a preference record its chosen conversation (:func:`preference_turns`)."""
+    pair = preference_turns(record)
+    if pair is not None:
+        return pair[0]
     conv = record.get("conversations") or []
     return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
 

@@ -189,8 +189,7 @@ class ShardTrainData:
                 out = {side: self._encode_turns(sample, turns) for side, turns in zip(("chosen", "rejected"), pair)}
                 return None if None in out.values() else out
             # SFT on a preference record learns its chosen answer
-            turns = pair[0] if pair is not None else record_turns(sample["record"])
-            return self._encode_turns(sample, turns)
+            return self._encode_turns(sample, record_turns(sample["record"]))
         except SampleTooLong:
             return self._skip("too_long")
         except (KeyError, TypeError, ValueError, AttributeError):

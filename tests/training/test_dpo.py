@@ -1,8 +1,9 @@
 """DPO (train.objective=dpo) end to end through the CLI on the demo model's architecture (configs/demo.yaml at PP=1,
 small batches): from one short SFT checkpoint (module fixture), the step-1 loss is ln 2 (policy = reference), the
-loss falls on the synthetic preference pairs, a resumed DPO run continues exactly (its reference reloaded), PP=2
-and TP=2 give the TP=1 losses (two torchrun launches), the per-pair log-prob sums the trainer logs equal transformers' on the
-exported HF folder, and `megavlm eval --task pope` runs on the model."""
+loss falls on the synthetic preference pairs, a resumed DPO run continues exactly (its reference reloaded), PP=2 and
+TP=2 give the TP=1 losses (two torchrun launches), the per-pair log-prob sums the trainer logs equal a hand-written
+computation on the model's logits (which equal transformers' on the exported HF folder), and `megavlm eval --task
+pope` runs on the model."""
 
 from __future__ import annotations
 
