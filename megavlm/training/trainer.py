@@ -363,7 +363,9 @@ class Trainer:
         peak = _peak_flops()
         gb, seq = cfg.train.global_batch, cfg.data.max_seq_len
         self._peak = peak
-        self._flops = model_flops_per_step(cfg, gb * seq, gb) if peak else None
+        n_seq = gb * sequences_per_microbatch(cfg) // cfg.train.micro_batch  # a DPO pair is two sequences
+        # (with DPO the reference model's forward is not counted: MFU is the policy's work)
+        self._flops = model_flops_per_step(cfg, n_seq * seq, n_seq) if peak else None
 
     def resume(self) -> int:
         """Load the checkpoint chosen at start-up (if any) and return the step to continue after (0 for a fresh
@@ -416,6 +418,12 @@ class Trainer:
                             "checkpoint holds: its reference model cannot be rebuilt; start DPO from a checkpoint "
                             "(checkpoint.load=PATH checkpoint.finetune=true)", all_ranks=True)
 
+    def _objective_label(self) -> str:
+        if self.reference is None:
+            return ""
+        return (f", objective dpo (beta {self.cfg.train.dpo_beta}, reference "
+                f"{self.reference.source or 'the initial weights'})")
+
     def _start_line(self) -> str:
         rt, model = self.rt, self.model
         n_params = sum(p.numel() for p in model.parameters())
@@ -424,7 +432,8 @@ class Trainer:
                 f"({'cpu-compat' if rt.cpu_compat else rt.backend}), family {self.cfg.model.family}, layers "
                 f"{model.module.backend}, kernels "
                 f"{_kernels_label(model.module.kernels, next(model.module.parameters()).dtype)}, trains "
-                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable)}; rank-0 chunk "
+                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable)}"
+                f"{self._objective_label()}; rank-0 chunk "
                 f"{n_params:,} params ({n_train:,} trained, "
                 f"{len(model.module.language_model.decoder.layers)} decoder layers); "
                 f"{self.data.num_microbatches} micro-batches/step")
