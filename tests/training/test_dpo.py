@@ -170,6 +170,25 @@ def test_eval_pope_runs_on_the_demo_model(dpo_run):
         assert setting in proc.stdout
     assert "accuracy" in proc.stdout and "yes-ratio" in proc.stdout
 
+    # the same images as shards whose records carry their objects: every question asked of both gets the same answer
+    from megavlm.data.synthetic import write_synthetic_shards
+
+    shards = os.path.join(run_dir, "eval_shards")
+    write_synthetic_shards(shards, 24, 32, seed=1234, split="eval")
+    run(["eval", DEMO, f"run_dir={run_dir}", *BASE, "--task", "pope", "--shards", shards])
+    on_shards = json.load(open(os.path.join(run_dir, "eval_pope.json")))
+    assert on_shards["images"] == 24 and sorted(on_shards["vocabulary"]) == sorted({o for x in objects for o in x})
+    synthetic = {(a["image"], a["object"]): a["answer"] for s in SETTINGS for a in out["answers"][s]}
+    common = 0
+    for setting in SETTINGS:
+        qs = build_questions(objects, setting, seed=1234, vocabulary=on_shards["vocabulary"])
+        assert [(a["image"], a["object"], a["truth"] == "yes") for a in on_shards["answers"][setting]] == qs
+        for a in on_shards["answers"][setting]:
+            if (a["image"], a["object"]) in synthetic:
+                common += 1
+                assert a["answer"] == synthetic[(a["image"], a["object"])]
+    assert common >= 3 * sum(map(len, objects))  # at least every present object, in each of the settings
+
 
 def test_config_checks_name_the_key():
     from megavlm.config import ConfigError, load_config, validate
