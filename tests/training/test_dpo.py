@@ -200,3 +200,31 @@ def test_config_checks_name_the_key():
     with pytest.raises(ConfigError, match="data.packing"):
         validate(load_config(DEMO, ["train.objective=dpo", "data.packing=true", "data.source=synthetic_shards",
                                     "train.micro_batch=1", "parallel.pp=1"]), 1)
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_trains_only_the_adapters(sft, tmp_path):
+    """DPO on LoRA adapters (train.stage=2: projector + the LLM's adapters): step 1 is still ln 2, the loss falls, and
+    the LLM's and the vision encoder's base weights are bit-identical to the starting checkpoint."""
+    from helpers import checkpoint_tensors
+
+    _, ckpt = sft
+    run_dir = str(tmp_path / "dpo_lora")
+    train(run_dir, *_dpo(ckpt), "train.steps=5", "model.lora.rank=4", "model.lora.alpha=8", "train.stage=2",
+          "train.lr=1e-2", config=DEMO)
+    m = metrics(run_dir)
+    assert abs(m[0]["loss"] - LN2) <= 1e-5
+    assert m[-1]["loss"] < LN2 - 0.01 and m[-1]["reward_margin"] > 0
+    parts = ("language_model.", "vision_model.", "projector.")
+
+    def weights(path):
+        return {k: v for k, v in checkpoint_tensors(path).items()
+                if k.startswith(parts) and isinstance(v, torch.Tensor) and "_extra_state" not in k}
+
+    params, after = weights(ckpt), weights(os.path.join(run_dir, "checkpoints", "iter_0000005"))
+    adapters = [k for k in after if k.endswith((".lora_a", ".lora_b"))]
+    assert adapters and set(after) - set(params) == set(adapters)
+    for k, v in params.items():
+        if k.startswith(("language_model.", "vision_model.")):
+            assert torch.equal(v, after[k]), k
+    assert any(not torch.equal(params[k], after[k]) for k in params if k.startswith("projector."))
