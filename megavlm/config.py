@@ -242,8 +242,13 @@ class LanguageConfig:
     #: Embedding/output rows are padded to a multiple of this; independent of TP so
     #: checkpoints can be resharded (must itself be a multiple of ``parallel.tp``).
     vocab_pad_multiple: int = 128
+    #: Share of each head's channels that RoPE rotates (HF ``partial_rotary_factor``, Phi-4-mini's 0.75; megatron's
+    #: ``rotary_percent``); the rest pass unrotated.
+    rotary_percent: float = 1.0
 
     def check(self, key: str) -> None:
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"{key}.rotary_percent={self.rotary_percent} must be in (0, 1]")
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                      "vocab_pad_multiple"):
             _check_min(f"{key}.{name}", getattr(self, name), 1)

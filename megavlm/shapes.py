@@ -45,6 +45,28 @@ def layers_built(num_layers: int, feature_layer: int) -> int:
     return feature_layer if feature_layer > 0 else num_layers + 1 + feature_layer
 
 
+# HD crops (models/hd.py): the token counts of an image of grid (crop_rows, crop_cols, valid_rows, valid_cols)
+
+def pooled_side(patches: int) -> int:
+    """Tokens per side of one crop after the 2×2 pooling (an odd side is reflection-padded by one first)."""
+    return (patches + 1) // 2
+
+
+def useful(valid: int, patches: int, crops: int) -> int:
+    """Pooled rows (or columns) of the sub-crop grid that hold a valid patch: the ``[0::2]`` rows of each crop that lie
+    within the first ``valid`` patch rows of ``crops`` crops of ``patches`` patches each."""
+    return sum(1 for c in range(crops) for i in range(0, patches, 2) if c * patches + i < valid)
+
+
+def hd_tokens(grid, patches: int) -> int:
+    """Sequence positions of one image of ``grid`` ``(crop_rows, crop_cols, valid_rows, valid_cols)`` with
+    ``patches`` patches per crop side: the sub-crop grid's useful pooled rows × (columns + a separator), a separator,
+    the global view's rows × (columns + a separator)."""
+    rows, cols, vr, vc = (int(x) for x in grid)
+    b = pooled_side(patches)
+    return useful(vr, patches, rows) * (useful(vc, patches, cols) + 1) + 1 + b * (b + 1)
+
+
 def decoder_layers_per_stage(num_layers: int, pp: int, first_stage_layers: int | None) -> list[int]:
     """Decoder layers on each pipeline stage (megatron's split; ``first_stage_layers`` gives stage 0 fewer, the rest
     is split evenly)."""

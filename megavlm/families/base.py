@@ -57,12 +57,15 @@ class HFImport:
 class ExportExtras:
     """HF tensors the model does not hold that ``mcore-to-hf`` writes back from the side file ``hf-to-mcore`` kept
     (``wanted``, all or nothing; ``optional`` too when the file has every one of them), with the shape each must
-    have (``expect``). Without a fitting side file the family's :meth:`Family.export_fallback` decides."""
+    have (``expect``), and every tensor of the file whose name starts with one of ``rest`` as it is (a part the model
+    does not describe at all, e.g. Phi-4-multimodal's audio encoder). Without a fitting side file the family's
+    :meth:`Family.export_fallback` decides."""
 
     part: str
     wanted: tuple[str, ...]
     optional: tuple[str, ...] = ()
     expect: Callable[[str], tuple[int, ...]] = field(default=lambda name: ())
+    rest: tuple[str, ...] = ()
 
 
 class Family:

@@ -106,9 +106,38 @@ def language_fields(tc, where: str, types: tuple[str, ...] = TEXT_TYPES) -> dict
                 vocab_size=tc.vocab_size, qkv_bias=qwen2)
 
 
-def decoder_part(lm):
-    """The decoder's mappings (``language_model.`` ↔ HF's canonical LLaMA names)."""
-    from ..convert.mapping import QKV, Direct, GatedMLP, Part, Vocab
+#: HF ``model_type`` values of Phi-3-layout decoders (fused ``qkv_proj`` = [q; k; v], ``gate_up_proj`` = [gate; up]).
+PHI3_TYPES = ("phi3", "phi4_multimodal")
+
+
+def phi3_language_fields(tc, where: str) -> dict:
+    """``model.language`` keys of an HF Phi-3 decoder config (``Phi3ForCausalLM``, or Phi-4-multimodal's own, whose
+    top-level config is its text config); UserError for what megavlm cannot build."""
+    mt = getattr(tc, "model_type", None)
+    check(mt in PHI3_TYPES, f"{where}: model_type={mt!r} is not a Phi-3 decoder ({', '.join(PHI3_TYPES)})")
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None)
+    check(head_dim in (None, tc.hidden_size // heads),
+          f"{where}: head_dim={head_dim} != hidden_size/num_attention_heads={tc.hidden_size // heads} is not supported")
+    check(getattr(tc, "hidden_act", "silu") == "silu", f"{where}: hidden_act={tc.hidden_act!r} is not supported "
+                                                       "(SwiGLU with silu only)")
+    check(getattr(tc, "sliding_window", None) is None,
+          f"{where}: sliding_window={tc.sliding_window} is not supported (full causal attention only)")
+    rp = getattr(tc, "rope_parameters", None) or {}
+    factor = float(rp.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", 1.0)) or 1.0)
+    rot = int(tc.hidden_size // heads * factor)
+    check(rot % 2 == 0 and rot > 0, f"{where}: partial_rotary_factor={factor} gives {rot} rotary channels per head "
+                                    "(must be even and > 0)")
+    return dict(hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_heads=heads,
+                num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads, ffn_hidden_size=tc.intermediate_size,
+                rope_theta=rope_theta(tc), norm_eps=float(tc.rms_norm_eps), vocab_size=tc.vocab_size, qkv_bias=False,
+                rotary_percent=factor)
+
+
+def decoder_part(lm, fused: bool = False):
+    """The decoder's mappings (``language_model.`` ↔ HF's canonical LLaMA names; ``fused``: Phi-3's ``qkv_proj`` =
+    [q; k; v] and ``gate_up_proj`` = [gate; up], which is megatron's SwiGLU ``linear_fc1`` layout as it is)."""
+    from ..convert.mapping import QKV, Direct, GatedMLP, Part, StackedQKV, Vocab
 
     a = "decoder.layers.*."
     h = "layers.*."
@@ -123,6 +152,11 @@ def decoder_part(lm):
         GatedMLP(a + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight")),
         Direct(a + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight"),
     ]
+    if fused:
+        fused_maps = {a + "self_attention.linear_qkv.weight": StackedQKV(a + "self_attention.linear_qkv.weight",
+                                                                        h + "self_attn.qkv_proj.weight"),
+                      a + "mlp.linear_fc1.weight": Direct(a + "mlp.linear_fc1.weight", h + "mlp.gate_up_proj.weight")}
+        maps = [fused_maps.get(m.ours, m) for m in maps]
     if lm.qkv_bias:  # Qwen2: same grouped GQA order as the weight rows
         maps.append(QKV(a + "self_attention.linear_qkv.bias", tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv")))
     return Part("language", "language_model.", tuple(maps), (lm.num_heads, lm.num_kv_heads))

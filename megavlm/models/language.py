@@ -40,6 +40,7 @@ def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, 
         share_embeddings_and_output_weights=lcfg.tie_embeddings,
         position_embedding_type="mrope" if getattr(lcfg, "mrope_section", None) else "rope",
         rotary_base=int(lcfg.rope_theta),
+        rotary_percent=float(getattr(lcfg, "rotary_percent", 1.0)),
         # The VLM merges image features into the full sequence first, then scatters for sequence parallelism.
         scatter_embedding_sequence_parallel=False,
     )

@@ -1,0 +1,257 @@
+"""The Phi-4-multimodal family against transformers' Phi4MultimodalForCausalLM, on tiny random models built here:
+conversion both ways (bit-identical, the audio encoder through the side file), logits and greedy tokens equal
+transformers' on a non-square image of several HD crops (a partly padded sub-crop grid), the HD crop layout, the
+config and what is refused.
+
+The crop layout is checked against layouts computed by hand here, not against transformers'
+``Phi4MultimodalImageProcessor``: that class imports torchvision, whose wheels need another torch than the pinned
+2.13.0 (pip would replace torch), so it is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convert"))
+
+from hf_models import randomize  # noqa: E402
+
+CROP, PATCH = 32, 4  # 8 patches per crop side → 4×4 pooled tokens
+P, B = CROP // PATCH, CROP // PATCH // 2
+IMAGE_TOKEN = "<|endoftext10|>"
+
+
+def make_phi4mm(folder: str, seed: int = 0, tied: bool = True, feature_layer: int = -2, rotary: float = 0.75):
+    """A random Phi4MultimodalForCausalLM (vision, a 1-block audio encoder, a 2-layer Phi-3 decoder with partial
+    rotary) with the synthetic tokenizer plus the image token; eager attention (see test_logits...). Returns
+    (model, tokenizer)."""
+    from transformers import (Phi4MultimodalAudioConfig, Phi4MultimodalConfig, Phi4MultimodalForCausalLM,
+                              Phi4MultimodalVisionConfig)
+
+    from megavlm.data.synthetic import build_synthetic_tokenizer
+
+    tok = build_synthetic_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    tok.save_pretrained(folder)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    vc = Phi4MultimodalVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    image_size=CROP, crop_size=CROP, patch_size=PATCH, image_token_id=image_id,
+                                    feature_layer=feature_layer)
+    ac = Phi4MultimodalAudioConfig(hidden_size=32, intermediate_size=48, num_blocks=1, num_attention_heads=2,
+                                   ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=16,
+                                   input_size=16, time_reduction=2, bias_max_distance=16)
+    cfg = Phi4MultimodalConfig(vocab_size=len(tok) + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vision_config=vc, audio_config=ac,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": rotary},
+                               max_position_embeddings=512, original_max_position_embeddings=512,
+                               tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = Phi4MultimodalForCausalLM(cfg)
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "Phi4MultimodalImageProcessor", "dynamic_hd": 6,
+                   "size": {"height": CROP, "width": CROP}, "patch_size": PATCH, "image_mean": [0.5] * 3,
+                   "image_std": [0.5] * 3}, f)
+    # transformers' SDPA path makes this tower causal when a crop has no padding (the module sets is_causal and the
+    # all-ones mask is dropped); the eager path, like the original model, attends both ways
+    model = Phi4MultimodalForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    return model.eval(), tok
+
+
+def hf_mask(rows: int, cols: int, pad_w: int, pad_h: int) -> torch.Tensor:
+    """The processor's crop attention masks ``(1 + rows·cols, P, P)`` written out by hand: whole patches of padding
+    masked on the right and at the bottom of the sub-crop grid, the global view (first) whole."""
+    big = torch.ones(rows * P, cols * P)
+    if pad_w >= PATCH:
+        big[:, -(pad_w // PATCH):] = 0
+    if pad_h >= PATCH:
+        big[-(pad_h // PATCH):, :] = 0
+    subs = big.view(rows, P, cols, P).permute(0, 2, 1, 3).reshape(rows * cols, P, P)
+    return torch.cat([torch.ones(1, P, P), subs])
+
+
+# an image of 70×40 pixels: a 3×2 grid (ceil(70/32) × ceil(40/32)), resized to 96×54, padded by 10 rows at the
+# bottom: 2 patch rows masked, so 14 valid patch rows → 7 useful pooled rows of 12 columns
+GRID = (2, 3, 14, 24)
+TOKENS = 7 * (12 + 1) + 1 + B * (B + 1)
+
+
+def sample_inputs(tok, seed: int = 0):
+    """Two prompts of equal length, each with the 70×40 image (7 crops: global view + 3×2) expanded to its tokens;
+    float crops (14, 3, 32, 32) and HF's inputs for the same."""
+    g = torch.Generator().manual_seed(seed)
+    img = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    text = torch.randint(5, 28, (2, 9), generator=g)
+    a = text[0, :2].tolist() + [img] * TOKENS + text[0, 2:].tolist()
+    b = text[1, :6].tolist() + [img] * TOKENS + text[1, 6:].tolist()
+    crops = torch.randn(2, 7, 3, CROP, CROP, generator=g)
+    hf = dict(image_pixel_values=crops, image_sizes=torch.tensor([[2 * CROP, 3 * CROP]] * 2),
+              image_attention_mask=torch.stack([hf_mask(2, 3, 0, 10)] * 2))
+    return torch.tensor([a, b]), crops.flatten(0, 1), torch.tensor([GRID, GRID]), hf
+
+
+@pytest.fixture(scope="module")
+def phi(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("hf_phi4mm"))
+    model, tok = make_phi4mm(d, seed=2)
+    return d, model, tok
+
+
+@pytest.fixture(scope="module")
+def converted(rt, phi, tmp_path_factory):
+    from megavlm.convert import engine
+
+    out = str(tmp_path_factory.mktemp("conv") / "mcore")
+    engine.hf_to_mcore(out, hf=phi[0], tp=2, pp=2)
+    return out
+
+
+def _load(rt, out_dir):
+    from megavlm import families
+    from megavlm.config import load_config
+    from megavlm.data.constants import image_token_id
+    from megavlm.data.tokenizer import load_tokenizer
+    from megavlm.models.vlm import build_model
+    from megavlm.training import checkpoint as ckpt
+
+    cfg = load_config(os.path.join(out_dir, "config.yaml"),
+                      ["parallel.tp=1", "parallel.pp=1", "model.spec=local", "model.kernels=reference"])
+    tok = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg, rt, cfg.model.language.vocab_size, image_token_id(tok, families.of(cfg).image_token))
+    ckpt.load(cfg.checkpoint.load, model, None, same_layout=False)
+    return cfg, model.eval()
+
+
+def test_crop_layout_by_hand():
+    """HDLayout against layouts worked out by hand from the processor's rules."""
+    from megavlm.families.phi4mm import HDLayout
+    from megavlm.shapes import hd_tokens
+
+    lay = HDLayout(crop=448, patch=14, max_crops=36)
+    # 1000×500: ceil → 3×2 crops (1344×896); 1344/1000 < 896/500 → resized to 1344×672, 224 px padding at the bottom
+    assert lay.layout(1000, 500) == ((3, 2), (1344, 672), (0, 224))
+    assert lay.grid(1000, 500) == (2, 3, 64 - 16, 96)
+    # 448×448 is one crop, nothing padded: 256 + 16 + 1 + 256 + 16 tokens (the processor's count)
+    assert lay.grid(448, 448) == (1, 1, 32, 32) and lay.tokens(448, 448) == 256 + 16 + 1 + 256 + 16
+    # 300×1000: 1×3 crops (448×1344); 448/300 > 1344/1000 → resized to int(300·1.344)=403 × 1344, 45 px right
+    assert lay.layout(300, 1000) == ((1, 3), (403, 1344), (45, 0))
+    assert lay.grid(300, 1000) == (3, 1, 96, 32 - 3)
+    # the processor's own count for it: 256 + 1 + (pooled mask sum) + (its first column) + 16
+    assert hd_tokens(lay.grid(300, 1000), 32) == 256 + 1 + 48 * 15 + 48 + 16
+    # too many crops (4000×500 → 9×2 > 6): the closest aspect ratio among grids of at most 6 crops is 6×1
+    small = HDLayout(crop=448, patch=14, max_crops=6)
+    assert small.layout(4000, 500)[0] == (6, 1)
+    assert small.layout(4000, 500)[1] == (2688, int(500 * 2688 / 4000))
+
+
+def test_config_from_hf(converted, phi):
+    from megavlm import families
+    from megavlm.config import load_config, validate
+
+    cfg = load_config(os.path.join(converted, "config.yaml"))
+    validate(cfg, 4)
+    v, lm = cfg.model.vision, cfg.model.language
+    assert cfg.model.family == "phi4mm" and (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
+    assert (v.image_size, v.patch_size, v.num_layers, v.feature_layer, v.max_crops) == (CROP, PATCH, 3, -2, 6)
+    assert (v.activation, v.layernorm_eps, v.image_mean) == ("gelu_tanh", 1e-6, [0.5] * 3)
+    assert lm.tie_embeddings and not lm.qkv_bias and lm.rotary_percent == 0.75
+    assert lm.vocab_size == len(phi[2]) + 3
+    fam = families.of(cfg)
+    assert fam.layout(cfg).tokens(70, 40) == TOKENS
+    # the worst case: a 1×6 or 6×1 grid of whole crops: 4 rows × (24 + 1) + 1 + 20 (or 24 × 5 + 21)
+    assert fam.max_image_tokens(cfg) == max(4 * 25, 24 * 5) + 1 + B * (B + 1)
+
+
+def test_logits_and_greedy_match_transformers(rt, converted, phi):
+    from megavlm.inference.generate import generate
+
+    _, hf_model, tok = phi
+    cfg, model = _load(rt, converted)
+    vocab = cfg.model.language.vocab_size
+    ids, crops, grid, hf = sample_inputs(tok)
+    with torch.no_grad():
+        want = hf_model(input_ids=ids, **hf).logits
+        got = model(input_ids=ids, images=crops, image_grid=grid, runtime_gather_output=True)[..., :vocab]
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-4
+    assert want.abs().max() > 0.5
+    # the padded patches (the last 2 patch rows of the bottom sub-crops, crops 4-6 of each image) are masked out:
+    # new pixels there change nothing, new pixels in a valid patch do
+    for rows, same in ((slice(CROP - 2 * PATCH, CROP), True), (slice(0, PATCH), False)):
+        other = crops.clone()
+        other.view(2, 7, 3, CROP, CROP)[:, 4:, :, rows] = 3.0
+        with torch.no_grad():
+            moved = model(input_ids=ids, images=other, image_grid=grid, runtime_gather_output=True)[..., :vocab]
+        assert ((moved - got).abs().max().item() <= 1e-5) == same
+    n = 6
+    hf_model.generation_config.eos_token_id = None
+    one = {k: v[:1] for k, v in hf.items()}
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=ids[:1], **one, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    theirs = out.sequences[0, ids.shape[1]:].tolist()
+    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    assert min(margins) > 1e-3, margins
+    ours = generate(model, [ids[0]], crops[:7], n, eos_id=None, vocab_size=vocab, image_grid=grid[:1]).tokens[0]
+    assert ours == theirs
+
+
+def test_round_trip_bit_identical(rt, converted, phi, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Phi4MultimodalConfig
+
+    from megavlm.convert import engine
+
+    hf_dir, hf_model, tok = phi
+    back = engine.mcore_to_hf(converted, str(tmp_path / "hf"))
+    a, b = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    assert any(k.startswith("model.embed_tokens_extend.audio_embed.") for k in a)
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+    def cfg_dict(d):
+        c = Phi4MultimodalConfig.from_pretrained(d).to_dict()
+        for k in ("transformers_version", "_name_or_path"):
+            c.pop(k, None)
+        return c
+
+    assert cfg_dict(back) == cfg_dict(hf_dir)
+    pre = json.load(open(os.path.join(back, "preprocessor_config.json")))
+    assert (pre["dynamic_hd"], pre["size"], pre["patch_size"]) == (6, {"height": CROP, "width": CROP}, PATCH)
+
+
+def test_untied_full_rotary_last_layer_matches_transformers(rt, tmp_path):
+    """Its own output layer, full rotary, features after the last layer (nothing of the tower kept aside)."""
+    from megavlm.convert import engine
+
+    hf_dir = str(tmp_path / "hf")
+    hf_model, tok = make_phi4mm(hf_dir, seed=5, tied=False, feature_layer=-1, rotary=1.0)
+    out = str(tmp_path / "mcore")
+    engine.hf_to_mcore(out, hf=hf_dir)
+    cfg, model = _load(rt, out)
+    assert model.vision_model.decoder.num_layers_per_pipeline_rank == 3
+    ids, crops, grid, hf = sample_inputs(tok, seed=3)
+    with torch.no_grad():
+        want = hf_model(input_ids=ids, **hf).logits
+        got = model(input_ids=ids, images=crops, image_grid=grid, runtime_gather_output=True)
+    assert (got[..., :cfg.model.language.vocab_size] - want).abs().max().item() <= 1e-4
+
+
+def test_bad_input_is_refused_naming_the_key(tmp_path):
+    from megavlm.config import ConfigError, load_config, validate
+
+    for bad, needle in (("model.projector.pool=max2x2", "model.projector.pool='max2x2'"),
+                        ("model.vision.activation=relu", "model.vision.activation='relu'"),
+                        ("model.language.rotary_percent=0", "model.language.rotary_percent=0"),
+                        ("model.vision.min_crops=40", "min_crops=40, model.vision.max_crops=36")):
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+            validate(load_config(None, ["model.family=phi4mm", "data.max_seq_len=1024", bad]), 1)
+    with pytest.raises(ConfigError, match=r"data\.max_seq_len=64 is too short"):
+        validate(load_config(None, ["model.family=phi4mm", "data.max_seq_len=64"]), 1)
