@@ -62,11 +62,8 @@ class HDVisionEncoder(VisionEncoder):
         x = x.flatten(2).transpose(1, 2)
         return x + self.position_embeddings[bucket_positions(masks)]
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """→ features ``(n, p·p, d)``; ``masks`` ``(n, p, p)`` (None: every patch real)."""
-        if masks is None:
-            p = images.shape[-2] // self.patch_size if images.dtype != torch.uint8 else images.shape[1] // self.patch_size
-            masks = torch.ones(images.shape[0], p, p, dtype=torch.bool, device=images.device)
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """→ features ``(n, p·p, d)``; ``masks`` ``(n, p, p)``, True = a real patch."""
         x = self.embed_masked(images, masks)
         keys = masks.reshape(masks.shape[0], 1, 1, -1)
         drop = None if bool(keys.all()) else ~keys.expand(-1, 1, keys.shape[-1], -1)  # megatron: True = masked

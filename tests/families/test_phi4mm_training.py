@@ -23,8 +23,8 @@ SEQ = 136
 #: two images: 70×40 (3×2 crops, 10 px padded at the bottom) and 40×70 (2×3 crops, 10 px padded on the right)
 IMAGES = (((2, 3, 14, 24), 2, 3, 0, 10, 7 * 13 + 1 + 20), ((3, 2, 24, 14), 3, 2, 10, 0, 12 * 8 + 1 + 20))
 # (max_crops only sizes the worst-case check of data.max_seq_len here: the batches are made by the test)
-TRAIN = ["model.vision.max_crops=4", "train.stage=3", "train.lr=1e-2", "train.warmup_steps=1", "train.steps=3", "train.global_batch=2",
-         "train.micro_batch=1", "logging.tensorboard=false"]
+TRAIN = ["model.vision.max_crops=4", "train.stage=3", "train.lr=1e-2", "train.warmup_steps=1", "train.steps=3",
+         "train.global_batch=2", "train.micro_batch=1", "logging.tensorboard=false"]
 
 
 def _sample(g, tok, which: int):
