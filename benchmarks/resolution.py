@@ -53,6 +53,11 @@ def row(name: str, overrides: list[str], crops: int, pooled: bool = True) -> dic
 def rows() -> list[dict]:
     out = [row(f"CLIP-L/14 at {px}² (square, LLaVA-style)", CLIP_L + [f"model.vision.image_size={px}"], 1)
            for px in (224, 336, 448, 672)]
+    # model.projector.pool: 4× fewer image tokens for the same encoder (NVILA's / Phi-3-Vision's 2×2 pooling)
+    for px in (336, 672):
+        for pool in ("avg2x2", "shuffle2x2"):
+            out.append(row(f"CLIP-L/14 at {px}², pool={pool}", CLIP_L + [f"model.vision.image_size={px}",
+                                                                         f"model.projector.pool={pool}"], 1))
     for tiles in (1, 6, 12):
         crops = tiles + (1 if tiles > 1 else 0)  # the thumbnail
         out.append(row(f"InternViT-300M, {tiles} tile(s) of 448², pixel shuffle", INTERNVIT_300M, crops))

@@ -95,6 +95,8 @@ STAGE_CHOICES = (1, 2, 3)
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 DATA_SOURCE_CHOICES = ("synthetic", "synthetic_shards", "shards")
 IMAGE_MODE_CHOICES = ("resize", "pad", "crop")
+#: ``model.projector.pool``: the 2×2 token pooling before the projector (every family's projector section has it).
+POOL_CHOICES = ("none", "avg2x2", "shuffle2x2")
 #: data.max_seq_len must leave at least this many text positions after the image tokens.
 MIN_TEXT_TOKENS = 8
 #: the synthetic data generator knows this many shape kinds at most per image.
@@ -272,6 +274,20 @@ class LanguageConfig:
         """(head counts, MLP widths) that tensor parallelism splits: TP must divide each."""
         return ([(f"{key}.num_heads", self.num_heads), (f"{key}.num_kv_heads", self.num_kv_heads)],
                 [(f"{key}.ffn_hidden_size", self.ffn_hidden_size)])
+
+
+@dataclass
+class ProjectorPoolConfig:
+    """What every family's projector section has (its own section subclasses this): the token pooling."""
+
+    #: Token pooling of each crop's (h, w) grid of vision tokens before the projector, 4× fewer tokens: ``none``,
+    #: ``avg2x2`` (the mean of each 2×2 block: NVILA's spatial compression, Phi-4-MM's pooling) or ``shuffle2x2``
+    #: (each 2×2 block concatenated into one token of 4× the channels: Phi-3-Vision's, so the projector takes 4× the
+    #: width). The grid must have an even side (an odd one is a config error, not padded) and no class token.
+    pool: str = "none"
+
+    def check(self, key: str) -> None:
+        _check_choice(f"{key}.pool", self.pool, POOL_CHOICES)
 
 
 @dataclass
@@ -1062,6 +1078,7 @@ def validate(cfg: Config, world_size: int) -> int:
                               "load_config / from_dict, which pick the family's sections")
     _check_sections(cfg, "")
     fam.check(cfg)
+    _check_pool(cfg, fam)
     m, par, tr, data = cfg.model, cfg.parallel, cfg.train, cfg.data
 
     if data.packing:
@@ -1097,6 +1114,30 @@ def validate(cfg: Config, world_size: int) -> int:
             f"{MIN_TEXT_TOKENS} text tokens are needed; use data.max_seq_len >= {n_img + MIN_TEXT_TOKENS}"
         )
     return dp
+
+
+def _check_pool(cfg: Config, fam) -> None:
+    """``model.projector.pool`` needs a square token grid of even side per crop, which the family's shapes say."""
+    pool = getattr(cfg.model.projector, "pool", "none")
+    if pool == "none":
+        return
+    v, p = fam.vision_arch(cfg), fam.projector_arch(cfg)
+    key = f"model.projector.pool={pool}"
+    if v.position_embedding == "rope_2d":
+        raise ConfigError(f"{key} is not supported by model.family={cfg.model.family}: its images are native-"
+                          "resolution patch sequences, already joined 2×2 by the merger (model.vision.merge_size)")
+    if p.kind == "resampler":
+        raise ConfigError(f"{key} does not combine with model.projector.type=resampler (its queries fix the tokens "
+                          "per image); use pool=none")
+    if v.class_token and v.keep_class_token:
+        raise ConfigError(f"{key} pools the patch grid, but model.vision.select_strategy=full keeps the class token "
+                          "beside it; use select_strategy=default")
+    side = v.image_size // v.patch_size
+    if side % (2 * p.merge):
+        raise ConfigError(
+            f"{key} needs a token grid with an even side{' after the 2×2 pool, for the pixel shuffle' * (p.merge > 1)}"
+            f": model.vision.image_size/patch_size = {v.image_size}/{v.patch_size} = {side} patches per side; choose "
+            f"an image_size giving a multiple of {2 * p.merge} patches per side (odd grids are not padded)")
 
 
 def check_paths(cfg: Config) -> None:

@@ -227,8 +227,8 @@ class ProjectorArch:
     Linear), both with biases, TP-split like megatron's MLP; or ``resampler`` (``queries`` learned queries
     cross-attending with ``heads`` heads, ``models/projector.py``). ``merge=2`` first joins each 2×2 block of
     neighbouring feature tokens into one token of 4× the channels (InternVL's pixel shuffle at ``downsample_ratio``
-    0.5), and ``pre_norm`` puts a LayerNorm on the projector's input; ``vision_size`` is the encoder's width,
-    ``input_size`` what the first Linear takes."""
+    0.5), after the optional ``pool`` (``model.projector.pool``, any family), and ``pre_norm`` puts a LayerNorm on
+    the projector's input; ``vision_size`` is the encoder's width, ``input_size`` what the first Linear takes."""
 
     kind: str
     vision_size: int
@@ -249,10 +249,18 @@ class ProjectorArch:
     heads: int = 0
     #: ``resampler``: feature tokens in per image (for the FLOP count).
     input_tokens: int = 0
+    #: 2×2 token pooling of each crop's token grid before the merge (``model.projector.pool``): ``none``, ``avg2x2``
+    #: (mean of each 2×2 block) or ``shuffle2x2`` (each 2×2 block concatenated: 4× the channels).
+    pool: str = "none"
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of a token after the pool (before the merge)."""
+        return self.vision_size * (4 if self.pool == "shuffle2x2" else 1)
 
     @property
     def input_size(self) -> int:
-        return self.vision_size * self.merge ** 2
+        return self.pooled_size * self.merge ** 2
 
     @property
     def inner_size(self) -> int:
@@ -263,7 +271,7 @@ class ProjectorArch:
         """Tokens out for ``vision_tokens`` feature tokens of one crop."""
         if self.kind == "resampler":
             return self.queries
-        return vision_tokens // self.merge ** 2
+        return vision_tokens // (1 if self.pool == "none" else 4) // self.merge ** 2
 
     def params(self, tp: int = 1) -> int:
         """Parameters on one TP rank: the LayerNorm replicated, fc1 column-parallel; the ``mlp``'s fc2 row-parallel

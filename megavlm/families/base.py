@@ -133,6 +133,8 @@ class Family:
             return f"{p.queries} resampler queries"
         text = f"({v.image_size}/{v.patch_size})²" + (" + 1 class token" if v.class_token and v.keep_class_token
                                                       else "")
+        if p.pool != "none":
+            text = f"{text} / 4 ({p.pool} pool)"
         return text if p.merge == 1 else f"{text} / {p.merge ** 2} ({p.merge}×{p.merge} merge)"
 
     def expand_image(self, tok) -> Callable[[int], list[int]] | None:

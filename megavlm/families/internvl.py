@@ -12,7 +12,8 @@ import copy
 import re
 from dataclasses import dataclass
 
-from ..config import MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ViTConfig, _check_choice, validate
+from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice,
+                      validate)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, layers_built
 from . import common
@@ -74,13 +75,14 @@ class InternViTConfig(ViTConfig):
 
 
 @dataclass
-class InternVLProjectorConfig:
-    """Pixel shuffle, then LayerNorm → Linear → GELU → Linear."""
+class InternVLProjectorConfig(ProjectorPoolConfig):
+    """(The optional ``pool``,) pixel shuffle, then LayerNorm → Linear → GELU → Linear."""
 
     #: Token downsampling of the pixel shuffle: 0.5 joins each 2×2 block of patches into one token.
     downsample_ratio: float = 0.5
 
     def check(self, key: str) -> None:
+        super().check(key)
         if self.downsample_ratio != 0.5:
             raise ConfigError(f"{key}.downsample_ratio={self.downsample_ratio} is not supported (0.5 only: a 2×2 "
                               "pixel shuffle)")
@@ -105,7 +107,7 @@ class InternVLFamily(Family):
 
     def projector_arch(self, cfg) -> ProjectorArch:
         return ProjectorArch("mlp", cfg.model.vision.hidden_size, cfg.model.language.hidden_size, merge=2,
-                             pre_norm=True)
+                             pre_norm=True, pool=cfg.model.projector.pool)
 
     # ---------------------------------------------------------------------------------------------- data
     def image_processor(self, cfg):
@@ -261,6 +263,8 @@ class InternVLFamily(Family):
         from transformers import InternVLConfig, InternVLVisionConfig
 
         v, lm = cfg.model.vision, cfg.model.language
+        common.check(cfg.model.projector.pool == "none", f"model.projector.pool={cfg.model.projector.pool} has no "
+                     "InternVLForConditionalGeneration equivalent; export pool=none models")
         n_layers, feature_layer = ((v.num_layers, v.feature_layer) if extras is not None
                                    else (self.vision_arch(cfg).num_layers, -1))
         text_cls, _ = common.text_config_fields(lm, vocab_size)

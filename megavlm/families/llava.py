@@ -14,7 +14,8 @@ import copy
 import re
 from dataclasses import dataclass
 
-from ..config import MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ViTConfig, _check_choice, validate
+from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice,
+                      validate)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, layers_built
 from . import common
@@ -70,8 +71,8 @@ class VisionConfig(ViTConfig):
 
 
 @dataclass
-class ProjectorConfig:
-    """Vision-to-language projector."""
+class ProjectorConfig(ProjectorPoolConfig):
+    """Vision-to-language projector (and ``pool``, the token pooling before it)."""
 
     #: ``linear`` (one Linear), ``mlp2x_gelu`` (Linear, GELU, Linear as in LLaVA-1.5) or ``resampler`` (Qwen-VL's
     #: cross-attention resampler: ``queries`` learned queries attend to the image's features, so every image gives
@@ -85,6 +86,7 @@ class ProjectorConfig:
     def check(self, key: str) -> None:
         import math
 
+        super().check(key)
         _check_choice(f"{key}.type", self.type, PROJECTOR_CHOICES)
         if self.type == "resampler":
             if self.queries < 1 or math.isqrt(self.queries) ** 2 != self.queries:
@@ -158,7 +160,7 @@ class LlavaFamily(Family):
             return ProjectorArch("resampler", cfg.model.vision.hidden_size, lm.hidden_size, queries=p.queries,
                                  heads=p.heads or lm.num_heads, norm_eps=1e-6,
                                  input_tokens=self.vision_arch(cfg).tokens)
-        return ProjectorArch(_PROJECTOR_KINDS[p.type], cfg.model.vision.hidden_size, lm.hidden_size)
+        return ProjectorArch(_PROJECTOR_KINDS[p.type], cfg.model.vision.hidden_size, lm.hidden_size, pool=p.pool)
 
     def tp_split(self, cfg):
         heads, widths = super().tp_split(cfg)
@@ -324,6 +326,8 @@ class LlavaFamily(Family):
     def export_config(self, cfg, stored, tok, vocab_size, image_token_id, dtype, extras):
         common.check(cfg.model.projector.type == "mlp2x_gelu", f"model.projector.type={cfg.model.projector.type!r} "
                      "has no LlavaForConditionalGeneration equivalent (mlp2x_gelu only)")
+        common.check(cfg.model.projector.pool == "none", f"model.projector.pool={cfg.model.projector.pool} has no "
+                     "LlavaForConditionalGeneration equivalent (it takes every vision token); export pool=none models")
         return self.llava_config(cfg, stored, tok, vocab_size, image_token_id, dtype, extras)
 
     def llava_config(self, cfg, stored, tok, vocab_size, image_token_id, dtype, extras):

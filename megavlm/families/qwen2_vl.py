@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, _check_choice, _check_min,
+from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, _check_choice, _check_min,
                       _check_positive_float, validate)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, divisors, fmt
@@ -143,12 +143,10 @@ class Qwen25VisionConfig(Qwen2VisionConfig):
 
 
 @dataclass
-class QwenMergerConfig:
+class QwenMergerConfig(ProjectorPoolConfig):
     """The PatchMerger: a norm on each token, each 2×2 block of patches joined, Linear → GELU → Linear (its shape
-    follows from ``model.vision`` and ``model.language``: nothing to set)."""
-
-    def check(self, key: str) -> None:
-        pass
+    follows from ``model.vision`` and ``model.language``; ``pool`` must stay ``none``: the merger already joins 2×2
+    blocks of the native-resolution patches)."""
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The vision→language projector, built from a ``shapes.ProjectorArch``: megatron-core's MultimodalProjector
 (``mlp``: Linear, GELU, Linear; or ``affine``: one Linear), optionally after a 2×2 token merge (InternVL's pixel
 shuffle of the token grid, or Qwen2-VL's runs of 4 consecutive tokens) with a norm on each token before it (Qwen2-VL)
-or a LayerNorm on its merged input (InternVL); or Qwen-VL's cross-attention resampler (``resampler``: a fixed number of
-learned queries attend to the features)."""
+or a LayerNorm on its merged input (InternVL), and before all that an optional 2×2 pooling of each crop's token grid
+(``model.projector.pool``: ``avg2x2`` or ``shuffle2x2``, any family); or Qwen-VL's cross-attention resampler
+(``resampler``: a fixed number of learned queries attend to the features)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,21 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 
-from ..ops.reference import merge_tokens_ref
+from ..ops.reference import grid_width, merge_tokens_ref
+
+
+def pool_tokens(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """2×2 pooling of each crop's square token grid (row-major), ``(n, h·w, c)`` → ``(n, h/2·w/2, c')``: ``avg2x2``
+    averages each 2×2 block (c' = c); ``shuffle2x2`` concatenates it (c' = 4c) in Phi-3-Vision's order, the tokens at
+    (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1) — InternVL's pixel-shuffle order, the same function."""
+    if pool == "shuffle2x2":
+        return merge_tokens_ref(x)
+    if pool != "avg2x2":
+        raise ValueError(f"pool={pool!r}: avg2x2 or shuffle2x2")
+    n, t, c = x.shape
+    w = grid_width(t)
+    grid = x.reshape(n, t // w, w, c).permute(0, 3, 1, 2)  # (n, c, h, w)
+    return F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
 
 
 class Projector(MultimodalProjector):
@@ -31,20 +46,22 @@ class Projector(MultimodalProjector):
             config = dataclasses.replace(config, ffn_hidden_size=arch.inner_size)  # megatron's MLP reads its width here
         super().__init__(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                          arch.kind, arch.input_size)
-        self.merge, self.merge_layout = arch.merge, arch.merge_layout
+        self.merge, self.merge_layout, self.pool = arch.merge, arch.merge_layout, arch.pool
         self.layer_norm = torch.nn.LayerNorm(arch.input_size) if arch.pre_norm else None
         norms = {"layer_norm": torch.nn.LayerNorm, "rms_norm": torch.nn.RMSNorm}
         self.token_norm = (norms[arch.token_norm](arch.vision_size, eps=arch.norm_eps) if arch.token_norm else None)
 
     def tokens(self, vision_tokens: int) -> int:
         """Tokens out of ``vision_tokens`` feature tokens of one crop."""
-        return vision_tokens // self.merge ** 2
+        return vision_tokens // (1 if self.pool == "none" else 4) // self.merge ** 2
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``(n, t, d_vision)`` features → ``(n, t', input_size)``: the token norm, the merge and the LayerNorm (what
-        the fused projector op does in its first step)."""
+        """``(n, t, d_vision)`` features → ``(n, t', input_size)``: the token norm, the pool, the merge and the
+        LayerNorm (what the fused projector op does in its first step)."""
         if self.token_norm is not None:
             x = self.token_norm(x)
+        if self.pool != "none":
+            x = pool_tokens(x, self.pool)
         if self.merge == 2 and self.merge_layout == "grid":
             x = merge_tokens_ref(x)  # HF InternVL's pixel_shuffle(scale_factor=0.5) order (tests/ops)
         elif self.merge == 2:  # Qwen2-VL's PatchMerger: each run of 4 tokens is one 2×2 block of patches
@@ -54,7 +71,7 @@ class Projector(MultimodalProjector):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merge > 1 or self.layer_norm is not None or self.token_norm is not None:
+        if self.merge > 1 or self.pool != "none" or self.layer_norm is not None or self.token_norm is not None:
             x = self.prepare(x.transpose(0, 1)).transpose(0, 1).contiguous()  # (t', n, input)
         return super().forward(x)
 

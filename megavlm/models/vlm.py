@@ -33,9 +33,10 @@ class VLM(MegatronModule):
         self.backend = backend
         self.kernels = ops.resolve_kernels(cfg.model.kernels)
         # The fused projector runs on megatron's own (TP-sharded) fc1/fc2 weights, at any TP (its merge is the grid
-        # one, its inner width the output's, no token norm).
+        # one, its inner width the output's, no token norm, no pool).
         self.fused_projector = (self.kernels == "fused" and parch.kind == "mlp" and parch.merge_layout == "grid"
-                                and parch.token_norm is None and parch.inner_size == parch.hidden_size)
+                                and parch.token_norm is None and parch.pool == "none"
+                                and parch.inner_size == parch.hidden_size)
         # native resolution: the images of a micro-batch are one packed sequence of patches (models/vision.py)
         self.native = varch.position_embedding == "rope_2d"
         # multimodal rotary positions (the decoder's position ids are (3, b, s), data/mrope.py)

@@ -464,6 +464,11 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
                         projector=fam.projector_arch(cfg).params())
     tv, tproj, tlang = trainable_parts(cfg.train.stage, cfg.train.trainable)
     whole.trainable = whole.vision * tv + whole.projector * tproj + whole.language * tlang
+    v, parch = fam.vision_arch(cfg), fam.projector_arch(cfg)
+    image = {"unpooled_tokens_per_crop": dataclasses.replace(parch, pool="none").tokens(v.tokens),
+             "tokens_per_crop": fam.image_tokens(cfg),
+             "max_tokens_per_image": fam.max_image_tokens(cfg), "formula": fam.image_tokens_formula(cfg),
+             "pool": getattr(cfg.model.projector, "pool", "none"), "images_per_sample": cfg.data.max_images}
     p = cfg.parallel
     layout = Layout(p.tp, p.pp, dp, cfg.train.micro_batch, p.sequence_parallel, p.distributed_optimizer,
                     cfg.train.recompute, p.first_stage_layers)
@@ -477,6 +482,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
         "dtype": "bf16" if env.dtype_bytes(cfg) == 2 else "fp32", "attention": env.backend(cfg),
         "vocab_size": vocab, "stage": cfg.train.stage, "trainable": cfg.train.trainable,
         "parameters": dataclasses.asdict(whole) | {"total": whole.total},
+        "image_tokens": image,
         "config_layout": mem | {"fits": mem["peak"] is not None and mem["peak"] <= budget},
         "suggestions": suggestions,
     }
@@ -509,6 +515,11 @@ def format_plan(plan: dict) -> str:
     for name, on in (("vision", tv), ("projector", tproj), ("language", tlang)):
         lines.append(f"  {name:<10} {P[name]:>14,} ({_n(P[name]):>7})  {P[name] if on else 0:>14,}")
     lines.append(f"  {'total':<10} {P['total']:>14,} ({_n(P['total']):>7})  {P['trainable']:>14,}")
+    im = plan.get("image_tokens")
+    if im:
+        saving = f"; {im['unpooled_tokens_per_crop']} without the pool" if im["pool"] != "none" else ""
+        lines += ["", f"image tokens: {im['tokens_per_crop']} per crop ({im['formula']}{saving}), at most "
+                      f"{im['max_tokens_per_image']} per image, up to {im['images_per_sample']} image(s) per sample"]
     cl = plan["config_layout"]
     lines += ["", f"memory per GPU ({_UNIT[0]}) for the config's layout on {plan['gpus']} GPU(s): {cl['label']}"]
     if cl.get("error"):
