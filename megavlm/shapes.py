@@ -48,8 +48,8 @@ def layers_built(num_layers: int, feature_layer: int) -> int:
 # HD crops (models/hd.py): the token counts of an image of grid (crop_rows, crop_cols, valid_rows, valid_cols)
 
 def pooled_side(patches: int) -> int:
-    """Tokens per side of one crop after the 2×2 pooling (an odd side is reflection-padded by one first)."""
-    return (patches + 1) // 2
+    """Tokens per side of one crop after the 2×2 pool (the side is even: ``model.projector.pool``'s check)."""
+    return patches // 2
 
 
 def useful(valid: int, patches: int, crops: int) -> int:

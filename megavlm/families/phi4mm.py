@@ -20,7 +20,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ..config import MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ViTConfig, _check_choice, validate
+from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice,
+                      validate)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, hd_tokens, layers_built, pooled_side
 from . import common
@@ -28,7 +29,8 @@ from .base import ExportExtras, Family, HFImport
 
 #: The image token of Phi-4-multimodal's tokenizer (id 200010 there; ``vision_config.image_token_id``).
 IMAGE_TOKEN = "<|endoftext10|>"
-POOLS = ("avg2x2",)
+#: The pools an HD projector takes (``model.projector.pool``): Phi-4-MM's average, Phi-3-Vision's concatenation.
+POOLS = ("avg2x2", "shuffle2x2")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 
 _PREFIXES = (
@@ -130,10 +132,11 @@ class HDViTConfig(ViTConfig):
 
 
 @dataclass
-class HDProjectorConfig:
+class HDProjectorConfig(ProjectorPoolConfig):
     """2×2 token pooling per crop, the HD separators, then Linear → GELU → Linear."""
 
-    #: ``avg2x2``: 2×2 average pooling of each crop's tokens (Phi-4-multimodal).
+    #: ``avg2x2``: 2×2 average pooling of each crop's tokens (Phi-4-multimodal); ``shuffle2x2``: each 2×2 block
+    #: concatenated (Phi-3-Vision: the separators and the projector's input 4× the vision width).
     pool: str = "avg2x2"
 
     def check(self, key: str) -> None:
@@ -157,7 +160,8 @@ class Phi4MMFamily(Family):
                        image_mean=tuple(v.image_mean), image_std=tuple(v.image_std))
 
     def projector_arch(self, cfg) -> ProjectorArch:
-        return ProjectorArch("mlp", cfg.model.vision.hidden_size, cfg.model.language.hidden_size)
+        return ProjectorArch("mlp", cfg.model.vision.hidden_size, cfg.model.language.hidden_size,
+                             pool=cfg.model.projector.pool)
 
     def layout(self, cfg) -> HDLayout:
         v = cfg.model.vision
@@ -249,7 +253,7 @@ class Phi4MMFamily(Family):
                        Direct(a + f"pre_mlp_layernorm.{wb}", h + f"layer_norm2.{wb}"),
                        Direct(a + f"mlp.linear_fc1.{wb}", h + f"mlp.fc1.{wb}"),
                        Direct(a + f"mlp.linear_fc2.{wb}", h + f"mlp.fc2.{wb}")]
-        d = v.hidden_size
+        d = self.projector_arch(cfg).pooled_size  # the separators' width
         projector = [Direct(f"encoder.linear_fc1.{wb}", f"img_projection_up.{wb}") for wb in ("weight", "bias")]
         projector += [Direct(f"encoder.linear_fc2.{wb}", f"img_projection_down.{wb}") for wb in ("weight", "bias")]
         projector += [Reshaped("sub_separator", "sub_img_feature_extensor", hf_shape=(1, 1, 1, d)),
@@ -298,6 +302,8 @@ class Phi4MMFamily(Family):
         from transformers import Phi4MultimodalConfig
 
         v, lm = cfg.model.vision, cfg.model.language
+        common.check(cfg.model.projector.pool == "avg2x2", "model.projector.pool=shuffle2x2 (Phi-3-Vision's HD "
+                                                           "layout) has no transformers class to export to")
         common.check(stored is not None, "model.family=phi4mm: mcore-to-hf needs the HF config stored by hf-to-mcore "
                                          "(a checkpoint trained from scratch has no audio encoder to export)")
         hcfg = Phi4MultimodalConfig.from_dict(copy.deepcopy(stored))

@@ -1,6 +1,6 @@
 """HD crops (Phi-3-Vision / Phi-4-multimodal's image path): an image is a global view plus a grid of sub-crops of the
 resized, padded image; padded patches are masked out of the encoder's attention and the positions of a partly padded
-crop are stretched over its valid patches (NaViT-style buckets); the features are pooled 2×2 per crop, the sub-crops
+crop are stretched over its valid patches (NaViT-style buckets); the features are pooled 2×2 per crop (``projector.pool_tokens``), the sub-crops
 are joined into one grid cut to its valid part with a learned separator after every row, then a separator and the
 global view (also with a separator after every row) follow; an MLP projects every token.
 
@@ -12,12 +12,14 @@ sub-crops in row-major order) follow one another in ``images``. The token counts
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ..shapes import useful
+from .projector import build_projector, pool_tokens
 from .vision import VisionEncoder
 from .vlm import VLM
 
@@ -70,22 +72,13 @@ class HDVisionEncoder(VisionEncoder):
         return self.decoder(x.transpose(0, 1).contiguous(), attention_mask=drop).transpose(0, 1)
 
 
-def pool2x2(feats: torch.Tensor) -> torch.Tensor:
-    """``(n, p·p, d)`` → ``(n, b, b, d)``: 2×2 average pooling of each crop's token grid, an odd side
-    reflection-padded by one row and column first (HF Phi-4-MM's ``AvgPool2d`` after ``ReflectionPad2d``)."""
-    n, t, d = feats.shape
-    p = math.isqrt(t)
-    x = feats.view(n, p, p, d).permute(0, 3, 1, 2)
-    if p % 2:
-        x = F.pad(x, (0, 1, 0, 1), mode="reflect")
-    return F.avg_pool2d(x, 2, 2).permute(0, 2, 3, 1)
-
-
 def assemble(pooled: torch.Tensor, grids, patches: int, sub_sep: torch.Tensor, global_sep: torch.Tensor):
-    """The HD token sequence of every image, one after the other ``(T, d)``: ``pooled`` ``(crops, b, b, d)`` holds
-    the images' crops in order (global view first); ``sub_sep`` ``(d,)`` follows every row, ``global_sep`` ``(d,)``
-    the sub-crops."""
-    b, d = pooled.shape[1], pooled.shape[-1]
+    """The HD token sequence of every image, one after the other ``(T, d)``: ``pooled`` ``(crops, b·b, d)`` (each
+    crop's tokens after the 2×2 pool, row-major) holds the images' crops in order (global view first); ``sub_sep``
+    ``(d,)`` follows every row, ``global_sep`` ``(d,)`` the sub-crops."""
+    d = pooled.shape[-1]
+    b = math.isqrt(pooled.shape[1])
+    pooled = pooled.view(-1, b, b, d)
     sub_sep, global_sep = sub_sep.to(pooled.dtype), global_sep.to(pooled.dtype)
     out, at = [], 0
     for rows, cols, vr, vc in (tuple(int(x) for x in g) for g in grids):
@@ -104,8 +97,9 @@ def assemble(pooled: torch.Tensor, grids, patches: int, sub_sep: torch.Tensor, g
 
 
 class HDVLM(VLM):
-    """The VLM with HD crops: :class:`HDVisionEncoder`, pooling and separators before the MLP projector. ``images``
-    are the crops of every image, ``image_grid`` ``(n, 4)`` their grids (module docstring)."""
+    """The VLM with HD crops: :class:`HDVisionEncoder`, the 2×2 pool (``model.projector.pool``: ``avg2x2``, or
+    ``shuffle2x2`` — Phi-3-Vision's, 4× the width), the separators (the pooled width), then the MLP projector.
+    ``images`` are the crops of every image, ``image_grid`` ``(n, 4)`` their grids (module docstring)."""
 
     def __init__(self, cfg, rt, vocab_size, image_token_id, dtype, pre_process, post_process):
         super().__init__(cfg, rt, vocab_size, image_token_id, dtype, pre_process, post_process)
@@ -113,15 +107,20 @@ class HDVLM(VLM):
             from .. import families
             from . import specs
 
-            varch = families.of(cfg).vision_arch(cfg)
+            fam = families.of(cfg)
+            varch, parch = fam.vision_arch(cfg), fam.projector_arch(cfg)
             vcfg = specs.vision_config(varch, cfg, rt, dtype)
             # padded crops need a key mask, which the SDPA attention takes whatever the rest uses
             backend = "sdpa" if self.backend == "local" else self.backend
             self.vision_model = HDVisionEncoder(vcfg, varch, specs.block_spec(vcfg, backend, causal=False))
-            # the two learned separators (vision width, replicated over TP): after every row of tokens, and between
-            # the sub-crops and the global view; they belong to the projector (they train with it)
+            # the pool runs per crop before the separators join the crops, so the projector itself takes pooled
+            # tokens; the two learned separators (the pooled width, replicated over TP) come after every row of
+            # tokens and between the sub-crops and the global view, and belong to the projector (train with it)
+            self.pool = parch.pool
+            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), dataclasses.replace(
+                parch, pool="none", vision_size=parch.pooled_size))
             for name in ("sub_separator", "global_separator"):
-                self.projector.register_parameter(name, torch.nn.Parameter(torch.zeros(varch.hidden_size,
+                self.projector.register_parameter(name, torch.nn.Parameter(torch.zeros(parch.pooled_size,
                                                                                        dtype=dtype)))
             self.patches = varch.image_size // varch.patch_size
         self.fused_projector = False
@@ -137,7 +136,7 @@ class HDVLM(VLM):
                 raise ValueError("HD crops need their grids (image_grid (n, 4))")
             masks = torch.cat([crop_masks(g, self.patches, images.device) for g in image_grid])
             feats = self.vision_model(images, masks)
-            tokens = assemble(pool2x2(feats), image_grid, self.patches, self.projector.sub_separator,
+            tokens = assemble(pool_tokens(feats, self.pool), image_grid, self.patches, self.projector.sub_separator,
                               self.projector.global_separator)  # (T, d)
             if tokens.shape[0] != n_slots:
                 raise ValueError(f"batch has {n_slots} image-token positions but its images give {tokens.shape[0]} "

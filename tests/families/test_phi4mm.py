@@ -255,3 +255,52 @@ def test_bad_input_is_refused_naming_the_key(tmp_path):
             validate(load_config(None, ["model.family=phi4mm", "data.max_seq_len=1024", bad]), 1)
     with pytest.raises(ConfigError, match=r"data\.max_seq_len=64 is too short"):
         validate(load_config(None, ["model.family=phi4mm", "data.max_seq_len=64"]), 1)
+
+
+def test_shuffle2x2_is_phi3_vision_layout(rt):
+    """``pool=shuffle2x2`` (Phi-3-Vision's 2×2 concatenation): the projector takes 4× the vision width, the separators
+    are that wide, and the image rows of the embedding equal a reference assembled here token by token from the
+    encoder's features (the 2×2 blocks concatenated in (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1) order; the
+    sub-crop grid cut to its valid pooled rows, a separator after every row, then a separator and the global view),
+    through Linear → GELU → Linear."""
+    import torch.nn.functional as F
+
+    from megavlm.config import load_config, validate
+    from megavlm.models.hd import crop_masks
+    from megavlm.models.vlm import build_model
+
+    cfg = load_config(None, ["model.family=phi4mm", "model.projector.pool=shuffle2x2", "data.max_seq_len=256",
+                             f"model.vision.image_size={CROP}", f"model.vision.patch_size={PATCH}",
+                             "model.vision.hidden_size=32", "model.vision.num_heads=4", "model.vision.num_layers=2",
+                             "model.vision.ffn_hidden_size=64", "model.vision.max_crops=4", "model.spec=local",
+                             "model.dtype=fp32", "model.kernels=reference"])
+    validate(cfg, 1)
+    torch.manual_seed(0)
+    model = build_model(cfg, rt, 100, 7).eval()
+    proj = model.projector
+    assert proj.encoder.linear_fc1.weight.shape == (cfg.model.language.hidden_size, 4 * 32)
+    assert proj.sub_separator.shape == proj.global_separator.shape == (4 * 32,)
+    with torch.no_grad():
+        proj.sub_separator.normal_()
+        proj.global_separator.normal_()
+    ids = torch.full((1, TOKENS + 4), 9)
+    ids[0, 2:2 + TOKENS] = 7
+    crops = torch.randn(7, 3, CROP, CROP)
+    with torch.no_grad():
+        got = model.embed(ids, crops, torch.tensor([GRID]))[2:2 + TOKENS, 0]
+        feats = model.vision_model(crops, crop_masks(GRID, P)).view(7, P, P, 32)
+        cat = torch.stack([torch.stack([torch.cat([feats[:, 2 * i, 2 * j], feats[:, 2 * i, 2 * j + 1],
+                                                   feats[:, 2 * i + 1, 2 * j], feats[:, 2 * i + 1, 2 * j + 1]], -1)
+                                        for j in range(B)], 1) for i in range(B)], 1)  # (7, B, B, 128)
+        rows = []
+        for r in range(7):  # 14 valid patch rows → 7 pooled rows of the 2×3 grid, all 12 pooled columns
+            crop_row, i = divmod(r, B)
+            rows += [cat[1 + crop_row * 3 + c, i, j] for c in range(3) for j in range(B)] + [proj.sub_separator]
+        rows.append(proj.global_separator)
+        for i in range(B):
+            rows += [cat[0, i, j] for j in range(B)] + [proj.sub_separator]
+        x = torch.stack(rows)
+        fc1, fc2 = proj.encoder.linear_fc1, proj.encoder.linear_fc2
+        want = F.linear(F.gelu(F.linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    assert got.shape == want.shape == (TOKENS, cfg.model.language.hidden_size)
+    assert (got - want).abs().max() <= 1e-5
