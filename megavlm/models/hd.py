@@ -1,8 +1,9 @@
 """HD crops (Phi-3-Vision / Phi-4-multimodal's image path): an image is a global view plus a grid of sub-crops of the
 resized, padded image; padded patches are masked out of the encoder's attention and the positions of a partly padded
-crop are stretched over its valid patches (NaViT-style buckets); the features are pooled 2×2 per crop (``projector.pool_tokens``), the sub-crops
-are joined into one grid cut to its valid part with a learned separator after every row, then a separator and the
-global view (also with a separator after every row) follow; an MLP projects every token.
+crop are stretched over its valid patches (NaViT-style buckets); the features are pooled 2×2 per crop
+(``projector.pool_tokens``), the sub-crops are joined into one grid cut to its valid part with a learned separator
+after every row, then a separator and the global view (also with a separator after every row) follow; an MLP
+projects every token.
 
 An image is described by its grid row ``(crop_rows, crop_cols, valid_patch_rows, valid_patch_cols)`` (``image_grid``
 ``(n, 4)``: the valid part of the sub-crop grid, top-left aligned, in patches); its crops (global view first, then the
