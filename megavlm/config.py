@@ -247,10 +247,37 @@ class LanguageConfig:
     #: Share of each head's channels that RoPE rotates (HF ``partial_rotary_factor``, Phi-4-mini's 0.75; megatron's
     #: ``rotary_percent``); the rest pass unrotated.
     rotary_percent: float = 1.0
+    #: ``default`` (plain RoPE) | ``longrope`` (Phi-3's long-context RoPE, ``models/rope.py``: the rotary frequencies
+    #: divided by ``rope_short_factor``, or by ``rope_long_factor`` when the sequence is longer than
+    #: ``rope_original_max_positions``; cos and sin scaled by ``rope_attention_factor``).
+    rope_type: str = "default"
+    #: ``longrope``: one factor per rotary frequency (rotary channels / 2) each.
+    rope_short_factor: Optional[list[float]] = None
+    rope_long_factor: Optional[list[float]] = None
+    #: ``longrope``: the pretraining length past which the long factors apply (HF
+    #: ``original_max_position_embeddings``).
+    rope_original_max_positions: int = 0
+    #: ``longrope``: the factor on cos and sin (HF ``attention_factor``, resolved at import).
+    rope_attention_factor: float = 1.0
+    #: How the HF checkpoint lays out the decoder's tensors: ``llama`` (separate q/k/v and gate/up projections) or
+    #: ``phi3`` (fused ``qkv_proj`` = [q; k; v] and ``gate_up_proj`` = [gate; up]); the model is the same.
+    hf_layout: str = "llama"
 
     def check(self, key: str) -> None:
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"{key}.rotary_percent={self.rotary_percent} must be in (0, 1]")
+        _check_choice(f"{key}.rope_type", self.rope_type, ("default", "longrope"))
+        _check_choice(f"{key}.hf_layout", self.hf_layout, ("llama", "phi3"))
+        rot = int(self.hidden_size // max(self.num_heads, 1) * self.rotary_percent)
+        if self.rope_type == "longrope":
+            for name in ("rope_short_factor", "rope_long_factor"):
+                got = getattr(self, name)
+                if got is None or len(got) != rot // 2:
+                    raise ConfigError(f"{key}.{name} must list {rot // 2} factors (one per rotary frequency: "
+                                      f"head dim × rotary_percent / 2) for rope_type=longrope, got "
+                                      f"{None if got is None else len(got)}")
+            _check_min(f"{key}.rope_original_max_positions", self.rope_original_max_positions, 1)
+            _check_positive_float(f"{key}.rope_attention_factor", self.rope_attention_factor)
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                      "vocab_pad_multiple"):
             _check_min(f"{key}.{name}", getattr(self, name), 1)

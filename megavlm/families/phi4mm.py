@@ -260,7 +260,7 @@ class Phi4MMFamily(Family):
                       Reshaped("global_separator", "global_img_feature_extensor", hf_shape=(1, 1, d))]
         return [Part("vision", "vision_model.", tuple(vision), (v.num_heads, v.num_heads)),
                 Part("projector", "projector.", tuple(projector)),
-                common.decoder_part(cfg.model.language, fused=True)]
+                common.decoder_part(cfg.model.language)]
 
     def keep_aside(self, cfg, part: str, canonical: str) -> bool:
         """The audio encoder and projections, the tower's layers past the feature layer, its post-LayerNorm and
@@ -320,9 +320,7 @@ class Phi4MMFamily(Family):
                            num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.norm_eps, vocab_size=vocab_size,
                            tie_word_embeddings=lm.tie_embeddings).items():
             setattr(hcfg, k, val)
-        rp = dict(hcfg.rope_parameters or {})
-        rp.update(rope_theta=float(lm.rope_theta), partial_rotary_factor=float(lm.rotary_percent))
-        hcfg.rope_parameters = rp
+        hcfg.rope_parameters = common.rope_parameters(hcfg.rope_parameters, lm)
         hcfg.architectures = ["Phi4MultimodalForCausalLM"]
         hcfg.dtype = dtype
         return hcfg

@@ -1,0 +1,87 @@
+"""A Phi-3 decoder (transformers' ``Phi3ForCausalLM``: fused ``qkv_proj`` / ``gate_up_proj``, partial rotary,
+LongRoPE) as ``--language`` of the LLaVA path: text logits equal transformers' at a length below and one above
+``original_max_position_embeddings`` (short and long LongRoPE factors; megatron-core has no LongRoPE, models/rope.py
+is ours), and the decoder's tensors come back bit-identical in the exported LLaVA with a ``Phi3Config`` text config."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convert"))
+
+from hf_models import make_clip_llama, randomize  # noqa: E402
+
+ORIG = 32  # original_max_position_embeddings
+
+
+def make_phi3(folder: str, vocab: int, seed: int = 3):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    rot = 16 * 3 // 4  # head dim 16, partial rotary 0.75 → 12 rotary channels, 6 frequencies
+    short = (1.0 + torch.rand(rot // 2, generator=g)).tolist()
+    long = (2.0 + 6.0 * torch.rand(rot // 2, generator=g)).tolist()
+    cfg = Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=ORIG,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                      "short_factor": short, "long_factor": long},
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(cfg)
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def test_phi3_language_longrope_matches_transformers_and_round_trips(rt, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from megavlm.config import load_config
+    from megavlm.convert import engine
+    from megavlm.data.tokenizer import image_token_id, load_tokenizer
+    from megavlm.models.vlm import build_model
+    from megavlm.training import checkpoint as ckpt
+
+    clip_dir, lang_dir = str(tmp_path / "clip"), str(tmp_path / "phi3")
+    _, _, tok = make_clip_llama(clip_dir, lang_dir)  # (its LLaMA is replaced by the Phi-3 below; tokenizer kept)
+    for f in os.listdir(lang_dir):
+        if f.startswith("model") or f == "config.json":
+            os.remove(os.path.join(lang_dir, f))
+    phi3 = make_phi3(lang_dir, len(tok))
+    out = str(tmp_path / "mcore")
+    engine.hf_to_mcore(out, vision=clip_dir, language=lang_dir)
+    cfg = load_config(os.path.join(out, "config.yaml"), ["model.spec=local", "model.kernels=reference"])
+    lm = cfg.model.language
+    assert lm.rope_attention_factor > 1.1  # sqrt(1 + ln(128/32) / ln 32): the factor on cos and sin is exercised
+    assert (lm.hf_layout, lm.rope_type, lm.rotary_percent, lm.rope_original_max_positions) == ("phi3", "longrope",
+                                                                                             0.75, ORIG)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg, rt, lm.vocab_size, image_token_id(tok))
+    ckpt.load(cfg.checkpoint.load, model, None, same_layout=False)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = phi3.config.vocab_size
+    ids = torch.randint(5, vocab, (2, 48), generator=g)
+    for s in (24, 48):  # below and above original_max_position_embeddings
+        with torch.no_grad():
+            want = phi3(input_ids=ids[:, :s]).logits
+            got = model(input_ids=ids[:, :s], images=None, runtime_gather_output=True)[..., :vocab]
+        assert (got - want).abs().max() <= 1e-4, s
+    with torch.no_grad():  # a real check of the switch: the long factors move even the first 24 positions
+        assert (phi3(input_ids=ids).logits[:, :24] - phi3(input_ids=ids[:, :24]).logits).abs().max() > 1e-2
+
+    back = engine.mcore_to_hf(out, str(tmp_path / "back"))
+    a = load_file(os.path.join(lang_dir, "model.safetensors"))
+    b = load_file(os.path.join(back, "model.safetensors"))
+    for k, t in a.items():
+        name = "language_model." + k  # (transformers 5's LLaVA layout as megavlm writes it: language_model.model.*)
+        assert torch.equal(b[name][:t.shape[0]], t), k
+    tc = AutoConfig.from_pretrained(back).text_config
+    rp = tc.rope_parameters
+    assert tc.model_type == "phi3" and rp["rope_type"] == "longrope" and rp["partial_rotary_factor"] == 0.75
+    assert rp["short_factor"] == phi3.config.rope_parameters["short_factor"]
+    assert rp["original_max_position_embeddings"] == ORIG
