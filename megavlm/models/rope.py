@@ -40,6 +40,7 @@ class LongRoPE(RotaryEmbedding):
 def attention_factor_fields(factor: float) -> dict:
     """TransformerConfig attributes whose rotary ``mscale`` is ``factor``: megatron's attention multiplies cos and sin
     by ``_yarn_get_concentration_factor(s, m, m_all) = (0.1·m·ln s + 1) / (0.1·m_all·ln s + 1)``; with s = e and
-    m_all = 0 that is ``0.1·m + 1``. (The fields are megatron's YaRN ones; the decoder's rotary embedding stays ours.)"""
+    m_all = 0 that is ``0.1·m + 1``. (The fields are megatron's YaRN ones; the decoder's rotary embedding stays
+    ours.)"""
     return {"yarn_rotary_scaling_factor": math.e, "yarn_mscale": 10.0 * (float(factor) - 1.0),
             "yarn_mscale_all_dim": 0.0}

@@ -296,7 +296,7 @@ def _recompute(mode: str) -> dict:
 
 
 def language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
-    lm, p = cfg.model.language, cfg.parallel
+    lm = cfg.model.language
     config = _language_config(cfg, rt, dtype)
     if getattr(lm, "rope_type", "default") == "longrope":  # LongRoPE's attention factor is megatron's rotary mscale
         from .rope import attention_factor_fields
