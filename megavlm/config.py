@@ -1172,7 +1172,11 @@ def check_paths(cfg: Config) -> None:
     :func:`validate`) and ``megavlm check`` before any work, and only there (``plan``, ``generate`` and ``eval`` do
     not need the training data). ``run_dir``, the checkpoint directory and, for ``source=synthetic_shards``, the
     shard directory must be directories this process can write in, or be creatable (their nearest existing parent a
-    writable directory); ``source=shards`` needs an existing directory. Nothing is left behind by the checks."""
+    writable directory); ``source=shards`` needs an existing directory; the model family must be able to read its
+    training data (``Family.check_training``). Nothing is left behind by the checks."""
+    from . import families
+
+    families.of(cfg).check_training(cfg)
     _check_writable_dir("run_dir", cfg.run_dir)
     _check_writable_dir("checkpoint.dir" if cfg.checkpoint.dir is not None else
                         "checkpoint.dir=null (so {run_dir}/checkpoints)", checkpoint_dir(cfg))

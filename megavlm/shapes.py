@@ -252,6 +252,9 @@ class ProjectorArch:
     #: 2×2 token pooling of each crop's token grid before the merge (``model.projector.pool``): ``none``, ``avg2x2``
     #: (mean of each 2×2 block) or ``shuffle2x2`` (each 2×2 block concatenated: 4× the channels).
     pool: str = "none"
+    #: Learned vectors of the pooled width the projector holds besides its Linears (replicated over TP): HD crops'
+    #: two separators (``models/hd.py``).
+    separators: int = 0
 
     @property
     def pooled_size(self) -> int:
@@ -284,6 +287,7 @@ class ProjectorArch:
         fc1 = f // tp * self.input_size + f // tp
         norm = 2 * self.input_size if self.pre_norm else 0
         norm += {"layer_norm": 2, "rms_norm": 1}.get(self.token_norm, 0) * self.vision_size
+        norm += self.separators * self.pooled_size
         return norm + (fc1 if self.kind == "affine" else fc1 + h * (f // tp) + h)
 
     def forward_flops(self, tokens: int) -> float:

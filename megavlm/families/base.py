@@ -86,6 +86,10 @@ class Family:
     def check(self, cfg) -> None:
         """Rules that span the family's sections (each section checks itself first)."""
 
+    def check_training(self, cfg) -> None:
+        """What a training run needs beyond :meth:`check` (``megavlm train`` / ``check`` only, before any work): e.g.
+        a family whose images the data pipeline cannot make yet refuses here (ConfigError naming the key)."""
+
     def tp_split(self, cfg) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         """(head counts, MLP widths), each as ``(dotted key, value)``, that tensor parallelism must divide."""
         heads, widths = [], []

@@ -61,16 +61,17 @@ class HDLayout:
 
     crop: int
     patch: int
-    max_crops: int = 36
+    #: Most sub-crops (HF ``dynamic_hd``).
+    dynamic_hd: int = 36
     min_crops: int = 1
 
     def layout(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """``((cols, rows), (new_width, new_height), (pad_width, pad_height))``."""
         s = self.crop
         cols, rows = math.ceil(width / float(s)), math.ceil(height / float(s))
-        if cols * rows > self.max_crops:
-            ratios = sorted({(i, j) for n in range(self.min_crops, self.max_crops + 1) for i in range(1, n + 1)
-                             for j in range(1, n + 1) if self.min_crops <= i * j <= self.max_crops},
+        if cols * rows > self.dynamic_hd:
+            ratios = sorted({(i, j) for n in range(self.min_crops, self.dynamic_hd + 1) for i in range(1, n + 1)
+                             for j in range(1, n + 1) if self.min_crops <= i * j <= self.dynamic_hd},
                             key=lambda r: r[0] * r[1])
             aspect, best, best_diff = width / height, (1, 1), float("inf")
             for r in ratios:
@@ -99,10 +100,25 @@ class HDLayout:
 
     @property
     def max_tokens(self) -> int:
-        """The most tokens an image can take: the fullest grid of at most ``max_crops`` crops."""
+        """The most tokens an image can take: the fullest grid of at most ``dynamic_hd`` sub-crops."""
         p = self.crop // self.patch
-        return max(hd_tokens((r, c, r * p, c * p), p) for r in range(1, self.max_crops + 1)
-                   for c in range(1, self.max_crops // r + 1))
+        return max(hd_tokens((r, c, r * p, c * p), p) for r in range(1, self.dynamic_hd + 1)
+                   for c in range(1, self.dynamic_hd // r + 1))
+
+    def crops(self, width: int, height: int) -> int:
+        """Crops of an image: the global view and the sub-crops."""
+        rows, cols, _, _ = self.grid(width, height)
+        return 1 + rows * cols
+
+    @property
+    def max_crops(self) -> int:
+        """The most crops one image becomes (``plan``)."""
+        return 1 + self.dynamic_hd
+
+    def check(self, width: int, height: int) -> str | None:
+        """Why ``generate --image`` cannot take an image (its refusal line): the HD crops themselves (resize, pad,
+        cut) are not made by megavlm yet."""
+        return "megavlm does not cut HD crops yet; prompts without --image work"
 
 
 @dataclass
@@ -150,6 +166,11 @@ class Phi4MMFamily(Family):
     default_template = "chatml"
     image_token = IMAGE_TOKEN
 
+    def check_training(self, cfg) -> None:
+        raise ConfigError(f"model.family=phi4mm cannot train with data.source={cfg.data.source} yet: megavlm's image "
+                          "pipeline has no HD crops (global view + padded sub-crops); the model trains on crops and "
+                          "grids given to it directly (docs/families.md)")
+
     # ---------------------------------------------------------------------------------------------- shapes
     def vision_arch(self, cfg) -> ViTArch:
         v = cfg.model.vision
@@ -161,7 +182,7 @@ class Phi4MMFamily(Family):
 
     def projector_arch(self, cfg) -> ProjectorArch:
         return ProjectorArch("mlp", cfg.model.vision.hidden_size, cfg.model.language.hidden_size,
-                             pool=cfg.model.projector.pool)
+                             pool=cfg.model.projector.pool, separators=2)
 
     def layout(self, cfg) -> HDLayout:
         v = cfg.model.vision
@@ -169,9 +190,10 @@ class Phi4MMFamily(Family):
 
     # ---------------------------------------------------------------------------------------------- data
     def image_processor(self, cfg):
-        raise UserError("model.family=phi4mm: megavlm's image pipeline has no HD crops yet (training on images and "
-                        "`generate --image` are not supported for this family; the model takes crops and their "
-                        "grids directly)")
+        """The crop layout (``plan`` counts its crops). megavlm's image pipeline has no HD crops yet
+        (:meth:`check_training` refuses to train from data), so this family trains and generates from crops and grids
+        given to the model directly (tests/families/hd_worker.py)."""
+        return self.layout(cfg)
 
     def image_tokens(self, cfg) -> int:
         """The fewest tokens an image takes (one sub-crop): what one ``<image>`` needs at least."""

@@ -133,7 +133,7 @@ def test_crop_layout_by_hand():
     from megavlm.families.phi4mm import HDLayout
     from megavlm.shapes import hd_tokens
 
-    lay = HDLayout(crop=448, patch=14, max_crops=36)
+    lay = HDLayout(crop=448, patch=14, dynamic_hd=36)
     # 1000×500: ceil → 3×2 crops (1344×896); 1344/1000 < 896/500 → resized to 1344×672, 224 px padding at the bottom
     assert lay.layout(1000, 500) == ((3, 2), (1344, 672), (0, 224))
     assert lay.grid(1000, 500) == (2, 3, 64 - 16, 96)
@@ -145,7 +145,7 @@ def test_crop_layout_by_hand():
     # the processor's own count for it: 256 + 1 + (pooled mask sum) + (its first column) + 16
     assert hd_tokens(lay.grid(300, 1000), 32) == 256 + 1 + 48 * 15 + 48 + 16
     # too many crops (4000×500 → 9×2 > 6): the closest aspect ratio among grids of at most 6 crops is 6×1
-    small = HDLayout(crop=448, patch=14, max_crops=6)
+    small = HDLayout(crop=448, patch=14, dynamic_hd=6)
     assert small.layout(4000, 500)[0] == (6, 1)
     assert small.layout(4000, 500)[1] == (2688, int(500 * 2688 / 4000))
 
@@ -304,3 +304,41 @@ def test_shuffle2x2_is_phi3_vision_layout(rt):
         want = F.linear(F.gelu(F.linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
     assert got.shape == want.shape == (TOKENS, cfg.model.language.hidden_size)
     assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("pool", ["avg2x2", "shuffle2x2"])
+def test_plan_counts_equal_built_model(rt, pool):
+    """``megavlm plan``'s parameter counts (the separators included) equal the HD model's, and the worst case it
+    reports is the layout's."""
+    from megavlm import families, plan
+    from megavlm.config import load_config
+
+    cfg = load_config(None, ["model.family=phi4mm", f"model.projector.pool={pool}", "data.max_seq_len=1024",
+                             "model.language.vocab_size=40", "train.stage=3"])
+    model = families.of(cfg).build_model(cfg, rt, 40, 5, torch.float32, pre_process=True, post_process=True)
+    built = {k: sum(p.numel() for n, p in model.named_parameters() if n.startswith(pre))
+             for k, pre in (("vision", "vision_model."), ("projector", "projector."), ("language", "language_model."))}
+    got = plan.stage_params(cfg, 40, tp=1, pp=1, rank=0)
+    assert (got.vision, got.projector, got.language) == (built["vision"], built["projector"], built["language"])
+    assert got.total == sum(p.numel() for p in model.parameters())
+
+
+def test_cli_refuses_what_is_not_built_yet(converted, tmp_path):
+    """Training from data and `generate --image` need HD crops from megavlm's image pipeline, which it does not cut
+    yet: one `error:` line and exit code 2 each, before any work."""
+    from PIL import Image
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from helpers import run
+
+    config = os.path.join(converted, "config.yaml")
+    proc = run(["train", config, f"run_dir={tmp_path / 'run'}", "parallel.tp=1", "parallel.pp=1"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: model.family=phi4mm cannot train with data.source=synthetic yet" in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+    png = str(tmp_path / "a.png")
+    Image.new("RGB", (70, 40), (200, 10, 10)).save(png)
+    proc = run(["generate", "--ckpt", converted, "--image", png, "--input-ids", "1,2,3", "--max-new-tokens", "2",
+                "--tp", "1"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "70x40 cannot be used (megavlm does not cut HD crops yet" in proc.stderr
