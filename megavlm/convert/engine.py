@@ -266,14 +266,13 @@ def _fresh(fam, bcfg, rt, seed: int, part, key: str, cache: dict):
             return cache["sd"][key].clone()
 
         from ..models import specs
-        from ..models.projector import build_projector
         from ..models.vlm import model_dtype
 
         host = dataclasses.replace(rt, device=torch.device("cpu"))
         runtime.set_seed(seed, rt)
         dtype = model_dtype(bcfg, host)
         arch = fam.projector_arch(bcfg)
-        proj = build_projector(specs.projector_config(bcfg, host, dtype), arch).to(dtype)
+        proj = fam.build_projector(bcfg, specs.projector_config(bcfg, host, dtype), arch).to(dtype)
         cache["sd"] = proj.state_dict()
         return cache["sd"][key].clone()
     return make

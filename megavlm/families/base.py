@@ -159,6 +159,13 @@ class Family:
 
         return VLM(cfg, rt, vocab_size, image_token_id, dtype, pre_process=pre_process, post_process=post_process)
 
+    def build_projector(self, cfg, config, arch):
+        """The projector module of ``arch`` (``projector_arch(cfg)``) under the TransformerConfig ``config``: what
+        ``hf-to-mcore`` builds when the projector starts fresh (the model builds its own the same way)."""
+        from ..models.projector import build_projector
+
+        return build_projector(config, arch)
+
     # ---------------------------------------------------------------------------------------------- conversion
     def read_hf(self, inputs: dict[str, str | None], options: dict, tp: int, pp: int) -> HFImport:
         """Read HF config(s) (``inputs``: the CLI's ``--hf`` / ``--vision`` / ``--language`` folders) into a megavlm

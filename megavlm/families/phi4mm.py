@@ -31,7 +31,10 @@ from .base import ExportExtras, Family, HFImport
 IMAGE_TOKEN = "<|endoftext10|>"
 #: The pools an HD projector takes (``model.projector.pool``): Phi-4-MM's average, Phi-3-Vision's concatenation.
 POOLS = ("avg2x2", "shuffle2x2")
-ACTIVATIONS = ("gelu_tanh", "gelu")
+ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
+#: ``model.vision.flavour``: Phi-4-MM's SigLIP-style tower, or Phi-3-Vision's CLIP ViT-L/14-336 (class token,
+#: pre-LayerNorm, no patch bias).
+FLAVOURS = ("siglip", "clip")
 
 _PREFIXES = (
     ("model.embed_tokens_extend.image_embed.img_projection_", "projector", "img_projection_"),
@@ -123,8 +126,11 @@ class HDLayout:
 
 @dataclass
 class HDViTConfig(ViTConfig):
-    """SigLIP-style encoder (no class token, patch bias) of HD crops; ``image_size`` is the crop size."""
+    """The encoder of HD crops; ``image_size`` is the crop size."""
 
+    #: ``siglip`` (Phi-4-multimodal: patch bias, no class token) or ``clip`` (Phi-3-Vision's CLIP ViT-L/14-336: class
+    #: token, pre-LayerNorm; its class token gets no key mask and is dropped from the features).
+    flavour: str = "siglip"
     image_size: int = 32
     patch_size: int = 4
     #: Read the features after this layer (HF ``feature_layer``; -2 = the penultimate).
@@ -140,6 +146,7 @@ class HDViTConfig(ViTConfig):
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     def check(self, key: str) -> None:
+        _check_choice(f"{key}.flavour", self.flavour, FLAVOURS)
         _check_choice(f"{key}.activation", self.activation, ACTIVATIONS)
         super().check(key)
         if not 1 <= self.min_crops <= self.max_crops:
@@ -174,10 +181,11 @@ class Phi4MMFamily(Family):
     # ---------------------------------------------------------------------------------------------- shapes
     def vision_arch(self, cfg) -> ViTArch:
         v = cfg.model.vision
+        clip = v.flavour == "clip"
         return ViTArch(image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
                        hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size, num_heads=v.num_heads,
-                       num_layers=layers_built(v.num_layers, v.feature_layer), class_token=False, pre_norm=False,
-                       patch_bias=True, activation=v.activation, norm_eps=v.layernorm_eps, keep_class_token=False,
+                       num_layers=layers_built(v.num_layers, v.feature_layer), class_token=clip, pre_norm=clip,
+                       patch_bias=not clip, activation=v.activation, norm_eps=v.layernorm_eps, keep_class_token=False,
                        image_mean=tuple(v.image_mean), image_std=tuple(v.image_std))
 
     def projector_arch(self, cfg) -> ProjectorArch:
@@ -214,12 +222,19 @@ class Phi4MMFamily(Family):
 
         return HDVLM(cfg, rt, vocab_size, image_token_id, dtype, pre_process=pre_process, post_process=post_process)
 
+    def build_projector(self, cfg, config, arch):
+        from ..models.hd import build_hd_projector
+
+        return build_hd_projector(config, arch)
+
     # ---------------------------------------------------------------------------------------------- import
     def read_hf(self, inputs, options, tp, pp) -> HFImport:
-        hf = inputs.get("hf")
-        if hf is None or inputs.get("vision") or inputs.get("language"):
-            raise UserError("a Phi-4-multimodal model converts from one folder: give --hf DIR (a "
-                            "Phi4MultimodalForCausalLM folder)")
+        hf, vision, language = inputs.get("hf"), inputs.get("vision"), inputs.get("language")
+        if hf is None and vision is not None and language is not None:
+            return self._read_parts(vision, language, options, tp, pp)
+        if hf is None or vision or language:
+            raise UserError("give either --hf DIR (a Phi4MultimodalForCausalLM folder) or --vision DIR (a "
+                            "CLIPVisionModel: Phi-3-Vision's tower) and --language DIR (a Phi3ForCausalLM)")
         lc = common.hf_config(hf, "hf")
         where = f"--hf {hf}"
         vc = lc.vision_config
@@ -259,14 +274,56 @@ class Phi4MMFamily(Family):
         return HFImport(cfg, {"vision": both, "projector": both, "language": both}, tokenizer_dir=hf,
                         image_token_id=vc.image_token_id, hf_config=lc.to_dict(), tied=lm.tie_embeddings)
 
+    def _read_parts(self, vision: str, language: str, options: dict, tp: int, pp: int) -> HFImport:
+        """Phi-3-Vision from its parts: a CLIP tower (read at ``feature_layer``, default -2), a Phi-3 decoder, and a
+        fresh projector behind the 2×2 concatenation (``shuffle2x2``) and the separators."""
+        from ..config import Config, ModelConfig
+
+        vcfg, tcfg = common.hf_config(vision, "vision"), common.hf_config(language, "language")
+        where = f"--vision {vision}"
+        common.check(getattr(vcfg, "model_type", None) == "clip_vision_model",
+                     f"{where}: vision model_type={getattr(vcfg, 'model_type', None)!r} is not supported (a "
+                     "CLIPVisionModel: Phi-3-Vision's tower)")
+        common.check(vcfg.hidden_act == "quick_gelu", f"{where}: vision hidden_act={vcfg.hidden_act!r} is not "
+                                                      "supported (quick_gelu only)")
+        cfg = Config(model=ModelConfig(family=self.name))
+        v, lm = cfg.model.vision, cfg.model.language
+        for k, val in dict(flavour="clip", image_size=vcfg.image_size, patch_size=vcfg.patch_size,
+                           num_channels=vcfg.num_channels, hidden_size=vcfg.hidden_size,
+                           num_layers=vcfg.num_hidden_layers, num_heads=vcfg.num_attention_heads,
+                           ffn_hidden_size=vcfg.intermediate_size, layernorm_eps=float(vcfg.layer_norm_eps),
+                           feature_layer=options.get("feature_layer", -2), activation="quick_gelu",
+                           **common.image_norm(vision)).items():
+            setattr(v, k, val)
+        for k, val in common.phi3_language_fields(tcfg, f"--language {language}").items():
+            setattr(lm, k, val)
+        lm.tie_embeddings = bool(getattr(tcfg, "tie_word_embeddings", False))
+        cfg.model.projector.pool = "shuffle2x2"
+        cfg.model.dtype = "bf16" if common.dtype_name(tcfg) == "bfloat16" else "fp32"
+        cfg.data.max_seq_len = max(self.max_image_tokens(cfg) + MIN_TEXT_TOKENS,
+                                   min(getattr(tcfg, "max_position_embeddings", 2048), 4096))
+        cfg.parallel.tp, cfg.parallel.pp = tp, pp
+        try:
+            validate(cfg, tp * pp)
+        except ConfigError as e:
+            raise UserError(f"the HF models do not fit megavlm at --tp {tp} --pp {pp}: {e}") from e
+        return HFImport(cfg, {"vision": (vision, (("vision_model.", "vision", _TOWER), ("", "vision", _TOWER))),
+                              "projector": None,
+                              "language": (language, common.DECODER_PREFIXES)},
+                        tokenizer_dir=language, tied=lm.tie_embeddings, add_image_token=True)
+
     def parts(self, cfg) -> list:
         from ..convert.mapping import QKV, Direct, Part, Reshaped
 
         v = cfg.model.vision
         t = _TOWER
         vision = [Direct("patch_weight", t + "embeddings.patch_embedding.weight"),
-                  Direct("patch_bias", t + "embeddings.patch_embedding.bias"),
                   Direct("position_embeddings", t + "embeddings.position_embedding.weight")]
+        if v.flavour == "clip":  # class token and pre-LayerNorm
+            vision += [Direct("class_embedding", t + "embeddings.class_embedding")]
+            vision += [Direct(f"ln_pre.{wb}", t + f"pre_layrnorm.{wb}") for wb in ("weight", "bias")]
+        else:
+            vision.append(Direct("patch_bias", t + "embeddings.patch_embedding.bias"))
         a, h = "decoder.layers.*.", t + "encoder.layers.*."
         for wb in ("weight", "bias"):
             vision += [Direct(a + f"input_layernorm.{wb}", h + f"layer_norm1.{wb}"),
@@ -324,8 +381,9 @@ class Phi4MMFamily(Family):
         from transformers import Phi4MultimodalConfig
 
         v, lm = cfg.model.vision, cfg.model.language
-        common.check(cfg.model.projector.pool == "avg2x2", "model.projector.pool=shuffle2x2 (Phi-3-Vision's HD "
-                                                           "layout) has no transformers class to export to")
+        common.check(cfg.model.projector.pool == "avg2x2" and v.flavour == "siglip",
+                     "Phi-3-Vision's layout (model.vision.flavour=clip, model.projector.pool=shuffle2x2) has no "
+                     "transformers class to export to; only Phi-4-multimodal's (siglip, avg2x2) exports")
         common.check(stored is not None, "model.family=phi4mm: mcore-to-hf needs the HF config stored by hf-to-mcore "
                                          "(a checkpoint trained from scratch has no audio encoder to export)")
         hcfg = Phi4MultimodalConfig.from_dict(copy.deepcopy(stored))

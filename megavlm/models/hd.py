@@ -63,14 +63,23 @@ class HDVisionEncoder(VisionEncoder):
             images = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         x = F.conv2d(images.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias, stride=self.patch_size)
         x = x.flatten(2).transpose(1, 2)
-        return x + self.position_embeddings[bucket_positions(masks)]
+        if self.class_embedding is None:
+            return x + self.position_embeddings[bucket_positions(masks)]
+        # CLIP: the class token at position 0, the patches' positions after it
+        cls = (self.class_embedding + self.position_embeddings[0]).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x + self.position_embeddings[1 + bucket_positions(masks)]], dim=1)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """→ features ``(n, p·p, d)``; ``masks`` ``(n, p, p)``, True = a real patch."""
+        """→ features ``(n, p·p, d)`` (a class token dropped); ``masks`` ``(n, p, p)``, True = a real patch."""
         x = self.embed_masked(images, masks)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
         keys = masks.reshape(masks.shape[0], 1, 1, -1)
+        if self.class_embedding is not None:  # the class token is always a key
+            keys = torch.cat([keys.new_ones(keys.shape[0], 1, 1, 1), keys], dim=-1)
         drop = None if bool(keys.all()) else ~keys.expand(-1, 1, keys.shape[-1], -1)  # megatron: True = masked
-        return self.decoder(x.transpose(0, 1).contiguous(), attention_mask=drop).transpose(0, 1)
+        x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask=drop).transpose(0, 1)
+        return x[:, 1:] if self.class_embedding is not None else x
 
 
 def assemble(pooled: torch.Tensor, grids, patches: int, sub_sep: torch.Tensor, global_sep: torch.Tensor):
@@ -97,6 +106,15 @@ def assemble(pooled: torch.Tensor, grids, patches: int, sub_sep: torch.Tensor, g
     return torch.cat(out)
 
 
+def build_hd_projector(config, parch):
+    """The projector of HD tokens: the MLP on already pooled tokens (the pool runs per crop, before the separators
+    join the crops) and the two learned separators (the pooled width, replicated over TP)."""
+    proj = build_projector(config, dataclasses.replace(parch, pool="none", vision_size=parch.pooled_size))
+    for name in ("sub_separator", "global_separator"):
+        proj.register_parameter(name, torch.nn.Parameter(torch.zeros(parch.pooled_size, dtype=config.params_dtype)))
+    return proj
+
+
 class HDVLM(VLM):
     """The VLM with HD crops: :class:`HDVisionEncoder`, the 2×2 pool (``model.projector.pool``: ``avg2x2``, or
     ``shuffle2x2`` — Phi-3-Vision's, 4× the width), the separators (the pooled width), then the MLP projector.
@@ -114,15 +132,7 @@ class HDVLM(VLM):
             # padded crops need a key mask, which the SDPA attention takes whatever the rest uses
             backend = "sdpa" if self.backend == "local" else self.backend
             self.vision_model = HDVisionEncoder(vcfg, varch, specs.block_spec(vcfg, backend, causal=False))
-            # the pool runs per crop before the separators join the crops, so the projector itself takes pooled
-            # tokens; the two learned separators (the pooled width, replicated over TP) come after every row of
-            # tokens and between the sub-crops and the global view, and belong to the projector (train with it)
-            self.pool = parch.pool
-            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), dataclasses.replace(
-                parch, pool="none", vision_size=parch.pooled_size))
-            for name in ("sub_separator", "global_separator"):
-                self.projector.register_parameter(name, torch.nn.Parameter(torch.zeros(parch.pooled_size,
-                                                                                       dtype=dtype)))
+            self.pool = parch.pool  # (the projector, with the separators, is the family's: build_hd_projector)
             self.patches = varch.image_size // varch.patch_size
         self.fused_projector = False
 

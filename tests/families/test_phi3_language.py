@@ -85,3 +85,64 @@ def test_phi3_language_longrope_matches_transformers_and_round_trips(rt, tmp_pat
     assert tc.model_type == "phi3" and rp["rope_type"] == "longrope" and rp["partial_rotary_factor"] == 0.75
     assert rp["short_factor"] == phi3.config.rope_parameters["short_factor"]
     assert rp["original_max_position_embeddings"] == ORIG
+
+
+def test_phi3_vision_from_clip_and_phi3(rt, tmp_path):
+    """Phi-3-Vision from its parts (model.family=phi4mm, --vision CLIP --language Phi3ForCausalLM): the CLIP tower on
+    HD crops (class token, pre-LayerNorm, read at layer -2, the class token dropped) equals transformers'
+    CLIPVisionModel's hidden_states[-2][:, 1:], the decoder's text logits equal Phi3ForCausalLM's, the fresh projector
+    takes the 2×2 concatenation (4× the vision width), an image of HD crops runs through, and the export is refused
+    (there is no transformers class for Phi-3-Vision)."""
+    import pytest
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from megavlm.config import load_config
+    from megavlm.convert import engine
+    from megavlm.data.synthetic import build_synthetic_tokenizer
+    from megavlm.data.tokenizer import image_token_id, load_tokenizer
+    from megavlm.errors import UserError
+    from megavlm.models.hd import crop_masks
+    from megavlm.models.vlm import build_model
+    from megavlm.shapes import hd_tokens
+    from megavlm.training import checkpoint as ckpt
+
+    clip_dir, lang_dir = str(tmp_path / "clip"), str(tmp_path / "phi3")
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, image_size=32, patch_size=4,
+                                            hidden_act="quick_gelu"))
+    randomize(clip, 1)
+    clip.save_pretrained(clip_dir)
+    clip.eval()
+    tok = build_synthetic_tokenizer(lang_dir)
+    phi3 = make_phi3(lang_dir, len(tok))
+    out = str(tmp_path / "mcore")
+    engine.hf_to_mcore(out, vision=clip_dir, language=lang_dir, family="phi4mm")
+    cfg = load_config(os.path.join(out, "config.yaml"), ["model.spec=local", "model.kernels=reference"])
+    v = cfg.model.vision
+    assert (cfg.model.family, v.flavour, v.feature_layer, cfg.model.projector.pool) == ("phi4mm", "clip", -2,
+                                                                                      "shuffle2x2")
+    tok = load_tokenizer(cfg.data.tokenizer)
+    img = image_token_id(tok, "<|endoftext10|>")
+    model = build_model(cfg, rt, cfg.model.language.vocab_size, img)
+    ckpt.load(cfg.checkpoint.load, model, None, same_layout=False)
+    model.eval()
+    assert model.projector.encoder.linear_fc1.weight.shape[1] == 4 * 32
+    g = torch.Generator().manual_seed(1)
+    crops = torch.randn(7, 3, 32, 32, generator=g)
+    grid = (2, 3, 16, 24)  # a whole 2×3 grid: Phi-3-Vision pads with pixels, not with a mask
+    with torch.no_grad():
+        want = clip(pixel_values=crops, output_hidden_states=True).hidden_states[-2][:, 1:]
+        got = model.vision_model(crops, crop_masks(grid, 8))
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
+        ids = torch.randint(5, 28, (1, 20), generator=g)
+        vocab = phi3.config.vocab_size
+        assert (model(input_ids=ids, images=None, runtime_gather_output=True)[..., :vocab]
+                - phi3(input_ids=ids).logits).abs().max() <= 1e-4
+        n = hd_tokens(grid, 8)
+        with_image = torch.cat([ids[:, :3], torch.full((1, n), img), ids[:, 3:]], dim=1)
+        logits = model(input_ids=with_image, images=crops, image_grid=torch.tensor([grid]),
+                       runtime_gather_output=True)
+        assert logits.shape[1] == 20 + n and bool(torch.isfinite(logits).all())
+    with pytest.raises(UserError, match="no transformers class"):
+        engine.mcore_to_hf(out, str(tmp_path / "back"))
