@@ -69,7 +69,8 @@ class HDLayout:
     min_crops: int = 1
 
     def layout(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """``((cols, rows), (new_width, new_height), (pad_width, pad_height))``."""
+        """``((cols, rows), (new_width, new_height), (pad_width, pad_height))``; ValueError when a side would be
+        resized below 10 pixels."""
         s = self.crop
         cols, rows = math.ceil(width / float(s)), math.ceil(height / float(s))
         if cols * rows > self.dynamic_hd:
@@ -89,6 +90,9 @@ class HDLayout:
             new = (tw, int(height * (tw / width)))
         else:
             new = (int(width * (th / height)), th)
+        if min(new) < 10:  # (the processor refuses it too)
+            raise ValueError(f"the aspect ratio of a {width}×{height} image is too extreme for HD crops (resized to "
+                             f"{new[0]}×{new[1]})")
         return (cols, rows), new, (tw - new[0], th - new[1])
 
     def grid(self, width: int, height: int) -> tuple[int, int, int, int]:

@@ -3,9 +3,10 @@ conversion both ways (bit-identical, the audio encoder through the side file), l
 transformers' on a non-square image of several HD crops (a partly padded sub-crop grid), the HD crop layout, the
 config and what is refused.
 
-The crop layout is checked against layouts computed by hand here, not against transformers'
-``Phi4MultimodalImageProcessor``: that class imports torchvision, whose wheels need another torch than the pinned
-2.13.0 (pip would replace torch), so it is not installed."""
+The crop layout is checked against transformers' own layout methods of ``Phi4MultimodalImageProcessor`` (in a child
+process that stubs the module's torchvision import, which those methods never call) and against layouts computed by
+hand here; the pixels are not compared with the processor's: it resizes with torchvision, whose wheels need another
+torch than the pinned 2.13.0 (pip would replace torch), so torchvision is not installed."""
 
 from __future__ import annotations
 
@@ -342,3 +343,58 @@ def test_cli_refuses_what_is_not_built_yet(converted, tmp_path):
                 "--tp", "1"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "70x40 cannot be used (megavlm does not cut HD crops yet" in proc.stderr
+
+
+_HF_LAYOUTS = r'''
+import importlib, json, sys, types
+import transformers  # noqa: F401  (before the stub: transformers asks importlib whether torchvision is installed)
+# the processor module imports torchvision's functional API at the top; the layout methods never call it
+for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.v2"):
+    sys.modules.setdefault(name, types.ModuleType(name))
+sys.modules["torchvision.transforms.v2.functional"] = sys.modules["torchvision.transforms.v2"].functional = \
+    types.ModuleType("torchvision.transforms.v2.functional")
+P = importlib.import_module("transformers.models.phi4_multimodal.image_processing_phi4_multimodal") \
+    .Phi4MultimodalImageProcessor
+proc = object.__new__(P)
+out = []
+for w, h, hd in json.loads(sys.argv[1]):
+    try:
+        ratio, size, pad = proc._get_crop_layout(h, w, 448, max_num=hd)
+    except ValueError:  # "the aspect ratio is very extreme"
+        out.append(None)
+        continue
+    mask = proc._get_crop_attention_mask(ratio, pad, 14, 32)
+    out.append([list(ratio), list(size), list(pad), int(mask[:, 0].sum()), int(mask[0].sum()),
+                proc._get_num_image_tokens(mask, 32)])
+print(json.dumps(out))
+'''
+
+
+def test_crop_layout_equals_transformers_layout_code():
+    """HDLayout against transformers' own layout code (``Phi4MultimodalImageProcessor._get_crop_layout``, its
+    attention mask and its token count) over many sizes, run in a child process: the processor module imports
+    torchvision (not installable beside the pinned torch) at the top, so the child stubs that one import, which the
+    layout methods never use; the pixels themselves (torchvision's resize) are not compared."""
+    import subprocess
+
+    from megavlm.families.phi4mm import HDLayout
+
+    cases = [(w, h, hd) for hd in (1, 4, 16, 36) for w, h in ((448, 448), (1000, 500), (500, 1000), (300, 1000),
+                                                             (4000, 500), (449, 449), (1920, 1080), (37, 2000),
+                                                             (3000, 3000), (2000, 37), (900, 17))]
+    proc = subprocess.run([sys.executable, "-c", _HF_LAYOUTS, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 < sum(x is None for x in want) < len(want) // 4  # a few too extreme to cut, most not
+    for (w, h, hd), got in zip(cases, want):
+        lay = HDLayout(crop=448, patch=14, dynamic_hd=hd)
+        if got is None:
+            with pytest.raises(ValueError, match="too extreme"):
+                lay.layout(w, h)
+            continue
+        ratio, size, pad, valid_rows, valid_cols, tokens = got
+        assert lay.layout(w, h) == (tuple(ratio), tuple(size), tuple(pad)), (w, h, hd)
+        cols, rows = ratio
+        assert lay.grid(w, h) == (rows, cols, valid_rows, valid_cols), (w, h, hd)
+        assert lay.tokens(w, h) == tokens, (w, h, hd)
