@@ -36,6 +36,10 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
 #: pre-LayerNorm, no patch bias).
 FLAVOURS = ("siglip", "clip")
 
+#: Why what needs megavlm to cut HD crops (an image pipeline) is refused.
+NO_CROPS = ("model.family=phi4mm: megavlm does not cut HD crops yet (training from data, eval and images in generate / "
+            "serve need them); the model takes crops and their grids directly (docs/families.md)")
+
 _PREFIXES = (
     ("model.embed_tokens_extend.image_embed.img_projection_", "projector", "img_projection_"),
     ("model.embed_tokens_extend.image_embed.sub_img_feature_extensor", "projector", "sub_img_feature_extensor"),
@@ -121,6 +125,15 @@ class HDLayout:
     def max_crops(self) -> int:
         """The most crops one image becomes (``plan``)."""
         return 1 + self.dynamic_hd
+
+    @property
+    def size(self) -> int:
+        """What square-image consumers (``eval``'s synthetic questions, ``data synth``) ask for: refused, as HD crops
+        are not made by megavlm's image pipeline yet."""
+        raise UserError(NO_CROPS)
+
+    def reference(self, im, train: bool = False, rng=None):
+        raise UserError(NO_CROPS)
 
     def check(self, width: int, height: int) -> str | None:
         """Why ``generate --image`` cannot take an image (its refusal line): the HD crops themselves (resize, pad,

@@ -324,9 +324,10 @@ def test_plan_counts_equal_built_model(rt, pool):
     assert got.total == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_cli_refuses_what_is_not_built_yet(converted, tmp_path):
-    """Training from data and `generate --image` need HD crops from megavlm's image pipeline, which it does not cut
-    yet: one `error:` line and exit code 2 each, before any work."""
+    """Training from data, `eval` and `generate --image` need HD crops from megavlm's image pipeline, which it does
+    not cut yet: one `error:` line and exit code 2 each (training before any work)."""
     from PIL import Image
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -343,6 +344,9 @@ def test_cli_refuses_what_is_not_built_yet(converted, tmp_path):
                 "--tp", "1"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "70x40 cannot be used (megavlm does not cut HD crops yet" in proc.stderr
+    proc = run(["eval", config, "--limit", "2", "parallel.tp=1", "parallel.pp=1"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: model.family=phi4mm: megavlm does not cut HD crops yet" in proc.stderr
 
 
 _HF_LAYOUTS = r'''
@@ -370,6 +374,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_crop_layout_equals_transformers_layout_code():
     """HDLayout against transformers' own layout code (``Phi4MultimodalImageProcessor._get_crop_layout``, its
     attention mask and its token count) over many sizes, run in a child process: the processor module imports
