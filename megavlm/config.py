@@ -270,6 +270,8 @@ class LanguageConfig:
         _check_choice(f"{key}.hf_layout", self.hf_layout, ("llama", "phi3"))
         rot = int(self.hidden_size // max(self.num_heads, 1) * self.rotary_percent)
         if self.rope_type == "longrope":
+            if getattr(self, "mrope_section", None):
+                raise ConfigError(f"{key}.rope_type=longrope does not combine with {key}.mrope_section (M-RoPE)")
             for name in ("rope_short_factor", "rope_long_factor"):
                 got = getattr(self, name)
                 if got is None or len(got) != rot // 2:

@@ -146,3 +146,22 @@ def test_phi3_vision_from_clip_and_phi3(rt, tmp_path):
         assert logits.shape[1] == 20 + n and bool(torch.isfinite(logits).all())
     with pytest.raises(UserError, match="no transformers class"):
         engine.mcore_to_hf(out, str(tmp_path / "back"))
+
+
+def test_longrope_config_errors_name_the_key():
+    import pytest
+
+    from megavlm.config import ConfigError, load_config, validate
+
+    base = ["model.language.rope_type=longrope", "model.language.rope_original_max_positions=32"]
+    # head dim 128/4 = 32 → 16 frequencies
+    for extra, needle in ((["model.language.rope_short_factor=[1.0, 2.0]", "model.language.rope_long_factor=[1.0]"],
+                           r"model\.language\.rope_short_factor must list 16 factors"),
+                          (["model.language.rope_type=yarn"], r"model\.language\.rope_type='yarn'"),
+                          (["model.language.hf_layout=gpt2"], r"model\.language\.hf_layout='gpt2'")):
+        with pytest.raises(ConfigError, match=needle):
+            validate(load_config(None, base + extra), 1)
+    ok = base + [f"model.language.rope_{k}_factor=[{', '.join(['1.5'] * 16)}]" for k in ("short", "long")]
+    validate(load_config(None, ok), 1)
+    with pytest.raises(ConfigError, match=r"rope_original_max_positions=0"):
+        validate(load_config(None, ok + ["model.language.rope_original_max_positions=0"]), 1)
