@@ -129,9 +129,9 @@ class HDVLM(VLM):
             fam = families.of(cfg)
             varch, parch = fam.vision_arch(cfg), fam.projector_arch(cfg)
             vcfg = specs.vision_config(varch, cfg, rt, dtype)
-            # padded crops need a key mask, which the SDPA attention takes whatever the rest uses
-            backend = "sdpa" if self.backend == "local" else self.backend
-            self.vision_model = HDVisionEncoder(vcfg, varch, specs.block_spec(vcfg, backend, causal=False))
+            # padded crops need a key mask: the SDPA attention takes one (a boolean mask, also on GPU) whatever the
+            # rest uses; megatron's local attention and Transformer Engine's no_mask spec would not apply it
+            self.vision_model = HDVisionEncoder(vcfg, varch, specs.block_spec(vcfg, "sdpa", causal=False))
             self.pool = parch.pool  # (the projector, with the separators, is the family's: build_hd_projector)
             self.patches = varch.image_size // varch.patch_size
         self.fused_projector = False
