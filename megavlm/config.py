@@ -305,6 +305,44 @@ class LanguageConfig:
                 [(f"{key}.ffn_hidden_size", self.ffn_hidden_size)])
 
 
+#: The linear layers of a transformer layer that ``model.lora.targets`` may name (megatron's names: the fused q/k/v
+#: projection, the attention output, the MLP's first (SwiGLU: gate+up) and second layer).
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the decoder's linear layers: ``W x + (alpha/rank)·B A x`` with the
+    base ``W`` frozen; tensor-parallel aware (models/lora.py, docs/lora.md)."""
+
+    #: Adapter rank; 0 = LoRA off.
+    rank: int = 0
+    #: Scale numerator: the adapter's output is multiplied by ``alpha / rank``.
+    alpha: float = 16.0
+    #: Dropout on the adapter's input (training only).
+    dropout: float = 0.0
+    #: Which linear layers of each transformer layer get an adapter: any of ``qkv``, ``proj``, ``fc1``, ``fc2``.
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    #: Also adapt the vision encoder's layers (the same targets); default: the LLM only.
+    vision: bool = False
+
+    def check(self, key: str) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"{key}.rank={self.rank} must be >= 0 (0 = LoRA off)")
+        if self.rank > MAX_SIZE:
+            raise ConfigError(f"{key}.rank={self.rank} is too large: at most {MAX_SIZE} (2**31-1)")
+        _check_positive_float(f"{key}.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{key}.dropout={self.dropout} must satisfy 0 <= dropout < 1")
+        if not self.targets:
+            raise ConfigError(f"{key}.targets=[] adapts nothing; name layers from: {fmt(LORA_TARGETS)} "
+                              f"(or set {key}.rank=0 for no LoRA)")
+        for i, t in enumerate(self.targets):
+            _check_choice(f"{key}.targets[{i}]", t, LORA_TARGETS)
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"{key}.targets={self.targets} names a layer twice")
+
+
 @dataclass
 class ProjectorPoolConfig:
     """What every family's projector section has (its own section subclasses this): the token pooling."""
@@ -340,6 +378,8 @@ class ModelConfig:
     #: Fused CUDA ops: ``auto`` (fused when a GPU and a built ``megavlm._C`` are present), ``fused`` (required),
     #: ``reference`` (the pure-PyTorch ops).
     kernels: str = "auto"
+    #: Low-rank adapters on the LLM's (and optionally the vision encoder's) linear layers; ``rank: 0`` = off.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         from . import families
@@ -1119,6 +1159,9 @@ def validate(cfg: Config, world_size: int) -> int:
         if m.spec == "local":
             raise ConfigError("data.packing needs an attention that takes packed sequences: model.spec=auto, sdpa "
                               "or te (not local)")
+    if m.lora.rank and m.spec == "te":
+        raise ConfigError("model.lora.rank > 0 needs model.spec=auto, sdpa or local: the adapters wrap megatron's own "
+                          "linear layers, not Transformer Engine's fused norm+linear (with auto, LoRA picks sdpa)")
 
     dp = dp_size(cfg, world_size)
     heads, widths = fam.tp_split(cfg)

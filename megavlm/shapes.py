@@ -93,10 +93,26 @@ def trainable_prefixes(stage: int, trainable: Sequence[str] | None = None) -> tu
     return tuple(PART_PREFIXES[p] for p in PARTS if p in trainable)
 
 
-def trained_label(stage: int, trainable: Sequence[str] | None = None) -> str:
-    """What trains, for the start-up line and ``plan``: ``vision+projector (train.trainable)`` or ``projector+language
-    (train.stage=2)``."""
-    parts = [p for p, on in zip(PARTS, trainable_parts(stage, trainable)) if on]
+def lora_parts(lora) -> tuple[str, ...]:
+    """The parts (of :data:`PARTS`) that carry LoRA adapters (``model.lora``; none when its rank is 0): the language
+    model, and the vision encoder with ``lora.vision``. Such a part trains its adapters only."""
+    if lora is None or not lora.rank:
+        return ()
+    return ("vision", "language") if lora.vision else ("language",)
+
+
+def lora_prefixes(lora) -> tuple[str, ...]:
+    """Parameter-name prefixes of the parts of :func:`lora_parts`."""
+    return tuple(PART_PREFIXES[p] for p in lora_parts(lora))
+
+
+def trained_label(stage: int, trainable: Sequence[str] | None = None, lora=None) -> str:
+    """What trains, for the start-up line and ``plan``: ``vision+projector (train.trainable)``, ``projector+language
+    (train.stage=2)`` or, with LoRA, ``projector+language[LoRA r=8: qkv,proj,fc1,fc2] (train.stage=2)``."""
+    adapted = lora_parts(lora)
+    on = trainable_parts(stage, trainable)
+    parts = [p + (f"[LoRA r={lora.rank}: {','.join(lora.targets)}]" if p in adapted else "")
+             for p, t in zip(PARTS, on) if t or p in adapted]
     why = "train.trainable" if trainable is not None else f"train.stage={stage}"
     return f"{'+'.join(parts) or 'nothing'} ({why})"
 
@@ -310,6 +326,22 @@ def decoder_layer_params(lm, tp: int = 1) -> int:
     qkv = (a + 2 * g) * dh // tp
     return (h + qkv * h + (qkv if lm.qkv_bias else 0) + h * (a * dh // tp)
             + h + 2 * f // tp * h + h * (f // tp))
+
+
+def lora_layer_params(lora, hidden: int, heads: int, kv_heads: int, ffn: int, gated: bool, tp: int = 1) -> int:
+    """LoRA parameters (``lora``: a ``config.LoRAConfig``) of one transformer layer on one TP rank: a column-parallel
+    target (qkv, fc1) keeps ``A`` ``(r, in)`` whole and a ``1/tp`` share of ``B`` ``(out, r)``, a row-parallel one
+    (proj, fc2) a ``1/tp`` share of ``A`` and ``B`` whole (``models/lora.py``)."""
+    if lora is None or not lora.rank:
+        return 0
+    r, dh = lora.rank, hidden // heads
+    shapes = {"qkv": (hidden, (heads + 2 * kv_heads) * dh, True), "proj": (heads * dh, hidden, False),
+              "fc1": (hidden, (2 if gated else 1) * ffn, True), "fc2": (ffn, hidden, False)}
+    total = 0
+    for t in lora.targets:
+        fan_in, fan_out, column = shapes[t]
+        total += r * fan_in + r * fan_out // tp if column else r * fan_in // tp + r * fan_out
+    return total
 
 
 def language_params(lm, vocab_size: int, tp: int = 1, layers: int | None = None, first: bool = True,

@@ -192,3 +192,43 @@ def test_recipe_param_counts(size):
     # As trained: 32001 tokens padded to 32128 rows.
     total = sum(param_count(cfg, 32001).values())
     assert total == sum(n.values()) + 2 * 128 * h
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The VILA-style recipe (configs/vila_7b_stage{1,2,3}.yaml)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def vila(stage: int, shards: str, *overrides: str):
+    return load_config(os.path.join(ROOT, "configs", f"vila_7b_stage{stage}.yaml"), [f"data.shards={shards}",
+                                                                                      *overrides])
+
+
+def test_vila_recipe_stages(shards):
+    """SigLIP + LLaMA-2 7B with a linear projector; stage 1 trains the projector on captions, stage 2 the projector
+    and the LLM on packed interleaved documents with several images, stage 3 the same on instructions; each stage
+    loads the previous one's weights; all validate at 8 and 16 GPUs, and pool=avg2x2 cuts the image tokens 4×."""
+    from megavlm.shapes import trainable_parts
+
+    cfgs = {s: vila(s, shards) for s in (1, 2, 3)}
+    for s, cfg in cfgs.items():
+        for world in (8, 16):
+            validate(cfg, world)
+        assert to_dict(cfg.model) == to_dict(cfgs[1].model)
+        assert cfg.data.tokenizer == cfgs[1].data.tokenizer and os.path.isabs(cfg.data.tokenizer)
+        assert f"configs/vila_7b_stage{s}.yaml" in open(os.path.join(ROOT, "configs", f"vila_7b_stage{s}.yaml")).read()
+    m = cfgs[1].model
+    assert (m.vision.flavour, m.projector.type, m.projector.pool) == ("siglip", "linear", "none")
+    assert (m.language.hidden_size, m.language.num_layers) == (4096, 32) and families.image_tokens(cfgs[1]) == 256
+    assert trainable_parts(cfgs[1].train.stage, cfgs[1].train.trainable) == (False, True, False)
+    assert cfgs[1].data.template == "plain" and cfgs[1].checkpoint.load.endswith("/checkpoints/iter_0000000")
+    for s in (2, 3):
+        assert trainable_parts(cfgs[s].train.stage, cfgs[s].train.trainable) == (False, True, True)
+        assert os.path.normpath(cfgs[s].checkpoint.load) == os.path.normpath(checkpoint_dir(cfgs[s - 1]))
+        assert cfgs[s].checkpoint.finetune
+    d = cfgs[2].data
+    assert d.packing and d.max_images > 1 and d.max_images * 256 + 8 <= d.max_seq_len
+    assert (cfgs[2].train.lr, cfgs[3].train.lr) == (5e-5, 2e-5)
+    pooled = vila(2, shards, "model.projector.pool=avg2x2")
+    validate(pooled, 8)
+    assert families.image_tokens(pooled) == 64

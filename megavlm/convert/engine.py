@@ -37,6 +37,7 @@ from ..config import DEFAULT_FAMILY, ConfigError, save_config, single_layout, to
 from ..data.constants import image_token_id
 from ..data.tokenizer import find_tokenizer, load_tokenizer
 from ..errors import UserError
+from ..models import lora
 from ..training import checkpoint as ckpt
 from . import stream
 from .hf_io import SHARD_BYTES, HFTensors, SafetensorsFile, parse_size, write_safetensors, write_sharded
@@ -135,15 +136,22 @@ def _family_of_hf(hf: str | None, family: str | None):
 
 def hf_to_mcore(out: str, hf: str | None = None, vision: str | None = None, language: str | None = None,
                 tp: int = 1, pp: int = 1, feature_layer: int = -2, select_strategy: str = "default",
-                seed: int = 1234, family: str | None = None) -> str:
+                seed: int = 1234, family: str | None = None, projector: str = "mlp2x_gelu", pool: str = "none") -> str:
     """Convert and return the path of the written checkpoint (``OUT/checkpoints/iter_0000000``). ``hf``: one HF
     folder of the whole VLM (its family found by ``model_type``); ``vision`` + ``language``: separate parts that the
-    family (``family``, default llava) assembles, with ``feature_layer`` / ``select_strategy`` for the tower."""
+    family (``family``, default llava) assembles, with ``feature_layer`` / ``select_strategy`` for the tower and the
+    fresh projector's ``projector`` type and ``pool`` (``model.projector.pool``)."""
     fam = _family_of_hf(hf, family)
     stage = _Staging(out)
     imp = fam.read_hf({"hf": hf, "vision": vision, "language": language},
-                      {"feature_layer": feature_layer, "select_strategy": select_strategy}, tp, pp)
+                      {"feature_layer": feature_layer, "select_strategy": select_strategy, "projector": projector,
+                       "pool": pool}, tp, pp)
     cfg = imp.cfg
+    for flag, key, given, default in (("--pool", "pool", pool, "none"), ("--projector", "type", projector,
+                                                                          "mlp2x_gelu")):
+        if given != default and getattr(cfg.model.projector, key, default) != given:
+            raise UserError(f"{flag} {given}: model family {fam.name} does not take it on conversion (the fresh "
+                            "projector of llava's --vision/--language does)")
     opened: dict = {}  # one reader per (folder, prefixes): the parts of one HF folder share it
     for s in imp.sources.values():
         if s is not None and s not in opened:
@@ -284,14 +292,21 @@ def _fresh(fam, bcfg, rt, seed: int, part, key: str, cache: dict):
 
 
 def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra: str | None = None,
-                dtype: str = "auto", seed: int = 1234, max_shard_size: str | int = SHARD_BYTES) -> str:
+                dtype: str = "auto", seed: int = 1234, max_shard_size: str | int = SHARD_BYTES,
+                merge_lora: bool = True, lora_adapter: str | None = None) -> str:
     """Export and return ``out``. Reads the checkpoint one layer at a time and writes the HF safetensors as it goes
-    (shards of at most ``max_shard_size``: ``5GB``, ``500MB``, ``2GiB`` or bytes)."""
+    (shards of at most ``max_shard_size``: ``5GB``, ``500MB``, ``2GiB`` or bytes). A checkpoint with LoRA adapters
+    has them merged into the weights (``W + (alpha/rank)·B A``) unless ``merge_lora`` is False (the base weights);
+    ``lora_adapter``: a new directory that gets them as a PEFT adapter folder too (:func:`_write_peft_adapter`)."""
     max_shard_bytes = parse_size(max_shard_size)
     path = ckpt.find_checkpoint(ckpt_path)
     stage = _Staging(out)
     common = ckpt.load_common(path)
     cfg = ckpt.saved_config(path, common)
+    lora_cfg = cfg.model.lora
+    if lora_adapter is not None and not lora_cfg.rank:
+        raise UserError(f"--lora-adapter {lora_adapter}: checkpoint {path} has no LoRA adapters (model.lora.rank=0)")
+    adapter_stage = _Staging(lora_adapter) if lora_adapter is not None else None
     fam = families.of(cfg)
     lm = cfg.model.language
     hf_info = common.get("hf") or {}
@@ -321,7 +336,11 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     # What goes into the HF files, in groups that are read and written together: one layer of a part, or one
     # tensor outside the layers. Shapes come from the meta model, so the shards are planned before any read.
     groups: dict[tuple, list] = {}
-    for r in expand(fam.parts(cfg), shapes):
+    # LoRA factors are no HF tensors of their own: they are merged into (or exported beside) their base weight
+    factors = {k[:-len(lora.A)] + "weight": (k, k[:-len(lora.A)] + lora.B) for k in shapes
+               if k.endswith("." + lora.A)}
+    peft: dict = {}  # (HF file key of the base weight, "A" | "B") → factor
+    for r in expand(fam.parts(cfg), [k for k in shapes if not lora.is_adapter_key(k)]):
         groups.setdefault((r.part.name, r.layer) if r.layer is not None else (r.part.name, r.ours), []).append(r)
     entries_of: dict[tuple, list] = {}
     hf_shapes: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -335,10 +354,19 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
                 hf_shapes[(r.part.name, name)] = tuple(t.shape)
 
     def load_group(items):
-        loaded = reader.load([r.ours for r in items])
+        loaded = reader.load([r.ours for r in items] + [k for r in items for k in factors.get(r.ours, ())])
         tensors = {}
         for r in items:
             t = loaded.pop(r.ours)
+            if r.ours in factors:
+                a, b = (loaded.pop(k).detach().cpu() for k in factors[r.ours])
+                if merge_lora:
+                    t = lora.merged(t, a, b, lora_cfg.alpha, lora_cfg.rank)
+                if adapter_stage is not None:
+                    for name, hb in zip(r.hf, r.mapping.to_hf(b, Ctx(r.part.heads, vocab))):
+                        key = fam.export_key(r.part.name, name)
+                        peft[(key, "A")] = a.to(out_dtype).contiguous()
+                        peft[(key, "B")] = hb.to(out_dtype).contiguous()
             for name, h in zip(r.hf, r.mapping.to_hf(t.detach().cpu(), Ctx(r.part.heads, vocab))):
                 tensors[fam.export_key(r.part.name, name)] = h.to(out_dtype).contiguous()
         return tensors
@@ -376,7 +404,64 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
         hcfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         fam.export_processor(cfg, tmp, tok)
+        if adapter_stage is not None:
+            live = _hf_module_names(tmp, {key for key, _ in peft})
+            peft = {f"base_model.model.{live[key].removesuffix('.weight')}.lora_{ab}.weight": t
+                    for (key, ab), t in peft.items()}
+            with adapter_stage as atmp:
+                # the adapter goes onto the base weights: the --no-merge export (a merged one already holds it)
+                _write_peft_adapter(atmp, peft, lora_cfg, base=None if merge_lora else stage.out)
     return stage.out
+
+
+def _hf_module_names(folder: str, keys) -> dict[str, str]:
+    """File tensor name → the parameter name in the model transformers builds from ``folder`` (transformers 5
+    renames some on load, e.g. LLaVA's ``language_model.model.*`` → ``model.language_model.*``; PEFT addresses
+    modules by the live names). Uses the renamings transformers itself applies on load (PEFT uses the same)."""
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    hcfg = transformers.AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, (hcfg.architectures or [""])[0], None)
+    if cls is None:
+        raise UserError(f"--lora-adapter: transformers has no class {hcfg.architectures} to name the modules by")
+    with torch.device("meta"):
+        model = cls._from_config(hcfg)
+    conv = get_model_conversion_mapping(model)
+    renamings = [c for c in conv if not isinstance(c, WeightConverter)]
+    converters = [c for c in conv if isinstance(c, WeightConverter)]
+    live = model.state_dict()
+    out = {}
+    for k in keys:
+        name, converted = rename_source_key(k, renamings, converters, model.base_model_prefix, live)
+        if converted is not None or name not in live:
+            raise UserError(f"--lora-adapter: transformers loads {k} as something other than one module's weight "
+                            f"({name}); no PEFT adapter can address it")
+        out[k] = name
+    return out
+
+
+def _write_peft_adapter(folder: str, tensors: dict[str, torch.Tensor], lora_cfg, base: str | None) -> None:
+    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
+    ``peft.PeftModel.from_pretrained(<HF model>, folder)`` loads: the factors under the HF module names (a fused
+    ``linear_qkv``'s B split into q/k/v rows, ``linear_fc1``'s into gate/up, A shared), ``target_modules`` the exact
+    module paths (so a vision tower's layers of the same name stay untouched), scale ``lora_alpha / r`` as ours."""
+    import json
+
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors})
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
+        "lora_dropout": lora_cfg.dropout, "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "base_model_name_or_path": base, "inference_mode": True,
+    }
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    names = sorted(tensors)
+    write_safetensors(os.path.join(folder, "adapter_model.safetensors"),
+                      [(k, tuple(tensors[k].shape), tensors[k].dtype) for k in names],
+                      ((k, tensors[k]) for k in names), metadata={"format": "pt"})
 
 
 def _parents(path: str, n: int = 3) -> list[str]:

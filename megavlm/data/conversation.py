@@ -35,7 +35,11 @@ from megavlm.data.templates import DEFAULT_TEMPLATE, ConversationTemplate, get_t
 from megavlm.errors import UserError
 
 __all__ = ["IGNORE_INDEX", "SampleTooLong", "encode_turns", "encode_conversation", "encode_prompt",
-           "check_supervision", "record_turns", "get_template", "ConversationTemplate"]
+           "encode_document", "encode_record", "check_supervision", "record_turns", "get_template",
+           "ConversationTemplate"]
+
+#: The template of interleaved-document records (``{"document": text, "images": [...]}``, data/interleaved.py).
+DOCUMENT_TEMPLATE = "document"
 
 
 class SampleTooLong(ValueError):
@@ -183,6 +187,52 @@ def encode_turns(tok, turns: Sequence[tuple[str, str | None]], num_images: int,
     return _tokenize_runs(tok, runs, _image_counts(num_images, num_image_tokens), expand, image_token)
 
 
+def encode_document(tok, text: str, num_image_tokens: int | Sequence[int], *, template=DOCUMENT_TEMPLATE,
+                    expand: Callable[[int], list[int]] | None = None,
+                    image_token: str = IMAGE_TOKEN) -> tuple[list[int], list[int]]:
+    """Unpadded ``(input_ids, labels)`` of an interleaved document: the template's prefix (unsupervised), the text
+    pieces between the ``<image>`` placeholders (every token supervised), each image expanded to its tokens
+    (unsupervised), then the template's ``answer_suffix`` (supervised: the model learns where a document ends)."""
+    tmpl = get_template(template)
+    pieces = text.split(IMAGE_TOKEN)
+    runs: list[tuple[str, bool]] = [(tmpl.prefix, False)]
+    for i, piece in enumerate(pieces):
+        if i:
+            runs.append((IMAGE_TOKEN, False))
+        if piece.strip():
+            runs.append((piece, True))
+    runs.append((tmpl.answer_suffix, True))
+    return _tokenize_runs(tok, runs, _image_counts(len(pieces) - 1, num_image_tokens), expand, image_token)
+
+
+def encode_record(tok, record: dict, num_image_tokens: int | Sequence[int], max_seq_len: int, *,
+                  template=DEFAULT_TEMPLATE, expand: Callable[[int], list[int]] | None = None,
+                  image_token: str = IMAGE_TOKEN) -> dict[str, torch.Tensor]:
+    """A shard record for training, padded to ``max_seq_len`` (:class:`SampleTooLong` if longer): a conversation
+    (:func:`encode_conversation` with ``template``) or an interleaved document (:func:`encode_document`, always with
+    the ``document`` template)."""
+    n_images = len(record.get("images") or [])
+    if "document" in record:
+        if not isinstance(record["document"], str):
+            raise ValueError("'document' is not a string")
+        ids, labels = encode_document(tok, record["document"], num_image_tokens, expand=expand,
+                                      image_token=image_token)
+        return _pad(tok, ids, labels, max_seq_len)
+    turns = record_turns(record)
+    if not turns:
+        raise ValueError("no (question, answer) turn")
+    return encode_conversation(tok, turns, n_images, num_image_tokens, max_seq_len, template=template, expand=expand,
+                               image_token=image_token)
+
+
+def _pad(tok, ids: list[int], labels: list[int], max_seq_len: int) -> dict[str, torch.Tensor]:
+    if len(ids) > max_seq_len:
+        raise SampleTooLong(len(ids), max_seq_len)
+    n_pad = max_seq_len - len(ids)
+    return {"input_ids": torch.tensor(ids + [_pad_id(tok)] * n_pad, dtype=torch.long),
+            "labels": torch.tensor(labels + [IGNORE_INDEX] * n_pad, dtype=torch.long)}
+
+
 def _pad_id(tok) -> int:
     for attr in ("pad_token_id", "unk_token_id", "eos_token_id"):
         v = getattr(tok, attr, None)
@@ -212,12 +262,7 @@ def encode_conversation(
     """
     ids, labels = encode_turns(tok, turns, num_images, num_image_tokens, template=template, expand=expand,
                                image_token=image_token)
-    if len(ids) > max_seq_len:
-        raise SampleTooLong(len(ids), max_seq_len)
-    n_pad = max_seq_len - len(ids)
-    input_ids = torch.tensor(ids + [_pad_id(tok)] * n_pad, dtype=torch.long)
-    label_t = torch.tensor(labels + [IGNORE_INDEX] * n_pad, dtype=torch.long)
-    return {"input_ids": input_ids, "labels": label_t}
+    return _pad(tok, ids, labels, max_seq_len)
 
 
 def encode_prompt(

@@ -27,7 +27,8 @@ from typing import TextIO
 
 from megavlm.config import ConfigError, validate
 from megavlm.data.constants import IGNORE_INDEX, IMAGE_EXTS, IMAGE_TOKEN, image_token_id
-from megavlm.data.conversation import check_supervision, encode_turns, get_template, record_turns
+from megavlm.data.conversation import (check_supervision, encode_document, encode_turns, get_template,
+                                      record_turns)
 from megavlm.data.shards import iter_shards, shard_paths
 from megavlm.data.synthetic import build_synthetic_tokenizer
 from megavlm.data.tokenizer import load_tokenizer
@@ -43,7 +44,9 @@ _GREEN, _RESET = "\033[32m", "\033[0m"
 
 def encode(tok, record: dict, num_image_tokens: int | list[int], template) -> tuple[list[int], list[int]]:
     """Unpadded ``(ids, labels)`` of a shard record (ValueError if it cannot be encoded); ``num_image_tokens``: for
-    every image, or one count per image."""
+    every image, or one count per image. An interleaved document is encoded with the ``document`` template."""
+    if "document" in record:
+        return encode_document(tok, record["document"], num_image_tokens)
     return encode_turns(tok, record_turns(record), len(record.get("images") or []), num_image_tokens,
                         template=template)
 
@@ -194,7 +197,9 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
     stats = {"samples": 0, "images": 0, "text_only": 0, "unencodable": 0, "too_long": 0, "histogram": {},
              "first_error": None, "image_tokens": num_image_tokens, "truncated_tar": 0, "truncated_files": {},
              "crops": 0, "tokens_per_image": [], "unreadable_records": 0, "undecodable_images": 0,
-             "unsupported_images": 0, "image_problems": [], "damaged_headers": {}, "unread_tail": {}}
+             "unsupported_images": 0, "image_problems": [], "damaged_headers": {}, "unread_tail": {},
+             "images_per_sample": {}, "documents": 0, "too_many_images": 0}
+    max_images = config.data.max_images if config is not None else None
     problems: dict = {}
     encoded, lengths = [], []
     for key, record, files in iter_shards(shards_dir, truncated=stats["truncated_files"], problems=problems):
@@ -205,6 +210,9 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
         stats["samples"] += 1
         stats["images"] += len(names)
         stats["text_only"] += not names
+        stats["images_per_sample"][len(names)] = stats["images_per_sample"].get(len(names), 0) + 1
+        stats["documents"] += "document" in record
+        stats["too_many_images"] += max_images is not None and len(names) > max_images
         try:
             counts = num_image_tokens
             if tiles is not None:
@@ -261,7 +269,11 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
         print(f"tokens per crop: {num_image_tokens} ({img_why}); an image takes its crops × that: "
               f"{tiles.min_tiles}-{tiles.max_tiles} tiles of {tiles.size}²{thumb} by its aspect ratio; "
               f"{stats['crops']} crops in all", file=out)
-    print(f"samples {stats['samples']}  images {stats['images']}  text-only samples {stats['text_only']}", file=out)
+    print(f"samples {stats['samples']}  images {stats['images']}  text-only samples {stats['text_only']}"
+          + (f"  interleaved documents {stats['documents']}" if stats["documents"] else ""), file=out)
+    print("images per sample: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats["images_per_sample"].items()))
+          + (f"; more than data.max_images={max_images} (training skips them as too_many_images): "
+             f"{stats['too_many_images']}" if max_images is not None else ""), file=out)
     print(f"tokens per sample (image tokens included): mean {stats['mean_tokens']:.1f}, max {stats['max_tokens']}",
           file=out)
     total = max(1, len(lengths))

@@ -92,6 +92,20 @@ def normalize_record(raw) -> tuple[dict, list]:
     if "__malformed__" in raw:
         raise Skip("malformed_record", str(raw["__malformed__"]))
     out: dict = {}
+    if "document" in raw:  # an interleaved document (megavlm.data.interleaved): text with <image> placeholders
+        text, images = raw["document"], raw.get("images") or []
+        if not isinstance(text, str) or not text.strip():
+            raise Skip("empty_conversation" if isinstance(text, str) else "malformed_record",
+                       "'document' must be a non-empty string")
+        if not isinstance(images, list) or not all(isinstance(x, (str, bytes)) and x for x in images):
+            raise Skip("malformed_record", "'images' must be a list of paths")
+        if text.count(IMAGE_TOKEN) != len(images):
+            raise Skip("image_count_mismatch", f"{text.count(IMAGE_TOKEN)} {IMAGE_TOKEN!r} placeholders but "
+                                               f"{len(images)} image(s)")
+        out["document"] = text
+        if isinstance(raw.get("id"), (str, int)):
+            out["id"] = raw["id"]
+        return out, images
     if "conversations" in raw:
         conv = raw["conversations"]
         if not isinstance(conv, list):

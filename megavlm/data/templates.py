@@ -99,6 +99,17 @@ TEMPLATES: dict[str, ConversationTemplate] = {
         image_join="\n",
         in_synthetic_vocab=False,
     ),
+    # Interleaved documents (VILA's MMC4 / OBELICS pretraining; megavlm.data.interleaved): "<s>{text with images}</s>",
+    # no roles, every text token and the closing </s> supervised (conversation.encode_document). A document record
+    # is always encoded with it; data.template applies to the conversation records.
+    "document": ConversationTemplate(
+        name="document",
+        prefix="<s>",
+        sep="",
+        answer_suffix="</s>",
+        include_question=False,
+        in_synthetic_vocab=False,
+    ),
     # ChatML (LLaVA-NeXT / Qwen): "<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
     # "<|im_start|>assistant\n{a}<|im_end|>\n<|im_start|>user\n..."
     "chatml": ConversationTemplate(

@@ -180,6 +180,9 @@ class LlavaFamily(Family):
             raise UserError("give either --hf DIR (a LlavaForConditionalGeneration folder) or both --vision DIR and "
                             "--language DIR")
         if hf is not None:
+            common.check(options.get("pool", "none") == "none" and options.get("projector", "mlp2x_gelu") ==
+                         "mlp2x_gelu", "--pool and --projector apply to the fresh projector of --vision/--language; "
+                         "an HF LLaVA's projector is mlp2x_gelu over every vision token")
             return self.read_llava_config(common.hf_config(hf, "hf"), hf, tp, pp)
         vcfg, tcfg = common.hf_config(vision, "vision"), common.hf_config(language, "language")
         vf = _vision_fields(vcfg, f"--vision {vision}")
@@ -187,7 +190,9 @@ class LlavaFamily(Family):
         strategy = options.get("select_strategy", "default")
         common.check(strategy in SELECT_STRATEGY_CHOICES, f"--select-strategy {strategy!r}: use default or full")
         cfg = self._config(vf, lf, options.get("feature_layer", -2), strategy, common.image_norm(vision),
-                           getattr(tcfg, "max_position_embeddings", 2048), tp, pp, common.dtype_name(tcfg))
+                           getattr(tcfg, "max_position_embeddings", 2048), tp, pp, common.dtype_name(tcfg),
+                           projector={"type": options.get("projector", "mlp2x_gelu"),
+                                      "pool": options.get("pool", "none")})
         return HFImport(cfg, {"vision": (vision, _TOWER_PREFIXES), "projector": None,
                               "language": (language, common.DECODER_PREFIXES)},
                         tokenizer_dir=language, tied=bool(getattr(tcfg, "tie_word_embeddings", False)),
@@ -220,10 +225,12 @@ class LlavaFamily(Family):
                         hf_config=lc.to_dict(), tied=tied)
 
     def _config(self, vision: dict, language: dict, feature_layer: int, select_strategy: str, norm: dict,
-                max_pos: int, tp: int, pp: int, dtype_name: str):
+                max_pos: int, tp: int, pp: int, dtype_name: str, projector: dict | None = None):
         from ..config import Config, ModelConfig
 
         cfg = Config(model=ModelConfig(family=self.name))
+        for k, v in (projector or {}).items():
+            setattr(cfg.model.projector, k, v)
         for k, v in dict(vision, feature_layer=feature_layer, select_strategy=select_strategy, **norm).items():
             setattr(cfg.model.vision, k, v)
         for k, v in language.items():

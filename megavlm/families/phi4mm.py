@@ -315,7 +315,8 @@ class Phi4MMFamily(Family):
         for k, val in common.phi3_language_fields(tcfg, f"--language {language}").items():
             setattr(lm, k, val)
         lm.tie_embeddings = bool(getattr(tcfg, "tie_word_embeddings", False))
-        cfg.model.projector.pool = "shuffle2x2"
+        # Phi-3-Vision's 2×2 concatenation unless --pool says otherwise
+        cfg.model.projector.pool = "shuffle2x2" if options.get("pool", "none") == "none" else options["pool"]
         cfg.model.dtype = "bf16" if common.dtype_name(tcfg) == "bfloat16" else "fp32"
         cfg.data.max_seq_len = max(self.max_image_tokens(cfg) + MIN_TEXT_TOKENS,
                                    min(getattr(tcfg, "max_position_embeddings", 2048), 4096))

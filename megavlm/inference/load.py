@@ -16,13 +16,16 @@ from ..training import checkpoint as ckpt
 def build_and_load(cfg: Config, path: str, tok, rt: runtime.Runtime):
     """The model of ``cfg`` (already at the inference layout, ``config.single_layout``) with ``path``'s weights, in
     eval mode. Sets ``cfg.model.language.vocab_size`` (the embedding rows: the config's, else the tokenizer's
-    length)."""
+    length). A checkpoint with LoRA adapters (``model.lora``) is built with them, whatever ``cfg`` says of LoRA."""
     from .. import families
     from ..data.constants import image_token_id
     from ..models.vlm import build_model
 
     lm = cfg.model.language
     lm.vocab_size = lm.vocab_size or len(tok)
+    saved_lora = ckpt.saved_config(path).model.lora
+    if saved_lora.rank:  # LoRA adapters belong to the checkpoint: a LoRA run is evaluated with them, unmerged
+        cfg.model.lora = saved_lora
     if len(tok) > lm.vocab_size:
         raise UserError(f"the tokenizer has {len(tok)} tokens but the checkpoint's embeddings have "
                         f"{lm.vocab_size} rows; pass the tokenizer the model was trained with")

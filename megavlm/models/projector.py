@@ -12,9 +12,11 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import make_viewless_tensor
 
 from ..ops.reference import grid_width, merge_tokens_ref
 
@@ -73,6 +75,13 @@ class Projector(MultimodalProjector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merge > 1 or self.pool != "none" or self.layer_norm is not None or self.token_norm is not None:
             x = self.prepare(x.transpose(0, 1)).transpose(0, 1).contiguous()  # (t', n, input)
+        if self.projector_type == "affine" and self.tp_group.size() > 1:
+            # megatron's affine projector gathers the Linear's output over TP but adds the bias it gets back with
+            # skip_bias_add, which is this rank's shard only (a shape error at TP > 1): gather the bias too
+            out, bias = self.encoder(x)
+            if bias is not None:
+                out = out + tensor_parallel.gather_from_tensor_model_parallel_region(bias)
+            return make_viewless_tensor(inp=out, requires_grad=True, keep_graph=True)
         return super().forward(x)
 
 

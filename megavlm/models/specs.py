@@ -8,6 +8,7 @@ moves between backends.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -190,17 +191,20 @@ def _without_bias(cls: type) -> type:
 
 
 def layer_spec(backend: str, causal: bool, layer_scale: tuple[int, float] | None = None,
-               qk_norm: bool = False, qkv_bias: bool = True) -> ModuleSpec:
+               qk_norm: bool = False, qkv_bias: bool = True, lora=None) -> ModuleSpec:
     """A transformer layer spec: causal for the decoder, unmasked for the vision encoder. ``layer_scale``:
     ``(hidden_size, initial value)`` of a per-channel scale on both residual branches (None: none); ``qk_norm``: q and
     k RMS-normalized over their full width (:class:`FullWidthRMSNorm`); ``qkv_bias=False``: no q/k/v bias even where
-    the other linears have one."""
+    the other linears have one; ``lora``: a LoRAConfig whose ``targets`` get adapters (``models/lora.py``; not with
+    Transformer Engine's fused layers)."""
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec()
         spec.submodules.self_attention.params["attn_mask_type"] = mask
+        if lora is not None:
+            raise ValueError("LoRA adapters wrap megatron's own linear layers, not Transformer Engine's")
         _customize(spec, layer_scale, qk_norm, qkv_bias)
         return spec
     core = SDPAttention if backend == "sdpa" else DotProductAttention
@@ -224,15 +228,30 @@ def layer_spec(backend: str, causal: bool, layer_scale: tuple[int, float] | None
                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
             },
         ),
-    ), layer_scale, qk_norm, qkv_bias)
+    ), layer_scale, qk_norm, qkv_bias, lora)
 
 
 def _customize(spec: ModuleSpec, layer_scale: tuple[int, float] | None, qk_norm: bool,
-               qkv_bias: bool = True) -> ModuleSpec:
-    """Layer scale on both residual branches, full-width q/k norms and bias-free q/k/v, where asked for."""
+               qkv_bias: bool = True, lora=None) -> ModuleSpec:
+    """Layer scale on both residual branches, full-width q/k norms, bias-free q/k/v and LoRA adapters, where asked
+    for."""
     sub = spec.submodules
+    attn = sub.self_attention.submodules
     if not qkv_bias:
-        sub.self_attention.submodules.linear_qkv = _without_bias(sub.self_attention.submodules.linear_qkv)
+        attn.linear_qkv = _without_bias(attn.linear_qkv)
+    if lora is not None and lora.rank:
+        from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+        from .lora import lora_linear
+
+        def wrap(cls, target, column):
+            return lora_linear(cls, lora, column, swiglu=target == "fc1") if target in lora.targets else cls
+
+        attn.linear_qkv = wrap(attn.linear_qkv, "qkv", True)
+        attn.linear_proj = wrap(attn.linear_proj, "proj", False)
+        mlp = sub.mlp.keywords["submodules"]  # megatron's MLP spec: partial(MLP.as_mlp_submodule, submodules=...)
+        sub.mlp = partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
+            linear_fc1=wrap(mlp.linear_fc1, "fc1", True), linear_fc2=wrap(mlp.linear_fc2, "fc2", False)))
     if layer_scale is not None:
         params = {"hidden_size": layer_scale[0], "init_value": layer_scale[1]}
         sub.self_attn_bda = ModuleSpec(module=LayerScaleBiasDropoutAdd, params=params)
@@ -244,11 +263,11 @@ def _customize(spec: ModuleSpec, layer_scale: tuple[int, float] | None, qk_norm:
 
 
 def block_spec(config: TransformerConfig, backend: str, causal: bool, layer_scale: float | None = None,
-               qk_norm: bool = False, qkv_bias: bool = True):
+               qk_norm: bool = False, qkv_bias: bool = True, lora=None):
     """Layer specs for this pipeline stage's share of layers plus the block's final norm (ours, so that sequence
     parallelism works without TE: megatron's default ``LNImpl`` is the torch wrapper that refuses SP).
     ``layer_scale``: the initial value of a per-channel layer scale (None: none); ``qk_norm``: full-width q/k RMS
-    norms; ``qkv_bias=False``: bias-free q/k/v."""
+    norms; ``qkv_bias=False``: bias-free q/k/v; ``lora``: a LoRAConfig (adapters on its targets) or None."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if backend == "te":
@@ -259,7 +278,7 @@ def block_spec(config: TransformerConfig, backend: str, causal: bool, layer_scal
         final_norm = Norm
     n = get_num_layers_to_build(config)
     scale = None if layer_scale is None else (config.hidden_size, layer_scale)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(backend, causal, scale, qk_norm, qkv_bias)] * n,
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(backend, causal, scale, qk_norm, qkv_bias, lora)] * n,
                                       layer_norm=final_norm)
 
 

@@ -29,6 +29,10 @@ class VLM(MegatronModule):
         fam = families.of(cfg)
         varch, parch = fam.vision_arch(cfg), fam.projector_arch(cfg)
         backend = shapes.resolve_backend(cfg.model.spec, rt.on_gpu, packed=cfg.data.packing)
+        lora = cfg.model.lora if cfg.model.lora.rank else None
+        if lora is not None and backend == "te":  # adapters wrap megatron's linears, not TE's fused norm+linear
+            backend = "sdpa"
+        vlora = lora if lora is not None and lora.vision else None
         self.backend = backend
         self.kernels = ops.resolve_kernels(cfg.model.kernels)
         # The fused projector runs on megatron's own (TP-sharded) fc1/fc2 weights, at any TP (its merge is the grid
@@ -52,15 +56,20 @@ class VLM(MegatronModule):
             vcfg = specs.vision_config(varch, cfg, rt, dtype)
             if self.native:  # packed images: megatron's local attention takes none, our SDPA one does (same weights)
                 self.vision_model = NativeVisionEncoder(vcfg, varch, specs.block_spec(
-                    vcfg, "sdpa" if backend == "local" else backend, causal=False, qkv_bias=varch.qkv_bias))
+                    vcfg, "sdpa" if backend == "local" else backend, causal=False, qkv_bias=varch.qkv_bias,
+                    lora=vlora))
             else:
                 self.vision_model = VisionEncoder(vcfg, varch, specs.block_spec(
                     vcfg, backend, causal=False, layer_scale=varch.layer_scale_init if varch.layer_scale else None,
-                    qk_norm=varch.qk_norm, qkv_bias=varch.qkv_bias), kernels=self.kernels)
+                    qk_norm=varch.qk_norm, qkv_bias=varch.qkv_bias, lora=vlora), kernels=self.kernels)
             self.projector = fam.build_projector(cfg, specs.projector_config(cfg, rt, dtype), parch)
         self.language_model = build_language_model(
-            lang_cfg, specs.block_spec(lang_cfg, backend, causal=True), cfg.model.language, vocab_size,
+            lang_cfg, specs.block_spec(lang_cfg, backend, causal=True, lora=lora), cfg.model.language, vocab_size,
             cfg.data.max_seq_len, pre_process, post_process)
+        if lora is not None:
+            from .lora import init_adapters
+
+            init_adapters(self, cfg.train.seed)
 
     def set_input_tensor(self, input_tensor):
         self.language_model.set_input_tensor(input_tensor)
@@ -69,11 +78,16 @@ class VLM(MegatronModule):
         """The tied word embedding of this stage (finalize_model_grads reduces its gradient)."""
         return self.language_model.shared_embedding_or_output_weight()
 
-    def freeze_for_stage(self, stage: int, trainable=None) -> None:
-        """Only the parts ``train.trainable`` names train (when given), else those of ``train.stage``'s preset."""
+    def freeze_for_stage(self, stage: int, trainable=None, lora=None) -> None:
+        """Only the parts ``train.trainable`` names train (when given), else those of ``train.stage``'s preset. With
+        LoRA (``lora``: a LoRAConfig of rank > 0) the adapters train and the rest of each adapted part (the LLM; the
+        vision encoder with ``lora.vision``) is frozen, whatever the stage says of that part."""
+        from .lora import is_adapter_key
+
         prefixes = shapes.trainable_prefixes(stage, trainable)
+        adapted = shapes.lora_prefixes(lora)
         for name, p in self.named_parameters():
-            p.requires_grad_(name.startswith(prefixes))
+            p.requires_grad_(is_adapter_key(name) if name.startswith(adapted) else name.startswith(prefixes))
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None, image_grid=None) -> torch.Tensor:
         """Token embeddings with image features at the image tokens, ``(s, b, h)`` (or SP-scattered). Native
@@ -171,7 +185,7 @@ def build_model(cfg, rt, vocab_size: int, image_token_id: int) -> VLM:
                                          pre_process=parallel_state.is_pipeline_first_stage(),
                                          post_process=parallel_state.is_pipeline_last_stage())
     model.to(device=rt.device, dtype=dtype)  # norms too (Megatron-LM does this with Float16Module)
-    model.freeze_for_stage(cfg.train.stage, cfg.train.trainable)
+    model.freeze_for_stage(cfg.train.stage, cfg.train.trainable, cfg.model.lora)
     return model
 
 

@@ -37,10 +37,11 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from .. import families
-from ..shapes import (decoder_layers_per_stage, divisors, language_params, padded_vocab, trainable_parts,
-                      trained_label)
+from ..shapes import (decoder_layers_per_stage, divisors, language_params, lora_layer_params, lora_parts,
+                      padded_vocab, trainable_parts, trained_label)
 
 GIB = 2 ** 30
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -59,6 +60,9 @@ class StageParams:
     projector: int = 0
     language: int = 0
     trainable: int = 0
+    #: LoRA adapters (counted in ``vision`` / ``language`` too): with LoRA they are all that trains of their part.
+    vision_lora: int = 0
+    language_lora: int = 0
 
     @property
     def total(self) -> int:
@@ -75,9 +79,27 @@ def stage_params(cfg, vocab_size: int, tp: int, pp: int, rank: int, first_stage_
         projector=fam.projector_arch(cfg).params(tp) if first else 0,
         language=language_params(lm, vocab_size, tp, layers, first, last),
     )
-    tv, tproj, tlang = trainable_parts(cfg.train.stage, cfg.train.trainable)
-    sp.trainable = sp.vision * tv + sp.projector * tproj + sp.language * tlang
+    _add_lora(cfg, sp, tp, layers, first)
     return sp
+
+
+def _add_lora(cfg, sp: StageParams, tp: int, layers: int, first: bool) -> None:
+    """Count the LoRA adapters into ``sp`` (``layers`` decoder layers; the vision encoder's when ``first``) and set
+    what trains: a part with adapters trains only them (``train.stage`` / ``train.trainable`` decide the rest)."""
+    lora, lm = cfg.model.lora, cfg.model.language
+    adapted = lora_parts(lora)
+    if "language" in adapted:
+        sp.language_lora = layers * lora_layer_params(lora, lm.hidden_size, lm.num_heads, lm.num_kv_heads,
+                                                      lm.ffn_hidden_size, True, tp)
+    if "vision" in adapted and first:
+        v = families.of(cfg).vision_arch(cfg)
+        sp.vision_lora = v.num_layers * lora_layer_params(lora, v.hidden_size, v.num_heads, v.num_heads,
+                                                          v.ffn_hidden_size, v.gated_mlp, tp)
+    sp.vision += sp.vision_lora
+    sp.language += sp.language_lora
+    tv, tproj, tlang = trainable_parts(cfg.train.stage, cfg.train.trainable)
+    sp.trainable = (sp.vision_lora if "vision" in adapted else sp.vision * tv) + sp.projector * tproj + (
+        sp.language_lora if "language" in adapted else sp.language * tlang)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,7 +252,8 @@ class Env:
         spec = cfg.model.spec
         if self.device == "cpu":
             return "local" if spec == "local" else "sdpa"
-        return self.gpu_attention if spec == "auto" else spec
+        backend = self.gpu_attention if spec == "auto" else spec
+        return "sdpa" if backend == "te" and cfg.model.lora.rank else backend  # LoRA wraps megatron's linears
 
 
 def images_per_sample(cfg) -> int:
@@ -277,8 +300,10 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     # the gradient of the layer's input; the local attention's score buffer (megatron's GlobalMemoryBuffer) stays for
     # the whole run
     dh = h // lm.num_heads
+    # (not with LoRA on the LLM: its base weights are frozen, only the adapters' small gradients exist)
+    full_lang = tlang and "language" not in lora_parts(cfg.model.lora)
     layer_wgrad = (max((lm.num_heads + 2 * lm.num_kv_heads) * dh // tp * h, 2 * lm.ffn_hidden_size // tp * h) * e
-                   if tlang else 0)
+                   if full_lang else 0)
     workspace = 0
     t_v = v.positions
     if backend == "local":
@@ -462,8 +487,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
     fam = families.of(cfg)
     whole = StageParams(vision=fam.vision_arch(cfg).params(), language=language_params(cfg.model.language, vocab),
                         projector=fam.projector_arch(cfg).params())
-    tv, tproj, tlang = trainable_parts(cfg.train.stage, cfg.train.trainable)
-    whole.trainable = whole.vision * tv + whole.projector * tproj + whole.language * tlang
+    _add_lora(cfg, whole, 1, cfg.model.language.num_layers, True)
     v, parch = fam.vision_arch(cfg), fam.projector_arch(cfg)
     image = {"unpooled_tokens_per_crop": dataclasses.replace(parch, pool="none").tokens(v.tokens),
              "tokens_per_crop": fam.image_tokens(cfg),
@@ -481,6 +505,7 @@ def make_plan(cfg, gpus: int, gpu_memory_gib: float, device: str = "gpu", vocab_
         "gpus": gpus, "gpu_memory_gib": gpu_memory_gib, "reserve_gib": reserve_gib, "device": device,
         "dtype": "bf16" if env.dtype_bytes(cfg) == 2 else "fp32", "attention": env.backend(cfg),
         "vocab_size": vocab, "stage": cfg.train.stage, "trainable": cfg.train.trainable,
+        "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora.rank else None,
         "parameters": dataclasses.asdict(whole) | {"total": whole.total},
         "image_tokens": image,
         "config_layout": mem | {"fits": mem["peak"] is not None and mem["peak"] <= budget},
@@ -507,13 +532,17 @@ def format_plan(plan: dict) -> str:
     peaks = [plan["config_layout"]["peak"] or 0] + [r["peak"] for r in plan["suggestions"]]
     _UNIT[:] = ["GiB", GIB] if max(peaks) >= GIB else ["MiB", 2 ** 20]
     P = plan["parameters"]
+    lora = SimpleNamespace(**plan["lora"]) if plan.get("lora") else None
     lines = [(f"model: {plan['dtype']} on {plan['device']}, attention {plan['attention']}, "
-              f"vocab {plan['vocab_size']}, trains {trained_label(plan['stage'], plan.get('trainable'))}"), "",
+              f"vocab {plan['vocab_size']}, trains {trained_label(plan['stage'], plan.get('trainable'), lora)}"), "",
              "parameters        total          trained",
              ]
     tv, tproj, tlang = trainable_parts(plan["stage"], plan.get("trainable"))
+    adapted = lora_parts(lora)
     for name, on in (("vision", tv), ("projector", tproj), ("language", tlang)):
-        lines.append(f"  {name:<10} {P[name]:>14,} ({_n(P[name]):>7})  {P[name] if on else 0:>14,}")
+        trained = P.get(f"{name}_lora", 0) if name in adapted else (P[name] if on else 0)
+        note = f"  (LoRA adapters; the {P[name] - trained:,} others frozen)" if name in adapted else ""
+        lines.append(f"  {name:<10} {P[name]:>14,} ({_n(P[name]):>7})  {trained:>14,}{note}")
     lines.append(f"  {'total':<10} {P['total']:>14,} ({_n(P['total']):>7})  {P['trainable']:>14,}")
     im = plan.get("image_tokens")
     if im:

@@ -491,9 +491,23 @@ def load(path: str, model, optimizer=None, same_layout: bool = True, data_state:
     for name, wanted in ((RNG_BLOB, with_rng), (DATA_BLOB, with_data)):
         if wanted and v2:
             state[name] = _blob_tensor(name, blobs[name])
+    # A checkpoint without LoRA adapters (a converted model, stage 1) loaded into a model with them: the adapters keep
+    # their fresh start values (B = 0: the model computes what the checkpoint's does).
+    from ..models.lora import is_adapter_key
+
+    fresh_adapters = (not (common.get("config", {}).get("model", {}).get("lora") or {}).get("rank")
+                      and any(is_adapter_key(k) for k in state["model"]))
+    if fresh_adapters:
+        state["model"] = {k: v for k, v in state["model"].items() if not is_adapter_key(k)}
     with megatron_reads_safely():
         loaded = dist_checkpointing.load(state, path)
-    _unwrap(model).load_state_dict(loaded["model"])
+    if fresh_adapters:
+        missing, unexpected = _unwrap(model).load_state_dict(loaded["model"], strict=False)
+        if unexpected or any(not is_adapter_key(k) for k in missing):
+            raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+    else:
+        _unwrap(model).load_state_dict(loaded["model"])
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])
 

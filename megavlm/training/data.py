@@ -121,7 +121,8 @@ class ShardTrainData:
     Only the first pipeline stage needs images, so only its ranks run the loader (every TP rank of it, with the same
     shard split and seed, so all see the same samples); it sends the text of each step to the later stages of its
     pipeline (:mod:`megavlm.training.stage_text`). A sample that cannot be used — an undecodable image or a sample
-    cut off by a truncated tar (counted by the loader), a record that is not a conversation, a conversation too long
+    cut off by a truncated tar (counted by the loader), a record that is neither a conversation nor an interleaved
+    document, one with more images than ``data.max_images`` (``too_many_images``), a sample too long
     for ``data.max_seq_len`` or with no supervised token — is skipped and counted, and the next one takes its place;
     above ``data.max_bad_share`` of the samples read the run stops. With ``data.packing`` each micro-batch is one
     sequence of several samples (data/packing.py). ``state_dict()`` (loader position + samples read ahead) goes into
@@ -155,19 +156,18 @@ class ShardTrainData:
 
     def _encode(self, sample: dict) -> dict | None:
         from ..data.constants import IGNORE_INDEX
-        from ..data.conversation import SampleTooLong, encode_conversation, record_turns
+        from ..data.conversation import SampleTooLong, encode_record
 
         try:
             if not isinstance(sample["record"], dict):
                 raise ValueError("not a JSON object")
-            turns = record_turns(sample["record"])
-            if not turns:
-                raise ValueError("no (question, answer) turn")
             # one count per image: its crops (tiles + thumbnail, or 1) × the tokens of a crop
             crops = sample.get("crops", [1] * int(sample["images"].shape[0]))
+            if len(crops) < len(sample["record"].get("images") or []):  # the loader reads data.max_images slots
+                return self._skip("too_many_images")
             tokens = [self.family.image_tokens_per_image(self.cfg, int(c)) for c in crops]
-            enc = encode_conversation(self.tok, turns, len(crops), tokens, self.cfg.data.max_seq_len,
-                                      template=self.template, expand=self.expand, image_token=self.image_token)
+            enc = encode_record(self.tok, sample["record"], tokens, self.cfg.data.max_seq_len,
+                                template=self.template, expand=self.expand, image_token=self.image_token)
         except SampleTooLong:
             return self._skip("too_long")
         except (KeyError, TypeError, ValueError, AttributeError):

@@ -122,14 +122,19 @@ def model_flops_per_step(cfg: Config, n_tokens: int, n_images: int) -> float:
     fam = families.of(cfg)
     v, proj = fam.vision_arch(cfg), fam.projector_arch(cfg)
     tv, tproj, tlang = shapes.trainable_parts(cfg.train.stage, cfg.train.trainable)
+    # LoRA: an adapted part computes no weight gradients of its own (its adapters' are negligible), but backward runs
+    # through it: factor 2
+    adapted = shapes.lora_parts(cfg.model.lora)
+    lora_v, lora_lang = "vision" in adapted, "language" in adapted
+    tv, tlang = tv and not lora_v, tlang and not lora_lang
 
     def factor(trained: bool, before: bool) -> int:
         return 3 if trained else (2 if before else 1)
 
     lm_fwd = shapes.decoder_forward_flops(cfg.model.language, n_tokens, cfg.data.max_seq_len,
                                           cfg.model.language.vocab_size)
-    return (factor(tlang, tv or tproj) * lm_fwd + factor(tv, False) * v.forward_flops(n_images)
-            + factor(tproj, tv) * proj.forward_flops(n_images * proj.tokens(v.tokens)))
+    return (factor(tlang, tv or tproj or lora_v or lora_lang) * lm_fwd + factor(tv, lora_v) * v.forward_flops(n_images)
+            + factor(tproj, tv or lora_v) * proj.forward_flops(n_images * proj.tokens(v.tokens)))
 
 
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GH200": 989e12}
@@ -156,7 +161,7 @@ def _check_same_model(saved: dict, current: dict, path: str) -> None:
     def walk(a, b, prefix):
         for k in sorted(set(a) | set(b)):
             key = f"{prefix}.{k}"
-            if prefix == "model" and k in _FREE_MODEL_KEYS:
+            if prefix == "model" and k in free:
                 continue
             x, y = a.get(k), b.get(k)
             if isinstance(x, dict) and isinstance(y, dict):
@@ -168,6 +173,9 @@ def _check_same_model(saved: dict, current: dict, path: str) -> None:
         return {k: with_defaults(v, got.get(k, {})) if isinstance(v, dict) else got.get(k, v)
                 for k, v in dflt.items()} | {k: v for k, v in got.items() if k not in dflt}
 
+    # LoRA on a model trained without it: the adapters start fresh (the caller asks for checkpoint.finetune)
+    free = _FREE_MODEL_KEYS | ({"lora"} if not (saved.get("lora") or {}).get("rank")
+                               and (current.get("lora") or {}).get("rank") else set())
     if saved:
         from ..config import DEFAULT_FAMILY, ConfigError, ModelConfig
 
@@ -206,6 +214,11 @@ class _Start:
             checked = ckpt.verify(self.path)  # complete, unchanged, safe: before anything is written
             self.common = ckpt.load_common(self.path)
             _check_same_model(self.common.get("config", {}).get("model", {}), to_dict(cfg)["model"], self.path)
+            saved_lora = (self.common.get("config", {}).get("model", {}).get("lora") or {}).get("rank")
+            if cfg.model.lora.rank and not saved_lora and not cfg.checkpoint.finetune:
+                raise UserError(f"checkpoint {self.path} has no LoRA adapters but model.lora.rank="
+                                f"{cfg.model.lora.rank}: start LoRA from it with checkpoint.finetune=true (fresh "
+                                "adapters and optimizer, step 0)", all_ranks=True)
             if not cfg.checkpoint.finetune:
                 run_id = ckpt_integrity.run_id(self.path)
             if not checked:
@@ -306,7 +319,8 @@ class Trainer:
                 f"({'cpu-compat' if rt.cpu_compat else rt.backend}), family {self.cfg.model.family}, layers "
                 f"{model.module.backend}, kernels "
                 f"{_kernels_label(model.module.kernels, next(model.module.parameters()).dtype)}, trains "
-                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable)}; rank-0 chunk "
+                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable, self.cfg.model.lora)}; "
+                f"rank-0 chunk "
                 f"{n_params:,} params ({n_train:,} trained, "
                 f"{len(model.module.language_model.decoder.layers)} decoder layers); "
                 f"{self.data.num_microbatches} micro-batches/step")

@@ -38,15 +38,21 @@ def test_pack_layout():
         pack(samples, 20, tok.pad_token_id)
 
 
-def test_packed_losses_equal_unpacked(rt):
-    cfg = load_config("configs/tiny_cpu.yaml", ["model.spec=sdpa", "data.max_seq_len=96"])
+@pytest.mark.parametrize("extra", [[], ["model.lora.rank=4", "model.lora.vision=true"]], ids=["plain", "lora"])
+def test_packed_losses_equal_unpacked(rt, extra):
+    cfg = load_config("configs/tiny_cpu.yaml", ["model.spec=sdpa", "data.max_seq_len=96", *extra])
     tok = load_tokenizer(None)
     v = cfg.model.vision
+    from megavlm.models import lora
     from megavlm.models.vlm import VLM
 
     torch.manual_seed(0)
     model = VLM(cfg, rt, len(tok), image_token_id(tok), torch.float32, pre_process=True, post_process=True).eval()
     assert model.backend == "sdpa"
+    assert bool(lora.adapted(model)) == bool(extra)
+    with torch.no_grad():  # adapters with values (a fresh B is 0)
+        for _, lin in lora.adapted(model):
+            lin.lora_b.normal_(std=0.1)
     ds = SyntheticVLMDataset(tok, num_samples=4, image_size=v.image_size, num_image_tokens=families.image_tokens(cfg),
                              max_seq_len=48, split="train", seed=5, image_mean=v.image_mean, image_std=v.image_std)
     samples = [ds[i] for i in range(4)]
