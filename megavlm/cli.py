@@ -58,12 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--world-size", type=int, default=1, help="processes the run will have (nodes x processes per "
                                                               "node; default 1)")
 
-    e = sub.add_parser("eval", help="greedy answers to held-out questions, accuracy vs chance",
+    e = sub.add_parser("eval", help="greedy answers to held-out questions (colour accuracy, or POPE)",
                        description="Load the run's latest checkpoint (or checkpoint.load=PATH) at TP=1/PP=1 in one "
-                                   "process and answer the held-out colour questions greedily. " + TRUST)
+                                   "process and answer greedily: --task color, the held-out colour questions "
+                                   "(accuracy vs chance); --task pope, yes/no questions about present and absent "
+                                   "objects with POPE's random, popular and adversarial negatives (accuracy, "
+                                   "precision, recall, F1, yes-ratio per setting; docs/eval.md). " + TRUST)
     e.add_argument("config")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    e.add_argument("--limit", type=int, default=None, help="evaluate at most this many questions")
+    e.add_argument("--task", choices=["color", "pope"], default="color", help="what to evaluate (default color)")
+    e.add_argument("--shards", default=None, help="--task pope: shards whose records carry 'objects' (default: the "
+                                                  "synthetic eval split of data.eval_samples images)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate at most this many questions (pope: images)")
     e.add_argument("--show", type=int, default=5, help="print this many example answers")
 
     c = sub.add_parser("convert", help="Hugging Face <-> megatron checkpoint conversion (single process)",
@@ -202,10 +208,13 @@ def _parser() -> argparse.ArgumentParser:
                                      "a DALI index OUT/shard-NNNNNN.idx per shard and OUT/summary.json. Records "
                                      "that fail a check are skipped and counted by reason; exit status 2 when "
                                      "nothing was written.")
-    dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl", "mmc4", "obelics"],
-                    help="input format: LLaVA conversations (llava-*, jsonl) or interleaved image-text documents "
-                         "(mmc4, obelics: jsonl, one document per line; docs/data.md)")
-    dc.add_argument("--json", required=True, help="input .json (llava-*) or .jsonl file")
+    dc.add_argument("--format", required=True, choices=["llava-pretrain", "llava-instruct", "jsonl", "mmc4", "obelics",
+                                                      "preference"],
+                    help="input format: LLaVA conversations (llava-*, jsonl), interleaved image-text documents "
+                         "(mmc4, obelics: jsonl, one document per line) or preference pairs (records {image, "
+                         "conversations: [human turn(s)], chosen, rejected}, a JSON list or JSONL, for "
+                         "train.objective=dpo); docs/data.md")
+    dc.add_argument("--json", required=True, help="input .json (llava-*, preference) or .jsonl file")
     dc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mmc4/obelics: dotted overrides of --config")
     dc.add_argument("--config", default=None, metavar="CONFIG",
                     help="mmc4/obelics: the training config whose model (tokens per image), data.tokenizer, "
@@ -462,7 +471,9 @@ def _data_synthetic(args) -> int:
         size = families.of(cfg).image_processor(cfg).size
         summary = ensure_synthetic_shards(out, cfg.data.num_samples, size, cfg.train.seed,
                                           min_shapes=cfg.data.min_shapes, max_shapes=cfg.data.max_shapes,
-                                          workers=os.cpu_count() or 1, progress=True)
+                                          workers=os.cpu_count() or 1, progress=True,
+                                          exist_share=cfg.data.existence_share,
+                                          preference=cfg.train.objective == "dpo")
     except UserError as e:
         return _fail(str(e))
     if summary is None:
@@ -603,7 +614,7 @@ def main(argv=None) -> int:
         elif args.command == "eval":
             from .inference.evaluate import evaluate
 
-            evaluate(cfg, limit=args.limit, show=args.show)
+            evaluate(cfg, limit=args.limit, show=args.show, task=args.task, shards=args.shards)
     except UserError as e:
         # Raised by our own checks after start-up (a checkpoint path without a checkpoint, a tokenizer that does
         # not fit): the message says what to do.

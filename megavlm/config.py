@@ -93,6 +93,7 @@ KERNELS_CHOICES = ("auto", "fused", "reference")
 LR_SCHEDULE_CHOICES = ("cosine", "linear", "constant")
 STAGE_CHOICES = (1, 2, 3)
 RECOMPUTE_CHOICES = ("none", "selective", "full")
+OBJECTIVE_CHOICES = ("sft", "dpo")
 DATA_SOURCE_CHOICES = ("synthetic", "synthetic_shards", "shards")
 IMAGE_MODE_CHOICES = ("resize", "pad", "crop")
 #: ``model.projector.pool``: the 2×2 token pooling before the projector (every family's projector section has it).
@@ -465,9 +466,19 @@ class TrainConfig:
     #: ``full`` keeps only each transformer layer's input and recomputes the layer (``recompute_method=uniform``,
     #: one layer per unit). ``megavlm plan`` shows what each saves.
     recompute: str = "none"
+    #: ``sft`` (next-token loss on the answers) or ``dpo`` (direct preference optimisation, Rafailov et al. 2023, on
+    #: preference pairs: records with ``chosen`` and ``rejected`` answers, or the synthetic set's pairs; the
+    #: reference model is the weights the run starts from). With ``dpo`` a sample is a pair: ``global_batch`` and
+    #: ``micro_batch`` count pairs, and a micro-batch runs ``2 × micro_batch`` sequences (docs/dpo.md).
+    objective: str = "sft"
+    #: DPO's β: the strength of the pull towards the reference model (the implicit reward is β·log π/π_ref).
+    dpo_beta: float = 0.1
 
     def check(self, key: str) -> None:
         _check_choice(f"{key}.lr_schedule", self.lr_schedule, LR_SCHEDULE_CHOICES)
+        _check_choice(f"{key}.objective", self.objective, OBJECTIVE_CHOICES)
+        if not self.dpo_beta > 0 or not math.isfinite(self.dpo_beta):
+            raise ConfigError(f"{key}.dpo_beta={self.dpo_beta} must be > 0")
         _check_choice(f"{key}.stage", self.stage, STAGE_CHOICES)
         if self.trainable is not None:
             from .shapes import PARTS
@@ -537,6 +548,10 @@ class DataConfig:
     min_shapes: int = 1
     #: Most shapes drawn in a synthetic image (at most 3).
     max_shapes: int = 3
+    #: Share of the synthetic samples that ask whether an object is in the image (``is there a red square in the
+    #: image ?`` → ``yes``/``no``, half about absent objects: what ``megavlm eval --task pope`` probes); > 0 adds
+    #: their words to the synthetic tokenizer (existing ids unchanged).
+    existence_share: float = 0.0
     #: Local path of an HF tokenizer; None = build the synthetic one.
     tokenizer: Optional[str] = None
 
@@ -557,6 +572,8 @@ class DataConfig:
         _check_min(f"{key}.num_samples", self.num_samples, 1)
         _check_min(f"{key}.max_seq_len", self.max_seq_len, 1)
         _check_nonneg(f"{key}.eval_samples", self.eval_samples)
+        if not 0.0 <= self.existence_share <= 1.0:
+            raise ConfigError(f"{key}.existence_share={self.existence_share} must be between 0 and 1")
         if not 1 <= self.min_shapes <= self.max_shapes <= MAX_SHAPES_LIMIT:
             raise ConfigError(f"{key}.min_shapes={self.min_shapes}, {key}.max_shapes={self.max_shapes}: need "
                               f"1 <= min_shapes <= max_shapes <= {MAX_SHAPES_LIMIT}")
@@ -1002,6 +1019,12 @@ def shards_dir(cfg: "Config") -> Optional[str]:
     return os.path.join(cfg.run_dir, "shards") if cfg.data.source == "synthetic_shards" else None
 
 
+def synthetic_existence(cfg: Config) -> bool:
+    """Whether the synthetic tokenizer needs the existence words (``data.existence_share`` > 0, or DPO on the
+    synthetic pairs, or an eval that asks existence questions)."""
+    return cfg.data.existence_share > 0 or cfg.train.objective == "dpo"
+
+
 def checkpoint_dir(cfg: Config) -> str:
     """``checkpoint.dir`` or, when it is None, ``{run_dir}/checkpoints``."""
     if cfg.checkpoint.dir is not None:
@@ -1150,6 +1173,9 @@ def validate(cfg: Config, world_size: int) -> int:
     _check_pool(cfg, fam)
     m, par, tr, data = cfg.model, cfg.parallel, cfg.train, cfg.data
 
+    if tr.objective == "dpo" and data.packing:
+        raise ConfigError("train.objective=dpo runs each pair as two padded sequences of one micro-batch; set "
+                          "data.packing=false")
     if data.packing:
         if data.source == "synthetic":
             raise ConfigError("data.packing needs data.source=shards or synthetic_shards")

@@ -335,6 +335,24 @@ def check_supervision(
 
 def record_turns(record: dict) -> list[tuple[str, str]]:
     """A shard record's ``conversations`` (human/gpt alternating, as ``data convert`` writes them) as
-    ``(question, answer)`` pairs."""
+    ``(question, answer)`` pairs; for a preference record its chosen conversation (:func:`preference_turns`)."""
+    pair = preference_turns(record)
+    if pair is not None:
+        return pair[0]
     conv = record.get("conversations") or []
     return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+
+
+def preference_turns(record: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]] | None:
+    """A preference record (``data convert --format preference``: ``conversations`` ending with the question,
+    ``chosen`` and ``rejected`` answers to it) as the ``(question, answer)`` pairs of its chosen and of its rejected
+    conversation; None for a record without both answers."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        return None
+    conv = record.get("conversations") or []
+    if len(conv) % 2 != 1:
+        raise ValueError("a preference record's conversation must end with the question")
+    turns = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+    q = conv[-1]["value"]
+    return turns + [(q, chosen)], turns + [(q, rejected)]

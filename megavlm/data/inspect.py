@@ -190,7 +190,8 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
     if num_image_tokens < 1:
         raise UserError(f"--image-tokens must be >= 1, got {num_image_tokens}")
     try:
-        tok = build_synthetic_tokenizer(templates=[template]) if tokenizer is None else load_tokenizer(tokenizer)
+        tok = (build_synthetic_tokenizer(templates=[template], existence=True) if tokenizer is None
+               else load_tokenizer(tokenizer))
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 from megavlm.data.constants import IMAGE_TOKEN
 from megavlm.errors import UserError
 
-FORMATS = ("llava-pretrain", "llava-instruct", "jsonl")
+FORMATS = ("llava-pretrain", "llava-instruct", "jsonl", "preference")
 SKIP_REASONS = (
     "missing_image",
     "undecodable_image",
@@ -80,13 +80,43 @@ def _content_text(content) -> str:
     raise Skip("malformed_record", f"content is {type(content).__name__}, not a string or a list")
 
 
-def normalize_record(raw) -> tuple[dict, list]:
+def _objects(raw: dict) -> list[str] | None:
+    """A record's ``objects`` (the names of the objects in its image, for POPE), checked; None when absent."""
+    objs = raw.get("objects")
+    if objs is None:
+        return None
+    if not isinstance(objs, list) or not all(isinstance(o, str) and o.strip() for o in objs):
+        raise Skip("malformed_record", "'objects' must be a list of object names")
+    return [o.strip() for o in objs]
+
+
+def normalize_record(raw, preference: bool = False) -> tuple[dict, list]:
     """A raw record (LLaVA ``conversations`` or OpenAI ``messages``) → ``(record, image_sources)``.
 
-    ``record`` is ``{"conversations": [{"from": "human"|"gpt", "value": str}, ...]}`` (plus ``id``
-    and ``system`` when the input has them); ``image_sources`` are the record's ``image`` /
+    ``record`` is ``{"conversations": [{"from": "human"|"gpt", "value": str}, ...]}`` (plus ``id``, ``system`` and
+    ``objects`` when the input has them); ``image_sources`` are the record's ``image`` /
     ``images`` entries (paths or bytes) in order.  Raises :class:`Skip` with the reason.
+
+    ``preference``: a preference record (``--format preference``): its conversation ends with the question (a human
+    turn), and ``chosen`` / ``rejected`` hold the two answers to it, kept in the record.
     """
+    answers = None
+    if preference and isinstance(raw, dict) and "__malformed__" not in raw:
+        missing = [k for k in ("chosen", "rejected") if not isinstance(raw.get(k), str) or not raw[k].strip()]
+        if missing:
+            raise Skip("malformed_record", f"preference record without {' and '.join(repr(k) for k in missing)} "
+                                           "(a non-empty answer string each)")
+        for k in ("chosen", "rejected"):
+            if IMAGE_TOKEN in raw[k]:
+                raise Skip("malformed_record", f"{IMAGE_TOKEN!r} in the {k} answer")
+        answers = {"chosen": raw["chosen"], "rejected": raw["rejected"]}
+        # the answers take the place of a last assistant turn for the checks below
+        raw = dict(raw)
+        key = "conversations" if "conversations" in raw else "messages"
+        if isinstance(raw.get(key), list):
+            turn = {"from": "gpt", "value": raw["chosen"]} if key == "conversations" else {
+                "role": "assistant", "content": raw["chosen"]}
+            raw[key] = raw[key] + [turn]
     if not isinstance(raw, dict):
         raise Skip("malformed_record", f"record is {type(raw).__name__}, not an object")
     if "__malformed__" in raw:
@@ -158,6 +188,12 @@ def normalize_record(raw) -> tuple[dict, list]:
         raise Skip("image_count_mismatch", f"{n_tok} {IMAGE_TOKEN!r} placeholders but {len(images)} image(s)")
 
     out["conversations"] = [{"from": r, "value": v} for r, v in turns]
+    if answers is not None:
+        out["conversations"] = out["conversations"][:-1]
+        out.update(answers)
+    objects = _objects(raw)
+    if objects is not None:
+        out["objects"] = objects
     if isinstance(raw.get("id"), (str, int)):
         out["id"] = raw["id"]
     return out, images
@@ -241,7 +277,7 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
 
 def _write_shard(task) -> dict:
     """Worker: validate the records of one shard and write ``.tar.tmp`` / ``.idx.tmp``; skips are counted."""
-    chunk_id, records, images_root, allow_absolute, out_dir = task
+    chunk_id, records, images_root, allow_absolute, out_dir, preference = task
     tmp_tar = os.path.join(out_dir, f".chunk-{chunk_id:06d}.tar.tmp")
     tmp_idx = os.path.join(out_dir, f".chunk-{chunk_id:06d}.idx.tmp")
     skipped = {r: 0 for r in SKIP_REASONS}
@@ -252,7 +288,7 @@ def _write_shard(task) -> dict:
         for pos, raw in records:
             key = f"{pos:09d}"
             try:
-                record, sources = normalize_record(raw)
+                record, sources = normalize_record(raw, preference)
                 blobs = []
                 for src in sources:
                     if isinstance(src, bytes):
@@ -298,15 +334,16 @@ def _write_shard(task) -> dict:
             "tar": tmp_tar if kept else None, "idx": tmp_idx if kept else None, "records": len(records)}
 
 
-def _chunks(records_iter: Iterable, shard_size: int, images_root, allow_absolute, out_dir) -> Iterator[tuple]:
+def _chunks(records_iter: Iterable, shard_size: int, images_root, allow_absolute, out_dir,
+            preference) -> Iterator[tuple]:
     buf, chunk_id = [], 0
     for pos, raw in enumerate(records_iter):
         buf.append((pos, raw))
         if len(buf) == shard_size:
-            yield chunk_id, buf, images_root, allow_absolute, out_dir
+            yield chunk_id, buf, images_root, allow_absolute, out_dir, preference
             buf, chunk_id = [], chunk_id + 1
     if buf:
-        yield chunk_id, buf, images_root, allow_absolute, out_dir
+        yield chunk_id, buf, images_root, allow_absolute, out_dir, preference
 
 
 def write_shards(
@@ -320,6 +357,7 @@ def write_shards(
     progress: bool = True,
     total: int | None = None,
     extra_summary: dict | None = None,
+    preference: bool = False,
 ) -> dict:
     """Write records as WebDataset shards ``out_dir/shard-{k:06d}.tar`` + DALI ``.idx``; return the summary.
 
@@ -356,7 +394,7 @@ def write_shards(
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would become out_dir's mode
         summary = _write_all(records_iter, stage, final, shard_size, images_root, allow_absolute, workers, progress,
-                             total, extra_summary)
+                             total, extra_summary, preference)
         _publish(stage, final)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -378,7 +416,7 @@ def _publish(stage: str, final: str) -> None:
 
 
 def _write_all(records_iter, out_dir, final, shard_size, images_root, allow_absolute, workers, progress, total,
-               extra_summary):
+               extra_summary, preference=False):
     """:func:`write_shards`'s work, into ``out_dir`` (the staging folder; the summary names ``final``)."""
     t0 = time.time()
     skipped = {r: 0 for r in SKIP_REASONS}
@@ -387,7 +425,7 @@ def _write_all(records_iter, out_dir, final, shard_size, images_root, allow_abso
     shards: list[str] = []
     kept = n_records = 0
     n_chunks = None if total is None else -(-total // shard_size)
-    tasks = _chunks(records_iter, shard_size, images_root, allow_absolute, out_dir)
+    tasks = _chunks(records_iter, shard_size, images_root, allow_absolute, out_dir, preference)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_write_shard, tasks) if pool is not None else map(_write_shard, tasks)
@@ -438,7 +476,8 @@ def _write_all(records_iter, out_dir, final, shard_size, images_root, allow_abso
 
 
 def read_records(fmt: str, json_path: str) -> list:
-    """Raw records of a ``llava-pretrain`` / ``llava-instruct`` JSON list or a ``jsonl`` file.
+    """Raw records of a ``llava-pretrain`` / ``llava-instruct`` JSON list or a ``jsonl`` file (``preference``: either,
+    told apart by the first character: ``[`` a JSON list, else one record per line).
 
     Unparseable jsonl lines (invalid JSON, not UTF-8) become ``{"__malformed__": why}`` (counted as malformed, not
     fatal); in a JSON list, a string with bytes that are not UTF-8 makes its record malformed when it is written.
@@ -447,6 +486,10 @@ def read_records(fmt: str, json_path: str) -> list:
         raise UserError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if not os.path.isfile(json_path):
         raise UserError(f"input file not found: {json_path}")
+    if fmt == "preference":
+        with open(json_path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        fmt = "llava-instruct" if head.startswith(b"[") else "jsonl"
     if fmt == "jsonl":
         out = []
         with open(json_path, "rb") as f:
@@ -485,7 +528,7 @@ def convert(fmt: str, json_path: str, images_dir: str, out_dir: str, shard_size:
         raise UserError(f"image directory not found: {images_dir}")
     records = read_records(fmt, json_path)
     summary = write_shards(records, out_dir, shard_size, images_root=images_dir, allow_absolute=allow_absolute,
-                           workers=workers, progress=progress, total=len(records),
+                           workers=workers, progress=progress, total=len(records), preference=fmt == "preference",
                            extra_summary={"format": fmt, "input": os.path.abspath(json_path),
                                           "images": os.path.abspath(images_dir)})
     if summary["kept"] == 0:

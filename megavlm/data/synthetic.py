@@ -10,6 +10,14 @@ conversation:
 * caption         (~20%): ``describe the image .``         → ``a red square and a blue circle``
   (shapes listed left to right by centre)
 
+With ``exist_share`` > 0 that share of the samples asks instead whether an object (a colour and a shape, one of
+:data:`OBJECTS`) is in the image, half of them about a present object (``is there a red square in the image ?`` →
+``yes``), half about an absent one (→ ``no``): the hallucination probe of POPE. Every sample also carries a
+preference pair (``pair``: question, chosen, rejected) whose rejected answer names an absent object: a wrong yes/no
+to an existence question, or a caption with one object replaced by an absent one. The words these need (``there``,
+``in``, ``yes``, ``no``) are in the synthetic tokenizer only when asked for (``existence=True``), so the default
+vocabulary, and every run trained on it, keeps its ids and size.
+
 Everything is a pure function of ``(seed, split, index)``: sample ``i`` does not
 depend on ``num_samples``, and different splits (``train``/``eval``) use
 different random streams, so eval images are held out.
@@ -48,8 +56,10 @@ COLOURS: tuple[str, ...] = tuple(PALETTE)
 COLORS = COLOURS  # alias
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
 MAX_SHAPES = len(SHAPES)
-KINDS: tuple[str, ...] = ("color", "shape", "caption")
-KIND_PROBS: tuple[float, ...] = (0.6, 0.2, 0.2)
+KINDS: tuple[str, ...] = ("color", "shape", "caption", "exists")
+KIND_PROBS: tuple[float, ...] = (0.6, 0.2, 0.2)  # of the first three; ``exists`` replaces them at ``exist_share``
+#: The objects of the existence questions and of POPE: every colour-shape combination, in a fixed order.
+OBJECTS: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)
 
 # Placement: PLACEMENT_TRIES candidate positions per shape; the first one whose
 # bounding box overlaps every shape drawn before it by at most OVERLAP_FRAC of
@@ -65,8 +75,12 @@ _U_SHAPE = slice(3, 3 + len(SHAPES))
 _U_COLOUR = slice(6, 6 + len(COLOURS))
 _U_SIZE = slice(12, 12 + MAX_SHAPES)
 _U_POS = 15
+# After the placement tries: the existence question (is it one, present or absent object, which object) and the
+# preference pair (existence or caption, present or absent / which caption object, which absent object). New
+# columns leave every earlier decision, so every sample without an existence question, as it was.
+_U_EXIST, _U_EXIST_ASK, _U_EXIST_PICK, _U_PAIR_KIND, _U_PAIR_ASK, _U_PAIR_PICK = range(399, 405)
 U_WIDTH = 512
-assert _U_POS + MAX_SHAPES * PLACEMENT_TRIES * 2 <= U_WIDTH
+assert _U_POS + MAX_SHAPES * PLACEMENT_TRIES * 2 <= _U_EXIST and _U_PAIR_PICK < U_WIDTH
 
 _SPLIT_KEYS = {"train": 0, "eval": 1}
 
@@ -80,6 +94,15 @@ def shape_question(colour: str) -> str:
 
 
 CAPTION_QUESTION = "describe the image ."
+
+
+def exists_question(obj: str) -> str:
+    """The POPE question about object ``obj`` (``"red square"``)."""
+    return f"is there a {obj} in the image ?"
+
+
+#: Texts of the words the existence questions add to the synthetic tokenizer (``existence=True``).
+EXISTENCE_TEXTS: tuple[str, ...] = (exists_question(""), "yes", "no")
 
 
 def caption_text(objects_left_to_right: Sequence[tuple[str, str]]) -> str:
@@ -179,7 +202,9 @@ def _plan(u: np.ndarray, image_size: int, min_shapes: int, max_shapes: int) -> d
     target = np.minimum(np.floor(u[:, _U_TARGET] * n).astype(np.int64), n - 1)
     return dict(
         n=n, shape_ids=shape_ids, colour_ids=colour_ids, sizes=sizes, y0=y0, x0=x0,
-        kind=kind, target=target,
+        kind=kind, target=target, u_exist=u[:, _U_EXIST], u_exist_ask=u[:, _U_EXIST_ASK],
+        u_exist_pick=u[:, _U_EXIST_PICK], u_pair_kind=u[:, _U_PAIR_KIND], u_pair_ask=u[:, _U_PAIR_ASK],
+        u_pair_pick=u[:, _U_PAIR_PICK],
     )
 
 
@@ -209,12 +234,8 @@ def _paint(images: np.ndarray, plan: dict) -> np.ndarray:
     return np.stack([(flat == j).sum(axis=1) for j in range(MAX_SHAPES)], axis=1)
 
 
-def _conversation(objects: list[dict], kind: str, target: int) -> tuple[str, str]:
-    if kind == "color":
-        return color_question(objects[target]["shape"]), objects[target]["colour"]
-    if kind == "shape":
-        return shape_question(objects[target]["colour"]), objects[target]["shape"]
-    order = sorted(
+def _left_to_right(objects: list[dict]) -> list[int]:
+    return sorted(
         range(len(objects)),
         key=lambda k: (
             objects[k]["x"] + objects[k]["size"] / 2,
@@ -222,7 +243,49 @@ def _conversation(objects: list[dict], kind: str, target: int) -> tuple[str, str
             k,
         ),
     )
+
+
+def _conversation(objects: list[dict], kind: str, target: int) -> tuple[str, str]:
+    if kind == "color":
+        return color_question(objects[target]["shape"]), objects[target]["colour"]
+    if kind == "shape":
+        return shape_question(objects[target]["colour"]), objects[target]["shape"]
+    order = _left_to_right(objects)
     return CAPTION_QUESTION, caption_text([(objects[k]["colour"], objects[k]["shape"]) for k in order])
+
+
+def _pick(items: Sequence, u: float):
+    return items[min(int(u * len(items)), len(items) - 1)]
+
+
+def _existence(present: list[str], ask: float, pick: float) -> tuple[str, str, str]:
+    """``(question, answer, object)``: about a present object when ``ask`` < 0.5 (or when every object is present),
+    else about an absent one."""
+    absent = [o for o in OBJECTS if o not in present]
+    if ask < 0.5 or not absent:
+        obj = _pick(present, pick)
+        return exists_question(obj), "yes", obj
+    obj = _pick(absent, pick)
+    return exists_question(obj), "no", obj
+
+
+def preference_pair(objects: list[dict], kind: float, ask: float, pick: float) -> dict:
+    """A preference pair for an image with ``objects`` whose rejected answer names an absent object: an existence
+    question answered wrongly (``kind`` < 0.5; the asked object absent when ``ask`` >= 0.5, the rejected answer then
+    ``yes``), else the caption with one object (``ask`` picks which) replaced by an absent one (``pick``)."""
+    present = [f"{o['colour']} {o['shape']}" for o in objects]
+    if kind < 0.5:
+        question, answer, obj = _existence(present, ask, pick)
+        return {"question": question, "chosen": answer, "rejected": "no" if answer == "yes" else "yes",
+                "kind": "exists"}
+    order = _left_to_right(objects)
+    names = [present[k] for k in order]
+    absent = [o for o in OBJECTS if o not in present]
+    swap = _pick(range(len(names)), ask)
+    wrong = list(names)
+    wrong[swap] = _pick(absent, pick)
+    return {"question": CAPTION_QUESTION, "chosen": " and ".join(f"a {o}" for o in names),
+            "rejected": " and ".join(f"a {o}" for o in wrong), "kind": "caption"}
 
 
 def generate_split(
@@ -235,8 +298,10 @@ def generate_split(
     seed: int = 1234,
     start: int = 0,
     chunk: int = 2048,
+    exist_share: float = 0.0,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Images ``uint8 [N, H, W, 3]`` and metadata of samples ``start .. start+N-1``."""
+    """Images ``uint8 [N, H, W, 3]`` and metadata of samples ``start .. start+N-1``; ``exist_share`` of them ask an
+    existence question (module docstring)."""
     if not 1 <= min_shapes <= max_shapes <= MAX_SHAPES:
         raise ValueError(
             f"need 1 <= min_shapes <= max_shapes <= {MAX_SHAPES}, got {min_shapes}, {max_shapes}"
@@ -273,7 +338,13 @@ def generate_split(
                 )
             kind = KINDS[cols["kind"][r]]
             target = cols["target"][r]
-            question, answer = _conversation(objects, kind, target)
+            names = [f"{o['colour']} {o['shape']}" for o in objects]
+            if cols["u_exist"][r] < exist_share:
+                kind = "exists"
+                question, answer, asked = _existence(names, cols["u_exist_ask"][r], cols["u_exist_pick"][r])
+                target = names.index(asked) if asked in names else None
+            else:
+                question, answer = _conversation(objects, kind, target)
             meta.append(
                 {
                     "index": start + c0 + r,
@@ -284,6 +355,9 @@ def generate_split(
                     "colours_present": [o["colour"] for o in objects],
                     "shapes_present": [o["shape"] for o in objects],
                     "objects": objects,
+                    "object_names": names,
+                    "pair": preference_pair(objects, cols["u_pair_kind"][r], cols["u_pair_ask"][r],
+                                            cols["u_pair_pick"][r]),
                 }
             )
     return images, meta
@@ -331,7 +405,7 @@ def synthetic_special_tokens(templates=None) -> list[str]:
     return specials
 
 
-def synthetic_vocabulary(templates=None) -> list[str]:
+def synthetic_vocabulary(templates=None, existence: bool = False) -> list[str]:
     """The ordered vocabulary (special tokens first) of the synthetic tokenizer.
 
     Order is deterministic: special tokens, then the data-set words, then the
@@ -368,10 +442,13 @@ def synthetic_vocabulary(templates=None) -> list[str]:
     for tmpl in extra:
         for text in tmpl.texts():
             add(text)
+    if existence:  # last: every other id stays where it is
+        for text in EXISTENCE_TEXTS:
+            add(text)
     return words
 
 
-def build_synthetic_tokenizer(out_dir: str | None = None, templates=None):
+def build_synthetic_tokenizer(out_dir: str | None = None, templates=None, existence: bool = False):
     """Build the word-level tokenizer of the synthetic data.
 
     Returns a ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` = 0,
@@ -381,12 +458,13 @@ def build_synthetic_tokenizer(out_dir: str | None = None, templates=None):
     is also ``save_pretrained`` there (loadable with :func:`load_tokenizer`).
     ``templates``: extra conversation templates whose words and special tokens
     are appended (see :func:`synthetic_vocabulary`); without it the vocabulary
-    is the default one. ``load_tokenizer(None)`` returns it.
+    is the default one. ``load_tokenizer(None)`` returns it. ``existence``: add the words of the existence
+    questions and preference pairs (:data:`EXISTENCE_TEXTS`), after every other word.
     """
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = synthetic_vocabulary(templates)
+    words = synthetic_vocabulary(templates, existence)
     vocab = {w: i for i, w in enumerate(words)}
     assert vocab[PAD_TOKEN] == 0
 
@@ -439,9 +517,11 @@ class SyntheticVLMDataset(Dataset):
         template: str = "vicuna",
         expand=None,
         image_token: str = IMAGE_TOKEN,
+        exist_share: float = 0.0,
     ):
         """``num_image_tokens``, ``expand`` and ``image_token``: how the model family expands an image (one square crop
-        each: the rendered image is already the encoder's size)."""
+        each: the rendered image is already the encoder's size). ``exist_share``: the share of existence questions
+        (the tokenizer then needs the existence words: ``build_synthetic_tokenizer(existence=True)``)."""
         self.tokenizer = tokenizer
         self.num_samples = int(num_samples)
         self.image_size = int(image_size)
@@ -462,6 +542,7 @@ class SyntheticVLMDataset(Dataset):
             max_shapes=self.max_shapes,
             split=split,
             seed=self.seed,
+            exist_share=exist_share,
         )
         # Few distinct conversations: encode each once (also fails fast with
         # SampleTooLong at construction rather than in a DataLoader worker).
@@ -492,6 +573,23 @@ class SyntheticVLMDataset(Dataset):
             "labels": enc["labels"].clone(),
             "images": torch.from_numpy(self.images[i : i + 1].copy()),
         }
+
+    def pair(self, i: int) -> dict:
+        """Sample ``i``'s preference pair (``meta["pair"]``) encoded: ``chosen`` and ``rejected`` (each
+        ``input_ids`` / ``labels`` LongTensor[max_seq_len], the same prompt and image), ``images`` uint8
+        ``[1, H, W, 3]``."""
+        i = self._check_index(i)
+        p = self._meta[i]["pair"]
+        out = {}
+        for side in ("chosen", "rejected"):
+            key = (p["question"], p[side])
+            if key not in self._encoded:
+                self._encoded[key] = encode_conversation(
+                    self.tokenizer, [key], self.num_images_per_sample, self.num_image_tokens, self.max_seq_len,
+                    template=self.template, **self._image_text)
+            out[side] = {k: v.clone() for k, v in self._encoded[key].items()}
+        out["images"] = torch.from_numpy(self.images[i : i + 1].copy())
+        return out
 
     def _check_index(self, i: int) -> int:
         i = int(i)
@@ -534,11 +632,11 @@ class SyntheticVLMDataset(Dataset):
 
         Each: ``prompt_ids`` LongTensor (unpadded), ``image`` uint8 [H, W, 3],
         ``answer`` str, ``choices`` (the 6 colours for 'color', the 3 shapes for
-        'shape', None for 'caption'), ``question`` str, ``index`` int.
+        'shape', yes/no for 'exists', None for 'caption'), ``question`` str, ``index`` int.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
-        choices = {"color": list(COLOURS), "shape": list(SHAPES), "caption": None}[kind]
+        choices = {"color": list(COLOURS), "shape": list(SHAPES), "caption": None, "exists": ["yes", "no"]}[kind]
         items = []
         for m in self._meta:
             if m["kind"] != kind:
@@ -573,12 +671,16 @@ def write_synthetic_shards(
     shard_size: int = 1000,
     workers: int = 1,
     progress: bool = False,
+    exist_share: float = 0.0,
+    preference: bool = False,
 ) -> dict:
     """Render samples ``0 .. num_samples-1`` of ``(seed, split)`` to PNG and write them as shards.
 
     Same writer (and layout) as ``megavlm data convert`` (:func:`megavlm.data.shards.write_shards`):
     each sample is ``{"conversations": [human "<image>\\n{question}", gpt "{answer}"], "images": [...]}``
-    with its image as ``KEY.0.png``.  Returns the writer's summary.
+    with its image as ``KEY.0.png``, and ``objects`` (the names of the objects in the image, for ``megavlm eval
+    --task pope``). ``preference``: each sample's preference pair instead, as ``megavlm data convert --format
+    preference`` writes it (``conversations`` = the question, ``chosen``, ``rejected``). Returns the writer's summary.
     """
     import io
 
@@ -590,30 +692,44 @@ def write_synthetic_shards(
         for c0 in range(0, num_samples, 2048):
             n = min(2048, num_samples - c0)
             images, meta = generate_split(n, image_size, min_shapes=min_shapes, max_shapes=max_shapes,
-                                          split=split, seed=seed, start=c0)
+                                          split=split, seed=seed, start=c0, exist_share=exist_share)
             for img, m in zip(images, meta):
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="PNG")
-                yield {
-                    "id": f"synthetic-{split}-{m['index']}",
-                    "conversations": [
-                        {"from": "human", "value": "<image>\n" + m["question"]},
-                        {"from": "gpt", "value": m["answer"]},
-                    ],
-                    "images": [buf.getvalue()],
-                }
+                if preference:
+                    p = m["pair"]
+                    text = {"conversations": [{"from": "human", "value": "<image>\n" + p["question"]}],
+                            "chosen": p["chosen"], "rejected": p["rejected"]}
+                else:
+                    text = {"conversations": [{"from": "human", "value": "<image>\n" + m["question"]},
+                                              {"from": "gpt", "value": m["answer"]}]}
+                yield {"id": f"synthetic-{split}-{m['index']}", **text, "images": [buf.getvalue()],
+                       "objects": m["object_names"]}
 
     return write_shards(records(), out_dir, shard_size, workers=workers, progress=progress, total=num_samples,
-                        extra_summary=_fingerprint(num_samples, image_size, seed, split, min_shapes, max_shapes))
+                        extra_summary=_fingerprint(num_samples, image_size, seed, split, min_shapes, max_shapes,
+                                                   exist_share, preference), preference=preference)
 
 
-def _fingerprint(num_samples, image_size, seed, split, min_shapes, max_shapes) -> dict:
-    return {"format": "synthetic", "split": split, "seed": int(seed), "image_size": int(image_size),
-            "num_samples": int(num_samples), "min_shapes": int(min_shapes), "max_shapes": int(max_shapes)}
+def _fingerprint(num_samples, image_size, seed, split, min_shapes, max_shapes, exist_share=0.0,
+                 preference=False) -> dict:
+    out = {"format": "synthetic", "split": split, "seed": int(seed), "image_size": int(image_size),
+           "num_samples": int(num_samples), "min_shapes": int(min_shapes), "max_shapes": int(max_shapes)}
+    # only when used: sets written before these existed keep matching
+    if exist_share and not preference:
+        out["exist_share"] = float(exist_share)
+    if preference:
+        out["preference"] = True
+    return out
+
+
+#: Fingerprint keys written only when they differ from these values.
+_OPTIONAL = {"exist_share": 0.0, "preference": False}
 
 
 def ensure_synthetic_shards(out_dir: str, num_samples: int, image_size: int, seed: int, *, min_shapes: int = 1,
-                            max_shapes: int = MAX_SHAPES, workers: int = 1, progress: bool = False) -> dict | None:
+                            max_shapes: int = MAX_SHAPES, workers: int = 1, progress: bool = False,
+                            exist_share: float = 0.0, preference: bool = False) -> dict | None:
     """The training split of the synthetic set as shards in ``out_dir``, written unless a complete set with the same
     parameters is already there (its ``summary.json`` says so). Returns the new summary, or None when kept.
 
@@ -625,7 +741,7 @@ def ensure_synthetic_shards(out_dir: str, num_samples: int, image_size: int, see
 
     from megavlm.errors import UserError
 
-    want = _fingerprint(num_samples, image_size, seed, "train", min_shapes, max_shapes)
+    want = _fingerprint(num_samples, image_size, seed, "train", min_shapes, max_shapes, exist_share, preference)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} is a file; give data.shards a directory for the synthetic data")
     summary_path = os.path.join(out_dir, "summary.json")
@@ -638,13 +754,15 @@ def ensure_synthetic_shards(out_dir: str, num_samples: int, image_size: int, see
         if have.get("format") != "synthetic":
             raise UserError(f"{out_dir} is not empty and holds no synthetic shard set; give data.shards a new "
                             "directory for the synthetic data")
-        if all(have.get(k) == v for k, v in want.items()):
+        if all(have.get(k, v if k in _OPTIONAL else None) == v for k, v in want.items()) and all(
+                have.get(k, _OPTIONAL[k]) == want.get(k, _OPTIONAL[k]) for k in _OPTIONAL):
             return None
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         summary = write_synthetic_shards(tmp, num_samples, image_size, seed, min_shapes=min_shapes,
-                                         max_shapes=max_shapes, workers=workers, progress=progress)
+                                         max_shapes=max_shapes, workers=workers, progress=progress,
+                                         exist_share=exist_share, preference=preference)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

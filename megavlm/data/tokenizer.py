@@ -13,14 +13,15 @@ from ..errors import UserError
 from .constants import IMAGE_TOKEN, image_token_id  # noqa: F401 - re-exported: the tokenizer-facing names
 from .synthetic import build_synthetic_tokenizer, synthetic_special_tokens, synthetic_vocabulary  # noqa: F401
 
-def load_tokenizer(path: str | None):
-    """``None`` → the synthetic tokenizer; else ``AutoTokenizer`` from a local dir.
+def load_tokenizer(path: str | None, existence: bool = False):
+    """``None`` → the synthetic tokenizer (with the existence questions' words when ``existence``); else
+    ``AutoTokenizer`` from a local dir.
 
     Never touches the network (``local_files_only=True``).  A missing path gives
     a ``ValueError`` naming the path.
     """
     if path is None:
-        return build_synthetic_tokenizer()
+        return build_synthetic_tokenizer(existence=existence)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise UserError(

@@ -1,6 +1,10 @@
 """Where a training step's micro-batches come from: the synthetic set in memory, or shards through the DALI
 pipeline. Both satisfy :class:`TrainData`, the one protocol the trainer uses.
 
+With ``train.objective=dpo`` a sample is a preference pair and a micro-batch of ``m`` pairs holds ``2m`` sequences:
+the ``m`` chosen conversations, then the ``m`` rejected ones in the same order (each with its own copy of the pair's
+image), so the loss of a pair is computed inside its micro-batch (:func:`sequences_per_microbatch`).
+
 A micro-batch is a dict on the run's device: ``input_ids`` / ``labels`` (next-token targets, -100 not supervised) /
 ``loss_mask`` ``(mb, s)``, ``images`` (uint8 ``(n, H, W, c)``: the crops of the micro-batch's images in token order, on
 the first pipeline stage, else None) and, for packed sequences, ``packed_seq_params``. An image of ``k`` crops (tiles
@@ -49,6 +53,17 @@ class TrainData(Protocol):
         """A line on what was read, for the end of the run (None: nothing to say)."""
 
 
+def sequences_per_microbatch(cfg: Config) -> int:
+    """Sequences in one micro-batch: ``train.micro_batch``, twice that with DPO (chosen and rejected of each pair)."""
+    return cfg.train.micro_batch * (2 if cfg.train.objective == "dpo" else 1)
+
+
+def pair_batch(pairs: list[dict], collate_fn=collate) -> dict:
+    """A DPO micro-batch of ``pairs`` (each ``{"chosen": sample, "rejected": sample}``, a sample as ``collate`` takes
+    it, with its images): the chosen sequences, then the rejected ones."""
+    return collate_fn([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+
+
 def _to_device(batch: dict, device) -> dict:
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if v is not None}
     cu = batch.pop("cu_seqlens", None)
@@ -77,7 +92,7 @@ class SyntheticTrainData:
             tokenizer, num_samples=d.num_samples, image_size=img.size, num_image_tokens=fam.image_tokens(cfg),
             max_seq_len=d.max_seq_len, min_shapes=d.min_shapes, max_shapes=d.max_shapes, split="train",
             seed=cfg.train.seed, image_mean=img.mean, image_std=img.std, expand=fam.expand_image(tokenizer),
-            image_token=fam.image_token)
+            image_token=fam.image_token, exist_share=d.existence_share)
         self.per_dp = cfg.train.global_batch // rt.dp
         self.num_microbatches = self.per_dp // cfg.train.micro_batch
         self._perms: dict[int, np.ndarray] = {}
@@ -89,13 +104,19 @@ class SyntheticTrainData:
             self._perms = {epoch: np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)}
         return int(self._perms[epoch][offset])
 
+    def _pair(self, i: int) -> dict:
+        p = self.dataset.pair(i)
+        return {side: {**p[side], "images": p["images"]} for side in ("chosen", "rejected")}
+
     def microbatches(self, step_index: int) -> list[dict]:
         mb = self.cfg.train.micro_batch
         base = step_index * self.cfg.train.global_batch + self.rt.dp_rank * self.per_dp
+        dpo = self.cfg.train.objective == "dpo"
         out = []
         for j in range(self.num_microbatches):
-            samples = [self.dataset[self._index(base + j * mb + i)] for i in range(mb)]
-            out.append(_to_device(collate(samples), self.rt.device))  # uint8 images: the model normalizes
+            idx = [self._index(base + j * mb + i) for i in range(mb)]
+            batch = pair_batch([self._pair(i) for i in idx]) if dpo else collate([self.dataset[i] for i in idx])
+            out.append(_to_device(batch, self.rt.device))  # uint8 images: the model normalizes
         return out
 
     def state_dict(self) -> None:
@@ -155,23 +176,39 @@ class ShardTrainData:
         self.skipped: dict[str, int] = {}
 
     def _encode(self, sample: dict) -> dict | None:
-        from ..data.constants import IGNORE_INDEX
-        from ..data.conversation import SampleTooLong, encode_record
+        """One training sample of a shard sample: its encoded conversation or document, or with DPO ``{"chosen": ...,
+        "rejected": ...}`` (a preference record's two conversations); None when skipped (counted)."""
+        from ..data.conversation import SampleTooLong, encode_conversation, encode_record, preference_turns
 
         try:
-            if not isinstance(sample["record"], dict):
+            record = sample["record"]
+            if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
             # one count per image: its crops (tiles + thumbnail, or 1) × the tokens of a crop
             crops = sample.get("crops", [1] * int(sample["images"].shape[0]))
-            if len(crops) < len(sample["record"].get("images") or []):  # the loader reads data.max_images slots
+            if len(crops) < len(record.get("images") or []):  # the loader reads data.max_images slots
                 return self._skip("too_many_images")
             tokens = [self.family.image_tokens_per_image(self.cfg, int(c)) for c in crops]
-            enc = encode_record(self.tok, sample["record"], tokens, self.cfg.data.max_seq_len,
-                                template=self.template, expand=self.expand, image_token=self.image_token)
+            how = {"template": self.template, "expand": self.expand, "image_token": self.image_token}
+            if self.cfg.train.objective == "dpo":
+                pair = preference_turns(record)
+                if pair is None:
+                    return self._skip("not_a_preference_pair")
+                out = {side: self._sample(sample, encode_conversation(self.tok, turns, len(crops), tokens,
+                                                                      self.cfg.data.max_seq_len, **how))
+                       for side, turns in zip(("chosen", "rejected"), pair)}
+                return None if None in out.values() else out
+            # SFT on a preference record learns its chosen answer (record_turns)
+            return self._sample(sample, encode_record(self.tok, record, tokens, self.cfg.data.max_seq_len, **how))
         except SampleTooLong:
             return self._skip("too_long")
         except (KeyError, TypeError, ValueError, AttributeError):
             return self._skip("malformed_record")
+
+    def _sample(self, sample: dict, enc: dict) -> dict | None:
+        """The training sample of one encoding of ``sample`` (None, counted, when nothing in it is supervised)."""
+        from ..data.constants import IGNORE_INDEX
+
         if not bool((enc["labels"] != IGNORE_INDEX).any()):
             return self._skip("no_supervised_tokens")
         out = {"input_ids": enc["input_ids"], "labels": enc["labels"], "images": sample["images"].cpu()}
@@ -243,6 +280,8 @@ class ShardTrainData:
             self._read_more()
         take, self.ready = self.ready[: self.per_dp], self.ready[self.per_dp:]
         mb = self.cfg.train.micro_batch
+        if self.cfg.train.objective == "dpo":
+            return [pair_batch(take[j * mb:(j + 1) * mb], _collate) for j in range(n_mb)]
         return [_collate(take[j * mb:(j + 1) * mb]) for j in range(n_mb)]
 
     def microbatches(self, step_index: int) -> list[dict]:
@@ -256,8 +295,8 @@ class ShardTrainData:
                 raise
             stage_text.send(out, None, self.rt.device)
         else:
-            out = stage_text.receive(self.num_microbatches, self.cfg.train.micro_batch, self.cfg.data.max_seq_len,
-                                     self.rt.device)
+            out = stage_text.receive(self.num_microbatches, sequences_per_microbatch(self.cfg),
+                                     self.cfg.data.max_seq_len, self.rt.device)
         return [_to_device(b, self.rt.device) for b in out]
 
     def state_dict(self) -> dict:
@@ -309,7 +348,9 @@ def build_train_data(cfg: Config, tokenizer, rt: runtime.Runtime) -> TrainData:
 
             d, img = cfg.data, families.of(cfg).image_processor(cfg)
             if ensure_synthetic_shards(path, d.num_samples, img.size, cfg.train.seed, min_shapes=d.min_shapes,
-                                       max_shapes=d.max_shapes, workers=min(4, os.cpu_count() or 1)) is not None:
+                                       max_shapes=d.max_shapes, workers=min(4, os.cpu_count() or 1),
+                                       exist_share=d.existence_share,
+                                       preference=cfg.train.objective == "dpo") is not None:
                 print(f"[megavlm] wrote the synthetic training set ({d.num_samples} samples) to {path}", flush=True)
         torch.distributed.barrier()  # the other ranks read what rank 0 wrote (a shared file system across nodes)
     return ShardTrainData(cfg, tokenizer, rt, path)

@@ -16,13 +16,13 @@ from functools import partial
 import torch
 
 from .. import families, runtime, shapes
-from ..config import Config, checkpoint_dir, save_config, to_dict
+from ..config import Config, checkpoint_dir, save_config, synthetic_existence, to_dict
 from ..data.constants import image_token_id
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from . import checkpoint as ckpt
 from . import ckpt_integrity
-from .data import build_train_data
+from .data import build_train_data, sequences_per_microbatch
 from .metrics import MetricsWriter
 from .optim import install_foreach_fallbacks, use_foreach
 from .schedule import build_scheduler
@@ -35,12 +35,112 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
+def _model_forward(model, batch):
+    """The model's per-token loss ``(b, s)`` (-log p of each next-token target) on a micro-batch."""
+    extra = {k: batch[k] for k in ("position_ids", "image_grid") if batch.get(k) is not None}  # (Qwen2-VL's)
+    return model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
+                 packed_seq_params=batch.get("packed_seq_params"), **extra)
+
+
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
-    extra = {k: batch[k] for k in ("position_ids", "image_grid") if batch.get(k) is not None}  # (Qwen2-VL's)
-    out = model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
-                packed_seq_params=batch.get("packed_seq_params"), **extra)
-    return out, partial(_loss_func, batch["loss_mask"])
+    return _model_forward(model, batch), partial(_loss_func, batch["loss_mask"])
+
+
+# ---------------------------------------------------------------- DPO (train.objective=dpo)
+
+
+def sequence_logps(output_tensor: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of the supervised tokens of each sequence ``(b,)`` from the model's per-token loss
+    ``(b, s)`` (-log p, full vocabulary: megatron's vocab-parallel cross entropy gathers over TP)."""
+    return -(output_tensor.float() * loss_mask).sum(dim=-1)
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss of Rafailov et al. (2023), ``-log σ(β·((π_c - ref_c) - (π_r - ref_r)))``, and the reward
+    margin ``β·(...)``; ``policy`` / ``reference`` ``(2m,)``: summed log-probs of the ``m`` chosen sequences, then the
+    ``m`` rejected ones."""
+    m = policy.shape[0] // 2
+    margin = beta * ((policy[:m] - reference[:m]) - (policy[m:] - reference[m:]))
+    return -torch.nn.functional.logsigmoid(margin), margin
+
+
+def _dpo_loss_func(batch: dict, beta: float, output_tensor: torch.Tensor):
+    """Loss of a micro-batch of pairs, summed over its pairs; megatron divides by the pairs of the global batch
+    (``calculate_per_token_loss``: the "tokens" counted here are pairs)."""
+    logps = sequence_logps(output_tensor, batch["loss_mask"])
+    losses, margin = dpo_loss(logps, batch["ref_logps"].to(logps.device), beta)
+    m = losses.shape[0]
+    loss_sum = losses.sum()
+    stats = torch.stack([margin.sum(), (margin > 0).float().sum(), logps[:m].sum(), logps[m:].sum()]).detach()
+    return loss_sum, torch.tensor(m, dtype=torch.int, device=loss_sum.device), {
+        "lm loss": torch.stack([loss_sum.detach(), torch.tensor(float(m), device=loss_sum.device)]), "dpo": stats}
+
+
+def _dpo_forward_step(beta: float, data_iterator, model):
+    batch = next(data_iterator)
+    return _model_forward(model, batch), partial(_dpo_loss_func, batch, beta)
+
+
+def _reference_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    logps = sequence_logps(output_tensor, loss_mask).detach()
+    return torch.zeros((), device=logps.device), {"ref_logps": logps}
+
+
+def _reference_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    return _model_forward(model, batch), partial(_reference_loss_func, batch["loss_mask"])
+
+
+class Reference:
+    """DPO's reference model: a frozen copy of the policy at the start of the DPO run, built by the same builder (the
+    same TP/PP split), run forward-only through megatron's pipeline schedule once per step on the step's
+    micro-batches before the policy's forward/backward. A separate model rather than log-probs cached from the
+    policy: the reference must stay the starting weights for the whole run, and a forward-only pass of its own goes
+    through the same p2p schedule as the policy's under any PP (its per-sequence log-probs land on the last stage,
+    where the loss needs them).
+
+    Where its weights come from: a fresh or ``checkpoint.finetune`` start copies the policy's weights as loaded; a
+    resumed DPO run loads the checkpoint the DPO run started from (its path is saved with every DPO checkpoint,
+    ``dpo_reference``)."""
+
+    def __init__(self, cfg: Config, rt: runtime.Runtime, vocab_size: int, image_token: int):
+        from ..models.vlm import build_model
+
+        self.cfg, self.rt = cfg, rt
+        self.model = build_model(cfg, rt, vocab_size, image_token)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.source: str | None = None  # the checkpoint the weights come from (None: the run's initial weights)
+
+    def copy_from(self, policy, source: str | None) -> None:
+        src = policy.module if hasattr(policy, "module") else policy
+        with torch.no_grad():
+            for a, b in zip(self.model.state_dict().values(), src.state_dict().values()):
+                if isinstance(a, torch.Tensor):
+                    a.copy_(b)
+        self.source = source
+
+    def load(self, path: str) -> None:
+        if not os.path.isdir(path):
+            raise UserError(f"train.objective=dpo: the reference checkpoint {path} (the one this DPO run started "
+                            "from) is gone; resume needs it, or start anew from a checkpoint with "
+                            "checkpoint.finetune=true", all_ranks=True)
+        ckpt.load(path, self.model, optimizer=None, same_layout=False)
+        self.source = path
+
+    def attach_logps(self, microbatches: list[dict], seq_len: int, seqs_per_mb: int) -> None:
+        """Add ``ref_logps`` ``(2m,)`` to each micro-batch (on the last pipeline stage)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        with torch.no_grad():
+            out = get_forward_backward_func()(
+                forward_step_func=_reference_forward_step, data_iterator=iter(microbatches), model=[self.model],
+                num_microbatches=len(microbatches), seq_length=seq_len, micro_batch_size=seqs_per_mb,
+                decoder_seq_length=seq_len, forward_only=True)
+        if self.rt.is_last_stage:
+            for b, r in zip(microbatches, out):
+                b["ref_logps"] = r["ref_logps"]
 
 
 # torch's warning when Python reads ``.grad`` of a tensor that is not a leaf (python_variable.cpp).
@@ -256,15 +356,16 @@ class Trainer:
         self.cfg = cfg
         self.rt = rt = runtime.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
         self.rank0 = rt.rank == 0
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, existence=synthetic_existence(cfg))
         vocab_size = cfg.model.language.vocab_size = _vocab_size(cfg, self.tokenizer)
         self.ckpt_dir = checkpoint_dir(cfg)
         self.start = _Start(cfg, self.ckpt_dir)
         if self.rank0:
             for note in self.start.notes:
                 print(f"[megavlm] {note}", flush=True)
-        self.model, self.optimizer, self.scheduler = build_training_objects(
-            cfg, rt, vocab_size, image_token_id(self.tokenizer, families.of(cfg).image_token))
+        image_token = image_token_id(self.tokenizer, families.of(cfg).image_token)
+        self.model, self.optimizer, self.scheduler = build_training_objects(cfg, rt, vocab_size, image_token)
+        self.reference = Reference(cfg, rt, vocab_size, image_token) if cfg.train.objective == "dpo" else None
         self.data = build_train_data(cfg, self.tokenizer, rt)
         if self.rank0:
             os.makedirs(cfg.run_dir, exist_ok=True)
@@ -275,7 +376,9 @@ class Trainer:
         peak = _peak_flops()
         gb, seq = cfg.train.global_batch, cfg.data.max_seq_len
         self._peak = peak
-        self._flops = model_flops_per_step(cfg, gb * seq, gb) if peak else None
+        n_seq = gb * sequences_per_microbatch(cfg) // cfg.train.micro_batch  # a DPO pair is two sequences
+        # (with DPO the reference model's forward is not counted: MFU is the policy's work)
+        self._flops = model_flops_per_step(cfg, n_seq * seq, n_seq) if peak else None
 
     def resume(self) -> int:
         """Load the checkpoint chosen at start-up (if any) and return the step to continue after (0 for a fresh
@@ -284,6 +387,8 @@ class Trainer:
         start_step = 0
         self.load_path = load_path = self.start.path
         if load_path is None:
+            if self.reference is not None:
+                self.reference.copy_from(self.model, None)
             return 0
         common = self.start.common
         layout = common.get("layout") or {}
@@ -305,11 +410,32 @@ class Trainer:
             elif keeps_position and self.rank0 and start_step:
                 print(f"[megavlm] {load_path} has no data position for this layout: the shards are read from the "
                       "start", flush=True)
+        if self.reference is not None:
+            self._load_reference(load_path, common)
         if self.rank0:
             what = "weights (finetune: fresh optimizer, step 0)" if cfg.checkpoint.finetune else (
                 f"step {start_step}" + ("" if with_opt else ", without optimizer state"))
             print(f"[megavlm] loaded {load_path}: {what}", flush=True)
         return start_step
+
+    def _load_reference(self, load_path: str, common: dict) -> None:
+        """The DPO reference: the weights just loaded when this run starts the DPO (``checkpoint.finetune``, or a
+        checkpoint of another objective), else the reference the resumed DPO run was using."""
+        saved_objective = common.get("config", {}).get("train", {}).get("objective", "sft")
+        if self.cfg.checkpoint.finetune or saved_objective != "dpo":
+            self.reference.copy_from(self.model, os.path.abspath(load_path))
+        elif common.get("dpo_reference"):
+            self.reference.load(common["dpo_reference"])
+        else:
+            raise UserError(f"{load_path} is from a DPO run that started from freshly initialised weights, which no "
+                            "checkpoint holds: its reference model cannot be rebuilt; start DPO from a checkpoint "
+                            "(checkpoint.load=PATH checkpoint.finetune=true)", all_ranks=True)
+
+    def _objective_label(self) -> str:
+        if self.reference is None:
+            return ""
+        return (f", objective dpo (beta {self.cfg.train.dpo_beta}, reference "
+                f"{self.reference.source or 'the initial weights'})")
 
     def _start_line(self) -> str:
         rt, model = self.rt, self.model
@@ -319,8 +445,8 @@ class Trainer:
                 f"({'cpu-compat' if rt.cpu_compat else rt.backend}), family {self.cfg.model.family}, layers "
                 f"{model.module.backend}, kernels "
                 f"{_kernels_label(model.module.kernels, next(model.module.parameters()).dtype)}, trains "
-                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable, self.cfg.model.lora)}; "
-                f"rank-0 chunk "
+                f"{shapes.trained_label(self.cfg.train.stage, self.cfg.train.trainable, self.cfg.model.lora)}"
+                f"{self._objective_label()}; rank-0 chunk "
                 f"{n_params:,} params ({n_train:,} trained, "
                 f"{len(model.module.language_model.decoder.layers)} decoder layers); "
                 f"{self.data.num_microbatches} micro-batches/step")
@@ -333,16 +459,25 @@ class Trainer:
         seq, gb = cfg.data.max_seq_len, cfg.train.global_batch
         t0 = time.perf_counter()
         zero_grad(self.model, self.optimizer)
+        microbatches = data.microbatches(step - 1)
+        seqs = sequences_per_microbatch(cfg)
+        step_func = forward_step
+        if self.reference is not None:
+            self.reference.attach_logps(microbatches, seq, seqs)
+            step_func = partial(_dpo_forward_step, cfg.train.dpo_beta)
         reduced = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(data.microbatches(step - 1)), model=[self.model],
-            num_microbatches=data.num_microbatches, seq_length=seq, micro_batch_size=cfg.train.micro_batch,
+            forward_step_func=step_func, data_iterator=iter(microbatches), model=[self.model],
+            num_microbatches=data.num_microbatches, seq_length=seq, micro_batch_size=seqs,
             decoder_seq_length=seq, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]
         # Loss over the global batch: the last stage's TP-rank-0 of each replica contributes, everyone learns it.
-        tot = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        dpo = self.reference is not None
+        tot = torch.zeros(6 if dpo else 2, dtype=torch.float64, device=rt.device)
         if rt.is_last_stage and rt.tp_rank == 0:
             for r in reduced:
-                tot += r["lm loss"].to(torch.float64)
+                tot[:2] += r["lm loss"].to(torch.float64)
+                if dpo:
+                    tot[2:] += r["dpo"].to(torch.float64)
         torch.distributed.all_reduce(tot)
         loss = (tot[0] / tot[1].clamp(min=1)).item()
         self._check_finite(step, "loss", loss)
@@ -355,8 +490,16 @@ class Trainer:
         dt = time.perf_counter() - t0
         rec = {"step": step, "loss": loss, "lr": lr,
                "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-               "tokens_per_s": gb * seq / dt, "samples_per_s": gb / dt, "step_time_s": dt,
-               "supervised_tokens": int(tot[1].item())}
+               # tokens: every sequence of the step (a DPO pair is two)
+               "tokens_per_s": gb * seqs // cfg.train.micro_batch * seq / dt, "samples_per_s": gb / dt,
+               "step_time_s": dt}
+        if dpo:  # means over the pairs of the step
+            pairs = max(float(tot[1].item()), 1.0)
+            rec.update({"pairs": int(tot[1].item()), "reward_margin": tot[2].item() / pairs,
+                        "reward_accuracy": tot[3].item() / pairs, "chosen_logp": tot[4].item() / pairs,
+                        "rejected_logp": tot[5].item() / pairs})
+        else:
+            rec["supervised_tokens"] = int(tot[1].item())
         bad = data.bad_counts()
         if bad is not None:
             rec["skipped_samples"] = sum(bad.values())
@@ -387,6 +530,8 @@ class Trainer:
     def save(self, step: int) -> None:
         common = {"scheduler": self.scheduler.state_dict(), "consumed_samples": step * self.cfg.train.global_batch,
                   "layout": _layout(self.cfg, self.rt), "config": to_dict(self.cfg)}
+        if self.reference is not None:
+            common["dpo_reference"] = self.reference.source
         path = ckpt.save(self.ckpt_dir, step, self.model, self.optimizer, common, keep=self.cfg.checkpoint.keep,
                          data_state=self.data.state_dict() if self.data.keeps_position else None,
                          run_id=self.start.run_id)
