@@ -73,19 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--show", type=int, default=5, help="print this many example answers")
 
     c = sub.add_parser("convert", help="Hugging Face <-> megatron checkpoint conversion (single process)",
-                       description="Convert between HF folders of a model family (today: llava, "
-                                   "LlavaForConditionalGeneration with a CLIP/SigLIP tower and a LLaMA/Mistral/Qwen2 "
-                                   "decoder) and megavlm dist checkpoints; see docs/convert.md. HF folders are read "
-                                   "from safetensors only. " + TRUST)
+                       description="Convert between HF folders of a model family (llava, internvl, qwen2_vl, "
+                                   "qwen2_5_vl, phi4mm; e.g. LlavaForConditionalGeneration with a CLIP/SigLIP tower "
+                                   "and a LLaMA/Mistral/Qwen2/Phi-3 decoder) and megavlm dist checkpoints; see "
+                                   "docs/convert.md. HF folders are read from safetensors only. " + TRUST)
     csub = c.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     h = csub.add_parser("hf-to-mcore", help="HF VLM folder (or vision + language folders) -> dist checkpoint",
                         description="Writes OUT/checkpoints (step 0, weights only), OUT/tokenizer, OUT/config.yaml "
                                     "and OUT/hf_extra.safetensors (HF tensors the model does not use). The model "
                                     "family comes from --hf's config.json (model_type), or --family.")
     h.add_argument("--hf", help="HF folder of the whole VLM (safetensors), e.g. LlavaForConditionalGeneration")
-    h.add_argument("--family", help="model family of --vision/--language (default: llava)")
+    h.add_argument("--family", help="model family of --vision/--language (default: llava; phi4mm: Phi-3-Vision "
+                                    "from a CLIP tower and a Phi-3)")
     h.add_argument("--vision", help="CLIPVisionModel folder (with --language; the projector starts fresh)")
-    h.add_argument("--language", help="LlamaForCausalLM / MistralForCausalLM folder (with --vision)")
+    h.add_argument("--language", help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / Phi3ForCausalLM "
+                                      "folder (with --vision)")
     h.add_argument("--out", required=True, help="new output directory")
     h.add_argument("--tp", type=int, default=1, help="tensor parallel size written into OUT/config.yaml")
     h.add_argument("--pp", type=int, default=1, help="pipeline parallel size written into OUT/config.yaml")

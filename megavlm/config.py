@@ -245,8 +245,42 @@ class LanguageConfig:
     #: Embedding/output rows are padded to a multiple of this; independent of TP so
     #: checkpoints can be resharded (must itself be a multiple of ``parallel.tp``).
     vocab_pad_multiple: int = 128
+    #: Share of each head's channels that RoPE rotates (HF ``partial_rotary_factor``, Phi-4-mini's 0.75; megatron's
+    #: ``rotary_percent``); the rest pass unrotated.
+    rotary_percent: float = 1.0
+    #: ``default`` (plain RoPE) | ``longrope`` (Phi-3's long-context RoPE, ``models/rope.py``: the rotary frequencies
+    #: divided by ``rope_short_factor``, or by ``rope_long_factor`` when the sequence is longer than
+    #: ``rope_original_max_positions``; cos and sin scaled by ``rope_attention_factor``).
+    rope_type: str = "default"
+    #: ``longrope``: one factor per rotary frequency (rotary channels / 2) each.
+    rope_short_factor: Optional[list[float]] = None
+    rope_long_factor: Optional[list[float]] = None
+    #: ``longrope``: the pretraining length past which the long factors apply (HF
+    #: ``original_max_position_embeddings``).
+    rope_original_max_positions: int = 0
+    #: ``longrope``: the factor on cos and sin (HF ``attention_factor``, resolved at import).
+    rope_attention_factor: float = 1.0
+    #: How the HF checkpoint lays out the decoder's tensors: ``llama`` (separate q/k/v and gate/up projections) or
+    #: ``phi3`` (fused ``qkv_proj`` = [q; k; v] and ``gate_up_proj`` = [gate; up]); the model is the same.
+    hf_layout: str = "llama"
 
     def check(self, key: str) -> None:
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"{key}.rotary_percent={self.rotary_percent} must be in (0, 1]")
+        _check_choice(f"{key}.rope_type", self.rope_type, ("default", "longrope"))
+        _check_choice(f"{key}.hf_layout", self.hf_layout, ("llama", "phi3"))
+        rot = int(self.hidden_size // max(self.num_heads, 1) * self.rotary_percent)
+        if self.rope_type == "longrope":
+            if getattr(self, "mrope_section", None):
+                raise ConfigError(f"{key}.rope_type=longrope does not combine with {key}.mrope_section (M-RoPE)")
+            for name in ("rope_short_factor", "rope_long_factor"):
+                got = getattr(self, name)
+                if got is None or len(got) != rot // 2:
+                    raise ConfigError(f"{key}.{name} must list {rot // 2} factors (one per rotary frequency: "
+                                      f"head dim × rotary_percent / 2) for rope_type=longrope, got "
+                                      f"{None if got is None else len(got)}")
+            _check_min(f"{key}.rope_original_max_positions", self.rope_original_max_positions, 1)
+            _check_positive_float(f"{key}.rope_attention_factor", self.rope_attention_factor)
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                      "vocab_pad_multiple"):
             _check_min(f"{key}.{name}", getattr(self, name), 1)
@@ -1209,7 +1243,11 @@ def check_paths(cfg: Config) -> None:
     :func:`validate`) and ``megavlm check`` before any work, and only there (``plan``, ``generate`` and ``eval`` do
     not need the training data). ``run_dir``, the checkpoint directory and, for ``source=synthetic_shards``, the
     shard directory must be directories this process can write in, or be creatable (their nearest existing parent a
-    writable directory); ``source=shards`` needs an existing directory. Nothing is left behind by the checks."""
+    writable directory); ``source=shards`` needs an existing directory; the model family must be able to read its
+    training data (``Family.check_training``). Nothing is left behind by the checks."""
+    from . import families
+
+    families.of(cfg).check_training(cfg)
     _check_writable_dir("run_dir", cfg.run_dir)
     _check_writable_dir("checkpoint.dir" if cfg.checkpoint.dir is not None else
                         "checkpoint.dir=null (so {run_dir}/checkpoints)", checkpoint_dir(cfg))

@@ -45,6 +45,28 @@ def layers_built(num_layers: int, feature_layer: int) -> int:
     return feature_layer if feature_layer > 0 else num_layers + 1 + feature_layer
 
 
+# HD crops (models/hd.py): the token counts of an image of grid (crop_rows, crop_cols, valid_rows, valid_cols)
+
+def pooled_side(patches: int) -> int:
+    """Tokens per side of one crop after the 2×2 pool (the side is even: ``model.projector.pool``'s check)."""
+    return patches // 2
+
+
+def useful(valid: int, patches: int, crops: int) -> int:
+    """Pooled rows (or columns) of the sub-crop grid that hold a valid patch: the ``[0::2]`` rows of each crop that lie
+    within the first ``valid`` patch rows of ``crops`` crops of ``patches`` patches each."""
+    return sum(1 for c in range(crops) for i in range(0, patches, 2) if c * patches + i < valid)
+
+
+def hd_tokens(grid, patches: int) -> int:
+    """Sequence positions of one image of ``grid`` ``(crop_rows, crop_cols, valid_rows, valid_cols)`` with
+    ``patches`` patches per crop side: the sub-crop grid's useful pooled rows × (columns + a separator), a separator,
+    the global view's rows × (columns + a separator)."""
+    rows, cols, vr, vc = (int(x) for x in grid)
+    b = pooled_side(patches)
+    return useful(vr, patches, rows) * (useful(vc, patches, cols) + 1) + 1 + b * (b + 1)
+
+
 def decoder_layers_per_stage(num_layers: int, pp: int, first_stage_layers: int | None) -> list[int]:
     """Decoder layers on each pipeline stage (megatron's split; ``first_stage_layers`` gives stage 0 fewer, the rest
     is split evenly)."""
@@ -246,6 +268,9 @@ class ProjectorArch:
     #: 2×2 token pooling of each crop's token grid before the merge (``model.projector.pool``): ``none``, ``avg2x2``
     #: (mean of each 2×2 block) or ``shuffle2x2`` (each 2×2 block concatenated: 4× the channels).
     pool: str = "none"
+    #: Learned vectors of the pooled width the projector holds besides its Linears (replicated over TP): HD crops'
+    #: two separators (``models/hd.py``).
+    separators: int = 0
 
     @property
     def pooled_size(self) -> int:
@@ -278,6 +303,7 @@ class ProjectorArch:
         fc1 = f // tp * self.input_size + f // tp
         norm = 2 * self.input_size if self.pre_norm else 0
         norm += {"layer_norm": 2, "rms_norm": 1}.get(self.token_norm, 0) * self.vision_size
+        norm += self.separators * self.pooled_size
         return norm + (fc1 if self.kind == "affine" else fc1 + h * (f // tp) + h)
 
     def forward_flops(self, tokens: int) -> float:

@@ -274,14 +274,13 @@ def _fresh(fam, bcfg, rt, seed: int, part, key: str, cache: dict):
             return cache["sd"][key].clone()
 
         from ..models import specs
-        from ..models.projector import build_projector
         from ..models.vlm import model_dtype
 
         host = dataclasses.replace(rt, device=torch.device("cpu"))
         runtime.set_seed(seed, rt)
         dtype = model_dtype(bcfg, host)
         arch = fam.projector_arch(bcfg)
-        proj = build_projector(specs.projector_config(bcfg, host, dtype), arch).to(dtype)
+        proj = fam.build_projector(bcfg, specs.projector_config(bcfg, host, dtype), arch).to(dtype)
         cache["sd"] = proj.state_dict()
         return cache["sd"][key].clone()
     return make
@@ -380,7 +379,7 @@ def mcore_to_hf(ckpt_path: str, out: str, tokenizer: str | None = None, hf_extra
     found = None
     if spec is not None:
         extra = _load_extras(path, hf_extra, hf_info.get("extra"), list(spec.wanted), spec.expect,
-                             optional=spec.optional)
+                             optional=spec.optional, rest=spec.rest)
         if extra is not None:
             side, names = extra
             found = set(names)
@@ -474,9 +473,10 @@ def _parents(path: str, n: int = 3) -> list[str]:
 
 
 def _load_extras(path: str, given: str | None, name: str | None, wanted: list[str], expect,
-                 optional=()) -> tuple[SafetensorsFile, list[str]] | None:
+                 optional=(), rest=()) -> tuple[SafetensorsFile, list[str]] | None:
     """The side file (and the names to take from it) when there is one holding every ``wanted`` name with the shape
-    ``expect(name)``; the ``optional`` names come along when the file holds all of them. Only headers are read."""
+    ``expect(name)``; the ``optional`` names come along when the file holds all of them, and the names starting with
+    one of ``rest`` as they are. Only headers are read."""
     if given:
         cands = [given]
         if not os.path.isfile(given):
@@ -501,5 +501,7 @@ def _load_extras(path: str, given: str | None, name: str | None, wanted: list[st
                 raise UserError(f"--hf-extra {given}: tensor {bad[0]!r} has shape {list(f.shape(bad[0]))}, "
                                 f"which does not fit the model ({list(expect(bad[0]))})")
             continue
+        if rest:
+            names += [k for k in f.names() if k.startswith(tuple(rest)) and k not in names]
         return f, names
     return None

@@ -82,12 +82,13 @@ def template(cfg) -> str:
 
 
 def _register_builtin() -> None:
-    from . import internvl, llava, qwen2_vl
+    from . import internvl, llava, phi4mm, qwen2_vl
 
     register(llava.LlavaFamily())
     register(internvl.InternVLFamily())
     register(qwen2_vl.Qwen2VLFamily())
     register(qwen2_vl.Qwen25VLFamily())
+    register(phi4mm.Phi4MMFamily())
 
 
 _register_builtin()

@@ -57,12 +57,15 @@ class HFImport:
 class ExportExtras:
     """HF tensors the model does not hold that ``mcore-to-hf`` writes back from the side file ``hf-to-mcore`` kept
     (``wanted``, all or nothing; ``optional`` too when the file has every one of them), with the shape each must
-    have (``expect``). Without a fitting side file the family's :meth:`Family.export_fallback` decides."""
+    have (``expect``), and every tensor of the file whose name starts with one of ``rest`` as it is (a part the model
+    does not describe at all, e.g. Phi-4-multimodal's audio encoder). Without a fitting side file the family's
+    :meth:`Family.export_fallback` decides."""
 
     part: str
     wanted: tuple[str, ...]
     optional: tuple[str, ...] = ()
     expect: Callable[[str], tuple[int, ...]] = field(default=lambda name: ())
+    rest: tuple[str, ...] = ()
 
 
 class Family:
@@ -82,6 +85,10 @@ class Family:
     # ---------------------------------------------------------------------------------------------- config
     def check(self, cfg) -> None:
         """Rules that span the family's sections (each section checks itself first)."""
+
+    def check_training(self, cfg) -> None:
+        """What a training run needs beyond :meth:`check` (``megavlm train`` / ``check`` only, before any work): e.g.
+        a family whose images the data pipeline cannot make yet refuses here (ConfigError naming the key)."""
 
     def tp_split(self, cfg) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         """(head counts, MLP widths), each as ``(dotted key, value)``, that tensor parallelism must divide."""
@@ -151,6 +158,13 @@ class Family:
         from ..models.vlm import VLM
 
         return VLM(cfg, rt, vocab_size, image_token_id, dtype, pre_process=pre_process, post_process=post_process)
+
+    def build_projector(self, cfg, config, arch):
+        """The projector module of ``arch`` (``projector_arch(cfg)``) under the TransformerConfig ``config``: what
+        ``hf-to-mcore`` builds when the projector starts fresh (the model builds its own the same way)."""
+        from ..models.projector import build_projector
+
+        return build_projector(config, arch)
 
     # ---------------------------------------------------------------------------------------------- conversion
     def read_hf(self, inputs: dict[str, str | None], options: dict, tp: int, pp: int) -> HFImport:

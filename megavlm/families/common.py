@@ -7,6 +7,7 @@ Torch-free at import; transformers is imported inside the functions that read HF
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ..errors import UserError
@@ -82,8 +83,11 @@ def language_fields(tc, where: str, types: tuple[str, ...] = TEXT_TYPES) -> dict
     """``model.language`` keys of an HF LLaMA / Mistral / Qwen2 config (``types``: the ``model_type`` values
     accepted, e.g. a VLM's own name for its Qwen2 decoder); UserError for what megavlm cannot build."""
     mt = getattr(tc, "model_type", None)
+    if mt == "phi3" and types == TEXT_TYPES:
+        return phi3_language_fields(tc, where)
     check(mt in types, f"{where}: model_type={mt!r} is not supported; supported language models: "
-                       f"{', '.join(types)} (LlamaForCausalLM layout, Qwen2 with q/k/v biases)")
+                       f"{', '.join(types + ('phi3',) if types == TEXT_TYPES else types)} (LlamaForCausalLM layout, "
+                       "Qwen2 with q/k/v biases, Phi-3 with fused projections)")
     heads = tc.num_attention_heads
     kv = getattr(tc, "num_key_value_heads", None) or heads
     head_dim = getattr(tc, "head_dim", None)
@@ -106,9 +110,53 @@ def language_fields(tc, where: str, types: tuple[str, ...] = TEXT_TYPES) -> dict
                 vocab_size=tc.vocab_size, qkv_bias=qwen2)
 
 
+#: HF ``model_type`` values of Phi-3-layout decoders (fused ``qkv_proj`` = [q; k; v], ``gate_up_proj`` = [gate; up]).
+PHI3_TYPES = ("phi3", "phi4_multimodal")
+
+
+def phi3_language_fields(tc, where: str) -> dict:
+    """``model.language`` keys of an HF Phi-3 decoder config (``Phi3ForCausalLM``, or Phi-4-multimodal's own, whose
+    top-level config is its text config); UserError for what megavlm cannot build."""
+    mt = getattr(tc, "model_type", None)
+    check(mt in PHI3_TYPES, f"{where}: model_type={mt!r} is not a Phi-3 decoder ({', '.join(PHI3_TYPES)})")
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None)
+    check(head_dim in (None, tc.hidden_size // heads),
+          f"{where}: head_dim={head_dim} != hidden_size/num_attention_heads={tc.hidden_size // heads} is not supported")
+    check(getattr(tc, "hidden_act", "silu") == "silu", f"{where}: hidden_act={tc.hidden_act!r} is not supported "
+                                                       "(SwiGLU with silu only)")
+    check(getattr(tc, "sliding_window", None) is None,
+          f"{where}: sliding_window={tc.sliding_window} is not supported (full causal attention only)")
+    rp = dict(getattr(tc, "rope_parameters", None) or {})
+    factor = float(rp.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", 1.0)) or 1.0)
+    rot = int(tc.hidden_size // heads * factor)
+    check(rot % 2 == 0 and rot > 0, f"{where}: partial_rotary_factor={factor} gives {rot} rotary channels per head "
+                                    "(must be even and > 0)")
+    fields = dict(hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_heads=heads,
+                  num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+                  ffn_hidden_size=tc.intermediate_size, norm_eps=float(tc.rms_norm_eps), vocab_size=tc.vocab_size,
+                  qkv_bias=False, rotary_percent=factor, hf_layout="phi3")
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type != "longrope":
+        return dict(fields, rope_theta=rope_theta(tc))
+    theta = float(rp.get("rope_theta", 10000.0))
+    check(theta == int(theta), f"{where}: rope_theta={theta} must be an integer (megatron's rotary_base)")
+    orig = rp.get("original_max_position_embeddings", getattr(tc, "original_max_position_embeddings", None))
+    check(orig, f"{where}: rope_type=longrope without original_max_position_embeddings")
+    scale = rp.get("factor") or tc.max_position_embeddings / orig
+    attn = rp.get("attention_factor")
+    if attn is None:  # transformers' default (_compute_longrope_parameters)
+        attn = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
+    return dict(fields, rope_theta=theta, rope_type="longrope",
+                rope_short_factor=[float(x) for x in rp["short_factor"]],
+                rope_long_factor=[float(x) for x in rp["long_factor"]], rope_original_max_positions=int(orig),
+                rope_attention_factor=float(attn))
+
+
 def decoder_part(lm):
-    """The decoder's mappings (``language_model.`` ↔ HF's canonical LLaMA names)."""
-    from ..convert.mapping import QKV, Direct, GatedMLP, Part, Vocab
+    """The decoder's mappings (``language_model.`` ↔ HF's canonical LLaMA names; with ``hf_layout=phi3`` Phi-3's
+    ``qkv_proj`` = [q; k; v] and ``gate_up_proj`` = [gate; up], which is megatron's SwiGLU ``linear_fc1`` as it is)."""
+    from ..convert.mapping import QKV, Direct, GatedMLP, Part, StackedQKV, Vocab
 
     a = "decoder.layers.*."
     h = "layers.*."
@@ -123,6 +171,11 @@ def decoder_part(lm):
         GatedMLP(a + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight")),
         Direct(a + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight"),
     ]
+    if lm.hf_layout == "phi3":
+        fused_maps = {a + "self_attention.linear_qkv.weight": StackedQKV(a + "self_attention.linear_qkv.weight",
+                                                                        h + "self_attn.qkv_proj.weight"),
+                      a + "mlp.linear_fc1.weight": Direct(a + "mlp.linear_fc1.weight", h + "mlp.gate_up_proj.weight")}
+        maps = [fused_maps.get(m.ours, m) for m in maps]
     if lm.qkv_bias:  # Qwen2: same grouped GQA order as the weight rows
         maps.append(QKV(a + "self_attention.linear_qkv.bias", tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv")))
     return Part("language", "language_model.", tuple(maps), (lm.num_heads, lm.num_kv_heads))
@@ -130,7 +183,7 @@ def decoder_part(lm):
 
 def text_config_fields(lm, vocab_size: int) -> tuple[type, dict]:
     """(transformers config class, fields) of the decoder ``lm`` (``model.language``) for export."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config
 
     text = dict(hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size, num_hidden_layers=lm.num_layers,
                 num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads, rms_norm_eps=lm.norm_eps,
@@ -138,6 +191,10 @@ def text_config_fields(lm, vocab_size: int) -> tuple[type, dict]:
     if lm.qkv_bias:  # Qwen2: q/k/v biases are built in; head_dim is derived (not a Qwen2Config field)
         text.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] * lm.num_layers)
         return Qwen2Config, text
+    if lm.hf_layout == "phi3":
+        if lm.rope_type == "longrope":  # (Phi3Config reads it here over rope_parameters')
+            text["original_max_position_embeddings"] = lm.rope_original_max_positions
+        return Phi3Config, text
     text.update(head_dim=lm.hidden_size // lm.num_heads, attention_bias=False, mlp_bias=False)
     return LlamaConfig, text
 
@@ -147,6 +204,17 @@ def set_text_config(tc, lm, vocab_size: int) -> None:
     _, fields = text_config_fields(lm, vocab_size)
     for k, val in fields.items():
         setattr(tc, k, val)
-    rp = dict(getattr(tc, "rope_parameters", None) or {})
-    rp.update(rope_type="default", rope_theta=float(lm.rope_theta))
-    tc.rope_parameters = rp
+    tc.rope_parameters = rope_parameters(getattr(tc, "rope_parameters", None), lm)
+
+
+def rope_parameters(stored: dict | None, lm) -> dict:
+    """HF ``rope_parameters`` of the decoder ``lm`` (over those ``stored`` at import)."""
+    rp = dict(stored or {})
+    rp.update(rope_type=lm.rope_type, rope_theta=float(lm.rope_theta))
+    if lm.rotary_percent != 1.0 or "partial_rotary_factor" in rp:
+        rp["partial_rotary_factor"] = float(lm.rotary_percent)
+    if lm.rope_type == "longrope":
+        rp.update(short_factor=list(lm.rope_short_factor), long_factor=list(lm.rope_long_factor),
+                  original_max_position_embeddings=lm.rope_original_max_positions,
+                  attention_factor=float(lm.rope_attention_factor))
+    return rp

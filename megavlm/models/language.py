@@ -29,6 +29,18 @@ class LanguageModel(GPTModel):
 
 def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, pre_process: bool,
                          post_process: bool) -> LanguageModel:
+    model = _build(config, spec, lcfg, vocab_size, max_seq_len, pre_process, post_process)
+    if getattr(lcfg, "rope_type", "default") == "longrope":  # ours: megatron-core has no LongRoPE (models/rope.py)
+        from .rope import LongRoPE
+
+        model.rotary_pos_emb = LongRoPE(config.kv_channels, float(lcfg.rotary_percent), float(lcfg.rope_theta),
+                                        lcfg.rope_short_factor, lcfg.rope_long_factor,
+                                        lcfg.rope_original_max_positions)
+    return model
+
+
+def _build(config, spec, lcfg, vocab_size: int, max_seq_len: int, pre_process: bool,
+           post_process: bool) -> LanguageModel:
     return LanguageModel(
         config=config,
         transformer_layer_spec=spec,
@@ -40,6 +52,7 @@ def build_language_model(config, spec, lcfg, vocab_size: int, max_seq_len: int, 
         share_embeddings_and_output_weights=lcfg.tie_embeddings,
         position_embedding_type="mrope" if getattr(lcfg, "mrope_section", None) else "rope",
         rotary_base=int(lcfg.rope_theta),
+        rotary_percent=float(getattr(lcfg, "rotary_percent", 1.0)),
         # The VLM merges image features into the full sequence first, then scatters for sequence parallelism.
         scatter_embedding_sequence_parallel=False,
     )

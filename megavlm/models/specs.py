@@ -315,6 +315,17 @@ def _recompute(mode: str) -> dict:
 
 
 def language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
+    lm = cfg.model.language
+    config = _language_config(cfg, rt, dtype)
+    if getattr(lm, "rope_type", "default") == "longrope":  # LongRoPE's attention factor is megatron's rotary mscale
+        from .rope import attention_factor_fields
+
+        for k, v in attention_factor_fields(lm.rope_attention_factor).items():
+            setattr(config, k, v)
+    return config
+
+
+def _language_config(cfg, rt, dtype: torch.dtype) -> TransformerConfig:
     lm, p = cfg.model.language, cfg.parallel
     return TransformerConfig(
         num_layers=lm.num_layers,

@@ -16,7 +16,6 @@ from megatron.core.transformer.module import MegatronModule
 from .. import families, ops, shapes
 from . import specs
 from .language import build_language_model
-from .projector import build_projector
 from .vision import NativeVisionEncoder, VisionEncoder
 
 class VLM(MegatronModule):
@@ -63,7 +62,7 @@ class VLM(MegatronModule):
                 self.vision_model = VisionEncoder(vcfg, varch, specs.block_spec(
                     vcfg, backend, causal=False, layer_scale=varch.layer_scale_init if varch.layer_scale else None,
                     qk_norm=varch.qk_norm, qkv_bias=varch.qkv_bias, lora=vlora), kernels=self.kernels)
-            self.projector = build_projector(specs.projector_config(cfg, rt, dtype), parch)
+            self.projector = fam.build_projector(cfg, specs.projector_config(cfg, rt, dtype), parch)
         self.language_model = build_language_model(
             lang_cfg, specs.block_spec(lang_cfg, backend, causal=True, lora=lora), cfg.model.language, vocab_size,
             cfg.data.max_seq_len, pre_process, post_process)
