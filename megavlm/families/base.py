@@ -125,6 +125,18 @@ class Family:
         :meth:`expand_image` gets."""
         return crops * self.image_tokens(cfg)
 
+    def image_grid(self, cfg, width: int, height: int) -> tuple[int, ...] | None:
+        """The ``image_grid`` row the model takes with an image of ``width``×``height`` (native resolution's
+        ``(t, h, w)``), None when the model takes crops alone."""
+        from ..data.images import NativeImages
+
+        proc = self.image_processor(cfg)
+        return tuple(int(x) for x in proc.grid(width, height)) if isinstance(proc, NativeImages) else None
+
+    def image_tokens_of(self, cfg, crops: int, grid: tuple[int, ...] | None) -> int:
+        """Feature positions of an image of ``crops`` crops and :meth:`image_grid` ``grid``."""
+        return self.image_tokens_per_image(cfg, crops)
+
     def max_image_tokens(self, cfg) -> int:
         """The most sequence positions one image can take (its most crops, and any text the family puts around
         them): what ``data.max_seq_len`` must leave room for."""

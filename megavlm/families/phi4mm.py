@@ -20,6 +20,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice,
                       validate)
 from ..errors import UserError
@@ -71,6 +73,10 @@ class HDLayout:
     #: Most sub-crops (HF ``dynamic_hd``).
     dynamic_hd: int = 36
     min_crops: int = 1
+    #: The normalization the model's patch embedding applies to the uint8 crops (the processor pads with white, not
+    #: with the mean colour).
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def layout(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """``((cols, rows), (new_width, new_height), (pad_width, pad_height))``; ValueError when a side would be
@@ -128,17 +134,38 @@ class HDLayout:
 
     @property
     def size(self) -> int:
-        """What square-image consumers (``eval``'s synthetic questions, ``data synth``) ask for: refused, as HD crops
-        are not made by megavlm's image pipeline yet."""
-        raise UserError(NO_CROPS)
+        """The side of a square image that is exactly one crop (``eval``'s synthetic questions, ``data synth``): it
+        becomes the global view and one unpadded sub-crop."""
+        return self.crop
 
-    def reference(self, im, train: bool = False, rng=None):
-        raise UserError(NO_CROPS)
+    def reference(self, im, train: bool = False, rng=None) -> np.ndarray:
+        """A PIL image → uint8 crops ``(1 + rows·cols, crop, crop, 3)`` as ``Phi4MultimodalImageProcessor`` makes
+        them: the image resized to :meth:`layout`'s size (bilinear, antialiased, on uint8: torchvision's resize of a
+        uint8 tensor), padded white on the right and bottom; the global view first (that padded image resized to
+        ``crop × crop``, bicubic without antialias — the processor does it on the normalized floats, here on the same
+        values in 0..255, rounded to uint8), then the sub-crops in row-major order. Their grid (the patch mask) is
+        :meth:`grid` of ``im.size``. The processing is the same in training (``train``/``rng`` unused)."""
+        import torch
+        import torch.nn.functional as F
+
+        w, h = im.size
+        (cols, rows), (nw, nh), (pw, ph) = self.layout(w, h)
+        s = self.crop
+        x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        x = F.pad(x, (0, pw, 0, ph), value=255)[0]  # (3, rows·s, cols·s)
+        glob = F.interpolate(x[None].float(), size=(s, s), mode="bicubic", align_corners=False, antialias=False)
+        glob = glob[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)[None]
+        subs = x.view(3, rows, s, cols, s).permute(1, 3, 2, 4, 0).reshape(rows * cols, s, s, 3)
+        return torch.cat([glob, subs]).numpy()
 
     def check(self, width: int, height: int) -> str | None:
-        """Why ``generate --image`` cannot take an image (its refusal line): the HD crops themselves (resize, pad,
-        cut) are not made by megavlm yet."""
-        return "megavlm does not cut HD crops yet; prompts without --image work"
+        """Why an image of ``width × height`` cannot be cut (its refusal reason), None when it can."""
+        try:
+            self.layout(width, height)
+        except ValueError:
+            return "image_aspect_ratio"
+        return None
 
 
 @dataclass
@@ -211,7 +238,7 @@ class Phi4MMFamily(Family):
 
     def layout(self, cfg) -> HDLayout:
         v = cfg.model.vision
-        return HDLayout(v.image_size, v.patch_size, v.max_crops, v.min_crops)
+        return HDLayout(v.image_size, v.patch_size, v.max_crops, v.min_crops, tuple(v.image_mean), tuple(v.image_std))
 
     # ---------------------------------------------------------------------------------------------- data
     def image_processor(self, cfg):
@@ -227,6 +254,13 @@ class Phi4MMFamily(Family):
 
     def max_image_tokens(self, cfg) -> int:
         return self.layout(cfg).max_tokens
+
+    def image_grid(self, cfg, width: int, height: int) -> tuple[int, int, int, int]:
+        return self.layout(cfg).grid(width, height)
+
+    def image_tokens_of(self, cfg, crops: int, grid) -> int:
+        """An image's tokens follow from its grid (the valid part of the sub-crops), not from its crop count."""
+        return hd_tokens(grid, cfg.model.vision.image_size // cfg.model.vision.patch_size)
 
     def image_tokens_formula(self, cfg) -> str:
         v = cfg.model.vision

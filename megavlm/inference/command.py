@@ -50,9 +50,41 @@ def parse_input_ids(text: str) -> list[int]:
     return ids
 
 
+@dataclass
+class ImageInputs:
+    """What one image gives the model: uint8 ``crops`` ``(n, H, W, 3)`` (or patches), its ``grid`` row
+    (``Family.image_grid``; None when the model takes crops alone) and the ``tokens`` it occupies in the prompt."""
+
+    crops: torch.Tensor
+    grid: tuple[int, ...] | None
+    tokens: int
+
+
+def image_inputs(im, cfg, where: str) -> ImageInputs:
+    """The one place an image becomes the model's inputs at inference (``generate``, ``eval``, ``serve``): the
+    family's image processing (the PIL reference of the data pipeline's eval transform) on an RGB PIL image; an
+    image the processing refuses is a UserError naming ``where``."""
+    fam = families.of(cfg)
+    channels = fam.vision_arch(cfg).num_channels
+    if channels != 3:
+        raise UserError(f"the model takes {channels}-channel images; {where} gives RGB")
+    proc = fam.image_processor(cfg)
+    im = im.convert("RGB")
+    refused = proc.check(*im.size) if hasattr(proc, "check") else None  # (native resolution, HD crops)
+    if refused:
+        raise UserError(f"{where}: {im.size[0]}x{im.size[1]} cannot be used ({refused.replace('_', ' ')})")
+    crops = torch.from_numpy(proc.reference(im, train=False))
+    grid = fam.image_grid(cfg, *im.size)
+    return ImageInputs(crops, grid, fam.image_tokens_of(cfg, int(crops.shape[0]), grid))
+
+
 def load_image(path: str, cfg) -> torch.Tensor:
-    """The image as training sees it: the model family's image processing (the PIL reference of the data pipeline's
-    eval transform), uint8 ``(n, H, W, 3)`` crops for the model's patch embedding."""
+    """``--image``'s crops (:func:`load_image_inputs`)."""
+    return load_image_inputs(path, cfg).crops
+
+
+def load_image_inputs(path: str, cfg) -> ImageInputs:
+    """``--image``: :func:`image_inputs` of the file."""
     from PIL import Image
 
     if not os.path.isfile(path):
@@ -62,40 +94,20 @@ def load_image(path: str, cfg) -> torch.Tensor:
             im = im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
         raise UserError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
-    fam = families.of(cfg)
-    channels = fam.vision_arch(cfg).num_channels
-    if channels != 3:
-        raise UserError(f"the model takes {channels}-channel images; --image gives RGB")
-    proc = fam.image_processor(cfg)
-    refused = proc.check(*im.size) if hasattr(proc, "check") else None  # (native resolution: see NativeImages)
-    if refused:
-        raise UserError(f"--image {path}: {im.size[0]}x{im.size[1]} cannot be used ({refused.replace('_', ' ')})")
-    return torch.from_numpy(proc.reference(im, train=False))
+    return image_inputs(im, cfg, f"--image {path}")
 
 
-def image_grid(path: str, cfg) -> torch.Tensor | None:
-    """The ``(1, 3)`` patch grid of ``--image`` for a native-resolution family (what ``load_image``'s patches come
-    from), else None."""
-    from PIL import Image
-
-    from ..data.images import NativeImages
-
-    proc = families.of(cfg).image_processor(cfg)
-    if not isinstance(proc, NativeImages):
-        return None
-    with Image.open(path) as im:
-        return torch.tensor([proc.grid(*im.size)])
-
-
-def _prompt_ids(req: Request, cfg, tok, crops: list[int]) -> torch.Tensor:
+def _prompt_ids(req: Request, cfg, tok, crops: list[int], tokens: list[int] | None = None) -> torch.Tensor:
     """The prompt's ids with each image expanded to its tokens; ``crops``: the crops of each image (``load_image``'s
-    first dimension; [] without an image)."""
+    first dimension; [] without an image), ``tokens``: the tokens each occupies (:class:`ImageInputs`; default: by
+    its crops)."""
     from ..data.constants import image_token_id
     from ..data.conversation import encode_prompt
 
     fam = families.of(cfg)
     n_images = len(crops)
-    tokens = [fam.image_tokens_per_image(cfg, int(c)) for c in crops]
+    if tokens is None:
+        tokens = [fam.image_tokens_per_image(cfg, int(c)) for c in crops]
     n_img = tokens[0] if tokens else fam.image_tokens(cfg)  # (generate takes one --image)
     if req.input_ids is not None:
         ids = parse_input_ids(req.input_ids)
@@ -180,10 +192,11 @@ def run(req: Request) -> dict:
 
     sampling = check(req)
     path, cfg, tp = open_checkpoint(req.ckpt, req.template, req.tp)
-    image = load_image(req.image, cfg) if req.image is not None else None
-    grid = image_grid(req.image, cfg) if req.image is not None else None
+    inputs = load_image_inputs(req.image, cfg) if req.image is not None else None
+    image = inputs.crops if inputs is not None else None
+    grid = torch.tensor([inputs.grid]) if inputs is not None and inputs.grid is not None else None
     tok, _ = find_tokenizer(path, cfg.data.tokenizer, req.tokenizer)
-    prompt = _prompt_ids(req, cfg, tok, [int(image.shape[0])] if image is not None else [])
+    prompt = _prompt_ids(req, cfg, tok, [int(image.shape[0])] if inputs else [], [inputs.tokens] if inputs else [])
     max_new = fit_context(int(prompt.numel()), req.max_new_tokens, cfg.data.max_seq_len)
 
     cfg = single_layout(cfg, tp)

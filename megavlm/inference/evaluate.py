@@ -47,14 +47,13 @@ class _Answerer:
     """Greedy answers of a loaded model to prompts about the synthetic set's square images, in batches."""
 
     def __init__(self, cfg: Config, existence: bool = False):
-        from ..data.images import NativeImages
-
         self.rt, self.tok, self.model, self.path = load_for_inference(cfg, existence)
         self.cfg, self.fam = cfg, families.of(cfg)
         self.img = self.fam.image_processor(cfg)
-        self.native = isinstance(self.img, NativeImages)  # the square images as patches of their size, with grid
-        self.n_tokens = (self.fam.image_tokens_per_image(cfg, self.img.crops(self.img.size, self.img.size))
-                         if self.native else self.fam.image_tokens(cfg))
+        size = self.img.size
+        # a model that takes grids (native resolution, HD crops) gets the square images through image_inputs
+        self.grid = self.fam.image_grid(cfg, size, size)
+        self.n_tokens = self.fam.image_tokens_of(cfg, self.img.crops(size, size), self.grid)
 
     def dataset(self, exist_share: float = 0.0) -> SyntheticVLMDataset:
         cfg, img, fam, tok = self.cfg, self.img, self.fam, self.tok
@@ -80,14 +79,16 @@ class _Answerer:
 
     def answer(self, prompts: list[torch.Tensor], images: list[torch.Tensor], max_new_tokens: int = 8) -> list[str]:
         """``images``: uint8 ``(crops, H, W, 3)`` per prompt."""
-        from ..data.images import patchify
+        from PIL import Image
+
+        from .command import image_inputs
 
         extra = {}
         stacked = torch.cat(images)
-        if self.native:
-            img = self.img
-            stacked = torch.cat([patchify(im, img.patch_size, img.merge) for im in stacked])
-            extra["image_grid"] = torch.tensor([img.grid(img.size, img.size)] * len(images))
+        if self.grid is not None:
+            stacked = torch.cat([image_inputs(Image.fromarray(im.numpy()), self.cfg, "an eval image").crops
+                                 for im in stacked])
+            extra["image_grid"] = torch.tensor([self.grid] * len(images))
         out = generate(self.model, prompts, stacked.to(self.rt.device), max_new_tokens=max_new_tokens,
                        eos_id=self.tok.eos_token_id, vocab_size=len(self.tok), pad_id=self.tok.pad_token_id,
                        **extra).tokens
@@ -149,8 +150,8 @@ def _pope_items_shards(ans: _Answerer, shards: str, limit: int | None):
 
     from ..data.shards import iter_shards, shard_paths
 
-    if ans.native:
-        raise UserError("--task pope --shards: native-resolution families (each image its own patch grid) are not "
+    if ans.grid is not None:
+        raise UserError("--task pope --shards: families whose images take a grid (native resolution, HD crops) are not "
                         "supported yet; use the synthetic set")
     if not shard_paths(shards):
         raise UserError(f"--shards {shards}: no shard-*.tar there (write them with `megavlm data convert`)")

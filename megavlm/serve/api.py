@@ -27,7 +27,9 @@ import torch
 
 from .. import families
 from ..data.conversation import encode_prompt
+from ..errors import UserError
 from ..export.chat_template import MessagesError, to_conversation
+from ..inference.command import image_inputs
 from ..inference.generate import Sampling
 from .engine import Engine, Job, Result
 
@@ -146,12 +148,16 @@ def prepare(sc: ServeConfig, body) -> tuple[Job, bool, bool]:
                        "(megavlm serve --max-images)", "messages", "too_many_images")
     cfg, tok = sc.cfg, sc.tok
     fam = families.of(cfg)
-    proc = fam.image_processor(cfg)
-    crops = []
+    crops, grids, counts = [], [], []
     for k, part in enumerate(conv.images):
-        im = decode_image(part, k, sc.max_request_bytes)
-        crops.append(torch.from_numpy(proc.reference(im, train=False)))
-    counts = [fam.image_tokens_per_image(cfg, int(c.shape[0])) for c in crops]
+        try:
+            got = image_inputs(decode_image(part, k, sc.max_request_bytes), cfg, f"image {k}")
+        except UserError as e:
+            raise ApiError(400, str(e), "messages", "invalid_image") from None
+        crops.append(got.crops)
+        counts.append(got.tokens)
+        if got.grid is not None:
+            grids.append(got.grid)
     try:
         ids = encode_prompt(tok, conv.turns, num_images=len(crops), num_image_tokens=counts, template=sc.template,
                             expand=fam.expand_image(tok), image_token=fam.image_token).tolist()
@@ -176,7 +182,8 @@ def prepare(sc: ServeConfig, body) -> tuple[Job, bool, bool]:
             raise ApiError(400, f"{key} must be true or false", key)
     opts = body.get("stream_options") or {}
     include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-    job = Job(prompt=ids, crops=torch.cat(crops) if crops else None, sampling=sampling,
+    job = Job(prompt=ids, crops=torch.cat(crops) if crops else None, grid=torch.tensor(grids) if grids else None,
+              sampling=sampling,
               max_tokens=room if max_tokens is None else max_tokens, ignore_eos=ignore_eos, stop=_stop(body))
     return job, stream, include_usage
 

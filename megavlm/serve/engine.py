@@ -44,6 +44,8 @@ class Job:
     prompt: list[int]
     crops: torch.Tensor | None
     sampling: Sampling
+    #: The images' ``image_grid`` rows ``(images, k)`` for a model that takes them (``Family.image_grid``), else None.
+    grid: torch.Tensor | None = None
     max_tokens: int
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
@@ -219,7 +221,7 @@ class Engine:
 
 def _describe(batch: list[Job]) -> list[dict]:
     """What the other TP ranks need of a batch (no callbacks)."""
-    return [dict(prompt=j.prompt, crops=j.crops, sampling=j.sampling, max_tokens=j.max_tokens,
+    return [dict(prompt=j.prompt, crops=j.crops, grid=j.grid, sampling=j.sampling, max_tokens=j.max_tokens,
                  ignore_eos=j.ignore_eos, stop=j.stop, id=j.id) for j in batch]
 
 
@@ -228,10 +230,11 @@ def run_batch(model, tok, batch: list[Job], eos_id: int | None, streaming: bool)
     rows = [_Row(j, tok, eos_id, streaming and j.emit is not None) for j in batch]
     crops = [j.crops for j in batch if j.crops is not None]
     images = torch.cat(crops) if crops else None
+    grids = [j.grid for j in batch if j.grid is not None]
     t0 = time.perf_counter()
     generate(model, [torch.tensor(j.prompt, dtype=torch.long) for j in batch], images,
              max(j.max_tokens for j in batch), None, batch[0].sampling,
-             on_token=lambda i, t: rows[i].add(t, t0))
+             on_token=lambda i, t: rows[i].add(t, t0), **({"image_grid": torch.cat(grids)} if grids else {}))
     total = time.perf_counter() - t0
     out = []
     for r in rows:

@@ -324,29 +324,121 @@ def test_plan_counts_equal_built_model(rt, pool):
     assert got.total == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.slow
-def test_cli_refuses_what_is_not_built_yet(converted, tmp_path):
-    """Training from data, `eval` and `generate --image` need HD crops from megavlm's image pipeline, which it does
-    not cut yet: one `error:` line and exit code 2 each (training before any work)."""
+def processor_pixels(im, lay):
+    """``Phi4MultimodalImageProcessor``'s pixels of a PIL image, re-implemented here in plain PyTorch from transformers'
+    source (image_processing_phi4_multimodal.py: ``dynamic_preprocess`` then ``_preprocess``), as its processor
+    cannot run here (it needs torchvision, whose wheels need another torch than the pinned one): the uint8 CHW image
+    resized with ``tvF.resize``'s defaults (bilinear, antialias; torchvision runs ``interpolate`` on a CPU uint8
+    tensor) to the layout's size (``HDLayout.layout``, checked against transformers' own layout code below), padded
+    white (``fill=255``) right and bottom, rescaled and normalized to floats, the global view resized from those
+    floats (bicubic, ``antialias=False``), the sub-crops cut by its (1, 3, rows, S, cols, S) permute; the global view
+    first. → normalized ``(1 + rows·cols, 3, S, S)``."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    _, (new_w, new_h), (pad_w, pad_h) = lay.layout(*im.size)
+    image = F.interpolate(image[None], size=[new_h, new_w], mode="bilinear", align_corners=False, antialias=True)[0]
+    image = F.pad(image, [0, pad_w, 0, pad_h], value=255)
+    # rescale_and_normalize, fused as transformers does it: (x - 255·mean) / (255·std)
+    mean, std = torch.tensor(lay.mean).view(3, 1, 1) * 255, torch.tensor(lay.std).view(3, 1, 1) * 255
+    processed = (image.float() - mean) / std
+    s = lay.crop
+    glob = F.interpolate(processed[None], size=[s, s], mode="bicubic", align_corners=False, antialias=False)[0]
+    h, w = processed.shape[-2:]
+    subs = processed.reshape(1, 3, h // s, s, w // s, s).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, s, s)
+    return torch.cat([glob[None], subs])
+
+
+def _photo(w: int, h: int, seed: int):
+    """A smooth random RGB image with sharp edges (a bright box): the resizes have something to do."""
+    import numpy as np
     from PIL import Image
 
+    g = np.random.default_rng(seed)
+    small = g.integers(0, 256, (max(2, h // 6), max(2, w // 6), 3), dtype=np.uint8)
+    im = np.array(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+    im[h // 4:h // 2, w // 3:w // 2] = 250
+    return Image.fromarray(im)
+
+
+#: (width, height, max sub-crops): a 3×2 grid padded at the bottom, a 2×3 grid padded on the right, one whole crop,
+#: and one whose grid is chosen by aspect ratio (13×2 > 6 crops → 6×1, padded at the bottom)
+SIZES = ((70, 40, 6), (40, 70, 6), (32, 32, 6), (400, 50, 6))
+
+
+def test_reference_crops_equal_processor_math():
+    """``HDLayout.reference`` (uint8 crops) against :func:`processor_pixels` after normalizing: the sub-crops (the
+    padding included) exactly; the global view (bicubic on the processor's floats, here rounded to uint8) within half
+    a uint8 step where the processor's value lies in the uint8 range (bicubic overshoots past it at sharp edges, which
+    uint8 clamps); the grid's patch masks (``models.hd.crop_masks``) equal the processor's attention mask
+    (:func:`hf_mask`, its ``_get_crop_attention_mask`` written out) and the tokens its count."""
+    from megavlm.families.phi4mm import HDLayout
+    from megavlm.models.hd import crop_masks
+
+    for k, (w, h, hd) in enumerate(SIZES):
+        lay = HDLayout(crop=CROP, patch=PATCH, dynamic_hd=hd)
+        im = _photo(w, h, k)
+        ours = torch.from_numpy(lay.reference(im))
+        (cols, rows), _, (pad_w, pad_h) = lay.layout(w, h)
+        assert ours.dtype == torch.uint8 and ours.shape == (1 + rows * cols, CROP, CROP, 3) == (lay.crops(w, h),) + \
+            ours.shape[1:]
+        want = processor_pixels(im, lay)
+        got = (ours.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+        assert got.shape == want.shape
+        # the sub-crops: the same uint8 values (the model normalizes as (x/255 - mean)/std, the processor fused)
+        assert torch.equal(ours[1:].permute(0, 3, 1, 2), (want[1:] * 127.5 + 127.5).round().to(torch.uint8)), (w, h)
+        assert (got[1:] - want[1:]).abs().max() <= 1e-6, (w, h)
+        if pad_h or pad_w:  # the padding is white
+            assert (ours[-1, CROP - pad_h:] == 255).all() and (ours[-1, :, CROP - pad_w:] == 255).all()
+        inside = want[0].abs() <= 1
+        assert (got[0] - want[0])[inside].abs().max() <= 0.5 / 255 / 0.5 + 1e-6, (w, h)
+        assert (got[0] - want[0].clamp(-1, 1)).abs().max() <= 0.5 / 255 / 0.5 + 1e-6, (w, h)
+        assert torch.equal(got[0], got[1]) == (rows * cols == 1)  # (one whole crop: the global view is that crop)
+        grid = lay.grid(w, h)
+        assert torch.equal(crop_masks(grid, P), hf_mask(rows, cols, pad_w, pad_h).bool()), (w, h)
+    assert lay.layout(400, 50)[0] == (6, 1)
+    assert HDLayout(crop=CROP, patch=PATCH).check(2000, 3) == "image_aspect_ratio"
+
+
+@pytest.mark.slow
+def test_generate_image_matches_transformers(converted, phi, tmp_path):
+    """`megavlm generate --image` (crops by ``HDLayout.reference``, the grid, the image expanded to its tokens) gives
+    transformers' greedy tokens when transformers gets the same crops (normalized) and the processor's masks; an
+    image too extreme to cut is one `error:` line, exit code 2."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from helpers import run
 
-    config = os.path.join(converted, "config.yaml")
-    proc = run(["train", config, f"run_dir={tmp_path / 'run'}", "parallel.tp=1", "parallel.pp=1"], check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: model.family=phi4mm cannot train with data.source=synthetic yet" in proc.stderr
-    assert not os.path.exists(tmp_path / "run")
+    from megavlm.families.phi4mm import HDLayout
+
+    _, hf_model, tok = phi
     png = str(tmp_path / "a.png")
-    Image.new("RGB", (70, 40), (200, 10, 10)).save(png)
-    proc = run(["generate", "--ckpt", converted, "--image", png, "--input-ids", "1,2,3", "--max-new-tokens", "2",
-                "--tp", "1"], check=False)
+    _photo(70, 40, 7).save(png)
+    img = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    n = 5
+    proc = run(["generate", "--ckpt", converted, "--image", png, "--input-ids", f"9,11,{img},13,7",
+                "--max-new-tokens", str(n), "--ignore-eos", "--tp", "1", "--output", "json"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ids = torch.tensor([out["prompt_ids"]])
+    assert out["prompt_ids"].count(img) == TOKENS and len(out["generated_ids"]) == n
+    from PIL import Image
+
+    lay = HDLayout(crop=CROP, patch=PATCH, dynamic_hd=6)
+    crops = torch.from_numpy(lay.reference(Image.open(png)))
+    pixels = (crops.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    hf = dict(image_pixel_values=pixels[None], image_sizes=torch.tensor([[2 * CROP, 3 * CROP]]),
+              image_attention_mask=hf_mask(2, 3, 0, 10)[None])
+    hf_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        res = hf_model.generate(input_ids=ids, **hf, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in res.scores]
+    assert min(margins) > 1e-3, margins
+    assert out["generated_ids"] == res.sequences[0, ids.shape[1]:].tolist()
+    Image.new("RGB", (2000, 3), (200, 10, 10)).save(png)
+    proc = run(["generate", "--ckpt", converted, "--image", png, "--prompt", "hi", "--tp", "1"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "70x40 cannot be used (megavlm does not cut HD crops yet" in proc.stderr
-    proc = run(["eval", config, "--limit", "2", "parallel.tp=1", "parallel.pp=1"], check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: model.family=phi4mm: megavlm does not cut HD crops yet" in proc.stderr
+    assert "2000x3 cannot be used (image aspect ratio)" in proc.stderr
 
 
 _HF_LAYOUTS = r'''
