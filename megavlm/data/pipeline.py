@@ -122,14 +122,22 @@ def complete_indices(paths: Sequence[str], index_paths: Sequence[str], workdir: 
 def image_processing(images=None, image_size: int | None = None, mode: str = "resize",
                      mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)):
     """The image processing a pipeline runs: ``images`` (a :class:`SquareImages`, :class:`TiledImages` or
-    :class:`NativeImages`) or else the square one the keywords describe."""
+    :class:`NativeImages`, or a processing with no DALI graph, :func:`pil_only`) or else the square one the keywords
+    describe."""
     if images is None:
         if image_size is None:
             raise UserError("give the image processing (images=SquareImages|TiledImages|NativeImages) or image_size")
         return SquareImages(size=int(image_size), mode=mode, mean=tuple(mean), std=tuple(std))
-    if not isinstance(images, (SquareImages, TiledImages, NativeImages)):
+    if not isinstance(images, (SquareImages, TiledImages, NativeImages)) and not pil_only(images):
         raise UserError(f"images must be a SquareImages, TiledImages or NativeImages, got {type(images).__name__}")
     return images
+
+
+def pil_only(images) -> bool:
+    """Whether an image processing has no DALI graph (``pil_only = True``, e.g. the HD crops of
+    ``families/phi4mm.py``'s ``HDLayout``): the loader reads the encoded images with the reader-only pipeline and runs
+    the processing's PIL reference (``reference(im)``, its ``grid(w, h)`` and ``check(w, h)``) on every image."""
+    return bool(getattr(images, "pil_only", False))
 
 
 def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_size: int | None = None,
@@ -152,7 +160,9 @@ def build_pipeline(paths: Sequence[str], index_paths: Sequence[str], *, image_si
     tiles = proc if isinstance(proc, TiledImages) else None
     native = proc if isinstance(proc, NativeImages) else None
     image_size, mean, std = proc.size, proc.mean, proc.std
-    mode = proc.mode if tiles is None and native is None else MODES[0]  # (unused with tiles / native resolution)
+    mode = proc.mode if isinstance(proc, SquareImages) else MODES[0]  # (unused with tiles / native resolution)
+    if pil_only(proc) and decode:
+        raise UserError(f"{type(proc).__name__} has no DALI graph: build the reader-only pipeline (decode=False)")
     if native is not None and output != "uint8":
         raise UserError("native-resolution images come out as uint8 (the model normalizes their patches): "
                         "output='uint8'")
@@ -369,8 +379,15 @@ class ImageTextLoader:
         self.images = image_processing(images, image_size, mode, mean, std)
         self.tiled = isinstance(self.images, TiledImages)
         self.native = isinstance(self.images, NativeImages)
+        #: No DALI graph: every batch read undecoded and processed with the PIL reference (:func:`pil_only`).
+        self.pil = pil_only(self.images)
+        #: Images that come with a grid row (native resolution's ``(t, h, w)``, HD crops' 4): its width, else 0.
+        self.grid_width = len(self.images.grid(self.images.size, self.images.size)) if self.native or self.pil else 0
+        if self.pil and output != "uint8":
+            raise UserError(f"{type(self.images).__name__} crops come out as uint8 (the model normalizes them): "
+                            "output='uint8'")
         image_size, mean, std = self.images.size, self.images.mean, self.images.std
-        mode = None if self.tiled or self.native else self.images.mode
+        mode = self.images.mode if isinstance(self.images, SquareImages) else None
         self.paths, index_paths = _files(shards_dir)
         # trimmed indexes of truncated tars, if any: private to this loader, removed with it
         self._workdir = tempfile.TemporaryDirectory(prefix="megavlm-idx-")
@@ -401,7 +418,8 @@ class ImageTextLoader:
 
     # -------------------------------------------------------------- state
     def _load(self, state: dict | None) -> None:
-        self._pipe = build_pipeline(self.paths, self.index_paths, device=self.device, decode=True,
+        self._pipe = build_pipeline(self.paths, self.index_paths, device="cpu" if self.pil else self.device,
+                                    decode=not self.pil,
                                     checkpoint=None if state is None else state["pipeline"],
                                     prefetch_queue_depth=self.prefetch_queue_depth, **self.kw)
         self._pipe.build()
@@ -426,7 +444,7 @@ class ImageTextLoader:
 
     def state_dict(self) -> dict:
         """Reader + RNG state (DALI checkpoints of the pipeline and of its reader-only twin) and the position."""
-        raw = self._raw_pipe().checkpoint()
+        raw = self._pipe.checkpoint() if self.pil else self._raw_pipe().checkpoint()
         return {"pipeline": self._pipe.checkpoint(), "raw": raw, "in_epoch": self._in_epoch,
                 "skipped": dict(self.skipped), "fallbacks": self.fallbacks, "config": self._state_config()}
 
@@ -439,6 +457,8 @@ class ImageTextLoader:
             cfg["tiles"] = (img.min_tiles, img.max_tiles, img.thumbnail)
         if self.native:
             cfg["native"] = (img.patch_size, img.merge, img.min_pixels, img.max_pixels)
+        if self.pil:
+            cfg["reference"] = repr(img)
         return cfg
 
     def load_state_dict(self, state: dict) -> None:
@@ -473,7 +493,7 @@ class ImageTextLoader:
             batch = self._fallback(valid, e)
         else:
             self._pos += 1
-            batch = self._convert(outs, valid)
+            batch = self._pil_batch(outs, valid) if self.pil else self._convert(outs, valid)
         self._in_epoch += valid
         return batch
 
@@ -536,12 +556,12 @@ class ImageTextLoader:
             return None
         src = np.asarray(info[i]).tobytes().decode("utf-8")
         key = src.rsplit(":", 1)[-1].split(".", 1)[0]
-        if self.native:  # (patches, grid) per image
-            grids = torch.tensor([g for _, g in images], dtype=torch.long).reshape(-1, 3)
+        if self.grid_width:  # (patches or crops, grid) per image
+            grids = torch.tensor([tuple(g) for _, g in images], dtype=torch.long).reshape(-1, self.grid_width)
             images = [t for t, _ in images]
-            p = self.images.patch_size
+            side = self.images.patch_size if self.native else self.image_size
             stacked = torch.cat(images) if images else torch.empty(
-                (0, p, p, 3), dtype=torch.uint8, device="cuda" if self.device == "mixed" else "cpu")
+                (0, side, side, 3), dtype=torch.uint8, device="cuda" if self.device == "mixed" else "cpu")
             return {"key": key, "record": record, "images": stacked, "crops": [int(t.shape[0]) for t in images],
                     "grids": grids}
         crops = [int(t.shape[0]) for t in images] if self.tiled else [1] * len(images)
@@ -566,6 +586,11 @@ class ImageTextLoader:
         outs = raw.run()
         self._raw_pos += 1
         self._pos += 1
+        return self._pil_batch(outs, valid)
+
+    def _pil_batch(self, outs, valid: int) -> list[dict]:
+        """A batch of the reader-only pipeline (encoded images) decoded and processed with PIL: the corrupt-image
+        fallback, and every batch of a processing with no DALI graph (:func:`pil_only`)."""
         js, info, encoded = outs[0], outs[1], outs[2:]
         batch = []
         for i in range(valid):
@@ -582,7 +607,7 @@ class ImageTextLoader:
                 self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
                 continue
             if self.device == "mixed":
-                images = [(t[0].cuda(), t[1]) if self.native else t.cuda() for t in images]
+                images = [(t[0].cuda(), t[1]) if self.grid_width else t.cuda() for t in images]
             sample = self._sample(js, info, i, images)
             if sample is not None:
                 batch.append(sample)
@@ -597,7 +622,7 @@ class ImageTextLoader:
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds
             raise _Undecodable(str(e)) from None
         rng = np.random.default_rng([self.seed, zlib.crc32(source.encode()), slot, self._pos])
-        if self.native:  # (patches, grid)
+        if self.grid_width:  # (patches or crops, grid)
             reason = self.images.check(*im.size)
             if reason is not None:
                 raise _Refused(reason)

@@ -78,6 +78,10 @@ class HDLayout:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
+    #: No DALI graph: the training loader decodes every image and cuts its crops with :meth:`reference` (PIL and
+    #: torch on the CPU; ``data.pipeline.pil_only``).
+    pil_only = True
+
     def layout(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """``((cols, rows), (new_width, new_height), (pad_width, pad_height))``; ValueError when a side would be
         resized below 10 pixels."""
@@ -218,9 +222,10 @@ class Phi4MMFamily(Family):
     image_token = IMAGE_TOKEN
 
     def check_training(self, cfg) -> None:
-        raise ConfigError(f"model.family=phi4mm cannot train with data.source={cfg.data.source} yet: megavlm's image "
-                          "pipeline has no HD crops (global view + padded sub-crops); the model trains on crops and "
-                          "grids given to it directly (docs/families.md)")
+        if cfg.data.source == "synthetic":
+            raise ConfigError("model.family=phi4mm cannot train with data.source=synthetic: its in-memory images are "
+                              "not cut into HD crops; use data.source=shards or synthetic_shards (the loader cuts "
+                              "them, docs/families.md)")
 
     # ---------------------------------------------------------------------------------------------- shapes
     def vision_arch(self, cfg) -> ViTArch:

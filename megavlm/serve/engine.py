@@ -44,9 +44,9 @@ class Job:
     prompt: list[int]
     crops: torch.Tensor | None
     sampling: Sampling
+    max_tokens: int
     #: The images' ``image_grid`` rows ``(images, k)`` for a model that takes them (``Family.image_grid``), else None.
     grid: torch.Tensor | None = None
-    max_tokens: int
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     emit: Callable[[str, object], None] | None = None

@@ -188,7 +188,9 @@ class ShardTrainData:
             crops = sample.get("crops", [1] * int(sample["images"].shape[0]))
             if len(crops) < len(record.get("images") or []):  # the loader reads data.max_images slots
                 return self._skip("too_many_images")
-            tokens = [self.family.image_tokens_per_image(self.cfg, int(c)) for c in crops]
+            grids = sample.get("grids")  # (native resolution, HD crops: the tokens follow from the grid)
+            tokens = [self.family.image_tokens_of(self.cfg, int(c), None if grids is None else tuple(grids[k].tolist()))
+                      for k, c in enumerate(crops)]
             how = {"template": self.template, "expand": self.expand, "image_token": self.image_token}
             if self.cfg.train.objective == "dpo":
                 pair = preference_turns(record)
@@ -212,7 +214,7 @@ class ShardTrainData:
         if not bool((enc["labels"] != IGNORE_INDEX).any()):
             return self._skip("no_supervised_tokens")
         out = {"input_ids": enc["input_ids"], "labels": enc["labels"], "images": sample["images"].cpu()}
-        if "grids" in sample:  # native resolution: the grids ride along, and M-RoPE positions follow from them
+        if "grids" in sample:  # native resolution, HD crops: the grids ride along (M-RoPE positions follow from them)
             out["image_grid"] = sample["grids"].cpu()
             pos = self.family.position_ids(self.cfg, enc["input_ids"], out["image_grid"], self.image_token_id)
             if pos is not None:

@@ -441,6 +441,72 @@ def test_generate_image_matches_transformers(converted, phi, tmp_path):
     assert "2000x3 cannot be used (image aspect ratio)" in proc.stderr
 
 
+@pytest.mark.slow
+def test_trains_from_shards_with_hd_crops(rt, converted, tmp_path):
+    """`megavlm train` with data.source=shards (images of three aspect ratios: 3×2, 2×3 and 1×1 crop grids, one
+    sample each, all in step 1's global batch): the loader cuts the HD crops (its PIL path: ``HDLayout.reference``)
+    and their grids ride along; step 1's loss equals the token-weighted cross entropy of the converted model on the
+    same records fed directly here (crops by ``HDLayout.reference`` of the decoded image, grids by ``HDLayout.grid``)
+    — the loss before any update; and training moves. data.source=synthetic is refused with a line naming it."""
+    import io
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from megavlm import families
+    from megavlm.data.constants import image_token_id
+    from megavlm.data.conversation import encode_record
+    from megavlm.data.shards import iter_shards, write_shards
+    from megavlm.data.tokenizer import load_tokenizer
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from helpers import metrics, run
+
+    records = []
+    for k, (w, h) in enumerate(((70, 40), (40, 70), (32, 32))):
+        _photo(w, h, 20 + k).save(tmp_path / f"{k}.png")
+        records.append({"image": f"{k}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is in the picture?"},
+            {"from": "gpt", "value": f"a box number {k} on a field"}]})
+    shards = str(tmp_path / "shards")
+    write_shards(records, shards, images_root=str(tmp_path), progress=False)
+    config = os.path.join(converted, "config.yaml")
+    seq = 160
+    common = [config, "parallel.tp=1", "parallel.pp=1", f"data.max_seq_len={seq}", "train.steps=2",
+              "train.global_batch=3", "train.micro_batch=1", "train.stage=3", "train.lr=1e-2", "train.warmup_steps=0",
+              "logging.tensorboard=false", "checkpoint.save_interval=100"]
+    run(["train", *common, f"run_dir={tmp_path / 'run'}", "data.source=shards", f"data.shards={shards}"])
+    got = metrics(str(tmp_path / "run"))
+    steps = [r for r in got if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and steps[1]["loss"] != steps[0]["loss"]
+
+    cfg, model = _load(rt, converted)
+    fam = families.of(cfg)
+    lay = fam.layout(cfg)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    total, count, grids = 0.0, 0, set()
+    for _key, record, files in iter_shards(shards):
+        with Image.open(io.BytesIO(next(iter(files.values())))) as im:
+            im = im.convert("RGB")
+        crops, grid = torch.from_numpy(lay.reference(im)), lay.grid(*im.size)
+        grids.add(grid)
+        enc = encode_record(tok, record, [lay.tokens(*im.size)], seq, template=families.template(cfg),
+                            expand=fam.expand_image(tok), image_token=fam.image_token)
+        ids, labels = enc["input_ids"][None], enc["labels"][None]
+        assert int((ids == image_token_id(tok, fam.image_token)).sum()) == lay.tokens(*im.size)
+        with torch.no_grad():
+            logits = model(input_ids=ids, images=crops, image_grid=torch.tensor([grid]), runtime_gather_output=True)
+        # the encoded labels mark the answer's tokens; each position predicts the next one
+        ce = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum")
+        total, count = total + float(ce), count + int((labels[0, 1:] != -100).sum())
+    assert grids == {(2, 3, 14, 24), (3, 2, 24, 14), (1, 1, P, P)}
+    assert steps[0]["supervised_tokens"] == count and steps[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+    proc = run(["train", *common, f"run_dir={tmp_path / 'syn'}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: model.family=phi4mm cannot train with data.source=synthetic" in proc.stderr
+    assert not os.path.exists(tmp_path / "syn")
+
+
 _HF_LAYOUTS = r'''
 import importlib, json, sys, types
 import transformers  # noqa: F401  (before the stub: transformers asks importlib whether torchvision is installed)
