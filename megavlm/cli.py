@@ -442,7 +442,7 @@ def _document_budget(args):
                 if len(sizes) > 256:  # the images of the documents at hand (bytes hash once, then cached)
                     sizes.clear()
                 with Image.open(io.BytesIO(data)) as im:
-                    sizes[data] = fam.image_tokens_per_image(cfg, proc.crops(*im.size))
+                    sizes[data] = fam.image_tokens_of(cfg, proc.crops(*im.size), fam.image_grid(cfg, *im.size))
             return sizes[data]
     else:
         def tokens(data: bytes) -> int:

@@ -7,8 +7,9 @@ Phi-3 decoder (fused ``qkv_proj`` / ``gate_up_proj``, partial rotary). The model
 Audio: the speech encoder and its projections are not built; ``hf-to-mcore`` keeps every audio tensor in the side
 file and ``mcore-to-hf`` writes them back, so the round trip is bit-identical.
 
-Not yet: the HD crops in the DALI training pipeline and ``generate --image`` (the model takes the crops and their
-grids, ``image_grid`` ``(n, 4)``, from the caller); CLIP towers and 2×2 concatenation (Phi-3-Vision proper); LongRoPE.
+Images: :class:`HDLayout` lays out and cuts the crops (``reference``: the processor's pixels, uint8); the training
+loader runs it on the CPU for every image (no DALI graph, ``pil_only``), and the grids (``image_grid`` ``(n, 4)``) ride
+along to the model.
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
 #: ``model.vision.flavour``: Phi-4-MM's SigLIP-style tower, or Phi-3-Vision's CLIP ViT-L/14-336 (class token,
 #: pre-LayerNorm, no patch bias).
 FLAVOURS = ("siglip", "clip")
-
-#: Why what needs megavlm to cut HD crops (an image pipeline) is refused.
-NO_CROPS = ("model.family=phi4mm: megavlm does not cut HD crops yet (training from data, eval and images in generate / "
-            "serve need them); the model takes crops and their grids directly (docs/families.md)")
 
 _PREFIXES = (
     ("model.embed_tokens_extend.image_embed.img_projection_", "projector", "img_projection_"),
@@ -247,9 +244,7 @@ class Phi4MMFamily(Family):
 
     # ---------------------------------------------------------------------------------------------- data
     def image_processor(self, cfg):
-        """The crop layout (``plan`` counts its crops). megavlm's image pipeline has no HD crops yet
-        (:meth:`check_training` refuses to train from data), so this family trains and generates from crops and grids
-        given to the model directly (tests/families/hd_worker.py)."""
+        """The HD crops (:class:`HDLayout`): their layout (``plan`` counts them) and pixels (``reference``)."""
         return self.layout(cfg)
 
     def image_tokens(self, cfg) -> int:

@@ -1,5 +1,5 @@
-"""Worker for the HD-crop family's layout tests (megavlm's image pipeline has no HD crops yet, so the batches come
-from the test): loads a converted checkpoint at the TP/PP of its process group, writes the logits of a fixed batch
+"""Worker for the HD-crop family's layout tests (the batches, crops of random pixels with their grids, come from
+the test): loads a converted checkpoint at the TP/PP of its process group, writes the logits of a fixed batch
 (gathered over TP, from the last stage), then trains ``STEPS`` optimizer steps on fixed micro-batches through the
 trainer's own objects (DDP, megatron optimizer, schedule, loss) and writes the losses.
 

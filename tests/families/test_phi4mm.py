@@ -5,8 +5,11 @@ config and what is refused.
 
 The crop layout is checked against transformers' own layout methods of ``Phi4MultimodalImageProcessor`` (in a child
 process that stubs the module's torchvision import, which those methods never call) and against layouts computed by
-hand here; the pixels are not compared with the processor's: it resizes with torchvision, whose wheels need another
-torch than the pinned 2.13.0 (pip would replace torch), so torchvision is not installed."""
+hand here; the crops' pixels (``HDLayout.reference``) against a plain-PyTorch re-implementation of the processor's
+math written here from transformers' source (the processor itself resizes with torchvision, whose wheels need another
+torch than the pinned 2.13.0: pip would replace torch, so torchvision is not installed). ``generate --image`` is
+checked against transformers' greedy tokens on the same crops, and training from shards against the model's loss on
+them."""
 
 from __future__ import annotations
 

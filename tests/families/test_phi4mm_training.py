@@ -1,8 +1,8 @@
 """Phi-4-multimodal at TP=2 and PP=2 (torchrun-spawned gloo ranks on CPU), from one converted checkpoint: the logits
 of a batch with two HD images (7 crops each, partly padded sub-crop grids) equal transformers', and 3 training steps
 (everything trains, 2 micro-batches per step, one image each) give the losses of the TP=1 run. The batches come from
-the test (megavlm's image pipeline has no HD crops yet): tests/families/hd_worker.py runs them through the trainer's
-own DDP, optimizer, schedule and loss."""
+the test (crops of random pixels with their grids; test_phi4mm.py trains from shards): tests/families/hd_worker.py
+runs them through the trainer's own DDP, optimizer, schedule and loss."""
 
 from __future__ import annotations
 
