@@ -444,6 +444,57 @@ def test_generate_image_matches_transformers(converted, phi, tmp_path):
     assert "2000x3 cannot be used (image aspect ratio)" in proc.stderr
 
 
+def test_loader_cuts_hd_crops_skips_refused_images_and_resumes(tmp_path):
+    """The training loader with ``HDLayout`` (no DALI graph: every image through ``reference``): each sample's crops
+    and grid are the reference's of its image, a text-only sample has none (grids ``(0, 4)``), a sample whose image
+    is too extreme to cut is skipped and counted (``image_aspect_ratio``), and a saved position resumes with the same
+    batches; float output is refused."""
+    import io
+
+    from PIL import Image
+
+    from megavlm.data.pipeline import ImageTextLoader
+    from megavlm.data.shards import iter_shards, write_shards
+    from megavlm.errors import UserError
+    from megavlm.families.phi4mm import HDLayout
+
+    conv = [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "a box"}]
+    records = []
+    for k, size in enumerate(((70, 40), None, (40, 70), (2000, 3), (32, 32), (400, 50))):
+        if size is None:
+            records.append({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+            continue
+        (_photo(*size, k) if size[1] > 3 else Image.new("RGB", size, (9, 9, 9))).save(tmp_path / f"{k}.png")
+        records.append({"image": f"{k}.png", "conversations": conv})
+    shards = str(tmp_path / "shards")
+    write_shards(records, shards, images_root=str(tmp_path), progress=False)
+    lay = HDLayout(crop=CROP, patch=PATCH, dynamic_hd=6)
+    sizes = {key: Image.open(io.BytesIO(next(iter(files.values())))).convert("RGB") if files else None
+             for key, _, files in iter_shards(shards)}
+    kw = dict(images=lay, train=True, batch_size=2, device="cpu", seed=3, initial_fill=8)
+    loader = ImageTextLoader(shards, **kw)
+    seen = []
+    for batch in loader:
+        for smp in batch:
+            im = sizes[smp["key"]]
+            if im is None:
+                assert smp["images"].shape == (0, CROP, CROP, 3) and smp["grids"].shape == (0, 4)
+                assert smp["crops"] == []
+            else:
+                assert torch.equal(smp["images"], torch.from_numpy(lay.reference(im)))
+                assert smp["grids"].tolist() == [list(lay.grid(*im.size))] and smp["crops"] == [lay.crops(*im.size)]
+            seen.append(smp["key"])
+    assert sorted(seen) == sorted(k for k, im in sizes.items() if im is None or im.size != (2000, 3))
+    assert loader.skipped == {"image_aspect_ratio": 1} and loader.fallbacks == 0
+    state = loader.state_dict()
+    want = [[(x["key"], x["images"].sum().item()) for x in loader.next_batch()] for _ in range(2)]
+    again = ImageTextLoader(shards, **kw)
+    again.load_state_dict(state)
+    assert [[(x["key"], x["images"].sum().item()) for x in again.next_batch()] for _ in range(2)] == want
+    with pytest.raises(UserError, match="crops come out as uint8"):
+        ImageTextLoader(shards, **{**kw, "output": "float"})
+
+
 @pytest.mark.slow
 def test_trains_from_shards_with_hd_crops(rt, converted, tmp_path):
     """`megavlm train` with data.source=shards (images of three aspect ratios: 3×2, 2×3 and 1×1 crop grids, one
