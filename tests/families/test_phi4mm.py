@@ -408,7 +408,7 @@ def test_reference_crops_equal_processor_math():
 def test_generate_image_matches_transformers(converted, phi, tmp_path):
     """`megavlm generate --image` (crops by ``HDLayout.reference``, the grid, the image expanded to its tokens) gives
     transformers' greedy tokens when transformers gets the same crops (normalized) and the processor's masks; an
-    image too extreme to cut is one `error:` line, exit code 2."""
+    image too extreme to cut is one `error:` line, exit code 2; `eval` runs on the family's images."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from helpers import run
 
@@ -442,6 +442,9 @@ def test_generate_image_matches_transformers(converted, phi, tmp_path):
     proc = run(["generate", "--ckpt", converted, "--image", png, "--prompt", "hi", "--tp", "1"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "2000x3 cannot be used (image aspect ratio)" in proc.stderr
+    # eval's synthetic square images (one crop's side: the global view and one sub-crop) take the same path
+    proc = run(["eval", os.path.join(converted, "config.yaml"), "--limit", "2", "parallel.tp=1", "parallel.pp=1"])
+    assert "accuracy " in proc.stdout and "/2 = " in proc.stdout
 
 
 def test_loader_cuts_hd_crops_skips_refused_images_and_resumes(tmp_path):
