@@ -447,6 +447,51 @@ def test_generate_image_matches_transformers(converted, phi, tmp_path):
     assert "accuracy " in proc.stdout and "/2 = " in proc.stdout
 
 
+def test_serve_request_gives_transformers_greedy_tokens(rt, converted, phi):
+    """`serve`'s request path (``serve.api.prepare``: the image of a data: URL through ``image_inputs``; the job
+    carries its grid) and its batch decoding (``serve.engine.run_batch``) give transformers' greedy tokens on the
+    job's prompt and the same crops; an image too extreme to cut is a 400 naming it."""
+    import base64
+    import io
+
+    from megavlm.families.phi4mm import HDLayout
+    from megavlm.serve.api import ApiError, ServeConfig, prepare
+    from megavlm.serve.engine import run_batch
+
+    _, hf_model, tok = phi
+    cfg, model = _load(rt, converted)
+
+    def body(im, n=4):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "what is it?"}]}],
+                "max_tokens": n, "ignore_eos": True, "temperature": 0}
+
+    sc = ServeConfig(cfg, tok, "m", "chatml", max_images=1, max_model_len=cfg.data.max_seq_len)
+    im = _photo(40, 70, 9)
+    job, _, _ = prepare(sc, body(im))
+    lay = HDLayout(crop=CROP, patch=PATCH, dynamic_hd=6)
+    assert job.grid.tolist() == [list(lay.grid(40, 70))] == [[3, 2, 24, 14]]
+    assert torch.equal(job.crops, torch.from_numpy(lay.reference(im)))
+    assert job.prompt.count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) == lay.tokens(40, 70) == 12 * 8 + 1 + 20
+    got = run_batch(model, tok, [job], eos_id=None, streaming=False)[0].tokens
+    ids = torch.tensor([job.prompt])
+    hf = dict(image_pixel_values=((job.crops.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5)[None],
+              image_sizes=torch.tensor([[3 * CROP, 2 * CROP]]), image_attention_mask=hf_mask(3, 2, 10, 0)[None])
+    hf_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        res = hf_model.generate(input_ids=ids, **hf, do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                                pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    assert min(float(x[0].topk(2).values[0] - x[0].topk(2).values[1]) for x in res.scores) > 1e-3
+    assert got == res.sequences[0, ids.shape[1]:].tolist()
+    from PIL import Image
+
+    with pytest.raises(ApiError, match="image 0: 2000x3 cannot be used"):
+        prepare(sc, body(Image.new("RGB", (2000, 3))))
+
+
 def test_loader_cuts_hd_crops_skips_refused_images_and_resumes(tmp_path):
     """The training loader with ``HDLayout`` (no DALI graph: every image through ``reference``): each sample's crops
     and grid are the reference's of its image, a text-only sample has none (grids ``(0, 4)``), a sample whose image
