@@ -93,6 +93,11 @@ def _image_sizes(files: dict, names: list[str]) -> list[str]:
 
 def _crops(files: dict, names: list[str], images) -> list[int]:
     """Crops of each image (``images``: a ``TiledImages``), from the size in its header; ValueError if unreadable."""
+    return [images.crops(*size) for size in _sizes(files, names, images)]
+
+
+def _sizes(files: dict, names: list[str], images) -> list[tuple[int, int]]:
+    """The size of each image, from its header; ValueError if unreadable or refused by ``images``."""
     from PIL import Image
 
     out = []
@@ -105,7 +110,7 @@ def _crops(files: dict, names: list[str], images) -> list[int]:
         refused = images.check(*size) if hasattr(images, "check") else None  # (NativeImages)
         if refused:
             raise ValueError(f"image {n} ({size[0]}x{size[1]}) is refused: {refused}")
-        out.append(images.crops(*size))
+        out.append(size)
     return out
 
 
@@ -176,6 +181,7 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
     num_image_tokens, img_why = image_tokens(config, num_image_tokens, config_name)
     tiles = None  # a TiledImages: each image takes its crops × num_image_tokens
     native = None  # a NativeImages: each image takes its patches / merge² tokens
+    gridded = None  # another processing whose images come with a grid (HD crops): tokens by Family.image_tokens_of
     if config is not None:
         from megavlm import families
         from megavlm.data.images import NativeImages, TiledImages
@@ -183,6 +189,9 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
         proc = families.of(config).image_processor(config)
         tiles = proc if isinstance(proc, TiledImages) else None
         native = proc if isinstance(proc, NativeImages) else None
+        fam = families.of(config)
+        if tiles is None and native is None and fam.image_grid(config, proc.size, proc.size) is not None:
+            gridded = proc
     try:
         get_template(template)
     except ValueError as e:
@@ -225,6 +234,11 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
                 stats["crops"] += sum(crops)
                 counts = [native.tokens(c) for c in crops]
                 stats["tokens_per_image"] += counts
+            elif gridded is not None:  # the tokens of each image follow from its grid
+                sizes = _sizes(files, names, gridded)
+                stats["crops"] += sum(gridded.crops(*sz) for sz in sizes)
+                counts = [fam.image_tokens_of(config, gridded.crops(*sz), fam.image_grid(config, *sz)) for sz in sizes]
+                stats["tokens_per_image"] += counts
             ids, labels = encode(tok, record, counts, template)
         except ValueError as e:
             stats["unencodable"] += 1
@@ -263,6 +277,10 @@ def inspect(shards_dir: str, *, tokenizer: str | None = None, template: str | No
               f"{native.merge}², {native.min_pixels}-{native.max_pixels} pixels): min {min(t)}, mean "
               f"{sum(t) / len(t):.1f}, max {max(t)} (at most {num_image_tokens}); {stats['crops']} patches in all",
               file=out)
+    elif gridded is not None:
+        t = stats["tokens_per_image"] or [0]
+        print(f"tokens per image by its crop grid ({type(gridded).__name__}): min {min(t)}, mean "
+              f"{sum(t) / len(t):.1f}, max {max(t)}; {stats['crops']} crops in all", file=out)
     elif tiles is None:
         print(f"tokens per image: {num_image_tokens} ({img_why})", file=out)
     else:

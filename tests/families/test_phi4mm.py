@@ -496,7 +496,7 @@ def test_loader_cuts_hd_crops_skips_refused_images_and_resumes(tmp_path):
     """The training loader with ``HDLayout`` (no DALI graph: every image through ``reference``): each sample's crops
     and grid are the reference's of its image, a text-only sample has none (grids ``(0, 4)``), a sample whose image
     is too extreme to cut is skipped and counted (``image_aspect_ratio``), and a saved position resumes with the same
-    batches; float output is refused."""
+    batches; float output is refused; `data inspect` counts the tokens as training does."""
     import io
 
     from PIL import Image
@@ -541,6 +541,18 @@ def test_loader_cuts_hd_crops_skips_refused_images_and_resumes(tmp_path):
     assert [[(x["key"], x["images"].sum().item()) for x in again.next_batch()] for _ in range(2)] == want
     with pytest.raises(UserError, match="crops come out as uint8"):
         ImageTextLoader(shards, **{**kw, "output": "float"})
+    # `data inspect` counts each image's tokens by its grid, as training does; the refused image is unencodable
+    from megavlm.config import load_config
+    from megavlm.data.inspect import inspect
+
+    cfg = load_config(None, ["model.family=phi4mm", f"model.vision.image_size={CROP}",
+                             f"model.vision.patch_size={PATCH}", "model.vision.max_crops=6", "data.max_seq_len=512"])
+    out = io.StringIO()
+    stats = inspect(shards, n=0, out=out, color=False, config=cfg)
+    usable = [im for im in sizes.values() if im is not None and im.size != (2000, 3)]
+    assert sorted(stats["tokens_per_image"]) == sorted(lay.tokens(*im.size) for im in usable)
+    assert stats["crops"] == sum(lay.crops(*im.size) for im in usable) and stats["unencodable"] == 1
+    assert "tokens per image by its crop grid (HDLayout)" in out.getvalue()
 
 
 @pytest.mark.slow
