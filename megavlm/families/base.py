@@ -137,6 +137,23 @@ class Family:
         """Feature positions of an image of ``crops`` crops and :meth:`image_grid` ``grid``."""
         return self.image_tokens_per_image(cfg, crops)
 
+    def fit_import(self, cfg, tp: int, pp: int, dtype_name: str, max_positions: int, cap: int = 4096,
+                   what: str = "model") -> None:
+        """The last step of an HF import into ``cfg``: the dtype megavlm holds the weights in (bf16 stays bf16; fp16
+        and fp32 are held as fp32: exact, and megavlm has no fp16 mode), ``data.max_seq_len`` (room for the largest
+        image and some text, else the HF positions up to ``cap``), the layout, and the config check (a ``UserError``
+        when the model does not fit ``--tp``/``--pp``)."""
+        from ..config import MIN_TEXT_TOKENS, ConfigError, validate
+        from ..errors import UserError
+
+        cfg.model.dtype = "bf16" if dtype_name == "bfloat16" else "fp32"
+        cfg.data.max_seq_len = max(self.max_image_tokens(cfg) + MIN_TEXT_TOKENS, min(max_positions, cap))
+        cfg.parallel.tp, cfg.parallel.pp = tp, pp
+        try:
+            validate(cfg, tp * pp)
+        except ConfigError as e:
+            raise UserError(f"the HF {what} does not fit megavlm at --tp {tp} --pp {pp}: {e}") from e
+
     def max_image_tokens(self, cfg) -> int:
         """The most sequence positions one image can take (its most crops, and any text the family puts around
         them): what ``data.max_seq_len`` must leave room for."""

@@ -12,8 +12,7 @@ import copy
 import re
 from dataclasses import dataclass
 
-from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice,
-                      validate)
+from ..config import (ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, layers_built
 from . import common
@@ -184,14 +183,7 @@ class InternVLFamily(Family):
             setattr(lm, k, val)
         tied = bool(getattr(lc, "tie_word_embeddings", False) or getattr(lc.text_config, "tie_word_embeddings", False))
         lm.tie_embeddings = tied
-        cfg.model.dtype = "bf16" if common.dtype_name(lc) == "bfloat16" else "fp32"
-        cfg.data.max_seq_len = max(self.max_image_tokens(cfg) + MIN_TEXT_TOKENS,
-                                   min(getattr(lc.text_config, "max_position_embeddings", 2048), 4096))
-        cfg.parallel.tp, cfg.parallel.pp = tp, pp
-        try:
-            validate(cfg, tp * pp)
-        except ConfigError as e:
-            raise UserError(f"the HF model does not fit megavlm at --tp {tp} --pp {pp}: {e}") from e
+        self.fit_import(cfg, tp, pp, common.dtype_name(lc), getattr(lc.text_config, "max_position_embeddings", 2048))
         both = (hf, _PREFIXES)
         return HFImport(cfg, {"vision": both, "projector": both, "language": both}, tokenizer_dir=hf,
                         image_token_id=lc.image_token_id, hf_config=lc.to_dict(), tied=tied)

@@ -14,8 +14,7 @@ import copy
 import re
 from dataclasses import dataclass
 
-from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice,
-                      validate)
+from ..config import (ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, layers_built
 from . import common
@@ -235,14 +234,7 @@ class LlavaFamily(Family):
             setattr(cfg.model.vision, k, v)
         for k, v in language.items():
             setattr(cfg.model.language, k, v)
-        # bf16 weights stay bf16; fp16/fp32 are held as fp32 (exact, and megavlm has no fp16 mode)
-        cfg.model.dtype = "bf16" if dtype_name == "bfloat16" else "fp32"
-        cfg.data.max_seq_len = max(self.image_tokens(cfg) + MIN_TEXT_TOKENS, min(max_pos, 2048))
-        cfg.parallel.tp, cfg.parallel.pp = tp, pp
-        try:
-            validate(cfg, tp * pp)
-        except ConfigError as e:
-            raise UserError(f"the HF model does not fit megavlm at --tp {tp} --pp {pp}: {e}") from e
+        self.fit_import(cfg, tp, pp, dtype_name, max_pos, cap=2048)
         return cfg
 
     def parts(self, cfg) -> list:

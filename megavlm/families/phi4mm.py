@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice,
-                      validate)
+from ..config import (ConfigError, LanguageConfig, ProjectorPoolConfig, ViTConfig, _check_choice)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, hd_tokens, layers_built, pooled_side
 from . import common
@@ -313,14 +312,7 @@ class Phi4MMFamily(Family):
         for k, val in common.phi3_language_fields(lc, where).items():
             setattr(lm, k, val)
         lm.tie_embeddings = bool(getattr(lc, "tie_word_embeddings", False))
-        cfg.model.dtype = "bf16" if common.dtype_name(lc) == "bfloat16" else "fp32"
-        cfg.data.max_seq_len = max(self.max_image_tokens(cfg) + MIN_TEXT_TOKENS,
-                                   min(getattr(lc, "max_position_embeddings", 2048), 4096))
-        cfg.parallel.tp, cfg.parallel.pp = tp, pp
-        try:
-            validate(cfg, tp * pp)
-        except ConfigError as e:
-            raise UserError(f"the HF model does not fit megavlm at --tp {tp} --pp {pp}: {e}") from e
+        self.fit_import(cfg, tp, pp, common.dtype_name(lc), getattr(lc, "max_position_embeddings", 2048))
         both = (hf, _PREFIXES)
         return HFImport(cfg, {"vision": both, "projector": both, "language": both}, tokenizer_dir=hf,
                         image_token_id=vc.image_token_id, hf_config=lc.to_dict(), tied=lm.tie_embeddings)
@@ -351,14 +343,8 @@ class Phi4MMFamily(Family):
         lm.tie_embeddings = bool(getattr(tcfg, "tie_word_embeddings", False))
         # Phi-3-Vision's 2×2 concatenation unless --pool says otherwise
         cfg.model.projector.pool = "shuffle2x2" if options.get("pool", "none") == "none" else options["pool"]
-        cfg.model.dtype = "bf16" if common.dtype_name(tcfg) == "bfloat16" else "fp32"
-        cfg.data.max_seq_len = max(self.max_image_tokens(cfg) + MIN_TEXT_TOKENS,
-                                   min(getattr(tcfg, "max_position_embeddings", 2048), 4096))
-        cfg.parallel.tp, cfg.parallel.pp = tp, pp
-        try:
-            validate(cfg, tp * pp)
-        except ConfigError as e:
-            raise UserError(f"the HF models do not fit megavlm at --tp {tp} --pp {pp}: {e}") from e
+        self.fit_import(cfg, tp, pp, common.dtype_name(tcfg), getattr(tcfg, "max_position_embeddings", 2048),
+                        what="models")
         return HFImport(cfg, {"vision": (vision, (("vision_model.", "vision", _TOWER), ("", "vision", _TOWER))),
                               "projector": None,
                               "language": (language, common.DECODER_PREFIXES)},

@@ -18,8 +18,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import (MIN_TEXT_TOKENS, ConfigError, LanguageConfig, ProjectorPoolConfig, _check_choice, _check_min,
-                      _check_positive_float, validate)
+from ..config import (ConfigError, LanguageConfig, ProjectorPoolConfig, _check_choice, _check_min,
+                      _check_positive_float)
 from ..errors import UserError
 from ..shapes import ProjectorArch, ViTArch, divisors, fmt
 from . import common
@@ -302,15 +302,8 @@ class Qwen2VLFamily(Family):
         lm.mrope_section = [int(x) for x in section]
         tied = bool(getattr(lc, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
         lm.tie_embeddings = tied
-        cfg.model.dtype = "bf16" if common.dtype_name(lc) == "bfloat16" else "fp32"
         cfg.data.source = "synthetic_shards"  # (native-resolution images come through the data pipeline)
-        cfg.data.max_seq_len = max(self.max_image_tokens(cfg) + MIN_TEXT_TOKENS,
-                                   min(getattr(tc, "max_position_embeddings", 2048), 4096))
-        cfg.parallel.tp, cfg.parallel.pp = tp, pp
-        try:
-            validate(cfg, tp * pp)
-        except ConfigError as e:
-            raise UserError(f"the HF model does not fit megavlm at --tp {tp} --pp {pp}: {e}") from e
+        self.fit_import(cfg, tp, pp, common.dtype_name(lc), getattr(tc, "max_position_embeddings", 2048))
         both = (hf, _PREFIXES)
         return HFImport(cfg, {"vision": both, "projector": both, "language": both}, tokenizer_dir=hf,
                         image_token_id=lc.image_token_id, hf_config=lc.to_dict(), tied=tied)
