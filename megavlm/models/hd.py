@@ -136,27 +136,14 @@ class HDVLM(VLM):
             self.patches = varch.image_size // varch.patch_size
         self.fused_projector = False
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None, image_grid=None) -> torch.Tensor:
-        from megatron.core import tensor_parallel
-
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # (s, b, h)
-        is_image = input_ids == self.image_token_id
-        n_slots = int(is_image.sum())
-        if images is not None and images.shape[0] > 0:
-            if image_grid is None:
-                raise ValueError("HD crops need their grids (image_grid (n, 4))")
-            masks = torch.cat([crop_masks(g, self.patches, images.device) for g in image_grid])
-            feats = self.vision_model(images, masks)
-            tokens = assemble(pool_tokens(feats, self.pool), image_grid, self.patches, self.projector.sub_separator,
-                              self.projector.global_separator)  # (T, d)
-            if tokens.shape[0] != n_slots:
-                raise ValueError(f"batch has {n_slots} image-token positions but its images give {tokens.shape[0]} "
-                                 "HD tokens; every image must be expanded to exactly that many")
-            proj = self.projector(tokens.unsqueeze(1)).squeeze(1)
-            emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
-        elif n_slots:
-            raise ValueError(f"batch has {n_slots} image-token positions but no images")
-        emb = emb.contiguous()
-        if self.sequence_parallel:
-            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
-        return emb
+    def _place_images(self, emb, is_image, n_slots: int, images, image_grid):
+        if image_grid is None:
+            raise ValueError("HD crops need their grids (image_grid (n, 4))")
+        masks = torch.cat([crop_masks(g, self.patches, images.device) for g in image_grid])
+        feats = self.vision_model(images, masks)
+        tokens = assemble(pool_tokens(feats, self.pool), image_grid, self.patches, self.projector.sub_separator,
+                          self.projector.global_separator)  # (T, d)
+        if tokens.shape[0] != n_slots:
+            raise ValueError(f"batch has {n_slots} image-token positions but its images give {tokens.shape[0]} "
+                             "HD tokens; every image must be expanded to exactly that many")
+        return self._scatter(emb, is_image, self.projector(tokens.unsqueeze(1)).squeeze(1))

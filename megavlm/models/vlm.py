@@ -95,32 +95,39 @@ class VLM(MegatronModule):
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # (s, b, h)
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
-        if self.native and images is not None and images.shape[0] > 0:
-            if image_grid is None:
-                raise ValueError("native-resolution images need their grids (image_grid)")
-            proj = self.projector(self.vision_model(images, image_grid).unsqueeze(1)).squeeze(1)  # (N / merge², h)
-            if proj.shape[0] != n_slots:
-                raise ValueError(f"batch has {n_slots} image-token positions but its images give {proj.shape[0]} "
-                                 "tokens (grids t·h·w / merge²); every image must be expanded to exactly that many")
-            emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
-        elif images is not None and images.shape[0] > 0:
-            feats = self.vision_model(images)  # (n, t, d)
-            per_crop = self.projector.tokens(feats.shape[1])  # tokens after the projector's merge (or queries)
-            if feats.shape[0] * per_crop != n_slots:
-                raise ValueError(
-                    f"batch has {n_slots} image-token positions but {feats.shape[0]} image crops × {per_crop} "
-                    "features each; every <image> must be expanded to exactly that many image tokens")
-            if self.fused_projector:
-                emb = self._fused_project_into(emb, feats, is_image)
-            else:
-                proj = self._project(feats)
-                emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
+        if images is not None and images.shape[0] > 0:
+            emb = self._place_images(emb, is_image, n_slots, images, image_grid)
         elif n_slots:
             raise ValueError(f"batch has {n_slots} image-token positions but no images")
         emb = emb.contiguous()
         if self.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
+
+    def _place_images(self, emb, is_image, n_slots: int, images, image_grid):
+        """``emb`` with the projected features of ``images`` at its ``n_slots`` image tokens (``is_image``)."""
+        if self.native:
+            if image_grid is None:
+                raise ValueError("native-resolution images need their grids (image_grid)")
+            proj = self.projector(self.vision_model(images, image_grid).unsqueeze(1)).squeeze(1)  # (N / merge², h)
+            if proj.shape[0] != n_slots:
+                raise ValueError(f"batch has {n_slots} image-token positions but its images give {proj.shape[0]} "
+                                 "tokens (grids t·h·w / merge²); every image must be expanded to exactly that many")
+            return self._scatter(emb, is_image, proj)
+        feats = self.vision_model(images)  # (n, t, d)
+        per_crop = self.projector.tokens(feats.shape[1])  # tokens after the projector's merge (or queries)
+        if feats.shape[0] * per_crop != n_slots:
+            raise ValueError(
+                f"batch has {n_slots} image-token positions but {feats.shape[0]} image crops × {per_crop} "
+                "features each; every <image> must be expanded to exactly that many image tokens")
+        if self.fused_projector:
+            return self._fused_project_into(emb, feats, is_image)
+        return self._scatter(emb, is_image, self._project(feats))
+
+    @staticmethod
+    def _scatter(emb, is_image, proj):
+        """``emb`` ``(s, b, h)`` with the rows of ``proj`` ``(n_slots, h)`` at the image tokens, in (b, s) order."""
+        return emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), proj.to(emb.dtype)).transpose(0, 1)
 
     def _fused_project_into(self, emb, feats, is_image):
         """Linear → GELU → Linear with the bias+GELU fused, written straight into the embedding rows of the image
