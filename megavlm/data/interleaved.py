@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from megavlm.data.constants import IMAGE_TOKEN
-from megavlm.data.shards import Skip, image_path, prepare_image, read_records
+from megavlm.data.shards import Skip, image_path, nothing_written, prepare_image, read_records
 from megavlm.errors import UserError
 
 FORMATS = ("mmc4", "obelics")
@@ -252,11 +252,8 @@ def convert(fmt: str, json_path: str, images_dir: str, out_dir: str, budget: Bud
     summary = write_shards(records, out_dir, shard_size, workers=workers, progress=progress,
                            extra_summary=summary_extra)
     if summary["kept"] == 0:
-        reasons = ", ".join(f"{r}: {n}" for r, n in stats.documents_skipped.items() if n) or "the input is empty"
-        first = next((ex[0] for ex in stats.skip_examples.values() if ex), None)
-        raise UserError(f"nothing was written: all {stats.documents} documents of {json_path} were skipped "
-                        f"({reasons})" + (f"; e.g. {first}" if first else "") +
-                        f"; see {os.path.join(out_dir, 'summary.json')}")
+        raise nothing_written(f"{stats.documents} documents", json_path, stats.documents_skipped, stats.skip_examples,
+                              out_dir)
     return summary
 
 

@@ -532,12 +532,18 @@ def convert(fmt: str, json_path: str, images_dir: str, out_dir: str, shard_size:
                            extra_summary={"format": fmt, "input": os.path.abspath(json_path),
                                           "images": os.path.abspath(images_dir)})
     if summary["kept"] == 0:
-        reasons = ", ".join(f"{r}: {n}" for r, n in summary["skipped"].items() if n) or "the input is empty"
-        first = next((ex[0] for ex in summary["skip_examples"].values() if ex), None)
-        raise UserError(f"nothing was written: all {summary['records']} records of {json_path} were skipped "
-                        f"({reasons})" + (f"; e.g. {first}" if first else "") +
-                        f"; see {os.path.join(out_dir, 'summary.json')}")
+        raise nothing_written(f"{summary['records']} records", json_path, summary["skipped"],
+                              summary["skip_examples"], out_dir)
     return summary
+
+
+def nothing_written(what: str, json_path: str, skipped: dict, examples: dict, out_dir: str) -> UserError:
+    """The error of a conversion that kept nothing: ``what`` (e.g. "12 records") all skipped, by reason, with the
+    first example and where the summary is."""
+    reasons = ", ".join(f"{r}: {n}" for r, n in skipped.items() if n) or "the input is empty"
+    first = next((ex[0] for ex in examples.values() if ex), None)
+    return UserError(f"nothing was written: all {what} of {json_path} were skipped ({reasons})"
+                     + (f"; e.g. {first}" if first else "") + f"; see {os.path.join(out_dir, 'summary.json')}")
 
 
 def format_summary(summary: dict) -> str:
