@@ -121,6 +121,18 @@ def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {fmt(choices)}")
 
 
+def _check_choice_list(key: str, values: Sequence[Any], choices: Sequence[Any], noun: str, empty: str,
+                       unset: str) -> None:
+    """A non-empty list of distinct ``choices`` (``noun``: what one is; ``empty``: what ``[]`` would do; ``unset``:
+    how to ask for none)."""
+    if not values:
+        raise ConfigError(f"{key}=[] {empty}; name {noun}s from: {fmt(choices)} ({unset})")
+    for i, v in enumerate(values):
+        _check_choice(f"{key}[{i}]", v, choices)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}={values} names a {noun} twice")
+
+
 def _check_min(key: str, value: Any, minimum: int) -> None:
     if value < minimum:
         what = "positive" if minimum == 1 else f">= {minimum}"
@@ -335,13 +347,8 @@ class LoRAConfig:
         _check_positive_float(f"{key}.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{key}.dropout={self.dropout} must satisfy 0 <= dropout < 1")
-        if not self.targets:
-            raise ConfigError(f"{key}.targets=[] adapts nothing; name layers from: {fmt(LORA_TARGETS)} "
-                              f"(or set {key}.rank=0 for no LoRA)")
-        for i, t in enumerate(self.targets):
-            _check_choice(f"{key}.targets[{i}]", t, LORA_TARGETS)
-        if len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"{key}.targets={self.targets} names a layer twice")
+        _check_choice_list(f"{key}.targets", self.targets, LORA_TARGETS, "layer", "adapts nothing",
+                           f"or set {key}.rank=0 for no LoRA")
 
 
 @dataclass
@@ -483,13 +490,8 @@ class TrainConfig:
         if self.trainable is not None:
             from .shapes import PARTS
 
-            if not self.trainable:
-                raise ConfigError(f"{key}.trainable=[] trains nothing; name parts from: {fmt(PARTS)} (or null: "
-                                  f"{key}.stage decides)")
-            for i, part in enumerate(self.trainable):
-                _check_choice(f"{key}.trainable[{i}]", part, PARTS)
-            if len(set(self.trainable)) != len(self.trainable):
-                raise ConfigError(f"{key}.trainable={self.trainable} names a part twice")
+            _check_choice_list(f"{key}.trainable", self.trainable, PARTS, "part", "trains nothing",
+                               f"or null: {key}.stage decides")
         _check_choice(f"{key}.recompute", self.recompute, RECOMPUTE_CHOICES)
         for name in ("steps", "global_batch", "micro_batch"):
             _check_min(f"{key}.{name}", getattr(self, name), 1)
