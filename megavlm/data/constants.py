@@ -36,3 +36,33 @@ def image_token_id(tok, token: str = IMAGE_TOKEN) -> int:
             f"['{token}']}})) and resize the embedding, or use the synthetic tokenizer"
         )
     return int(tid)
+
+
+def text_ids(tok, text: str) -> list[int]:
+    """The ids of ``text`` without special tokens: ``tok(text, add_special_tokens=False)["input_ids"]``, read straight
+    from the Rust tokenizer when that is the same computation (a ``TokenizersBackend`` whose ``__call__`` /
+    ``_encode_plus`` no subclass overrides, with no padding or truncation left set on the backend and its
+    ``split_special_tokens`` in force), which costs a quarter of the wrapper's call; any other tokenizer goes through
+    ``tok(...)``. Training tokenizes two or more texts per sample on the step's path (data/conversation.py)."""
+    backend = getattr(tok, "_tokenizer", None)
+    if _plain_backend(type(tok)) and backend is not None \
+            and backend.padding is None and backend.truncation is None \
+            and backend.encode_special_tokens == bool(tok.split_special_tokens):
+        return backend.encode(text, add_special_tokens=False).ids
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+_PLAIN: dict[type, bool] = {}
+
+
+def _plain_backend(cls: type) -> bool:
+    """``cls`` is a ``TokenizersBackend`` that encodes as the base class does."""
+    if cls not in _PLAIN:
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # (an older transformers: the wrapper is always used)
+            TokenizersBackend = None
+        _PLAIN[cls] = (TokenizersBackend is not None and issubclass(cls, TokenizersBackend)
+                       and all(getattr(cls, m) is getattr(TokenizersBackend, m)
+                               for m in ("__call__", "_encode_plus")))
+    return _PLAIN[cls]

@@ -30,7 +30,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from megavlm.data.constants import IGNORE_INDEX, IMAGE_TOKEN, image_token_id
+from megavlm.data.constants import IGNORE_INDEX, IMAGE_TOKEN, image_token_id, text_ids
 from megavlm.data.templates import DEFAULT_TEMPLATE, ConversationTemplate, get_template
 from megavlm.errors import UserError
 
@@ -134,7 +134,7 @@ def _tokenize_runs(tok, runs: list[tuple[str, bool]], image_tokens: Sequence[int
             continue
         if image_token != IMAGE_TOKEN:
             text = text.replace(IMAGE_TOKEN, image_token)
-        piece = tok(text, add_special_tokens=False)["input_ids"]
+        piece = text_ids(tok, text)
         if supervised:
             if img_id is not None and img_id in piece:
                 raise ValueError(f"{IMAGE_TOKEN!r} token inside a supervised answer")

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import make_viewless_tensor
 
 from ..ops.reference import grid_width, merge_tokens_ref
+from .specs import ColumnLinear, RowLinear
 
 
 def pool_tokens(x: torch.Tensor, pool: str) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Projector(MultimodalProjector):
             raise ValueError(f"projector merge_layout={arch.merge_layout!r}: grid or blocks")
         if arch.kind == "mlp" and arch.inner_size != config.ffn_hidden_size:
             config = dataclasses.replace(config, ffn_hidden_size=arch.inner_size)  # megatron's MLP reads its width here
-        super().__init__(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        super().__init__(config, MLPSubmodules(linear_fc1=ColumnLinear, linear_fc2=RowLinear),
                          arch.kind, arch.input_size)
         self.merge, self.merge_layout, self.pool = arch.merge, arch.merge_layout, arch.pool
         self.layer_norm = torch.nn.LayerNorm(arch.input_size) if arch.pre_norm else None
@@ -151,8 +151,8 @@ class Resampler(MegatronModule):
         self.ln_kv = torch.nn.LayerNorm(h, eps=arch.norm_eps, dtype=dt)
         kw = dict(config=config, init_method=config.init_method, bias=True)
         self.linear_q, self.linear_k, self.linear_v = (
-            ColumnParallelLinear(h, h, gather_output=False, skip_bias_add=False, **kw) for _ in range(3))
-        self.linear_proj = RowParallelLinear(h, h, input_is_parallel=True, skip_bias_add=False,
+            ColumnLinear(h, h, gather_output=False, skip_bias_add=False, **kw) for _ in range(3))
+        self.linear_proj = RowLinear(h, h, input_is_parallel=True, skip_bias_add=False,
                                              config=config, init_method=config.output_layer_init_method, bias=True)
 
     def tokens(self, vision_tokens: int) -> int:

@@ -181,6 +181,81 @@ class FullWidthRMSNorm(MegatronModule):
                                                    sharded_offsets)
 
 
+class _AutogradLinear:
+    """Mixed into megatron's Column/RowParallelLinear (:class:`ColumnLinear`, :class:`RowLinear`): where the matmul
+    needs none of megatron's communication or fusion (no dgrad all-reduce, no sequence-parallel all-gather, no
+    gradient-accumulation fusion, no deferred embedding wgrad: TP=1, and every row-parallel layer, whose reduction
+    happens outside ``_forward_impl``), it is the same ``matmul(input, weight.t())`` (+ bias) as megatron's
+    ``LinearWithGradAccumulationAndAsyncCommunication.forward``, left to torch's autograd: its backward computes the
+    same two products in C++ instead of a Python ``autograd.Function`` per layer and micro-batch
+    (tensor_parallel/layers.py, ``_forward_impl``: megatron's own override point). The weight gradient comes out as
+    ``(input^T·grad)^T`` instead of ``grad^T·input`` (the same sums; BLAS may round the last bit apart). Otherwise
+    megatron's path runs unchanged."""
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, grad_output_buffer=None, gtp_remat_size=1, **kwargs):
+        if not (gradient_accumulation_fusion or allreduce_dgrad or sequence_parallel or gtp_remat_size > 1
+                or grad_output_buffer is not None):
+            out = torch.matmul(input, weight.t())
+            return out if bias is None else out + bias
+        return super()._forward_impl(
+            input, weight, bias=bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
+            allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel, grad_output_buffer=grad_output_buffer,
+            gtp_remat_size=gtp_remat_size, **kwargs)
+
+
+class ColumnLinear(_AutogradLinear, ColumnParallelLinear):
+    """megatron's ColumnParallelLinear (same parameters, checkpoints and TP split); see :class:`_AutogradLinear`."""
+
+
+class RowLinear(_AutogradLinear, RowParallelLinear):
+    """megatron's RowParallelLinear (same parameters, checkpoints and TP split); see :class:`_AutogradLinear`."""
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up`` of ``x = [gate; up]`` (the last dim, megatron's fc1 layout), with both halves' gradients
+    written into one buffer: the same values autograd computes for megatron's unfused ``glu`` (``up`` · silu's
+    derivative for the gate, ``silu(gate)`` for up), without ``glu``'s ``x_linear + glu_linear_offset`` (+0.0) pass and
+    the ``cat`` that the backward of its ``chunk`` does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        gate, up = x.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(x, act)  # what autograd saves for glu too (gate, up, silu(gate))
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, act = ctx.saved_tensors
+        gate, up = x.chunk(2, dim=-1)
+        dx = torch.empty_like(x)
+        d_gate, d_up = dx.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return dx
+
+
+class SwiGLU(torch.nn.Module):
+    """The MLP's gated activation as megatron's ``MLPSubmodules.activation_func`` module (:class:`_SwiGLUFunction`);
+    :func:`block_spec` sets ``config.use_te_activation_func``, the switch with which megatron's ``MLP.forward`` calls
+    that module (its name says TE, the call is any module's: megatron/core/transformer/mlp.py, ``MLP.__init__`` /
+    ``forward``)."""
+
+    def __init__(self, config: TransformerConfig, **_unused):
+        super().__init__()
+        assert config.glu_linear_offset == 0.0 and config.activation_func_clamp_value is None, \
+            "SwiGLU: megatron's glu_linear_offset / activation_func_clamp_value are not supported"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SwiGLUFunction.apply(x)
+
+
+def _swiglu(config: TransformerConfig, backend: str) -> bool:
+    """Whether the layers' MLP activation is :class:`SwiGLU` (a gated SiLU MLP on megatron's local layers)."""
+    return backend != "te" and config.gated_linear_unit and config.activation_func is F.silu
+
+
 def _without_bias(cls: type) -> type:
     """``cls`` (a linear layer class) always built without a bias: megatron gives ``linear_qkv`` a bias whenever the
     other linears have one (``add_bias_linear or add_qkv_bias``), which an encoder with biased projections but
@@ -191,12 +266,13 @@ def _without_bias(cls: type) -> type:
 
 
 def layer_spec(backend: str, causal: bool, layer_scale: tuple[int, float] | None = None,
-               qk_norm: bool = False, qkv_bias: bool = True, lora=None) -> ModuleSpec:
+               qk_norm: bool = False, qkv_bias: bool = True, lora=None, swiglu: bool = False) -> ModuleSpec:
     """A transformer layer spec: causal for the decoder, unmasked for the vision encoder. ``layer_scale``:
     ``(hidden_size, initial value)`` of a per-channel scale on both residual branches (None: none); ``qk_norm``: q and
     k RMS-normalized over their full width (:class:`FullWidthRMSNorm`); ``qkv_bias=False``: no q/k/v bias even where
     the other linears have one; ``lora``: a LoRAConfig whose ``targets`` get adapters (``models/lora.py``; not with
-    Transformer Engine's fused layers)."""
+    Transformer Engine's fused layers); ``swiglu``: the MLP's activation is the :class:`SwiGLU` module (the config must
+    say ``use_te_activation_func``: :func:`block_spec`)."""
     mask = AttnMaskType.causal if causal else AttnMaskType.no_mask
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -216,12 +292,12 @@ def layer_spec(backend: str, causal: bool, layer_scale: tuple[int, float] | None
                 module=SelfAttention,
                 params={"attn_mask_type": mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear, core_attention=core, linear_proj=RowParallelLinear
+                    linear_qkv=ColumnLinear, core_attention=core, linear_proj=RowLinear
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=_get_mlp_module_spec(use_te=False),
+            mlp=_mlp_spec(swiglu),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -229,6 +305,17 @@ def layer_spec(backend: str, causal: bool, layer_scale: tuple[int, float] | None
             },
         ),
     ), layer_scale, qk_norm, qkv_bias, lora)
+
+
+def _mlp_spec(swiglu: bool):
+    """megatron's local MLP spec (``vit_layer_specs._get_mlp_module_spec``) on :class:`ColumnLinear` /
+    :class:`RowLinear`, with the :class:`SwiGLU` module where the MLP is a gated SiLU."""
+    spec = _get_mlp_module_spec(use_te=False)
+    sub = spec.keywords["submodules"]
+    sub.linear_fc1, sub.linear_fc2 = ColumnLinear, RowLinear
+    if swiglu:
+        sub.activation_func = SwiGLU
+    return spec
 
 
 def _customize(spec: ModuleSpec, layer_scale: tuple[int, float] | None, qk_norm: bool,
@@ -251,7 +338,8 @@ def _customize(spec: ModuleSpec, layer_scale: tuple[int, float] | None, qk_norm:
         attn.linear_proj = wrap(attn.linear_proj, "proj", False)
         mlp = sub.mlp.keywords["submodules"]  # megatron's MLP spec: partial(MLP.as_mlp_submodule, submodules=...)
         sub.mlp = partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
-            linear_fc1=wrap(mlp.linear_fc1, "fc1", True), linear_fc2=wrap(mlp.linear_fc2, "fc2", False)))
+            linear_fc1=wrap(mlp.linear_fc1, "fc1", True), linear_fc2=wrap(mlp.linear_fc2, "fc2", False),
+            activation_func=mlp.activation_func))
     if layer_scale is not None:
         params = {"hidden_size": layer_scale[0], "init_value": layer_scale[1]}
         sub.self_attn_bda = ModuleSpec(module=LayerScaleBiasDropoutAdd, params=params)
@@ -278,8 +366,11 @@ def block_spec(config: TransformerConfig, backend: str, causal: bool, layer_scal
         final_norm = Norm
     n = get_num_layers_to_build(config)
     scale = None if layer_scale is None else (config.hidden_size, layer_scale)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(backend, causal, scale, qk_norm, qkv_bias, lora)] * n,
-                                      layer_norm=final_norm)
+    swiglu = _swiglu(config, backend)
+    if swiglu:  # megatron's MLP calls the spec's activation module only with this flag (see SwiGLU)
+        config.use_te_activation_func = True
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec(backend, causal, scale, qk_norm, qkv_bias, lora, swiglu)] * n, layer_norm=final_norm)
 
 
 def _common(cfg, rt, dtype: torch.dtype) -> dict:

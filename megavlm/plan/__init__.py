@@ -147,8 +147,9 @@ def decoder_layer_bytes(lm, s: int, b: int, tp: int, sp: bool, e: int, backend: 
     SP): what both norms keep (:func:`norm_bytes`), q after RoPE, k and v (repeated to all heads for GQA by megatron's
     local attention; without GQA, v is a view that keeps the whole fused qkv output alive), the attention probabilities
     (``b·a/t·s²``, fp32 softmax plus its bf16 copy in bf16; absent with SDPA/TE), the attention output, RoPE's
-    cos/sin tables, and the SwiGLU tensors (fc1 output ``2F``, SiLU output ``F``, megatron's ``x_linear +
-    glu_linear_offset`` ``F``, product ``F``)."""
+    cos/sin tables, and the SwiGLU tensors (fc1 output ``2F``, SiLU output ``F``, product ``F``; with TE's layers
+    also megatron's ``x_linear + glu_linear_offset`` ``F``, which megavlm's local SwiGLU module does not make:
+    models/specs.py)."""
     h, a, g, f = lm.hidden_size, lm.num_heads, lm.num_kv_heads, lm.ffn_hidden_size
     dh = h // a
     T = s * b
@@ -174,7 +175,10 @@ def decoder_layer_bytes(lm, s: int, b: int, tp: int, sp: bool, e: int, backend: 
         terms["attention probs (s²)"] = probs * (4 + 2 if e == 2 else e)
     if trained:
         terms["attention context"] = T * qd * e
-    terms["SwiGLU (fc1 out, silu, offset add, product)"] = T * (f // tp) * (5 if trained else 4) * e
+    if backend == "te":
+        terms["SwiGLU (fc1 out, silu, offset add, product)"] = T * (f // tp) * (5 if trained else 4) * e
+    else:
+        terms["SwiGLU (fc1 out, silu, product)"] = T * (f // tp) * (4 if trained else 3) * e
     terms["RoPE cos/sin (q and k)"] = 4 * s * dh * e
     total = sum(terms.values())
     # Transient in backward: gradients of the largest intermediates of one layer (attention probs and scores on the
@@ -351,9 +355,9 @@ def stage_memory(cfg, vocab_size: int, layout: Layout, rank: int, env: Env | Non
     static = weights + grads + optimizer + workspace
     mode = layout.recompute
     fwd_bwd_peak = static + batch + acts[mode]["saved"] + acts[mode]["transient"]
-    # torch's foreach AdamW (megatron without TE/apex on GPU) makes one fp32 temporary per trained parameter in step
-    step_peak = static + (4 * (-(-params.trainable // dp) if layout.distributed_optimizer else params.trainable)
-                          if env.device == "gpu" else 0)
+    # the optimizer step adds nothing: megavlm runs torch's fused AdamW (training/optim.py), which updates each
+    # parameter in place (the foreach path it replaced made one fp32 temporary per trained parameter)
+    step_peak = static
     return {
         "stage": rank, "params": dataclasses.asdict(params) | {"total": params.total},
         "decoder_layers": layers, "bytes_per_element": e, "attention": backend,

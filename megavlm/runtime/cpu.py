@@ -16,6 +16,11 @@ megatron-core assumes CUDA in places that have no hook (see ../shared/DESIGN.md 
    ``torch.cuda.get_rng_state``): the "cuda" RNG states become CPU generator states.
 
 Nothing here is imported for its side effects: call :func:`enable` once, after checking that CUDA is absent.
+
+The mode sends every torch call through Python (``__torch_function__``), ~3,700 calls per step of configs/demo.yaml, of
+which only megatron's schedule set-up and optimizer need it. The model's forward needs none of it (megatron's forward
+code asks ``torch.cuda.current_device()``, which item 2 answers, as in backward and in activation recompute), so the
+trainer runs the forward inside :func:`suspended`.
 """
 
 from __future__ import annotations
@@ -173,6 +178,22 @@ def disable() -> None:
         setattr(torch.cuda, name, orig)
     saved.clear()
     _STATE.update(enabled=False, mode=None)
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run the block without the device-rewriting mode (item 1; the stand-ins of items 2-3 stay), when it is the
+    innermost torch-function mode; otherwise, or when the layer is off, change nothing."""
+    mode = _STATE["mode"]
+    depth = torch._C._len_torch_function_stack()
+    if mode is None or depth == 0 or torch._C._get_function_stack_at(depth - 1) is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
 
 
 def is_enabled() -> bool:

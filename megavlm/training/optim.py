@@ -3,9 +3,11 @@
 Without Transformer Engine and apex (every CPU run, and GPU images without them), megatron-core 0.19.2 falls back to
 ``megatron/core/utils.py`` ``local_multi_tensor_l2_norm`` / ``local_multi_tensor_scale`` for the gradient norm and
 clipping: one ``torch.norm`` per tensor and then ``torch.tensor(list_of_0d_tensors)``, which reads every norm back to
-the host (one device sync per parameter on a GPU), and one ``copy_(src * scale)`` per tensor. And it builds torch's
-``AdamW`` without ``foreach``, which torch only turns on by itself for CUDA tensors. Both are replaced here, in one
-place, by the same math on ``torch._foreach_*`` lists; TE's or apex's kernels, when megatron found them, are kept.
+the host (one device sync per parameter on a GPU), and one ``copy_(src * scale)`` per tensor. Those are replaced here,
+in one place, by the same math on ``torch._foreach_*`` lists; TE's or apex's kernels, when megatron found them, are
+kept. And megatron builds torch's ``AdamW`` with neither ``foreach`` nor ``fused``: :func:`use_fused_adam` turns on
+torch's fused kernel (one pass over each parameter, on CPU and CUDA; 4.8x faster than ``foreach`` on 2 CPU cores,
+docs/perf.md), ``foreach`` where the fused kernel does not take the parameters.
 """
 
 from __future__ import annotations
@@ -52,12 +54,26 @@ def install_foreach_fallbacks() -> bool:
     return done
 
 
-def use_foreach(optimizer) -> None:
-    """Turn on ``foreach`` in the torch optimizers inside megatron's wrapper(s) (chained or not)."""
+def use_fused_adam(optimizer) -> str | None:
+    """Run the torch Adam(W) inside megatron's wrapper(s) (chained or not) with torch's fused kernel, or ``foreach``
+    where the fused one does not support the parameters' device or dtype. The update is elementwise either way, so a
+    parameter's new value does not depend on how the parameters are split over TP/PP or the distributed optimizer's
+    shards. Returns which path runs ("fused" / "foreach"; None: no torch Adam inside)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # (a torch without the helper: the multi-tensor path)
+        devices = []
     inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    path = None
     for opt in inner:
         torch_opt = getattr(opt, "optimizer", None)
-        if isinstance(torch_opt, torch.optim.Optimizer):
-            torch_opt.defaults["foreach"] = True
-            for group in torch_opt.param_groups:
-                group["foreach"] = True
+        if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for g in torch_opt.param_groups for p in g["params"]]
+        fused = bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+        path = "fused" if fused else "foreach"
+        torch_opt.defaults.update(fused=fused, foreach=not fused)
+        for group in torch_opt.param_groups:
+            group.update(fused=fused, foreach=not fused)
+    return path

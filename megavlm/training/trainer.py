@@ -20,11 +20,12 @@ from ..config import Config, checkpoint_dir, save_config, synthetic_existence, t
 from ..data.constants import image_token_id
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
+from ..runtime import cpu as cpu_compat
 from . import checkpoint as ckpt
 from . import ckpt_integrity
 from .data import build_train_data, sequences_per_microbatch
 from .metrics import MetricsWriter
-from .optim import install_foreach_fallbacks, use_foreach
+from .optim import install_foreach_fallbacks, use_fused_adam
 from .schedule import build_scheduler
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -36,10 +37,12 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _model_forward(model, batch):
-    """The model's per-token loss ``(b, s)`` (-log p of each next-token target) on a micro-batch."""
+    """The model's per-token loss ``(b, s)`` (-log p of each next-token target) on a micro-batch (on CPU without the
+    compatibility layer's per-call dispatch, which the forward does not need: runtime/cpu.py)."""
     extra = {k: batch[k] for k in ("position_ids", "image_grid") if batch.get(k) is not None}  # (Qwen2-VL's)
-    return model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
-                 packed_seq_params=batch.get("packed_seq_params"), **extra)
+    with cpu_compat.suspended():
+        return model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
+                     packed_seq_params=batch.get("packed_seq_params"), **extra)
 
 
 def forward_step(data_iterator, model):
@@ -203,7 +206,7 @@ def build_training_objects(cfg: Config, rt: runtime.Runtime, vocab_size: int, im
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     install_foreach_fallbacks()  # megatron's per-tensor norm/clip fallbacks → multi-tensor ops (training/optim.py)
-    use_foreach(optimizer)
+    use_fused_adam(optimizer)
     scheduler = build_scheduler(optimizer, t)
     return ddp, optimizer, scheduler
 
@@ -459,7 +462,8 @@ class Trainer:
         seq, gb = cfg.data.max_seq_len, cfg.train.global_batch
         t0 = time.perf_counter()
         zero_grad(self.model, self.optimizer)
-        microbatches = data.microbatches(step - 1)
+        with cpu_compat.suspended():  # the data needs none of the CPU layer's device rewriting (runtime/cpu.py)
+            microbatches = data.microbatches(step - 1)
         seqs = sequences_per_microbatch(cfg)
         step_func = forward_step
         if self.reference is not None:

@@ -155,3 +155,40 @@ def test_check_supervision(bpe):
     assert "1 of 5 samples" in msg and "'chatml'" in msg and "tiny-bpe" in msg and "no supervised token" in msg
     with pytest.raises(UserError, match="'bare'"):
         check_supervision([{"labels": torch.full((8,), IGNORE_INDEX)}], 0.5, template=bare)
+
+
+TEXTS = ["USER: <image>\nWhat is in the image? ASSISTANT:", " A cat on a mat.</s>", "<|im_start|>user\n<image><image>x",
+         "", "  spaces  and\ttabs\n", "ünïcödé ✓ 猫"]
+
+
+@pytest.mark.parametrize("which", ["bpe", "synthetic"])
+def test_text_ids_equal_the_tokenizer_call(bpe, which):
+    """``text_ids`` (the Rust tokenizer read directly on the training path) gives ``tok(text,
+    add_special_tokens=False)["input_ids"]`` exactly, also after a padded / truncated call left settings on the
+    backend and with ``split_special_tokens`` on, where it must fall back to the wrapper."""
+    from megavlm.data.constants import _plain_backend, text_ids
+
+    tok = bpe if which == "bpe" else build_synthetic_tokenizer(existence=True)
+    assert _plain_backend(type(tok))  # the direct path is the one under test
+
+    def ref(t):
+        return tok(t, add_special_tokens=False)["input_ids"]
+
+    for t in TEXTS:
+        assert text_ids(tok, t) == ref(t), t
+    tok._tokenizer.enable_padding(length=64, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    tok._tokenizer.enable_truncation(4)
+    try:
+        for t in TEXTS:
+            got = text_ids(tok, t)
+            assert got == ref(t), t
+        assert len(text_ids(tok, TEXTS[0])) > 4  # neither padded nor cut
+    finally:
+        tok._tokenizer.no_padding()
+        tok._tokenizer.no_truncation()
+    tok.split_special_tokens = True
+    try:
+        assert text_ids(tok, TEXTS[0]) == ref(TEXTS[0])
+        assert image_token_id(tok) not in text_ids(tok, TEXTS[0])  # really split
+    finally:
+        tok.split_special_tokens = False

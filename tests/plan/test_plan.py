@@ -123,13 +123,16 @@ def test_korthikanti_closed_form():
 
 def test_decoder_layer_terms_by_hand():
     """fp32, local attention, GQA, trained, no SP: 6 T·h (norm region) + 3 T·h (q, repeated k, v) + T·h (context)
-    + b·a·s² probs + 5 T·F (SwiGLU: fc1 out 2F, silu F, megatron's offset add F, product F) + 4 s·d (RoPE tables)."""
+    + b·a·s² probs + 4 T·F (SwiGLU: fc1 out 2F, silu F, product F) + 4 s·d (RoPE tables); with TE's layers the
+    SwiGLU keeps megatron's offset add (F) too."""
     cfg = load_config(TINY)
     lm = cfg.model.language  # h 128, 4 heads, 2 KV heads, F 352
     s, b = 48, 2
     T, h, F = s * b, 128, 352
     got = plan.decoder_layer_bytes(lm, s, b, tp=1, sp=False, e=4, backend="local", trained=True)
-    assert got["total"] == 4 * (6 * T * h + 3 * T * h + T * h + b * 4 * s * s + 5 * T * F + 4 * s * 32)
+    assert got["total"] == 4 * (6 * T * h + 3 * T * h + T * h + b * 4 * s * s + 4 * T * F + 4 * s * 32)
+    te = plan.decoder_layer_bytes(lm, s, b, tp=1, sp=False, e=4, backend="te", trained=True)
+    assert te["saved"]["SwiGLU (fc1 out, silu, offset add, product)"] == 4 * 5 * T * F
     sp = plan.decoder_layer_bytes(lm, s, b, tp=2, sp=True, e=4, backend="local", trained=True)
     assert sp["saved"]["2 RMSNorms (input, normalized, output)"] == 2 * T // 2 * h * 3 * 4
     flash = plan.decoder_layer_bytes(lm, s, b, tp=1, sp=False, e=2, backend="sdpa", trained=True)
