@@ -19,8 +19,8 @@ Nothing here is imported for its side effects: call :func:`enable` once, after c
 
 The mode sends every torch call through Python (``__torch_function__``), ~3,700 calls per step of configs/demo.yaml, of
 which only megatron's schedule set-up and optimizer need it. The model's forward needs none of it (megatron's forward
-code asks ``torch.cuda.current_device()``, which item 2 answers, as in backward and in activation recompute), so the
-trainer runs the forward inside :func:`suspended`.
+code asks ``torch.cuda.current_device()``, which item 2 answers, as in backward and in activation recompute), nor does
+the data build, so the trainer runs both inside :func:`suspended`.
 """
 
 from __future__ import annotations

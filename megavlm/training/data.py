@@ -171,7 +171,6 @@ class ShardTrainData:
                 shards, images=fam.image_processor(cfg), output="uint8", batch_size=self.per_dp, dp_rank=rt.dp_rank,
                 dp_size=rt.dp, train=True, seed=cfg.train.seed, max_images=cfg.data.max_images)
         self.shards = shards
-        self._token_counts: dict[tuple, int] = {}
         self.ready: list[dict] = []
         self.read = 0
         self.skipped: dict[str, int] = {}
@@ -190,7 +189,7 @@ class ShardTrainData:
             if len(crops) < len(record.get("images") or []):  # the loader reads data.max_images slots
                 return self._skip("too_many_images")
             grids = sample.get("grids")  # (native resolution, HD crops: the tokens follow from the grid)
-            tokens = [self._image_tokens(int(c), None if grids is None else tuple(grids[k].tolist()))
+            tokens = [self.family.image_tokens_of(self.cfg, int(c), None if grids is None else tuple(grids[k].tolist()))
                       for k, c in enumerate(crops)]
             how = {"template": self.template, "expand": self.expand, "image_token": self.image_token}
             if self.cfg.train.objective == "dpo":
@@ -207,13 +206,6 @@ class ShardTrainData:
             return self._skip("too_long")
         except (KeyError, TypeError, ValueError, AttributeError):
             return self._skip("malformed_record")
-
-    def _image_tokens(self, crops: int, grid: tuple[int, ...] | None) -> int:
-        """The family's token count of an image (remembered: the same few answers for every sample)."""
-        key = (crops, grid)
-        if key not in self._token_counts:
-            self._token_counts[key] = self.family.image_tokens_of(self.cfg, crops, grid)
-        return self._token_counts[key]
 
     def _sample(self, sample: dict, enc: dict) -> dict | None:
         """The training sample of one encoding of ``sample`` (None, counted, when nothing in it is supervised)."""
